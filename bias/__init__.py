@@ -1,0 +1,1 @@
+"""Fairness audits and bias correction for edge (see issue 6)."""

@@ -1,0 +1,3 @@
+import click
+def register(cli: click.Group) -> None:
+    pass

@@ -1,0 +1,68 @@
+"""edge logs: the run log as a table."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edge.telemetry import KINDS, read_records
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a date; use YYYY-MM-DD or an ISO time") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def _headline(rec: dict) -> str:
+    m = rec.get("metrics", {})
+    if rec.get("kind") == "latency":
+        return (f"{m.get('command', '?')}: {m.get('n_gen_tokens', 0)} tok, "
+                f"{m.get('gen_tps', 0):.1f} t/s gen, {m.get('prompt_tps', 0):.1f} t/s prompt, "
+                f"ttft {m.get('ttft_ms', 0):.0f} ms")
+    keys = list(m)[:4]
+    return ", ".join(f"{k}={m[k]}" for k in keys)
+
+
+@click.command("logs")
+@click.option("--kind", type=click.Choice(KINDS), help="Only records of this kind.")
+@click.option("--since", help="Only records at or after this date (YYYY-MM-DD).")
+@click.option("-n", "--last", type=click.IntRange(1), default=None, help="Only the last N records.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
+def logs_cmd(kind: str | None, since: str | None, last: int | None, as_json: bool) -> None:
+    """Show the run log: every latency, benchmark and fairness figure edge measured.
+
+    \b
+    Examples:
+      edge logs --kind latency --since 2026-11-01
+      edge logs --json | jq .metrics.gen_tps
+    """
+    q = read_records(kind, _since(since))
+    recs = q.records[-last:] if last else q.records
+    if as_json:
+        for r in recs:
+            click.echo(json.dumps(r))
+        return
+    table = Table(title=f"edge logs ({len(recs)} records)", title_justify="left")
+    for col in ("time (UTC)", "kind", "model", "threads", "figures"):
+        table.add_column(col)
+    for r in recs:
+        model = (r.get("model") or {}).get("name") or (r.get("model") or {}).get("path") or "-"
+        quant = (r.get("model") or {}).get("quant")
+        table.add_row(r["ts"][:19].replace("T", " "), r["kind"], f"{model} {quant or ''}".strip(),
+                      str(r.get("config", {}).get("threads", "-")), _headline(r))
+    Console().print(table)
+    if q.skipped_lines:
+        click.echo(f"({q.skipped_lines} unreadable lines skipped)", err=True)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(logs_cmd)

@@ -1,0 +1,108 @@
+"""edge models list | info | pull."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edge.catalog import load_catalog, pull, resolve_model
+from edge.gguf_file import inspect
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.group("models")
+def models() -> None:
+    """List, inspect and download models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+def list_cmd(as_json: bool) -> None:
+    """Show the catalog: the bundled model and the GGUFs `edge models pull` fetches.
+
+    Add your own entries in $EDGE_HOME/catalog.toml (same format as models/catalog.toml).
+    """
+    entries = load_catalog()
+    rows = [{"name": e.name, "params": e.params, "quant": e.quant, "size": e.size,
+             "available": e.available, "default": e.default, "path": str(e.local_path),
+             "license": e.license, "description": e.description} for e in entries.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="edge models", title_justify="left")
+    for col in ("name", "params", "quant", "size", "here", "description"):
+        table.add_column(col, no_wrap=col != "description")
+    for r in rows:
+        here = "bundled" if r["default"] else ("yes" if r["available"] else "pull")
+        table.add_row(r["name"], r["params"], r["quant"], _size(r["size"]), here, r["description"])
+    Console().print(table)
+
+
+@models.command("info")
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def info_cmd(model: str | None, as_json: bool) -> None:
+    """Show what a GGUF holds: architecture, size, quant type, context, layers, template.
+
+    \b
+    Examples:
+      edge models info                      # the bundled model
+      edge models info ./my-model.Q4_K_M.gguf
+    """
+    info = inspect(resolve_model(model))
+    s = info.summary()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    labels = [("path", s["path"]), ("name", s["name"]), ("architecture", s["arch"]),
+              ("parameters", f"{s['params']:,} ({s['params'] / 1e6:.0f}M)"), ("quant type", s["quant"]),
+              ("context length", s["context_length"]), ("layers", s["n_layers"]),
+              ("embedding size", s["n_embd"]), ("heads / kv heads", f"{s['n_head']} / {s['n_head_kv']}"),
+              ("feed-forward", s["n_ff"]), ("vocabulary", s["n_vocab"]),
+              ("chat template", "yes" if s["chat_template"] else "no (Llama-2 [INST] fallback)"),
+              ("file size", f"{s['file_size']:,} bytes ({_size(s['file_size'])})"),
+              ("sha256 (16 MiB+size)", s["fingerprint"])]
+    width = max(len(k) for k, _ in labels)
+    for k, v in labels:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@models.command("pull")
+@click.argument("name")
+def pull_cmd(name: str) -> None:
+    """Download catalog model NAME into $EDGE_HOME/models/, checking size and sha256.
+
+    An interrupted pull resumes where it stopped when run again.
+
+    \b
+    Example:
+      edge models pull llama2-7b-chat-q4km
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), disable=not Console(stderr=True).is_terminal,
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(f"pull {name}", total=None)
+
+        def progress(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        path, digest = pull(name, progress=progress)
+    click.echo(f"{path}\nsha256 {digest}")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(models)

@@ -1,0 +1,59 @@
+"""Options shared by several commands, validated by click types (exit 2 on bad values)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from edge.runtime import RuntimeConfig, Sampling
+
+
+def model_argument(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("model", required=False, metavar="[MODEL]")(f)
+
+
+def runtime_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    decorators = [
+        click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048,
+                     show_default=True, help="Context window in tokens (capped at the model's)."),
+        click.option("-t", "--threads", type=click.IntRange(1, 256), default=None,
+                     help="CPU threads [default: physical cores]."),
+        click.option("--mlock", is_flag=True, help="Lock the model in RAM (no swapping out)."),
+        click.option("--no-mmap", is_flag=True, help="Read the model into RAM instead of mapping it."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    decorators = [
+        click.option("--temp", type=click.FloatRange(0, 10), default=0.8, show_default=True,
+                     help="Temperature; 0 is greedy and deterministic."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True),
+        click.option("--top-k", type=click.IntRange(0), default=40, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(0, 10, min_open=True), default=1.1,
+                     show_default=True),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=None,
+                     help="Sampling seed, for repeatable sampled output."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def runtime_config(kw: dict[str, Any]) -> RuntimeConfig:
+    cfg = RuntimeConfig(n_ctx=kw.pop("n_ctx"), threads=kw.pop("threads"),
+                        use_mlock=kw.pop("mlock"), use_mmap=not kw.pop("no_mmap"))
+    if kw.get("seed") is not None:
+        cfg.seed = kw["seed"]
+    return cfg
+
+
+def sampling(kw: dict[str, Any]) -> Sampling:
+    return Sampling(temp=kw.pop("temp"), top_p=kw.pop("top_p"), top_k=kw.pop("top_k"),
+                    min_p=kw.pop("min_p"), repeat_penalty=kw.pop("repeat_penalty"),
+                    seed=kw.pop("seed"))

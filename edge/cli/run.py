@@ -1,0 +1,61 @@
+"""edge run: one prompt, one streamed answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from edge.cli.options import model_argument, runtime_config, runtime_options, sampling, sampling_options
+from edge.generate import run_prompt
+
+
+@click.command("run")
+@model_argument
+@click.option("-p", "--prompt", help="The prompt; '-' or omitted reads it from stdin.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+              help="Tokens to generate at most.")
+@click.option("--system", help="System prompt (chat mode).")
+@click.option("--raw", "mode", flag_value="raw", help="Send the prompt as-is, no chat template.")
+@click.option("--chat", "mode", flag_value="chat", help="Always apply the chat template (Llama-2 fallback).")
+@runtime_options
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and timings.")
+def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str | None,
+            mode: str | None, as_json: bool, **kw: Any) -> None:
+    """Generate an answer to PROMPT with MODEL (a .gguf path, a catalog name, or the
+    bundled SmolLM2-135M-Instruct when omitted), streaming it as it comes.
+
+    Chat models get their chat template applied (as Ollama does); --raw sends the text
+    as-is. Timings are logged to the run log (see `edge logs`).
+
+    \b
+    Examples:
+      edge run -p "Name three rivers in Africa."
+      edge run --temp 0 --seed 1 -p "Once upon a time" -n 64 --raw
+      edge run llama2-7b-chat-q4km -p "Hello" --threads 4 --json
+      echo "Summarise: ..." | edge run
+    """
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give a prompt with -p TEXT (or pipe it on stdin)")
+        prompt = sys.stdin.read()
+    cfg = runtime_config(kw)
+    smp = sampling(kw)
+
+    def echo(piece: str) -> None:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
+    result = run_prompt(model, prompt, max_tokens=max_tokens, sampling=smp, config=cfg,
+                        mode=mode or "auto", system=system, on_text=None if as_json else echo)
+    if as_json:
+        click.echo(json.dumps(result.stats.to_dict() | {"prompt_mode": result.prompt_mode}))
+    else:
+        click.echo()
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(run_cmd)

@@ -1,0 +1,45 @@
+"""Where edge keeps its state: $EDGE_HOME (default ~/.local/share/edge)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+
+def edge_home() -> Path:
+    env = os.environ.get("EDGE_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".local" / "share" / "edge"
+
+
+def logs_dir() -> Path:
+    return edge_home() / "logs"
+
+
+def models_dir() -> Path:
+    return edge_home() / "models"
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
+    """Open a temp file beside `path`; rename it over `path` only if the block succeeds.
+
+    A crash, Ctrl-C or full disk leaves no partial file at `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,146 @@
+"""The run log: one JSON object per line under $EDGE_HOME/logs/, append-only.
+
+Each record is written with a single O_APPEND write() under an flock, so concurrent
+processes never interleave or tear lines, and a crash loses at most the record being
+written. Readers skip (and count) lines that do not parse.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from edge import __version__
+from edge.bench.device import probe_device
+from edge.gguf_file import ModelInfo
+from edge.paths import logs_dir
+
+KINDS = ("latency", "fairness", "eval", "bench", "sparsity")
+
+
+@lru_cache(maxsize=1)
+def _device() -> dict[str, Any]:
+    return probe_device().to_dict()
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def model_record(info: ModelInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {
+        "path": info.path,
+        "name": info.name,
+        "sha256": info.fingerprint,  # of the first 16 MiB + size (see gguf_file.fingerprint)
+        "size": info.file_size,
+        "arch": info.arch,
+        "params": info.params,
+        "quant": info.quant,
+    }
+
+
+def make_record(
+    kind: str,
+    metrics: dict[str, Any],
+    *,
+    model: ModelInfo | None = None,
+    config: dict[str, Any] | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown telemetry kind {kind!r}")
+    return {
+        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "run_id": run_id or new_run_id(),
+        "kind": kind,
+        "edge_version": __version__,
+        "device": _device(),
+        "model": model_record(model),
+        "config": config or {},
+        "metrics": metrics,
+    }
+
+
+def log_path(when: datetime | None = None) -> Path:
+    when = when or datetime.now(timezone.utc)
+    return logs_dir() / f"runs-{when:%Y-%m}.jsonl"
+
+
+def append(record: dict[str, Any]) -> Path:
+    """Append one record as one line; safe with many writers at once."""
+    path = log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(line)
+        while view:  # a regular-file write is whole in practice; loop in case it is not
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        os.close(fd)  # closing releases the lock
+    return path
+
+
+def latency_metrics(stats: Any, command: str) -> dict[str, Any]:
+    """A GenerationStats as telemetry metrics: figures only, never the user's text."""
+    d = stats.to_dict()
+    d.pop("text", None)
+    return {"command": command, **d}
+
+
+def log(kind: str, metrics: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    rec = make_record(kind, metrics, **kw)
+    append(rec)
+    return rec
+
+
+@dataclass
+class LogQuery:
+    records: list[dict[str, Any]]
+    skipped_lines: int
+
+
+def _parse_ts(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def _lines(paths: list[Path]) -> Iterator[str]:
+    for p in paths:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            yield from f
+
+
+def read_records(kind: str | None = None, since: datetime | None = None) -> LogQuery:
+    paths = sorted(logs_dir().glob("runs-*.jsonl"))
+    out: list[dict[str, Any]] = []
+    skipped = 0
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    for line in _lines(paths):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ts = _parse_ts(rec["ts"])
+        except (ValueError, KeyError, TypeError):
+            skipped += 1
+            continue
+        if kind and rec.get("kind") != kind:
+            continue
+        if since and ts < since:
+            continue
+        out.append(rec)
+    out.sort(key=lambda r: r["ts"])
+    return LogQuery(out, skipped)

