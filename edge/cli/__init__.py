@@ -65,9 +65,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edge.cli import chat, logs, models, run
+    from edge.cli import bench, chat, logs, models, run
 
-    for mod in (run, chat, models, logs):
+    for mod in (run, chat, models, logs, bench):
         mod.register(cli)
 
 

@@ -1,0 +1,237 @@
+"""`edge bench`: a model × threads sweep of pp / tg / TTFT / load / RSS, with device state.
+
+Every finished test is appended to the run log at once (a `bench` telemetry record), so
+Ctrl-C mid-sweep loses only the test in progress; `--out` is written (atomically) with
+the finished tests also when the sweep is interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge import telemetry
+from edge.bench import cooldown as cooldown_mod
+from edge.bench.device import DeviceState, probe_state
+from edge.bench.llama_ops import BenchContext
+from edge.bench.output import check_out_path, write_records
+from edge.catalog import resolve_model
+from edge.errors import BadOptionError
+from edge.runtime import Runtime, RuntimeConfig, peak_rss_bytes
+
+MAX_THREADS = 256
+
+
+@dataclass
+class BenchConfig:
+    """One sweep: every model × every thread count, each a test of pp then tg."""
+
+    models: Sequence[str | None] = (None,)
+    threads: Sequence[int] = (2,)
+    n_prompt: int = 128
+    n_gen: int = 64
+    reps: int = 3
+    warmup: int = 1
+    n_ctx: int = 512
+    cooldown_c: float | None = None
+    cooldown_timeout_s: float = 600.0
+    out: Path | None = None
+
+    def validate(self) -> None:
+        if not self.threads:
+            raise BadOptionError("--threads needs at least one value, e.g. --threads 1,2,4")
+        for t in self.threads:
+            if not 1 <= t <= MAX_THREADS:
+                raise BadOptionError(f"--threads {t} is out of range; use 1 to {MAX_THREADS}")
+        checks = [
+            (self.n_prompt >= 1, f"--pp {self.n_prompt} must be ≥ 1 (prompt tokens per test)"),
+            (self.n_gen >= 1, f"--tg {self.n_gen} must be ≥ 1 (generated tokens per test)"),
+            (self.reps >= 1, f"--reps {self.reps} must be ≥ 1"),
+            (self.warmup >= 0, f"--warmup {self.warmup} must be ≥ 0"),
+            (self.n_ctx > max(self.n_prompt, self.n_gen),
+             f"--ctx {self.n_ctx} must exceed --pp {self.n_prompt} and --tg {self.n_gen}; "
+             f"use --ctx {max(self.n_prompt, self.n_gen) + 1} or more"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise BadOptionError(msg)
+        if self.cooldown_c is not None and not 0 < self.cooldown_c < 150:
+            raise BadOptionError(f"--cooldown {self.cooldown_c} °C is not a plausible SoC limit; use e.g. 50")
+
+    @property
+    def test_name(self) -> str:
+        return f"pp{self.n_prompt}+tg{self.n_gen}"
+
+
+def mean_std(samples: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n-1), as llama-bench reports them."""
+    if not samples:
+        return 0.0, 0.0
+    mean = statistics.fmean(samples)
+    return mean, statistics.stdev(samples) if len(samples) > 1 else 0.0
+
+
+def throttled_during(before: DeviceState, after: DeviceState) -> bool | None:
+    """True if the firmware reported throttling now, or a new since-boot flag appeared.
+
+    None when the board has no throttle report (x86, no vcgencmd): unknown, not "no".
+    """
+    if after.throttled is None:
+        return None
+    now_bits = ("under_voltage", "arm_frequency_capped", "throttled", "soft_temp_limit")
+    if any(after.throttled[k] for k in now_bits):
+        return True
+    prev = before.throttled or {}
+    return any(v and not prev.get(k, False) for k, v in after.throttled.items())
+
+
+@dataclass
+class TestResult:
+    """One model × threads test; `record` is the telemetry record that was logged."""
+
+    record: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.record["metrics"]
+
+
+@dataclass
+class BenchResult:
+    run_id: str
+    tests: list[TestResult] = field(default_factory=list)
+    planned: int = 0
+    out: Path | None = None
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [t.record for t in self.tests]
+
+
+Hook = Callable[[str, int, int], None]  # (what, index, total)
+
+
+def _measure(bctx: BenchContext, cfg: BenchConfig, tick: Callable[[], None]) -> dict[str, Any]:
+    for _ in range(cfg.warmup):  # as llama-bench: one full prompt and one token
+        bctx.clear()
+        bctx.prompt(cfg.n_prompt)
+        bctx.generate(1)
+    pp_s, ttft_s, tg_s, perf_pp, perf_tg = [], [], [], [], []
+    for _ in range(cfg.reps):
+        bctx.clear()
+        bctx.perf_reset()
+        t0 = time.perf_counter()
+        pp = bctx.prompt(cfg.n_prompt)
+        bctx.first_token()
+        ttft_s.append(time.perf_counter() - t0)
+        pp_s.append(cfg.n_prompt / pp)
+        p = bctx.perf()
+        if p.t_p_eval_ms > 0:
+            perf_pp.append(p.n_p_eval / p.t_p_eval_ms * 1000)
+        tick()
+    for _ in range(cfg.reps):
+        bctx.clear()
+        bctx.perf_reset()
+        tg = bctx.generate(cfg.n_gen)
+        tg_s.append(cfg.n_gen / tg)
+        p = bctx.perf()
+        if p.t_eval_ms > 0:
+            perf_tg.append(p.n_eval / p.t_eval_ms * 1000)
+        tick()
+    pp_m, pp_sd = mean_std(pp_s)
+    tg_m, tg_sd = mean_std(tg_s)
+    ttft_m, ttft_sd = mean_std([s * 1000 for s in ttft_s])
+    return {
+        "pp_tps": pp_m, "pp_tps_std": pp_sd, "pp_tps_samples": pp_s,
+        "tg_tps": tg_m, "tg_tps_std": tg_sd, "tg_tps_samples": tg_s,
+        "ttft_ms": ttft_m, "ttft_ms_std": ttft_sd,
+        # llama.cpp's internal timers for the same decodes (see benchmarks/bench_overhead.py)
+        "llama_perf_pp_tps": mean_std(perf_pp)[0] if perf_pp else None,
+        "llama_perf_tg_tps": mean_std(perf_tg)[0] if perf_tg else None,
+    }
+
+
+def _current_rss() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # pragma: no cover - psutil missing or denied
+        return None
+
+
+def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
+              on_test: Callable[[TestResult], None] | None = None,
+              sleep: Callable[[float], None] = time.sleep) -> BenchResult:
+    """Run the sweep; each finished test is logged at once and passed to `on_test`.
+
+    Bad input (unknown model, bad numbers, an unwritable --out) fails before any test
+    runs. On KeyboardInterrupt the finished tests are written to `cfg.out` and the
+    interrupt propagates.
+    """
+    cfg.validate()
+    paths = [resolve_model(m) for m in cfg.models]  # fail on an unknown model before any work
+    if cfg.out is not None:
+        check_out_path(cfg.out)
+    if cfg.cooldown_c is not None:
+        cooldown_mod.require_sensor()
+    result = BenchResult(run_id=telemetry.new_run_id(), planned=len(paths) * len(cfg.threads),
+                         out=cfg.out)
+    done = 0
+    try:
+        for path in paths:
+            rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0]))  # weights only
+            try:
+                for threads in cfg.threads:
+                    result.tests.append(_one_test(rt, threads, cfg, result, sleep, on_progress, done))
+                    done += 1
+                    if on_test:
+                        on_test(result.tests[-1])
+            finally:
+                rt.close()
+    finally:
+        # Interrupted or not, --out holds every finished test (and nothing half-done).
+        if cfg.out is not None and result.tests:
+            write_records(cfg.out, result.records)
+    return result
+
+
+def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
+              sleep: Callable[[float], None], on_progress: Hook | None, index: int) -> TestResult:
+    waited = None
+    if cfg.cooldown_c is not None:
+        if on_progress:
+            on_progress(f"cooling below {cfg.cooldown_c:g} °C", index, result.planned)
+        waited = cooldown_mod.wait_below(cfg.cooldown_c, cfg.cooldown_timeout_s, sleep=sleep)
+    label = f"{rt.info.name or rt.path.name} t={threads}"
+    n_ticks = [0]
+
+    def tick() -> None:
+        n_ticks[0] += 1
+        if on_progress:
+            on_progress(label, index * 2 * cfg.reps + n_ticks[0], result.planned * 2 * cfg.reps)
+
+    before = probe_state()
+    with BenchContext(rt.llm.model, n_ctx=cfg.n_ctx, threads=threads) as bctx:
+        figures = _measure(bctx, cfg, tick)
+        config = {"threads": threads, "n_ctx": bctx.n_ctx, "n_batch": bctx.n_batch,
+                  "n_ubatch": bctx.n_ubatch, "flash_attn": "auto", "sparse_profile": None,
+                  "correction": None}
+    after = probe_state()
+    metrics = {
+        "test": cfg.test_name, "n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen, "reps": cfg.reps,
+        "warmup": cfg.warmup, **figures, "load_ms": rt.load_ms,
+        "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": _current_rss(),
+        "state_before": before.to_dict(), "state_after": after.to_dict(),
+        "throttled": throttled_during(before, after),
+        "cooldown_c": cfg.cooldown_c,
+        "cooldown_wait_s": waited.waited_s if waited else None,
+        "cooldown_reached": waited.reached if waited else None,
+    }
+    rec = telemetry.log("bench", metrics, model=rt.info, config=config, run_id=result.run_id)
+    return TestResult(rec)
