@@ -38,3 +38,11 @@ class BadOptionError(EdgeError):
 
 class OutputExistsError(EdgeError):
     """Refusing to overwrite an existing file without --force."""
+
+
+class ConversionError(EdgeError):
+    """A Hugging Face checkpoint edge cannot convert (missing files, unsupported layout)."""
+
+
+class SuiteError(EdgeError):
+    """A bias suite is missing, empty, or has rows that cannot be read."""
