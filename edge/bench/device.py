@@ -42,27 +42,55 @@ class DeviceInfo:
         return asdict(self)
 
 
+# ARM "CPU part" numbers (implementer 0x41) of the cores found on Raspberry Pi boards and
+# similar SBCs; 64-bit Pi kernels print no "model name", only this number.
+ARM_CORES = {
+    "0xb76": "ARM1176", "0xc07": "Cortex-A7", "0xd03": "Cortex-A53", "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72", "0xd09": "Cortex-A73",
+    "0xd0b": "Cortex-A76",
+}
+
+
+def _on_real_root() -> bool:
+    # Host fallbacks (platform, vcgencmd, os.cpu_count) would leak the test machine's
+    # facts into a fake tree, so they apply only when reading the real /.
+    return sysfs_root() == Path("/")
+
+
+def _cpuinfo_fields() -> list[tuple[str, str]]:
+    out = []
+    for line in (_read("proc/cpuinfo") or "").splitlines():
+        k, sep, v = line.partition(":")
+        if sep and k.strip():
+            out.append((k.strip(), v.strip()))
+    return out
+
+
 def _cpu_model() -> str | None:
-    text = _read("proc/cpuinfo") or ""
-    for key in ("model name", "Model", "Hardware", "cpu model"):
-        for line in text.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() == key and v.strip():
-                return v.strip()
-    return platform.processor() or None
+    fields = _cpuinfo_fields()
+    first = {}
+    for k, v in fields:
+        first.setdefault(k, v)
+    part = first.get("CPU part", "").lower()
+    if first.get("CPU implementer", "").lower() == "0x41" and part in ARM_CORES:
+        return f"ARM {ARM_CORES[part]}"
+    for key in ("model name", "cpu model", "Hardware"):
+        if first.get(key):
+            return first[key]
+    return (platform.processor() or None) if _on_real_root() else None
 
 
 def _ram_bytes() -> int | None:
     for line in (_read("proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "MemTotal:" and parts[1].isdigit():
+            return int(parts[1]) * 1024
     return None
 
 
 def _cores() -> int:
-    text = _read("proc/cpuinfo") or ""
-    n = sum(1 for line in text.splitlines() if line.split(":")[0].strip() == "processor")
-    return n or os.cpu_count() or 1
+    n = sum(1 for k, _ in _cpuinfo_fields() if k == "processor")
+    return n or (os.cpu_count() if _on_real_root() else None) or 1
 
 
 def probe_device() -> DeviceInfo:
@@ -93,23 +121,34 @@ def decode_throttled(value: int) -> dict[str, bool]:
     return {name: bool(value >> bit & 1) for bit, name in THROTTLE_BITS.items()}
 
 
-def _throttled_raw() -> int | None:
-    # Tests (and boards without vcgencmd) can provide the value as a file.
-    text = _read("sys/devices/platform/soc/soc:firmware/get_throttled")
-    if text is None and sysfs_root() == Path("/") and shutil.which("vcgencmd"):
-        try:
-            out = subprocess.run(
-                ["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=5
-            ).stdout
-            text = out.strip().partition("=")[2]
-        except (OSError, subprocess.SubprocessError):
-            return None
+def _vcgencmd() -> str | None:
+    # EDGE_VCGENCMD names a stand-in (tests); otherwise only on the real root.
+    exe = os.environ.get("EDGE_VCGENCMD") or ("vcgencmd" if _on_real_root() else None)
+    return shutil.which(exe) if exe else None
+
+
+def parse_throttled(text: str | None) -> int | None:
+    """'0x50005', 'throttled=0x50005' or '327685' → int; anything else → None."""
     if not text:
         return None
+    value = text.strip().rpartition("=")[2].strip()
     try:
-        return int(text, 0)
+        return int(value, 0)
     except ValueError:
         return None
+
+
+def _throttled_raw() -> int | None:
+    # Recent Pi kernels expose the firmware's flags as a file; older ones need vcgencmd.
+    text = _read("sys/devices/platform/soc/soc:firmware/get_throttled")
+    exe = _vcgencmd() if text is None else None
+    if exe:
+        try:
+            text = subprocess.run([exe, "get_throttled"], capture_output=True, text=True,
+                                  timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return parse_throttled(text)
 
 
 def _soc_temp_c() -> float | None:
@@ -134,18 +173,25 @@ class DeviceState:
     governor: str | None
     throttled_raw: int | None
     throttled: dict[str, bool] | None
+    freq_max_mhz: float | None = None  # scaling_max_freq: below the hardware max = capped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _khz_to_mhz(rel: str) -> float | None:
+    text = _read(rel)
+    return int(text) / 1000.0 if text and text.isdigit() else None
+
+
 def probe_state() -> DeviceState:
-    freq = _read("sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
+    cpufreq = "sys/devices/system/cpu/cpu0/cpufreq/"
     raw = _throttled_raw()
     return DeviceState(
         temp_c=_soc_temp_c(),
-        freq_mhz=int(freq) / 1000.0 if freq and freq.isdigit() else None,
-        governor=_read("sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        freq_mhz=_khz_to_mhz(cpufreq + "scaling_cur_freq"),
+        governor=_read(cpufreq + "scaling_governor") or None,
         throttled_raw=raw,
         throttled=decode_throttled(raw) if raw is not None else None,
+        freq_max_mhz=_khz_to_mhz(cpufreq + "scaling_max_freq"),
     )
