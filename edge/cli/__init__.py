@@ -65,9 +65,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edge.cli import bench, chat, logs, models, run
+    from edge.cli import bench, chat, convert, logs, models, run
 
-    for mod in (run, chat, models, logs, bench):
+    for mod in (run, chat, models, logs, bench, convert):
         mod.register(cli)
 
 
