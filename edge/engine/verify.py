@@ -1,0 +1,65 @@
+"""Agreement of the native engine with llama.cpp on the same GGUF: top-1 and mean KL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.engine.model import Engine
+from edge.errors import ContextOverflowError
+from edge.runtime import Runtime
+
+
+@dataclass
+class Agreement:
+    n_tokens: int
+    top1: float  # fraction of positions where both argmax agree
+    mean_kl: float  # mean KL(llama.cpp ‖ engine) in nats
+    max_kl: float
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p ‖ q) per row, from raw logits."""
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def llama_logits(rt: Runtime, tokens: Sequence[int]) -> np.ndarray:
+    """Every position's logits from llama.cpp, (T, n_vocab) float32, from a clean context."""
+    tokens = list(tokens)
+    if len(tokens) > rt.n_ctx:
+        raise ContextOverflowError(f"{len(tokens)} tokens do not fit the {rt.n_ctx}-token context")
+    llm = rt.llm
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    n_vocab = llm.n_vocab()
+    out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+    for start in range(0, len(tokens), llm.n_batch):
+        chunk = tokens[start : start + llm.n_batch]
+        llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        out[start : start + len(chunk)] = np.ctypeslib.as_array(
+            llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    return out
+
+
+def compare_logits(ref: np.ndarray, ours: np.ndarray) -> Agreement:
+    kl = kl_rows(ref, ours)
+    top1 = float(np.mean(ref.argmax(axis=-1) == ours.argmax(axis=-1)))
+    return Agreement(n_tokens=int(ref.shape[0]), top1=top1, mean_kl=float(kl.mean()),
+                     max_kl=float(kl.max()))
+
+
+def agreement(engine: Engine, rt: Runtime, tokens: Sequence[int]) -> Agreement:
+    """Run both on `tokens` and compare every position's next-token distribution."""
+    return compare_logits(llama_logits(rt, tokens), engine.forward(tokens).logits)
