@@ -65,9 +65,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edge.cli import bench, chat, convert, logs, models, run
+    from edge.cli import bench, chat, convert, logs, models, quantize, run
 
-    for mod in (run, chat, models, logs, bench, convert):
+    for mod in (run, chat, models, logs, bench, convert, quantize):
         mod.register(cli)
 
 
