@@ -65,9 +65,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edge.cli import bench, chat, convert, logs, models, quantize, run
+    from edge.cli import bench, chat, convert, eval, logs, models, quantize, report, run
 
-    for mod in (run, chat, models, logs, bench, convert, quantize):
+    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report):
         mod.register(cli)
 
 

@@ -1,0 +1,154 @@
+"""`edge report -o DIR`: a static HTML page of bench results and latency logs over time.
+
+Reads the run log (or given bench JSONL files), writes DIR/index.html and PNG plots
+beside it. Every file is written atomically; the page has no external resources, so it
+opens from a Pi's SD card, an artifact store or a mail attachment alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edge import __version__
+from edge.errors import BadOptionError, EdgeError
+from edge.paths import atomic_write
+from edge.report import plots
+from edge.report.template import render
+
+
+class EmptyReportError(EdgeError):
+    """Nothing to report: no bench or latency records."""
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    index: Path
+    images: list[str] = field(default_factory=list)
+    n_bench: int = 0
+    n_latency: int = 0
+
+
+def _key(rec: dict[str, Any]) -> tuple[str, str, int, int, int]:
+    from edge.bench.compare import test_key
+
+    return test_key(rec)
+
+
+def _latest_per_test(bench: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(bench, key=lambda r: r["ts"]):
+        latest[_key(r)] = r
+    return sorted(latest.values(), key=lambda r: (_key(r)[0], _key(r)[1], _key(r)[2]))
+
+
+def _temp(rec: dict[str, Any], when: str) -> float | None:
+    return ((rec["metrics"].get(f"state_{when}") or {}).get("temp_c"))
+
+
+def _bench_rows(latest: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in latest:
+        m, model = r["metrics"], r.get("model") or {}
+        rows.append({
+            "when": r["ts"][:16].replace("T", " "), "model": plots.series_label(r).rsplit(" t=", 1)[0],
+            "threads": r.get("config", {}).get("threads"), "test": m.get("test", ""),
+            "pp": f"{m['pp_tps']:.2f} ± {m.get('pp_tps_std') or 0:.2f}",
+            "tg": f"{m['tg_tps']:.2f} ± {m.get('tg_tps_std') or 0:.2f}",
+            "ttft": f"{m['ttft_ms']:.0f}" if m.get("ttft_ms") is not None else "-",
+            "rss": f"{m['peak_rss_bytes'] / 2**20:.0f}" if m.get("peak_rss_bytes") else "-",
+            "temp": " → ".join(f"{t:.1f}" if t is not None else "?" for t in (_temp(r, "before"), _temp(r, "after"))),
+            "throttled": {True: "THROTTLED", False: "no", None: "n/a"}[m.get("throttled")],
+            "board": (r.get("device") or {}).get("board") or (r.get("device") or {}).get("cpu") or "-",
+            "quant": model.get("quant"),
+        })
+    return rows
+
+
+def _latency_rows(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in latency:
+        model = r.get("model") or {}
+        groups[(r["metrics"].get("command", "?"), f"{model.get('name') or '?'} {model.get('quant') or ''}")].append(r)
+    rows = []
+    for (command, model), recs in sorted(groups.items()):
+        def med(k: str, recs: list[dict[str, Any]] = recs) -> str:
+            vals = sorted(r["metrics"][k] for r in recs if r["metrics"].get(k))
+            return f"{vals[len(vals) // 2]:.1f}" if vals else "-"
+        rows.append({"command": command, "model": model.strip(), "n": len(recs), "gen_tps": med("gen_tps"),
+                     "prompt_tps": med("prompt_tps"), "ttft": med("ttft_ms"),
+                     "last": recs[-1]["ts"][:16].replace("T", " ")})
+    return rows
+
+
+def build_report(out_dir: Path, *, bench: Sequence[dict[str, Any]] | None = None,
+                 latency: Sequence[dict[str, Any]] | None = None, since: datetime | None = None,
+                 title: str = "edge report") -> ReportResult:
+    """Write DIR/index.html and its plots from bench and latency records (default: the run log)."""
+    from edge.telemetry import read_records
+
+    if bench is None:
+        bench = read_records("bench", since).records
+    if latency is None:
+        latency = read_records("latency", since).records
+    bench, latency = list(bench), list(latency)
+    if not bench and not latency:
+        raise EmptyReportError("no bench or latency records to report; run `edge bench` or `edge run` "
+                               "first, or pass bench files with --from")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadOptionError(f"-o {out_dir} is a file; give a directory for the report")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadOptionError(f"cannot create {out_dir} ({e.strerror or e}); choose another -o") from None
+    images: list[dict[str, str]] = []
+
+    def add(name: str | None, caption: str) -> None:
+        if name:
+            images.append({"file": name, "caption": caption})
+
+    latest = _latest_per_test(bench)
+    if latest:
+        add(plots.tps_bars(latest, out_dir / "tps.png"),
+            "Tokens/s by model, quant type and threads (latest test of each; bars: mean, whiskers: std)")
+        add(plots.over_time(bench, lambda r: r["metrics"].get("tg_tps"), "tokens/s",
+                            "generation (tg) t/s over time", out_dir / "tg_over_time.png"), "tg t/s over time")
+        add(plots.over_time(bench, lambda r: _temp(r, "after"), "°C", "SoC temperature after each test",
+                            out_dir / "temperature.png"), "SoC temperature after each test")
+    both = bench + latency
+    add(plots.over_time(both, lambda r: r["metrics"].get("ttft_ms"), "ms", "time to first token",
+                        out_dir / "ttft.png", group=_group), "Time to first token (bench and run/chat logs)")
+    add(plots.over_time(both, lambda r: (r["metrics"].get("peak_rss_bytes") or 0) / 2**20 or None, "MiB",
+                        "peak resident memory", out_dir / "rss.png", group=_group), "Peak RSS")
+    html = render(title=title, generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  version=__version__, bench_rows=_bench_rows(latest), latency_rows=_latency_rows(latency),
+                  images=images, n_bench=len(bench), n_latency=len(latency))
+    index = out_dir / "index.html"
+    with atomic_write(index, "w") as f:
+        f.write(html)
+    _readable(out_dir, ["index.html", *(i["file"] for i in images)])
+    return ReportResult(out_dir, index, [i["file"] for i in images], len(bench), len(latency))
+
+
+def _readable(out_dir: Path, names: list[str]) -> None:
+    # atomic_write's temp files are 0600; a report is meant to be served and shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        os.chmod(out_dir / name, 0o666 & ~umask)
+
+
+def _group(rec: dict[str, Any]) -> str:
+    # bench: one line per model / quant / threads; logs: one per command and model
+    if rec.get("kind") == "bench":
+        return f"bench: {plots.series_label(rec)}"
+    model = rec.get("model") or {}
+    what = rec.get("metrics", {}).get("command", rec.get("kind"))
+    return f"{what}: {(model.get('name') or '?')[:24]} {model.get('quant') or ''}".strip()

@@ -1,0 +1,79 @@
+"""PNG plots of bench and latency records (matplotlib, Agg: no display needed)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from edge.paths import atomic_write
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: CI, a Pi over ssh
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _when(rec: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(rec["ts"].replace("Z", "+00:00"))
+
+
+def series_label(rec: dict[str, Any]) -> str:
+    model = rec.get("model") or {}
+    name = model.get("name") or Path(str(model.get("path") or "?")).stem
+    return f"{name[:28]} {model.get('quant') or ''} t={rec.get('config', {}).get('threads', '?')}".strip()
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    _plt().close(fig)
+    return path.name
+
+
+def tps_bars(latest: list[dict[str, Any]], path: Path) -> str:
+    """pp and tg t/s (mean ± std) of the latest test per model / quant / threads."""
+    plt = _plt()
+    labels = [series_label(r) for r in latest]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(latest) + 2.2))
+    for ax, key, title in ((axes[0], "pp_tps", "prompt processing (pp)"),
+                           (axes[1], "tg_tps", "generation (tg)")):
+        vals = [r["metrics"][key] for r in latest]
+        errs = [r["metrics"].get(f"{key}_std") or 0 for r in latest]
+        ax.barh(range(len(vals)), vals, xerr=errs, color="#3b7dd8" if key == "pp_tps" else "#e07b39")
+        ax.set_yticks(range(len(vals)), labels if ax is axes[0] else [""] * len(vals), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens/s")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def over_time(records: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None],
+              ylabel: str, title: str, path: Path, group: Callable[[dict[str, Any]], str] = series_label) -> str | None:
+    """One line per group (model / quant / threads, or command) of `value` against time."""
+    points: dict[str, list[tuple[datetime, float]]] = defaultdict(list)
+    for r in records:
+        v = value(r)
+        if v is not None:
+            points[group(r)].append((_when(r), float(v)))
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    for label, pts in sorted(points.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.autofmt_xdate()
+    return _save(fig, path)

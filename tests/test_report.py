@@ -1,0 +1,133 @@
+"""edge report: HTML + PNG plots from bench and latency records, checked in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge import telemetry
+from edge.cli import cli
+from edge.report import build_report
+
+T0 = datetime(2026, 11, 1, 9, 0, tzinfo=timezone.utc)
+
+
+def _bench(day: int, quant: str, threads: int, tg: float, temp: float, throttled: bool | None) -> dict:
+    rec = telemetry.make_record(
+        "bench",
+        {"test": "pp128+tg64", "n_prompt": 128, "n_gen": 64, "pp_tps": tg * 6, "pp_tps_std": 1.5,
+         "tg_tps": tg, "tg_tps_std": 0.4, "ttft_ms": 128 / (tg * 6) * 1000, "ttft_ms_std": 3.0,
+         "load_ms": 250.0, "peak_rss_bytes": (180 + 20 * threads) * 2**20,
+         "state_before": {"temp_c": temp - 8}, "state_after": {"temp_c": temp}, "throttled": throttled},
+        config={"threads": threads})
+    rec["model"] = {"name": "SmolLM2 135M", "quant": quant, "path": f"/m/smol-{quant}.gguf"}
+    rec["device"]["board"] = "Raspberry Pi 5 Model B Rev 1.0"
+    rec["ts"] = (T0 + timedelta(days=day)).isoformat().replace("+00:00", "Z")
+    return rec
+
+
+def _latency(day: int, ttft: float) -> dict:
+    rec = telemetry.make_record("latency", {"command": "run", "gen_tps": 31.0 + day, "prompt_tps": 180.0,
+                                            "ttft_ms": ttft, "peak_rss_bytes": 210 * 2**20})
+    rec["model"] = {"name": "SmolLM2 135M", "quant": "Q4_1"}
+    rec["ts"] = (T0 + timedelta(days=day, hours=3)).isoformat().replace("+00:00", "Z")
+    return rec
+
+
+@pytest.fixture
+def logged() -> None:
+    """A week of a Pi 5's bench runs and edge run latencies in the run log."""
+    for day in range(5):
+        for quant, base in (("Q4_0", 30.0), ("Q8_0", 22.0)):
+            for threads in (1, 4):
+                telemetry.append(_bench(day, quant, threads, base * (1.6 if threads == 4 else 1) + day,
+                                        55.0 + 3 * day + threads, throttled=(day == 4 and threads == 4)))
+        telemetry.append(_latency(day, 300.0 - 10 * day))
+
+
+def test_report_files_and_tables(tmp_path, logged):
+    res = build_report(tmp_path / "rep")
+    assert res.n_bench == 20 and res.n_latency == 5
+    assert res.images == ["tps.png", "tg_over_time.png", "temperature.png", "ttft.png", "rss.png"]
+    for name in res.images:
+        assert (tmp_path / "rep" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = res.index.read_text()
+    rows = re.findall(r"<tr><td class=\"l\">2026-11-05 09:00</td>", html)
+    assert len(rows) == 4  # latest test per quant × threads
+    assert html.count('class="bad">THROTTLED') == 2  # day-4, 4-thread tests of both quants
+    assert "Raspberry Pi 5 Model B Rev 1.0" in html and "pp128+tg64" in html
+    assert "34.00 ± 0.40" in html  # Q4_0, 1 thread, day 4: 30 + 4 t/s
+    # latency: 5 runs, median gen t/s 31+2, median TTFT 300-20
+    assert re.search(r"<td>5</td>\s*<td>33.0</td><td>180.0</td><td>280.0</td>", html)
+
+
+def test_report_escapes_model_names(tmp_path):
+    rec = _bench(0, "Q4_0", 1, 10.0, 50.0, None)
+    rec["model"]["name"] = "<script>alert(1)</script>"
+    res = build_report(tmp_path / "r", bench=[rec], latency=[])
+    assert "<script>alert(1)" not in res.index.read_text()
+
+
+def test_report_cli_errors(tmp_path):
+    r = CliRunner().invoke(cli, ["report", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "no bench or latency records" in r.stderr
+    assert not (tmp_path / "r" / "index.html").exists()
+    f = tmp_path / "file"
+    f.write_text("x")
+    telemetry.append(_latency(0, 100.0))
+    r = CliRunner().invoke(cli, ["report", "-o", str(f)])
+    assert r.exit_code == 2 and r.stderr.startswith("Error:")
+
+
+def test_report_from_bench_file(tmp_path):
+    src = tmp_path / "all.jsonl"
+    src.write_text("".join(json.dumps(_bench(d, "Q4_0", 2, 20.0 + d, 60.0, False)) + "\n" for d in range(3)))
+    r = CliRunner().invoke(cli, ["report", "-o", str(tmp_path / "rep"), "--from", str(src), "--json"],
+                           catch_exceptions=False)
+    doc = json.loads(r.stdout)
+    assert doc["bench_records"] == 3 and doc["latency_records"] == 0 and "tps.png" in doc["images"]
+
+
+def _chromium() -> str | None:
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))
+                 if p), None)
+
+
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--hide-scrollbars", "--virtual-time-budget=5000"]
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path, logged):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/apt-packages.txt lists it)")
+    res = build_report(tmp_path / "rep")
+    url = res.index.resolve().as_uri()
+    base = [exe, *CHROME_FLAGS]
+    dom = subprocess.run([*base, f"--user-data-dir={tmp_path / 'prof1'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # every <img> decoded in the browser (set by the page's load handler)
+    assert 'data-images-ok="5/5"' in dom.stdout
+    assert dom.stdout.count("<table") == 2 and dom.stdout.count("<tr>") >= 4 + 1 + 1 + 1
+    shot = tmp_path / "shot.png"
+    p = subprocess.run([*base, f"--user-data-dir={tmp_path / 'prof2'}", f"--screenshot={shot}",
+                        "--window-size=1280,2400", url], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and shot.exists(), p.stderr[-2000:]
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(shot)[..., :3]
+    assert img.shape[:2] == (2400, 1280)
+    non_white = (img < 0.95).any(axis=2)
+    assert 0.05 < non_white.mean() < 0.9  # text, tables and plots, not a blank page
+    colours = np.unique((img[::4, ::4] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 50  # plot lines and bars, not just black text on white
