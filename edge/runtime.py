@@ -131,7 +131,9 @@ class Runtime:
         self.llm = _load(self.path, self.config, self.threads)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self.vocab = self.llm._model.vocab
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp pads its context to a multiple of 256; llama-cpp-python's token buffer
+        # keeps the size asked for, and that is the limit that holds.
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self._formatter: Any = None
         self.last: GenerationStats | None = None
         self.control_vector: np.ndarray | None = None

@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from edge.cli.options import model_argument, runtime_config, runtime_options, sampling, sampling_options
+from edge.cli.options import (
+    model_argument,
+    runtime_config,
+    runtime_options,
+    sampling,
+    sampling_options,
+)
 from edge.generate import run_prompt
 
 

@@ -1,0 +1,74 @@
+"""`edge chat` as a person uses it: a real terminal (pexpect), and as a pipe."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pexpect
+import pytest
+
+from tests.conftest import edge_cmd
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_chat_in_a_terminal(env: dict[str, str]) -> None:
+    cmd = edge_cmd()
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "chat", "-n", "400", "--temp", "0.7", "--seed", "3"],
+                          env=env, encoding="utf-8", timeout=90, dimensions=(40, 120))
+    try:
+        child.expect("/help for commands")
+        child.expect(">>> ")
+        child.sendline("What is the capital of France? Answer in one word.")
+        child.expect(r"\n(.+)\r\n\r\n>>> ")  # a streamed answer, then a fresh prompt
+        assert len(child.match.group(1).strip()) > 0
+
+        # Ctrl-C mid-answer stops it and keeps the session.
+        child.sendline("Write a very long story about a dragon and a knight, with many chapters.")
+        child.expect(r"\w+ \w+ \w+")  # the answer has started streaming
+        child.sendintr()
+        child.expect(r"\[stopped\]")
+        child.expect(">>> ")
+
+        child.sendline("/stats")
+        child.expect(r"turns 2 · context (\d+)/2048 tokens")
+        assert int(child.match.group(1)) > 20
+        child.expect(r"stop: interrupted")
+        child.expect(">>> ")
+
+        child.sendline("/reset")
+        child.expect(r"\(conversation cleared\)")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"context 0/2048")
+        child.expect(">>> ")
+
+        child.sendeof()  # Ctrl-D
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, ANSI.sub("", child.before or "")
+
+
+def test_piped_chat_prints_only_answers(env: dict[str, str]) -> None:
+    out = subprocess.run([*edge_cmd(), "chat", "--temp", "0", "-n", "24"], input="Hello!\nWhat is 2+2?\n",
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert len(lines) >= 2 and ">>>" not in out.stdout and "/help" not in out.stdout
+    assert out.stderr == ""
+
+
+@pytest.mark.slow
+def test_sixty_turns_in_a_small_context_never_fail(env: dict[str, str]) -> None:
+    turns = [f"Tell me one fact about the number {i}." for i in range(60)]
+    script = "\n".join(turns + ["/stats"]) + "\n"
+    out = subprocess.run([*edge_cmd(), "chat", "--ctx", "512", "-n", "48", "--temp", "0"], input=script,
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Error" not in out.stdout and out.stderr == ""
+    stats = re.search(r"turns (\d+) · context (\d+)/512 tokens .* (\d+) old messages trimmed", out.stdout)
+    assert stats, out.stdout[-500:]
+    turns_done, used, trimmed = map(int, stats.groups())
+    assert turns_done == 60 and used <= 512 and trimmed >= 60  # history was cut, repeatedly

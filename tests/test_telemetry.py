@@ -1,0 +1,71 @@
+"""The run log: concurrent appends stay whole lines; reading filters and survives junk."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edge import telemetry
+from edge.cli import cli
+
+
+def _writer(home: str, worker: int, n: int) -> None:
+    os.environ["EDGE_HOME"] = home
+    for i in range(n):
+        # A long payload makes torn or interleaved writes likely if appends were not atomic.
+        telemetry.log("latency", {"worker": worker, "i": i, "pad": "x" * (3000 + 97 * worker)})
+
+
+def test_four_processes_append_200_whole_lines(edge_home: Path) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(edge_home), w, 50)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    files = list((edge_home / "logs").glob("runs-*.jsonl"))
+    lines = [ln for f in files for ln in f.read_text().splitlines()]
+    assert len(lines) == 200
+    recs = [json.loads(ln) for ln in lines]  # every line parses
+    seen = {(r["metrics"]["worker"], r["metrics"]["i"]) for r in recs}
+    assert seen == {(w, i) for w in range(4) for i in range(50)}
+    assert len({r["run_id"] for r in recs}) == 200
+
+
+def test_record_schema(edge_home: Path) -> None:
+    rec = telemetry.log("bench", {"tg_tps": 12.5}, config={"threads": 4})
+    for key in ("ts", "run_id", "kind", "edge_version", "device", "model", "config", "metrics"):
+        assert key in rec
+    assert rec["ts"].endswith("Z") and datetime.fromisoformat(rec["ts"].replace("Z", "+00:00"))
+    assert set(rec["device"]) == {"hostname", "board", "cpu", "cores", "ram_bytes", "os"}
+
+
+def test_read_filters_and_skips_junk(edge_home: Path) -> None:
+    telemetry.log("latency", {"a": 1})
+    telemetry.log("fairness", {"b": 2})
+    with open(telemetry.log_path(), "a") as f:
+        f.write('{"truncated": \n')
+    q = telemetry.read_records()
+    assert len(q.records) == 2 and q.skipped_lines == 1
+    assert [r["kind"] for r in telemetry.read_records("fairness").records] == ["fairness"]
+    future = datetime.now(timezone.utc) + timedelta(days=1)
+    assert telemetry.read_records(since=future).records == []
+
+
+def test_logs_command(edge_home: Path) -> None:
+    telemetry.log("latency", {"command": "run", "n_gen_tokens": 7, "gen_tps": 31.5, "prompt_tps": 90.0,
+                              "ttft_ms": 12.0})
+    telemetry.log("fairness", {"pct_stereotype": 0.55})
+    res = CliRunner().invoke(cli, ["logs", "--kind", "latency", "--json"], catch_exceptions=False)
+    rows = [json.loads(ln) for ln in res.output.splitlines()]
+    assert [r["metrics"]["gen_tps"] for r in rows] == [31.5]
+    res = CliRunner().invoke(cli, ["logs"], catch_exceptions=False)
+    assert "31.5 t/s gen" in res.output and "fairness" in res.output
+    res = CliRunner().invoke(cli, ["logs", "--since", "yesterday"])
+    assert res.exit_code == 2 and "YYYY-MM-DD" in res.output
