@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -35,10 +36,10 @@ class ThreadList(click.ParamType):
         return out
 
 
-def _pm(mean: float | None, std: float | None, fmt: str = "{:.2f}") -> str:
+def _pm(mean: float | None, std: float | None, fmt: str = "{:.1f}") -> str:
     if mean is None:
         return "-"
-    return f"{fmt.format(mean)} ± {fmt.format(std or 0)}"
+    return f"{fmt.format(mean)}±{fmt.format(std or 0)}"
 
 
 def _temp(m: dict[str, Any]) -> str:
@@ -50,7 +51,7 @@ def _temp(m: dict[str, Any]) -> str:
 
 
 def _throttle(v: bool | None) -> str:
-    return {True: "[bold red]THROTTLED[/]", False: "no", None: "n/a"}[v]
+    return {True: "[bold red]YES[/]", False: "no", None: "n/a"}[v]
 
 
 def _console() -> Console:
@@ -64,18 +65,22 @@ def _model_label(model: dict[str, Any]) -> str:
     return name if name and len(name) <= 28 else Path(str(model.get("path"))).stem
 
 
-def _table(records: list[dict[str, Any]], title: str) -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in ("model", "quant", "threads", "test", "pp t/s", "tg t/s", "TTFT ms", "load ms",
-                "peak RSS MiB", "temp °C", "throttled"):
-        t.add_column(col, justify="right" if col not in ("model", "quant", "test") else "left")
+def _table(records: list[dict[str, Any]], title: str, width: int = 180) -> Table:
+    # Numbers never wrap; on a narrow terminal the model name gives way first.
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("model", overflow="ellipsis", no_wrap=True, max_width=max(10, width - 70))
+    t.add_column("quant", no_wrap=True, min_width=4)
+    # short headers so a sweep fits 80 columns; units in the caption
+    for col in ("thr", "pp t/s", "tg t/s", "TTFT", "load", "RSS", "°C", "thrtl"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.caption = "mean±std over reps; TTFT and load in ms, peak RSS in MiB, °C before→after"
+    t.caption_justify = "left"
     for r in records:
         m, model = r["metrics"], r.get("model") or {}
-        t.add_row(_model_label(model), str(model.get("quant")),
-                  str(r["config"].get("threads")), m["test"], _pm(m["pp_tps"], m["pp_tps_std"]),
-                  _pm(m["tg_tps"], m["tg_tps_std"]), _pm(m["ttft_ms"], m["ttft_ms_std"], "{:.1f}"),
-                  f"{m['load_ms']:.0f}", f"{m['peak_rss_bytes'] / 2**20:.0f}", _temp(m),
-                  _throttle(m.get("throttled")))
+        t.add_row(_model_label(model), str(model.get("quant")), str(r["config"].get("threads")),
+                  _pm(m["pp_tps"], m["pp_tps_std"]), _pm(m["tg_tps"], m["tg_tps_std"]),
+                  _pm(m["ttft_ms"], m["ttft_ms_std"], "{:.0f}"), f"{m['load_ms']:.0f}",
+                  f"{m['peak_rss_bytes'] / 2**20:.0f}", _temp(m), _throttle(m.get("throttled")))
     return t
 
 
@@ -145,14 +150,16 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
             result = run_bench(cfg, on_progress=on_progress, on_test=lambda t: finished.append(t.record))
     except KeyboardInterrupt:
         if finished and not as_json:
-            _console().print(_table(finished, f"edge bench (interrupted, {len(finished)} finished)"))
+            con = _console()
+            con.print(_table(finished, f"edge bench {cfg.test_name} (interrupted)", con.width))
         where = f" and {cfg.out}" if cfg.out and finished else ""
         click.echo(f"\n{len(finished)} finished test(s) kept in the run log{where}.", err=True)
         raise
     if as_json:
         click.echo(json.dumps({"run_id": result.run_id, "tests": result.records}))
         return
-    _console().print(_table(result.records, f"edge bench (run {result.run_id})"))
+    con = _console()
+    con.print(_table(result.records, f"edge bench {cfg.test_name} ×{cfg.reps} (run {result.run_id})", con.width))
     if cfg.out:
         click.echo(f"Wrote {len(result.records)} record(s) to {cfg.out}")
 
