@@ -72,3 +72,25 @@ def test_sixty_turns_in_a_small_context_never_fail(env: dict[str, str]) -> None:
     assert stats, out.stdout[-500:]
     turns_done, used, trimmed = map(int, stats.groups())
     assert turns_done == 60 and used <= 512 and trimmed >= 60  # history was cut, repeatedly
+
+
+def test_session_trims_keeps_reuse_and_saves(runtime, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    from edge.chat import ChatSession
+    from edge.runtime import Sampling
+
+    s = ChatSession(runtime, system="Be brief.", max_tokens=8, sampling=Sampling(temp=0))
+    s.reserve = runtime.n_ctx - 120  # pretend the context is tiny: ~120 tokens of history
+    for i in range(6):
+        "".join(s.send(f"Say the number {i}."))
+        assert runtime.last.n_prompt_tokens + s.reserve <= runtime.n_ctx
+    assert s.trimmed > 0 and s.messages[0]["role"] == "user"
+    assert s.messages[-1]["role"] == "assistant" and s.turns == 6
+    saved = _json.loads(s.save(tmp_path / "chat.json").read_text())
+    assert saved["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert saved["messages"][-2]["content"] == "Say the number 5."
+    md = s.save(tmp_path / "chat.md").read_text()
+    assert md.startswith("**system**: Be brief.") and "**user**: Say the number 5." in md
+    s.reset()
+    assert s.messages == [] and s.system == "Be brief."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -55,9 +56,9 @@ def logs_cmd(kind: str | None, since: str | None, last: int | None, as_json: boo
     for col in ("time (UTC)", "kind", "model", "threads", "figures"):
         table.add_column(col)
     for r in recs:
-        model = (r.get("model") or {}).get("name") or (r.get("model") or {}).get("path") or "-"
-        quant = (r.get("model") or {}).get("quant")
-        table.add_row(r["ts"][:19].replace("T", " "), r["kind"], f"{model} {quant or ''}".strip(),
+        m = r.get("model") or {}
+        model = Path(m["path"]).name if m.get("path") else "-"
+        table.add_row(r["ts"][:19].replace("T", " "), r["kind"], model,
                       str(r.get("config", {}).get("threads", "-")), _headline(r))
     Console().print(table)
     if q.skipped_lines:
