@@ -65,9 +65,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edge.cli import bench, chat, convert, logs, models, quantize, report, run, sparsify
+    from edge.cli import bench, chat, convert, eval, logs, models, quantize, report, run, sparsify
 
-    for mod in (run, chat, models, logs, bench, convert, quantize, report, sparsify):
+    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify):
         mod.register(cli)
 
 
