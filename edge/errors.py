@@ -46,3 +46,7 @@ class ConversionError(EdgeError):
 
 class SuiteError(EdgeError):
     """A bias suite is missing, empty, or has rows that cannot be read."""
+
+
+class SparseProfileError(EdgeError):
+    """A sparsity profile or its calibration input is unusable (wrong model, too short, corrupt)."""

@@ -28,9 +28,11 @@ from edge.generate import run_prompt
 @click.option("--chat", "mode", flag_value="chat", help="Always apply the chat template (Llama-2 fallback).")
 @runtime_options
 @sampling_options
+@click.option("--sparse-profile", type=click.Path(dir_okay=False), default=None,
+              help="Run on edge's native engine with this R-Sparse profile (see `edge sparsify`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and timings.")
 def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str | None,
-            mode: str | None, as_json: bool, **kw: Any) -> None:
+            mode: str | None, sparse_profile: str | None, as_json: bool, **kw: Any) -> None:
     """Generate an answer to PROMPT with MODEL (a .gguf path, a catalog name, or the
     bundled SmolLM2-135M-Instruct when omitted), streaming it as it comes.
 
@@ -43,6 +45,7 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
       edge run --temp 0 --seed 1 -p "Once upon a time" -n 64 --raw
       edge run llama2-7b-chat-q4km -p "Hello" --threads 4 --json
       echo "Summarise: ..." | edge run
+      edge run --sparse-profile smol-50.json -p "Hello" --temp 0   # native engine, R-Sparse
     """
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -55,8 +58,15 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    result = run_prompt(model, prompt, max_tokens=max_tokens, sampling=smp, config=cfg,
-                        mode=mode or "auto", system=system, on_text=None if as_json else echo)
+    if sparse_profile is not None:
+        from edge.engine.generate import run_native_prompt
+
+        result = run_native_prompt(model, prompt, sparse_profile=sparse_profile, max_tokens=max_tokens,
+                                   sampling=smp, n_ctx=cfg.n_ctx, threads=cfg.threads, mode=mode or "auto",
+                                   system=system, on_text=None if as_json else echo)
+    else:
+        result = run_prompt(model, prompt, max_tokens=max_tokens, sampling=smp, config=cfg,
+                            mode=mode or "auto", system=system, on_text=None if as_json else echo)
     if as_json:
         click.echo(json.dumps(result.stats.to_dict() | {"prompt_mode": result.prompt_mode}))
     else:

@@ -91,17 +91,40 @@ class Engine:
 
     # ---- tokens (llama.cpp's tokenizer, vocabulary only) -------------------------------
     def _llama_vocab(self) -> Any:
+        # The model's vocabulary alone (no weights, no context): llama.cpp's own tokenizer.
         if self._vocab is None:
             import llama_cpp
+            from llama_cpp._internals import LlamaModel
 
-            self._vocab = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+            params = llama_cpp.llama_model_default_params()
+            params.vocab_only = True
+            self._vocab = LlamaModel(path_model=str(self.path), params=params, verbose=False)
         return self._vocab
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
-        return self._llama_vocab().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        return self._llama_vocab().tokenize(text.encode("utf-8"), add_bos, special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._llama_vocab().detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def token_piece(self, token: int) -> bytes:
+        import ctypes
+
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llama_vocab().model)
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # piece longer than the buffer
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llama_vocab().model)
+        return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx or min(self.config.context_length, 2048))

@@ -80,8 +80,9 @@ class SparseBackend:
         self.engine = engine
         self.use_kernel = use_kernel
         self.modules: dict[tuple[int, str], SparseModule] = {}
-        from edge.sparse.svd import channel_norms
+        from edge.sparse.svd import norms_for
 
+        norms = norms_for(engine)
         for sp in specs:
             wt = engine.weights.layers[sp.layer].wt[sp.name]
             a = b = None
@@ -89,8 +90,7 @@ class SparseBackend:
                 if svd is None:
                     raise ValueError("an allocation with rank > 0 needs the SVD cache")
                 a, b = svd.factors(sp.layer, sp.name, sp.r)  # type: ignore[attr-defined]
-            self.modules[(sp.layer, sp.name)] = SparseModule(
-                sp, wt, channel_norms(wt), a, b)
+            self.modules[(sp.layer, sp.name)] = SparseModule(sp, wt, norms[(sp.layer, sp.name)], a, b)
 
     def project(self, il: int, names: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
         out = []

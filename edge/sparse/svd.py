@@ -25,6 +25,16 @@ def channel_norms(wt: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", wt, wt, dtype=np.float64)).astype(np.float32)
 
 
+def norms_for(engine: Engine) -> dict[tuple[int, str], np.ndarray]:
+    """Channel norms of every projection, computed once per engine."""
+    norms = getattr(engine, "_channel_norms", None)
+    if norms is None:
+        norms = {(il, n): channel_norms(lw.wt[n])
+                 for il, lw in enumerate(engine.weights.layers) for n in LINEAR_NAMES}
+        engine._channel_norms = norms  # type: ignore[attr-defined]
+    return norms
+
+
 def max_rank(n_in: int, n_out: int) -> int:
     return min(n_in, n_out, int(np.ceil(MAX_LOWRANK_SHARE * n_in * n_out / (n_in + n_out))))
 

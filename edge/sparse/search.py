@@ -1,0 +1,175 @@
+"""Per-module allocation search under a model-level sparsity target (objective: KL to dense).
+
+Modules are grouped into units (projection type × block of layers). `uniform` gives every
+module the target. `greedy` measures each unit's KL curve alone (other units dense) at a
+few sparsities and both α, then spends the budget where the summed curves rise least.
+`evolutionary` starts there and mutates budget-neutral moves, keeping any that lower the
+true KL, until the time budget ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.engine.model import Engine
+from edge.engine.weights import LINEAR_NAMES
+from edge.sparse.calibrate import Calibration
+from edge.sparse.evaluate import HalfChunks
+from edge.sparse.profile import Allocation, build_specs, module_size
+from edge.sparse.rsparse import SparseBackend
+
+LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)
+ALPHAS = (1.0, 0.8)  # TEAL-style and R-Sparse with a fifth of the budget in low rank
+S_MAX = 0.95
+STEP = 0.05
+
+Unit = tuple[str, int]  # (projection, layer group)
+
+
+@dataclass
+class SearchResult:
+    alloc: Allocation
+    kl: float
+    n_evals: int
+    seconds: float
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)
+
+
+class Objective:
+    """KL(dense ‖ sparse) over the scored halves of calibration chunks."""
+
+    def __init__(self, engine: Engine, cal: Calibration, svd: object | None, *, chunk: int = 128,
+                 max_chunks: int = 2) -> None:
+        self.engine, self.cal, self.svd = engine, cal, svd
+        self.hc = HalfChunks.prepare(engine, cal.tokens, chunk, max_chunks)
+        self.n_evals = 0
+
+    def __call__(self, alloc: Allocation) -> float:
+        self.n_evals += 1
+        specs = [s for s in build_specs(self.engine, self.cal, alloc) if s.t >= 0]
+        return self.hc.kl(self.engine, SparseBackend(self.engine, specs, self.svd))
+
+
+def units(engine: Engine, groups: int) -> dict[Unit, list[tuple[int, str]]]:
+    n = engine.config.n_layers
+    out: dict[Unit, list[tuple[int, str]]] = {}
+    for il in range(n):
+        for name in LINEAR_NAMES:
+            out.setdefault((name, il * groups // n), []).append((il, name))
+    return out
+
+
+def _alloc(engine: Engine, members: dict[Unit, list[tuple[int, str]]],
+           setting: dict[Unit, tuple[float, float]]) -> Allocation:
+    return {m: setting.get(u, (0.0, 1.0)) for u, ms in members.items() for m in ms}
+
+
+def uniform(engine: Engine, target: float, alpha: float = 1.0) -> Allocation:
+    return {(il, n): (target, alpha) for il in range(engine.config.n_layers) for n in LINEAR_NAMES}
+
+
+def _sizes(engine: Engine, members: dict[Unit, list[tuple[int, str]]]) -> dict[Unit, float]:
+    return {u: float(sum(module_size(engine, il, n) for il, n in ms)) for u, ms in members.items()}
+
+
+def measure_curves(obj: Objective, members: dict[Unit, list[tuple[int, str]]], alphas=ALPHAS,
+                   progress: Callable[[int, int], None] | None = None
+                   ) -> dict[Unit, dict[float, tuple[float, float]]]:
+    """unit -> level -> (best KL, its α), each unit sparsified alone."""
+    curves: dict[Unit, dict[float, tuple[float, float]]] = {}
+    total, done = len(members) * len(LEVELS) * len(alphas), 0
+    for u in members:
+        curves[u] = {}
+        for s in LEVELS:
+            best = (np.inf, 1.0)
+            for a in alphas:
+                kl = obj(_alloc(obj.engine, members, {u: (s, a)}))
+                best = min(best, (kl, a))
+                done += 1
+                if progress:
+                    progress(done, total)
+            curves[u][s] = best
+    return curves
+
+
+def allocate(curves: dict[Unit, dict[float, tuple[float, float]]], sizes: dict[Unit, float],
+             target: float) -> dict[Unit, tuple[float, float]]:
+    """Spend the budget in STEP increments where the (additive) KL curves rise least."""
+    def kl_at(u: Unit, s: float) -> tuple[float, float]:
+        pts = [(0.0, 0.0, 1.0)] + [(lv, kl, a) for lv, (kl, a) in sorted(curves[u].items())]
+        if s >= pts[-1][0]:  # extrapolate beyond the last level, steeply
+            lv, kl, a = pts[-1]
+            return kl * (1 + 10 * (s - lv)) + 10 * (s - lv), a
+        for (s0, k0, _), (s1, k1, a1) in zip(pts, pts[1:], strict=False):
+            if s0 <= s <= s1:
+                return k0 + (k1 - k0) * (s - s0) / (s1 - s0), a1
+        return 0.0, 1.0
+
+    total = sum(sizes.values())
+    s = dict.fromkeys(sizes, 0.0)
+    while sum(s[u] * sizes[u] for u in s) / total < target - 1e-9:
+        def cost(u: Unit) -> float:
+            if s[u] + STEP > S_MAX + 1e-9:
+                return np.inf
+            return (kl_at(u, s[u] + STEP)[0] - kl_at(u, s[u])[0]) / sizes[u]
+        best = min(s, key=cost)
+        if not np.isfinite(cost(best)):
+            break
+        s[best] = round(s[best] + STEP, 4)
+    return {u: (v, kl_at(u, v)[1] if v > 0 else 1.0) for u, v in s.items()}
+
+
+def search(engine: Engine, cal: Calibration, target: float, *, method: str = "greedy",
+           svd: object | None = None, groups: int = 3, budget_minutes: float = 5.0,
+           alphas=ALPHAS, seed: int = 0, objective: Objective | None = None,
+           progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    t0 = time.perf_counter()
+    obj = objective or Objective(engine, cal, svd)
+    start_evals = obj.n_evals
+    if method == "uniform":
+        alloc = uniform(engine, target, alphas[0] if len(alphas) == 1 else 1.0)
+        return SearchResult(alloc, obj(alloc), obj.n_evals - start_evals, time.perf_counter() - t0)
+    members = units(engine, groups)
+    sizes = _sizes(engine, members)
+    curves = measure_curves(obj, members, alphas, progress)
+    setting = allocate(curves, sizes, target)
+    alloc = _alloc(engine, members, setting)
+    kl = obj(alloc)
+    history = [kl]
+    if method == "evolutionary":
+        setting, kl, history = _evolve(obj, members, sizes, setting, kl, alphas,
+                                       t0 + budget_minutes * 60, np.random.default_rng(seed))
+        alloc = _alloc(engine, members, setting)
+    named = {f"{u[0]}@{u[1]}": [curves[u][lv][0] for lv in LEVELS] for u in curves}
+    return SearchResult(alloc, kl, obj.n_evals - start_evals, time.perf_counter() - t0, named, history)
+
+
+def _evolve(obj: Objective, members, sizes, setting, kl, alphas, deadline, rng):
+    """(1+1) evolution: move sparsity between two units at equal cost, or flip a unit's α."""
+    us = list(members)
+    history = [kl]
+    while time.perf_counter() < deadline:
+        cand = dict(setting)
+        if rng.random() < 0.25 and len(alphas) > 1:
+            u = us[rng.integers(len(us))]
+            s, a = cand[u]
+            cand[u] = (s, alphas[(alphas.index(a) + 1) % len(alphas)] if a in alphas else alphas[0])
+        else:
+            i, j = rng.choice(len(us), size=2, replace=False)
+            ui, uj = us[i], us[j]
+            d = float(rng.choice([STEP, 2 * STEP]))
+            si = cand[ui][0] + d
+            sj = cand[uj][0] - d * sizes[ui] / sizes[uj]
+            if si > S_MAX or sj < 0:
+                continue
+            cand[ui], cand[uj] = (round(si, 4), cand[ui][1]), (round(sj, 4), cand[uj][1])
+        k = obj(_alloc(obj.engine, members, cand))
+        history.append(min(k, kl))
+        if k < kl:
+            setting, kl = cand, k
+    return setting, kl, history
