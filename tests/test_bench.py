@@ -208,3 +208,22 @@ def test_ctrl_c_mid_sweep_subprocess(tmp_path, env, edge_home):
     assert 1 <= len(logged) < 12
     assert [json.loads(x) for x in out.read_text().splitlines()] == logged
     assert f"{len(logged)} finished test(s) kept" in stderr
+
+
+def test_sigint_is_deferred_to_a_safe_point(tmp_path):
+    """SIGINT mid-test (even inside a llama.cpp log callback) stops the sweep at the next
+    decode; the unfinished test is not logged, the finished ones are kept."""
+    out = tmp_path / "s.jsonl"
+    calls = []
+
+    def progress(what: str, done: int, total: int) -> None:
+        calls.append(done)
+        if done == 3:  # first timed step of the second test
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(threads=[1, 1, 1], n_prompt=4, n_gen=2, reps=1, warmup=0, out=out),
+                  on_progress=progress)
+    assert calls[-1] == 3  # nothing ran after the signal
+    assert len(read_records("bench").records) == 1 == len(out.read_text().splitlines())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ class BenchContext:
         self.bos = int(llama_cpp.llama_vocab_bos(vocab)) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
         self._rng = random.Random(seed)  # llama-bench uses std::rand(): content does not matter
         llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
+        self.interrupt_check: Callable[[], None] | None = None
 
     # ---- steps ----------------------------------------------------------------------
     def clear(self) -> None:
@@ -79,6 +81,8 @@ class BenchContext:
         return self._rng.randrange(self.n_vocab)
 
     def _decode(self, tokens: list[int]) -> None:
+        if self.interrupt_check is not None:
+            self.interrupt_check()  # a pending Ctrl-C stops between decodes (see bench.interrupt)
         arr = (ctypes.c_int32 * len(tokens))(*tokens)
         rc = self._ll.llama_decode(self.ctx, self._ll.llama_batch_get_one(arr, len(tokens)))
         if rc != 0:

@@ -18,6 +18,7 @@ from typing import Any
 from edge import telemetry
 from edge.bench import cooldown as cooldown_mod
 from edge.bench.device import DeviceState, probe_state
+from edge.bench.interrupt import InterruptGuard
 from edge.bench.llama_ops import BenchContext
 from edge.bench.output import check_out_path, write_records
 from edge.catalog import resolve_model
@@ -113,7 +114,7 @@ class BenchResult:
         return [t.record for t in self.tests]
 
 
-Hook = Callable[[str, int, int], None]  # (what, index, total)
+Hook = Callable[[str, int, int], None]  # (what, timed steps done, timed steps planned)
 
 
 def _measure(bctx: BenchContext, cfg: BenchConfig, tick: Callable[[], None]) -> dict[str, Any]:
@@ -183,17 +184,29 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     result = BenchResult(run_id=telemetry.new_run_id(), planned=len(paths) * len(cfg.threads),
                          out=cfg.out)
     done = 0
+    guard = InterruptGuard()
+
+    def guarded_sleep(s: float) -> None:
+        guard.check()
+        sleep(s)
+        guard.check()
+
     try:
-        for path in paths:
-            rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0]))  # weights only
-            try:
-                for threads in cfg.threads:
-                    result.tests.append(_one_test(rt, threads, cfg, result, sleep, on_progress, done))
-                    done += 1
-                    if on_test:
-                        on_test(result.tests[-1])
-            finally:
-                rt.close()
+        with guard:
+            for path in paths:
+                rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0]))  # weights only
+                try:
+                    for threads in cfg.threads:
+                        guard.check()
+                        test = _one_test(rt, threads, cfg, result, guarded_sleep, on_progress, done,
+                                         guard.check)
+                        result.tests.append(test)
+                        done += 1
+                        if on_test:
+                            on_test(test)
+                finally:
+                    rt.close()
+                guard.check()
     finally:
         # Interrupted or not, --out holds every finished test (and nothing half-done).
         if cfg.out is not None and result.tests:
@@ -202,11 +215,13 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
 
 
 def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
-              sleep: Callable[[float], None], on_progress: Hook | None, index: int) -> TestResult:
+              sleep: Callable[[float], None], on_progress: Hook | None, index: int,
+              check: Callable[[], None]) -> TestResult:
     waited = None
     if cfg.cooldown_c is not None:
         if on_progress:
-            on_progress(f"cooling below {cfg.cooldown_c:g} °C", index, result.planned)
+            on_progress(f"cooling below {cfg.cooldown_c:g} °C", index * 2 * cfg.reps,
+                        result.planned * 2 * cfg.reps)
         waited = cooldown_mod.wait_below(cfg.cooldown_c, cfg.cooldown_timeout_s, sleep=sleep)
     label = f"{rt.info.name or rt.path.name} t={threads}"
     n_ticks = [0]
@@ -218,6 +233,7 @@ def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
 
     before = probe_state()
     with BenchContext(rt.llm.model, n_ctx=cfg.n_ctx, threads=threads) as bctx:
+        bctx.interrupt_check = check
         figures = _measure(bctx, cfg, tick)
         config = {"threads": threads, "n_ctx": bctx.n_ctx, "n_batch": bctx.n_batch,
                   "n_ubatch": bctx.n_ubatch, "flash_attn": "auto", "sparse_profile": None,
@@ -233,5 +249,6 @@ def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
         "cooldown_wait_s": waited.waited_s if waited else None,
         "cooldown_reached": waited.reached if waited else None,
     }
+    check()  # interrupted during the last decode: this test is not finished, do not log it
     rec = telemetry.log("bench", metrics, model=rt.info, config=config, run_id=result.run_id)
     return TestResult(rec)
