@@ -121,7 +121,8 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
     prompt processing (pp) and generation (tg) tokens/s, time to first token, load time
     and peak memory, mean ± std over --reps, measured the way llama-bench measures them.
 
-    The device is probed before and after each test (temperature, frequency, governor,
+    TTFT is the pp decode plus picking the first token; peak RSS is the edge
+    process's high-water mark so far. The device is probed before and after each test (temperature, frequency, governor,
     Raspberry Pi throttle flags); a test that throttled is flagged. Each test is logged
     as a `bench` record in the run log; Ctrl-C keeps the tests already finished.
 
