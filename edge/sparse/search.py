@@ -64,7 +64,7 @@ def units(engine: Engine, groups: int) -> dict[Unit, list[tuple[int, str]]]:
     return out
 
 
-def _alloc(engine: Engine, members: dict[Unit, list[tuple[int, str]]],
+def alloc_for(engine: Engine, members: dict[Unit, list[tuple[int, str]]],
            setting: dict[Unit, tuple[float, float]]) -> Allocation:
     return {m: setting.get(u, (0.0, 1.0)) for u, ms in members.items() for m in ms}
 
@@ -73,7 +73,7 @@ def uniform(engine: Engine, target: float, alpha: float = 1.0) -> Allocation:
     return {(il, n): (target, alpha) for il in range(engine.config.n_layers) for n in LINEAR_NAMES}
 
 
-def _sizes(engine: Engine, members: dict[Unit, list[tuple[int, str]]]) -> dict[Unit, float]:
+def unit_sizes(engine: Engine, members: dict[Unit, list[tuple[int, str]]]) -> dict[Unit, float]:
     return {u: float(sum(module_size(engine, il, n) for il, n in ms)) for u, ms in members.items()}
 
 
@@ -88,7 +88,7 @@ def measure_curves(obj: Objective, members: dict[Unit, list[tuple[int, str]]], a
         for s in LEVELS:
             best = (np.inf, 1.0)
             for a in alphas:
-                kl = obj(_alloc(obj.engine, members, {u: (s, a)}))
+                kl = obj(alloc_for(obj.engine, members, {u: (s, a)}))
                 best = min(best, (kl, a))
                 done += 1
                 if progress:
@@ -135,16 +135,16 @@ def search(engine: Engine, cal: Calibration, target: float, *, method: str = "gr
         alloc = uniform(engine, target, alphas[0] if len(alphas) == 1 else 1.0)
         return SearchResult(alloc, obj(alloc), obj.n_evals - start_evals, time.perf_counter() - t0)
     members = units(engine, groups)
-    sizes = _sizes(engine, members)
+    sizes = unit_sizes(engine, members)
     curves = measure_curves(obj, members, alphas, progress)
     setting = allocate(curves, sizes, target)
-    alloc = _alloc(engine, members, setting)
+    alloc = alloc_for(engine, members, setting)
     kl = obj(alloc)
     history = [kl]
     if method == "evolutionary":
         setting, kl, history = _evolve(obj, members, sizes, setting, kl, alphas,
                                        t0 + budget_minutes * 60, np.random.default_rng(seed))
-        alloc = _alloc(engine, members, setting)
+        alloc = alloc_for(engine, members, setting)
     named = {f"{u[0]}@{u[1]}": [curves[u][lv][0] for lv in LEVELS] for u in curves}
     return SearchResult(alloc, kl, obj.n_evals - start_evals, time.perf_counter() - t0, named, history)
 
@@ -168,7 +168,7 @@ def _evolve(obj: Objective, members, sizes, setting, kl, alphas, deadline, rng):
             if si > S_MAX or sj < 0:
                 continue
             cand[ui], cand[uj] = (round(si, 4), cand[ui][1]), (round(sj, 4), cand[uj][1])
-        k = obj(_alloc(obj.engine, members, cand))
+        k = obj(alloc_for(obj.engine, members, cand))
         history.append(min(k, kl))
         if k < kl:
             setting, kl = cand, k
