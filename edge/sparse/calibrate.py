@@ -37,7 +37,12 @@ class Calibration:
         if keep >= 1.0:
             return -1.0
         sc = self.scores[(layer, name)]
-        return float(np.quantile(sc, 1.0 - keep)) if keep > 0 else float(sc[-1]) * 2 + 1.0
+        if keep <= 0:
+            return float(sc[-1]) * 2 + 1.0
+        pos = (1.0 - keep) * (sc.size - 1)  # the samples are sorted: interpolate, no re-sort
+        i = int(pos)
+        j = min(i + 1, sc.size - 1)
+        return float(sc[i] + (sc[j] - sc[i]) * (pos - i))
 
 
 class _Recorder:
