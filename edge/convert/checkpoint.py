@@ -45,17 +45,20 @@ class Checkpoint:
                 tensors[name] = t
         return cls(hf_dir, tensors, files)
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as float32 (bf16 widened exactly)."""
+    def load(self, name: str, dtype: type[np.generic] = np.float32) -> np.ndarray:
+        """The tensor as `dtype` (float32, or float16 straight from an f16 file, no widening)."""
         t = self.tensors[name]
         raw = t.mmap_bytes()
         try:
             a = raw.view(_DTYPES[t.dtype]).reshape(t.shape)
             if t.dtype == "BF16":
-                return (a.astype(np.uint32) << 16).view(np.float32)
-            return a.astype(np.float32)
+                a = (a.astype(np.uint32) << 16).view(np.float32)  # exact widening
+            return a.astype(dtype)  # a copy: the mapping can go
         finally:
             del raw  # unmap: pages of tensors already written must not count against us
+
+    def dtype_of(self, name: str) -> str:
+        return self.tensors[name].dtype
 
 
 def _safetensors_files(hf_dir: Path) -> list[Path]:

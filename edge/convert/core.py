@@ -188,7 +188,9 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
 def _tensor_data(p: _Planned, hp: HParams, ckpt: Checkpoint) -> np.ndarray:
     if p.hf_name is None:
         return hp.llama3_rope_factors()
-    w = ckpt.load(p.hf_name)
+    # f16 → f16 needs no float32 detour: half the memory and time on the largest tensors.
+    same_f16 = p.qtype == Q.F16 and ckpt.dtype_of(p.hf_name) == "F16"
+    w = ckpt.load(p.hf_name, np.float16 if same_f16 else np.float32)
     if p.gguf_name.endswith("attn_q.weight"):
         w = permute_qk(w, hp.n_head)
     elif p.gguf_name.endswith("attn_k.weight"):
@@ -196,7 +198,7 @@ def _tensor_data(p: _Planned, hp: HParams, ckpt: Checkpoint) -> np.ndarray:
     if p.qtype == Q.F32:
         return np.ascontiguousarray(w)
     if p.qtype == Q.F16:
-        return w.astype(np.float16)
+        return np.ascontiguousarray(w, dtype=np.float16)
     return gguf.quants.quantize(w, p.qtype)
 
 
