@@ -1,0 +1,213 @@
+"""Score a bias suite with a model's log-likelihoods, per category, with bootstrap CIs.
+
+CrowS-Pairs / probes: the summed log-likelihood of each sentence after BOS (as
+lm-evaluation-harness scores crows_pairs). BBQ: "context\\n\\nQ: question\\nA:" followed by
+each answer; the answer with the highest summed log-likelihood is chosen. StereoSet:
+mean per-token log-likelihood of each filled-in sentence (as the StereoSet authors score
+GPT-2, so sentences of different lengths compare fairly).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bias import metrics as M
+from bias.scorer import BatchScorer
+from bias.suites import Suite, load_suite
+from edge.runtime import Runtime
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class AuditResult:
+    suite: str
+    kind: str
+    source: str
+    n_items: int
+    skipped_rows: int
+    overall: dict[str, M.Estimate]
+    per_category: dict[str, dict[str, M.Estimate]]
+    items: list[dict[str, Any]] = field(repr=False)
+    score_s: float = 0.0
+    tokens_decoded: int = 0
+    correction: str | None = None
+    correction_scale: float | None = None
+
+    def to_dict(self, with_items: bool = True) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("overall", "per_category", "items")}
+        d["overall"] = {k: e.to_dict() for k, e in self.overall.items()}
+        d["per_category"] = {c: {k: e.to_dict() for k, e in m.items()}
+                             for c, m in self.per_category.items()}
+        if with_items:
+            d["items"] = self.items
+        return d
+
+
+# ---- scoring -----------------------------------------------------------------------------
+def _sentence(rt: Runtime, text: str) -> tuple[list[int], int]:
+    return [rt.llm.token_bos(), *rt.tokenize(text, add_bos=False)], 1
+
+
+def score_pairs(scorer: BatchScorer, suite: Suite, on_progress: Progress | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(ll_more, ll_less): summed log-likelihood of each sentence of each pair."""
+    rt = scorer.rt
+    reqs = [_sentence(rt, s) for it in suite.items for s in (it.more, it.less)]
+    lls = np.array([r.sum() for r in scorer.score(reqs, on_progress=_halve(on_progress))])
+    return lls[0::2], lls[1::2]
+
+
+def bbq_requests(rt: Runtime, suite: Suite) -> list[tuple[list[int], int]]:
+    """3 requests per item; context and question tokens are shared, answers differ."""
+    reqs = []
+    bos = rt.llm.token_bos()
+    for it in suite.items:
+        ctx = f"{it.context}\n\nQ: {it.question}\nA:"
+        ctx_ids = rt.tokenize(ctx, add_bos=False)
+        for ans in it.answers:
+            # As lm-evaluation-harness: the continuation is what the whole adds to the context.
+            whole = rt.tokenize(f"{ctx} {ans}", add_bos=False)
+            reqs.append(([bos, *ctx_ids, *whole[len(ctx_ids):]], len(ctx_ids) + 1))
+    return reqs
+
+
+def score_bbq(scorer: BatchScorer, suite: Suite, *, share_prefix: bool = True,
+              on_progress: Progress | None = None) -> np.ndarray:
+    """(n_items, 3) summed log-likelihood of each answer."""
+    reqs = bbq_requests(scorer.rt, suite)
+    prog = (lambda k: on_progress(k / 3)) if on_progress else None  # noqa: E731
+    res = scorer.score(reqs, share_prefix=share_prefix, on_progress=prog)
+    return np.array([r.sum() for r in res]).reshape(-1, 3)
+
+
+def score_stereoset(scorer: BatchScorer, suite: Suite, on_progress: Progress | None = None,
+                    ) -> np.ndarray:
+    """(n_items, 3) mean per-token log-likelihood of stereotype, anti-stereotype, unrelated."""
+    rt = scorer.rt
+    reqs = [_sentence(rt, s) for it in suite.items for s in (it.stereo, it.anti, it.unrelated)]
+    prog = (lambda k: on_progress(k / 3)) if on_progress else None  # noqa: E731
+    return np.array([r.mean() for r in scorer.score(reqs, on_progress=prog)]).reshape(-1, 3)
+
+
+def _halve(on_progress: Progress | None) -> Progress | None:
+    return (lambda k: on_progress(k / 2)) if on_progress else None  # noqa: E731
+
+
+# ---- metrics -----------------------------------------------------------------------------
+PAIR_METRICS: dict[str, M.Stat] = {
+    "pct_stereotype": M.pct_stereotype,
+    "likelihood_diff": M.likelihood_diff,
+    "mean_ll_diff": M.mean_ll_diff,
+}
+STEREOSET_METRICS: dict[str, M.Stat] = {"ss": M.ss_score, "lms": M.lm_score, "icat": M.icat}
+
+
+def _table(stats: dict[str, M.Stat], arrays: list[np.ndarray], cats: np.ndarray, n_boot: int,
+           ) -> tuple[dict[str, M.Estimate], dict[str, dict[str, M.Estimate]]]:
+    overall = {k: M.bootstrap(f, arrays, n_boot=n_boot) for k, f in stats.items()}
+    per: dict[str, dict[str, M.Estimate]] = {}
+    for c in sorted(set(cats.tolist())):
+        mask = cats == c
+        per[c] = {k: M.bootstrap(f, [a[mask] for a in arrays], n_boot=n_boot) for k, f in stats.items()}
+    return overall, per
+
+
+def bbq_tables(lls: np.ndarray, suite: Suite, n_boot: int,
+               ) -> tuple[dict[str, M.Estimate], dict[str, dict[str, M.Estimate]], np.ndarray]:
+    items = suite.items
+    pred = lls.argmax(axis=1)
+    correct, biased, not_unknown = M.bbq_item_flags(
+        pred, np.array([i.label for i in items]), np.array([i.target for i in items]),
+        np.array([i.unknown for i in items]), np.array([i.polarity == "neg" for i in items]))
+    amb = np.array([i.ambiguous for i in items])
+    cats = np.array([i.category for i in items])
+
+    def one(mask: np.ndarray) -> dict[str, M.Estimate]:
+        a, d = mask & amb, mask & ~amb
+        return {
+            "acc_amb": M.bootstrap(M.accuracy, [correct[a]], n_boot=n_boot),
+            "acc_dis": M.bootstrap(M.accuracy, [correct[d]], n_boot=n_boot),
+            "s_dis": M.bootstrap(M.bbq_bias, [biased[d], not_unknown[d]], n_boot=n_boot),
+            "s_amb": M.bootstrap(M.bbq_amb_bias, [correct[a], biased[a], not_unknown[a]], n_boot=n_boot),
+        }
+
+    per = {c: one(cats == c) for c in sorted(set(cats.tolist()))}
+    return one(np.ones(len(items), bool)), per, pred
+
+
+def summarize(suite: Suite, scores: Any, n_boot: int = M.N_BOOT) -> tuple[
+        dict[str, M.Estimate], dict[str, dict[str, M.Estimate]], list[dict[str, Any]]]:
+    cats = np.array([it.category for it in suite.items])
+    base = [{"id": it.id, "row": it.row, "category": it.category} for it in suite.items]
+    if suite.kind == "pairs":
+        more, less = scores
+        overall, per = _table(PAIR_METRICS, [more, less], cats, n_boot)
+        rows = [b | {"ll_more": float(m), "ll_less": float(lv)} for b, m, lv in zip(base, more, less, strict=True)]
+    elif suite.kind == "bbq":
+        overall, per, pred = bbq_tables(scores, suite, n_boot)
+        rows = [b | {"ll": [float(x) for x in s], "pred": int(p), "label": it.label,
+                     "ambiguous": it.ambiguous}
+                for b, s, p, it in zip(base, scores, pred, suite.items, strict=True)]
+    else:
+        overall, per = _table(STEREOSET_METRICS, [scores[:, 0], scores[:, 1], scores[:, 2]], cats, n_boot)
+        rows = [b | {"ll_stereo": float(s[0]), "ll_anti": float(s[1]), "ll_unrelated": float(s[2])}
+                for b, s in zip(base, scores, strict=True)]
+    return overall, per, rows
+
+
+def score_suite(scorer: BatchScorer, suite: Suite, on_progress: Progress | None = None) -> Any:
+    if suite.kind == "pairs":
+        return score_pairs(scorer, suite, on_progress)
+    if suite.kind == "bbq":
+        return score_bbq(scorer, suite, on_progress=on_progress)
+    return score_stereoset(scorer, suite, on_progress)
+
+
+def audit_suite(rt: Runtime, suite: Suite, *, n_boot: int = M.N_BOOT,
+                on_progress: Progress | None = None, scorer: BatchScorer | None = None,
+                ) -> AuditResult:
+    """Score `suite` with the model loaded in `rt` (and its control vector, if any)."""
+    own = scorer is None
+    scorer = scorer or BatchScorer(rt)
+    try:
+        t0 = time.perf_counter()
+        n0 = scorer.tokens_decoded
+        scores = score_suite(scorer, suite, on_progress)
+        elapsed = time.perf_counter() - t0
+        overall, per, rows = summarize(suite, scores, n_boot)
+        return AuditResult(suite.name, suite.kind, suite.source, len(suite.items), suite.skipped,
+                           overall, per, rows, elapsed, scorer.tokens_decoded - n0)
+    finally:
+        if own:
+            scorer.close()
+
+
+def audit(model: str | None, suite_spec: str, *, limit: int | None = None,
+          correction: str | None = None, correction_scale: float = 1.0, threads: int | None = None,
+          n_boot: int = M.N_BOOT, on_start: Callable[[int], None] | None = None,
+          on_progress: Progress | None = None) -> tuple[AuditResult, Runtime]:
+    """Load MODEL and the suite, apply the correction vector if given, score. Caller closes rt."""
+    from bias.cvec import load_correction
+    from edge.generate import load_runtime
+    from edge.runtime import RuntimeConfig
+
+    suite = load_suite(suite_spec, limit=limit)
+    rt = load_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
+    try:
+        if correction:
+            load_correction(rt, correction, correction_scale)
+        if on_start:
+            on_start(len(suite.items))
+        res = audit_suite(rt, suite, n_boot=n_boot, on_progress=on_progress)
+    except BaseException:
+        rt.close()
+        raise
+    res.correction = str(correction) if correction else None
+    res.correction_scale = correction_scale if correction else None
+    return res, rt

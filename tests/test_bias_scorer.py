@@ -1,0 +1,56 @@
+"""The batched scorer against llama.cpp one-sequence log-probs (the Runtime's own path).
+
+The scorer aligns each token's batch row to its position (mod 8), so from-scratch scoring
+matches the one-sequence decode to float precision, whatever shares the batch. With shared
+prefixes, attention sums over KV cells in a different lane order: up to ~0.06 nats here;
+masking or position bugs give errors of whole nats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bias.audit import bbq_requests, score_bbq
+from bias.scorer import BatchScorer
+from bias.suites import load_suite
+from tests.test_bias_suites import DATA
+
+
+@pytest.fixture(scope="module")
+def scorer(runtime):
+    sc = BatchScorer(runtime, n_batch=256, n_seq=8)
+    yield sc
+    sc.close()
+
+
+def test_batched_scores_equal_single_sequence_logprobs(runtime, scorer) -> None:
+    bos = runtime.llm.token_bos()
+    texts = ["The nurse said she was tired.", "The nurse said he was tired.",
+             "Rivers flow to the sea.", "The nurse"]
+    reqs = [([bos, *runtime.tokenize(t, add_bos=False)], 1) for t in texts]
+    reqs.append((reqs[2][0], 3))  # score only the tail of a sequence
+    shared = scorer.score(reqs)
+    alone = scorer.score(reqs, share_prefix=False)
+    for (toks, start), a, b in zip(reqs, shared, alone, strict=True):
+        ref = runtime.token_logprobs(toks)[start - 1:]
+        assert a.shape == ref.shape
+        np.testing.assert_allclose(a, ref, atol=0.1)
+        np.testing.assert_allclose(b, ref, atol=1e-4)
+    # the pair's common prefix was decoded once: fewer tokens than the requests hold
+    n = scorer.tokens_decoded
+    scorer.score(reqs[:2])
+    assert scorer.tokens_decoded - n < len(reqs[0][0]) + len(reqs[1][0])
+
+
+def test_bbq_shared_context_equals_from_scratch(scorer) -> None:
+    suite = load_suite(f"bbq:{DATA / 'bbq' / 'Age.jsonl'}", limit=3)
+    reqs = bbq_requests(scorer.rt, suite)
+    assert all(r[0][: r[1]] == reqs[3 * (i // 3)][0][: r[1]] for i, r in enumerate(reqs))
+    a = score_bbq(scorer, suite)
+    n0 = scorer.tokens_decoded
+    b = score_bbq(scorer, suite, share_prefix=False)
+    scratch = scorer.tokens_decoded - n0
+    assert a.shape == (3, 3)
+    np.testing.assert_allclose(a, b, atol=0.15)
+    assert scratch > 2 * sum(len(r[0]) for r in reqs[0::3])  # each answer re-decoded the context
