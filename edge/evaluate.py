@@ -83,7 +83,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def score_chunks(tokens: Sequence[int], n_ctx: int, logits_fn: LogitsFn, *, bos: int | None = None,
-                 base_fn: LogitsFn | None = None, progress: Progress | None = None) -> TokenScores:
+                 base_fn: LogitsFn | None = None, max_chunks: int | None = None,
+                 progress: Progress | None = None) -> TokenScores:
     """Score the second half of every full n_ctx chunk of `tokens` (llama-perplexity's scheme)."""
     n_chunks = len(tokens) // n_ctx
     if n_chunks < 1 or len(tokens) < 2 * n_ctx:
@@ -91,6 +92,8 @@ def score_chunks(tokens: Sequence[int], n_ctx: int, logits_fn: LogitsFn, *, bos:
             f"the text is {len(tokens)} tokens; perplexity at --ctx {n_ctx} needs at least "
             f"{2 * n_ctx} (two chunks): use a longer text or a smaller --ctx"
         )
+    if max_chunks is not None:
+        n_chunks = min(n_chunks, max_chunks)  # llama-perplexity's --chunks
     first = n_ctx // 2
     out = TokenScores()
     for c in range(n_chunks):
@@ -118,7 +121,7 @@ def summarize(scores: TokenScores, *, model: str, n_ctx: int, n_tokens: int,
     nll = scores.cat("nll")
     mean, err = _mean_err(nll)
     ppl = math.exp(mean)
-    r = PerplexityResult(model=model, n_ctx=n_ctx, n_chunks=n_tokens // n_ctx, n_tokens=n_tokens,
+    r = PerplexityResult(model=model, n_ctx=n_ctx, n_chunks=len(scores.nll), n_tokens=n_tokens,
                          n_scored=len(nll), ppl=ppl, ppl_err=err * ppl)
     if scores.kld:
         base_nll, kld, same = scores.cat("base_nll"), scores.cat("kld"), scores.cat("same_top")
@@ -165,7 +168,8 @@ def runtime_logits(rt: Any) -> LogitsFn:
 
 def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str], *, n_ctx: int = 512,
                base: str | os.PathLike[str] | None = None, threads: int | None = None,
-               progress: Progress | None = None, log: bool = True) -> PerplexityResult:
+               max_chunks: int | None = None, progress: Progress | None = None,
+               log: bool = True) -> PerplexityResult:
     """Perplexity of MODEL on the text file; with `base`, KL divergence and top-1 agreement too."""
     from edge import telemetry
     from edge.generate import load_runtime, runtime_config_record
@@ -194,7 +198,8 @@ def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str
                     "same tokenizer (compare a quantization with the model it came from)"
                 )
             base_fn = runtime_logits(brt)
-        scores = score_chunks(tokens, n_ctx, runtime_logits(rt), bos=bos, base_fn=base_fn, progress=progress)
+        scores = score_chunks(tokens, n_ctx, runtime_logits(rt), bos=bos, base_fn=base_fn,
+                              max_chunks=max_chunks, progress=progress)
         result = summarize(scores, model=str(rt.path), n_ctx=n_ctx, n_tokens=len(tokens),
                            base=str(brt.path) if brt else None)
         result.seconds = time.perf_counter() - t0

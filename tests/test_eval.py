@@ -35,6 +35,9 @@ def test_uniform_model_has_perplexity_of_vocab_size() -> None:
     assert r.n_chunks == 2 and r.n_scored == 2 * (16 - 8 - 1)
     assert r.ppl == pytest.approx(n_vocab) and r.ppl_err == 0.0
     assert r.kld_mean == 0.0 and r.top1_agreement == 1.0 and r.delta_ppl == pytest.approx(0.0)
+    one = summarize(score_chunks(tokens, n_ctx, uniform, max_chunks=1), model="u", n_ctx=n_ctx,
+                    n_tokens=len(tokens))
+    assert one.n_chunks == 1 and one.n_scored == 7  # --chunks 1, as llama-perplexity's
 
 
 def test_summary_formulas_by_hand() -> None:

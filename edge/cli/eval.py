@@ -40,11 +40,13 @@ def _render(r: PerplexityResult) -> None:
               help="Chunk size in tokens; the second half of each chunk is scored.")
 @click.option("--base", default=None, help="Reference model (e.g. the f16 the quant came from): adds "
               "mean KL divergence, top-1 agreement and ΔPPL.")
+@click.option("--chunks", "max_chunks", type=click.IntRange(1), default=None,
+              help="Score at most this many chunks [default: all].")
 @click.option("-t", "--threads", type=click.IntRange(1, 256), default=None,
               help="CPU threads [default: physical cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def ppl_cmd(model: str | None, text: str, n_ctx: int, base: str | None, threads: int | None,
-            as_json: bool) -> None:
+def ppl_cmd(model: str | None, text: str, n_ctx: int, base: str | None, max_chunks: int | None,
+            threads: int | None, as_json: bool) -> None:
     """Perplexity of MODEL (a .gguf, a catalog name, or the bundled model) on a text file,
     computed as llama-perplexity does: non-overlapping --ctx chunks, second half scored.
 
@@ -58,7 +60,8 @@ def ppl_cmd(model: str | None, text: str, n_ctx: int, base: str | None, threads:
       edge eval ppl model.Q4_0.gguf --text notes.txt --json
     """
     with tensor_progress(not as_json and sys.stderr.isatty(), "scoring") as progress:
-        r = perplexity(model, text, n_ctx=n_ctx, base=base, threads=threads, progress=progress)
+        r = perplexity(model, text, n_ctx=n_ctx, base=base, threads=threads, max_chunks=max_chunks,
+                       progress=progress)
     if as_json:
         click.echo(json.dumps(r.to_dict()))
     else:
