@@ -43,7 +43,7 @@ def corpus(n: int = 1500, seed: int = 0) -> list[str]:
 
 @dataclass
 class TinySpec:
-    tokenizer: str = "spm"          # "spm" (tokenizer.model) or "bpe" (tokenizer.json)
+    tokenizer: str = "spm"          # "spm" (tokenizer.model) or "bpe", "bpe-smollm", "bpe-llama3"
     n_embd: int = 64
     n_layers: int = 2
     n_head: int = 4
@@ -78,11 +78,20 @@ def train_spm(out_dir: Path, vocab: int) -> None:
     }))
 
 
-def train_bpe(out_dir: Path, vocab: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_bpe(out_dir: Path, vocab: int, pre: str = "gpt-2") -> None:
+    """Byte-level BPE with the pre-tokenizer of GPT-2, SmolLM or Llama-3."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edge.convert.vocab import LLAMA3_REGEX
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "llama3")
+    tok.pre_tokenizer = {
+        "gpt-2": byte_level,
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama3": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+                                           byte_level]),
+    }[pre]
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -148,7 +157,10 @@ def make_checkpoint(out_dir: Path, spec: TinySpec) -> dict[str, np.ndarray]:
     from safetensors.numpy import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (train_spm if spec.tokenizer == "spm" else train_bpe)(out_dir, spec.vocab)
+    if spec.tokenizer == "spm":
+        train_spm(out_dir, spec.vocab)
+    else:
+        train_bpe(out_dir, spec.vocab, spec.tokenizer.partition("-")[2] or "gpt-2")
     n_vocab = tokenizer_size(out_dir, spec.tokenizer) + spec.vocab_pad
     bos, eos = (1, 2) if spec.tokenizer == "spm" else (0, 2)
     cfg = {

@@ -27,9 +27,9 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
 CASES = {
     "spm-mha-untied-single-f32": (TinySpec("spm"), "f32"),
     "spm-gqa-tied-sharded-f16": (TinySpec("spm", n_head_kv=2, tied=True, shards=3, dtype="f16", seed=1), "f16"),
-    "bpe-gqa-untied-sharded-f32": (TinySpec("bpe", n_head=8, n_head_kv=2, shards=2, vocab_pad=12,
+    "bpe-smollm-gqa-untied-sharded-f32": (TinySpec("bpe-smollm", n_head=8, n_head_kv=2, shards=2, vocab_pad=12,
                                             rope_scaling={"type": "linear", "factor": 2.0}, seed=2), "f32"),
-    "bpe-mha-tied-single-f16": (TinySpec("bpe", tied=True, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+    "bpe-llama3-mha-tied-single-f16": (TinySpec("bpe-llama3", tied=True, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
                                          seed=3), "f16"),
 }
 
@@ -49,6 +49,8 @@ def test_convert_matches_numpy_forward_and_tokenizer(tmp_path: Path, case: str) 
     out = tmp_path / f"tiny.{outtype}.gguf"
     res = convert(hf, out, outtype=outtype)
     assert res.n_vocab == cfg["vocab_size"]
+    pre = {"spm": "default", "bpe-smollm": "smollm", "bpe-llama3": "llama-bpe"}[spec.tokenizer]
+    assert res.tokenizer.endswith(f"pre {pre})")
 
     llm = _vocab_model(out)
     for text in TEST_STRINGS:
