@@ -65,9 +65,22 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edge.cli import bench, chat, convert, eval, logs, models, quantize, report, run, sparsify
+    from edge.cli import (
+        bench,
+        bias,
+        chat,
+        convert,
+        eval,
+        logs,
+        models,
+        quantize,
+        report,
+        run,
+        serve,
+        sparsify,
+    )
 
-    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify):
+    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias):
         mod.register(cli)
 
 
