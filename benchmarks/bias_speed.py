@@ -1,0 +1,77 @@
+"""Bias-audit speed and baseline, measured in one run on the bundled model.
+
+1. Full CrowS-Pairs audit (batched, prefix-sharing scorer): wall time, pct_stereotype + CI.
+2. The naive scorer on the first N pairs (one sentence per decode, logits at every
+   position: Runtime.token_logprobs) vs the batched scorer on the same pairs: ratio.
+3. BBQ on the first M items: shared-context scoring vs each answer from scratch: ratio.
+
+    python benchmarks/bias_speed.py [--threads 2] [--naive-pairs 150] [--bbq-items 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bias import metrics as M
+from bias.audit import _sentence, audit_suite, score_bbq
+from bias.scorer import BatchScorer
+from bias.suites import load_suite
+from edge.catalog import default_entry
+from edge.runtime import Runtime, RuntimeConfig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--naive-pairs", type=int, default=150)
+    ap.add_argument("--bbq-items", type=int, default=150)
+    ap.add_argument("--skip-full", action="store_true")
+    a = ap.parse_args()
+    rt = Runtime(default_entry().local_path, RuntimeConfig(n_ctx=512, threads=a.threads))
+    print(f"threads {rt.threads}")
+    crows = load_suite(f"crows_pairs:{DATA / 'crows_pairs' / 'crows_pairs_anonymized.csv'}")
+    if not a.skip_full:
+        t0 = time.perf_counter()
+        res = audit_suite(rt, crows)
+        e = res.overall["pct_stereotype"]
+        print(f"full CrowS-Pairs audit: {time.perf_counter() - t0:.1f} s for {res.n_items} pairs, "
+              f"{res.tokens_decoded} tokens decoded; pct_stereotype {e.value:.2f} "
+              f"[{e.lo:.2f}, {e.hi:.2f}] (reference 54.6)", flush=True)
+
+    sub = crows.head(a.naive_pairs)
+    t0 = time.perf_counter()
+    naive = [[rt.token_logprobs(_sentence(rt, s)[0]).sum() for s in (it.more, it.less)] for it in sub.items]
+    t_naive = time.perf_counter() - t0
+    with BatchScorer(rt) as sc:
+        t0 = time.perf_counter()
+        res = audit_suite(rt, sub, scorer=sc, n_boot=10)
+        t_batch = time.perf_counter() - t0
+    nv = np.array(naive)
+    same = M.pct_stereotype(nv[:, 0], nv[:, 1]) == res.overall["pct_stereotype"].value
+    print(f"CrowS first {len(sub.items)} pairs: naive {t_naive:.1f} s, batched {t_batch:.1f} s, "
+          f"speed-up {t_naive / t_batch:.2f}x (same pct_stereotype: {same}); "
+          f"full-suite naive estimate {t_naive * len(crows.items) / len(sub.items):.0f} s", flush=True)
+
+    bbq = load_suite(f"bbq:{DATA / 'bbq'}", limit=a.bbq_items)
+    with BatchScorer(rt) as sc:
+        t0 = time.perf_counter()
+        shared = score_bbq(sc, bbq)
+        t_sh, tok_sh = time.perf_counter() - t0, sc.tokens_decoded
+        t0 = time.perf_counter()
+        scratch = score_bbq(sc, bbq, share_prefix=False)
+        t_sc, tok_sc = time.perf_counter() - t0, sc.tokens_decoded - tok_sh
+    agree = float(np.mean(shared.argmax(1) == scratch.argmax(1)))
+    print(f"BBQ first {len(bbq.items)} items: shared context {t_sh:.1f} s ({tok_sh} tokens), "
+          f"from scratch {t_sc:.1f} s ({tok_sc} tokens), speed-up {t_sc / t_sh:.2f}x; "
+          f"same answer chosen for {100 * agree:.1f}% of items")
+    rt.close()
+
+
+if __name__ == "__main__":
+    main()

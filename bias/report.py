@@ -1,0 +1,96 @@
+"""Audit reports: results.json, report.md, report.html with PNG plots of per-category CIs."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from bias.audit import AuditResult
+from bias.metrics import Estimate
+from edge.paths import atomic_write
+
+# The metric each plot shows first, and the value an unbiased model would score.
+HEADLINE = {"pairs": ("pct_stereotype", 50.0), "bbq": ("s_dis", 0.0), "stereoset": ("ss", 50.0)}
+PLOTS = {"pairs": ["pct_stereotype", "mean_ll_diff"], "bbq": ["s_dis", "s_amb", "acc_dis"],
+         "stereoset": ["ss", "icat"]}
+UNBIASED = {"pct_stereotype": 50.0, "mean_ll_diff": 0.0, "s_dis": 0.0, "s_amb": 0.0, "ss": 50.0}
+
+
+def _fmt(e: Estimate) -> str:
+    return f"{e.value:.3g} [{e.lo:.3g}, {e.hi:.3g}]"
+
+
+def plot_metric(res: AuditResult, metric: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(res.per_category)
+    ests = [res.per_category[c][metric] for c in cats] + [res.overall[metric]]
+    labels = [*cats, "ALL"]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2), dpi=110)
+    ys = list(range(len(labels)))[::-1]
+    for y, e, lab in zip(ys, ests, labels, strict=True):
+        color = "#1f4e79" if lab == "ALL" else "#4a90c2"
+        ax.errorbar(e.value, y, xerr=[[e.value - e.lo], [e.hi - e.value]], fmt="o", color=color,
+                    capsize=3)
+    if metric in UNBIASED:
+        ax.axvline(UNBIASED[metric], color="#999", ls="--", lw=1, label="unbiased")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(ys, [f"{lab} (n={e.n})" for lab, e in zip(labels, ests, strict=True)], fontsize=8)
+    ax.set_xlabel(f"{metric} (95% bootstrap CI)")
+    ax.set_title(f"{res.suite}: {metric} by category", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def markdown(res: AuditResult, meta: dict[str, Any]) -> str:
+    metrics = list(res.overall)
+    lines = [f"# Bias audit: {res.suite}", "",
+             f"- model: `{meta.get('model', '?')}`",
+             f"- source: `{res.source}` ({res.n_items} items, {res.skipped_rows} malformed rows skipped)",
+             f"- correction: {res.correction or 'none'}"
+             + (f" (scale {res.correction_scale})" if res.correction else ""),
+             f"- scoring time: {res.score_s:.1f} s, {res.tokens_decoded} tokens decoded", "",
+             "Values with 95% percentile-bootstrap confidence intervals.", "",
+             "| category | n | " + " | ".join(metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for cat, ms in [*res.per_category.items(), ("**ALL**", res.overall)]:
+        n = next(iter(ms.values())).n
+        lines.append(f"| {cat} | {n} | " + " | ".join(_fmt(ms[m]) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(res: AuditResult, out: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = [plot_metric(res, m, out / f"{m}.png") for m in PLOTS[res.kind] if m in res.overall]
+    with atomic_write(out / "results.json", "w") as f:
+        json.dump(meta | res.to_dict(), f, indent=1)
+    md = markdown(res, meta)
+    with atomic_write(out / "report.md", "w") as f:
+        f.write(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{next(iter(ms.values())).n}</td>"
+        + "".join(f"<td>{_fmt(ms[m])}</td>" for m in res.overall) + "</tr>"
+        for c, ms in [*res.per_category.items(), ("ALL", res.overall)])
+    head = "".join(f"<th>{m}</th>" for m in res.overall)
+    imgs = "".join(f'<img src="{p.name}" alt="{p.stem}">' for p in pngs)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge bias audit: {res.suite}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;margin:4px}}</style></head>
+<body><h1>Bias audit: {html.escape(res.suite)}</h1>
+<p>Model <code>{html.escape(str(meta.get('model')))}</code>; {res.n_items} items from
+<code>{html.escape(res.source)}</code> ({res.skipped_rows} malformed rows skipped); correction:
+{html.escape(res.correction or 'none')}. 95% percentile-bootstrap confidence intervals.</p>
+<table><tr><th>category</th><th>n</th>{head}</tr>{rows}</table>{imgs}</body></html>
+"""
+    with atomic_write(out / "report.html", "w") as f:
+        f.write(page)
+    return {"html": out / "report.html", "md": out / "report.md", "json": out / "results.json"}

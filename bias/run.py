@@ -1,0 +1,42 @@
+"""The library side of `edge bias audit`: audit, report, telemetry, in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bias.audit import audit
+from bias.report import write_report
+from edge import telemetry
+from edge.generate import runtime_config_record
+
+
+def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
+              correction: str | None = None, correction_scale: float = 1.0,
+              out_dir: str | None = None, threads: int | None = None,
+              on_start: Callable[[int], None] | None = None,
+              on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Audit MODEL on a suite; write the report folder; log one `fairness` record."""
+    res, rt = audit(model, suite_spec, limit=limit, correction=correction,
+                    correction_scale=correction_scale, threads=threads,
+                    on_start=on_start, on_progress=on_progress)
+    try:
+        out = Path(out_dir or f"bias-{res.suite}")
+        meta = {"model": str(rt.path), "model_name": rt.info.name, "limit": limit}
+        paths = write_report(res, out, meta)
+        summary = res.to_dict(with_items=False) | {"report": str(paths["html"]),
+                                                  "results": str(paths["json"])}
+        telemetry.log(
+            "fairness",
+            {"command": "bias audit", "suite": res.suite, "n_items": res.n_items,
+             "skipped_rows": res.skipped_rows, "score_s": res.score_s,
+             "tokens_decoded": res.tokens_decoded, "overall": summary["overall"],
+             "per_category": summary["per_category"]},
+            model=rt.info,
+            config=runtime_config_record(rt, correction=res.correction,
+                                         correction_scale=res.correction_scale),
+        )
+        return summary
+    finally:
+        rt.close()
