@@ -51,7 +51,7 @@ def write_checkpoint(d: Path, seed: int = 0) -> None:
     from convert_helpers import train_spm
 
     d.mkdir(parents=True, exist_ok=True)
-    train_spm(d, 1000)
+    train_spm(d, 512)
     (d / "config.json").write_text(json.dumps(TINYLLAMA, indent=1))
     c, rng = TINYLLAMA, np.random.default_rng(seed)
     h, ff, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * h_dim(c)
