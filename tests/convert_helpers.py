@@ -262,3 +262,27 @@ def llama_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
     finally:
         llm.close()
+
+
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """float32 → the nearest bfloat16, returned as its uint16 bit pattern (round to even)."""
+    u = a.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def save_bf16_safetensors(weights: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """safetensors.numpy cannot write bf16 (numpy has no such dtype); the layout is simple.
+
+    Returns the weights as float32 exactly as stored (bf16 widened)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blobs, offset, stored = [], 0, {}
+    for name, w in weights.items():
+        b = bf16_round(w)
+        header[name] = {"dtype": "BF16", "shape": list(w.shape), "data_offsets": [offset, offset + b.nbytes]}
+        blobs.append(b.tobytes())
+        offset += b.nbytes
+        stored[name] = (b.astype(np.uint32) << 16).view(np.float32)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+    return stored

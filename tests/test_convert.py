@@ -141,3 +141,27 @@ def test_memory_stays_near_largest_tensor(tmp_path: Path) -> None:
     assert total > 8 * largest
     # Python-side bookkeeping (vocab lists, metadata) is ~1 MB; the weights add ~2 tensors.
     assert peak < 3 * largest + 2_000_000, (peak, largest, total)
+
+
+def test_mistral_bf16_checkpoint(tmp_path: Path) -> None:
+    """Llama-3 / Mistral checkpoints ship bf16; widening to f32 must be exact."""
+    from convert_helpers import save_bf16_safetensors
+
+    hf = tmp_path / "hf"
+    make_checkpoint(hf, TinySpec("spm", n_head_kv=2, seed=9))
+    from safetensors.numpy import load_file
+
+    stored = save_bf16_safetensors(load_file(str(hf / "model.safetensors")), hf / "model.safetensors")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg["sliding_window"] = None
+    (hf / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "m.gguf"
+    convert(hf, out, outtype="f32")
+    t = {x.name: x for x in gguf.GGUFReader(out).tensors}
+    assert np.array_equal(np.asarray(t["blk.1.ffn_up.weight"].data), stored["model.layers.1.mlp.up_proj.weight"])
+    tokens = reference_tokenize(hf, "spm", TEST_STRINGS[2])
+    ref = numpy_forward(stored, cfg, tokens)
+    got = llama_logits(out, tokens)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-2
+    assert (got.argmax(1) == ref.argmax(1)).all()
