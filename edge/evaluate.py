@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import BadOptionError, ContextOverflowError, EdgeError
+from edge.errors import BadOptionError, ContextOverflowError
 
 # (tokens, first): tokens evaluated from position 0 on an empty cache → logits of positions
 # first..len(tokens)-1, shape (len(tokens) - first, n_vocab). `first` lets a source skip
@@ -193,8 +193,8 @@ def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str
         if base is not None:
             brt = load_runtime(str(base), RuntimeConfig(n_ctx=n_ctx, threads=threads, n_batch=cfg.n_batch))
             if brt.llm.n_vocab() != rt.llm.n_vocab() or brt.tokenize(content, add_bos=True) != tokens:
-                raise EdgeError(
-                    f"{base} does not share {rt.path.name}'s vocabulary; KL divergence needs the "
+                raise BadOptionError(
+                    f"--base {base} does not share {rt.path.name}'s vocabulary; KL divergence needs the "
                     "same tokenizer (compare a quantization with the model it came from)"
                 )
             base_fn = runtime_logits(brt)

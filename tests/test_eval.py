@@ -103,3 +103,9 @@ def test_eval_errors(bundled_model: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "needs at least 128" in res.stderr
     res = CliRunner().invoke(cli, ["eval", "ppl", str(bundled_model), "--text", str(tmp_path / "none.txt")])
     assert res.exit_code == 2 and "does not exist" in res.stderr
+    make_checkpoint(tmp_path / "hf", TinySpec("bpe"))
+    convert(tmp_path / "hf", tmp_path / "tiny.gguf", outtype="f16")
+    short.write_text("word " * 300)
+    res = CliRunner().invoke(cli, ["eval", "ppl", str(bundled_model), "--text", str(short), "--ctx", "64",
+                                   "--base", str(tmp_path / "tiny.gguf"), "--threads", "1"])
+    assert res.exit_code == 2 and "does not share" in res.stderr and len(res.stderr.splitlines()) == 1
