@@ -60,6 +60,7 @@ class RuntimeConfig:
     use_mmap: bool = True
     use_mlock: bool = False
     seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+    rpc: list[str] | None = None  # HOST:PORT of `edge worker`s that get the layers (edge.rpc)
 
     def validate(self) -> None:
         if self.n_ctx < 16:
@@ -358,12 +359,20 @@ class Runtime:
 def _load(path: Path, config: RuntimeConfig, threads: int) -> Any:
     import llama_cpp
 
+    devices: Any = contextlib.nullcontext()
+    extra: dict[str, Any] = {}
+    if config.rpc:
+        from edge.rpc import offload_to
+
+        devices = offload_to(config.rpc)
+        extra["n_gpu_layers"] = -1  # every layer to the RPC devices
     try:
-        return llama_cpp.Llama(
-            model_path=str(path), n_ctx=config.n_ctx, n_batch=min(config.n_batch, config.n_ctx),
-            n_threads=threads, n_threads_batch=threads, use_mmap=config.use_mmap,
-            use_mlock=config.use_mlock, seed=config.seed, verbose=False,
-        )
+        with devices:
+            return llama_cpp.Llama(
+                model_path=str(path), n_ctx=config.n_ctx, n_batch=min(config.n_batch, config.n_ctx),
+                n_threads=threads, n_threads_batch=threads, use_mmap=config.use_mmap,
+                use_mlock=config.use_mlock, seed=config.seed, verbose=False, **extra,
+            )
     except (ValueError, RuntimeError, OSError) as e:
         raise InvalidModelFileError(
             f"llama.cpp could not load {path} ({e}); check it is a Llama-family GGUF this "

@@ -78,9 +78,10 @@ def _register() -> None:
         run,
         serve,
         sparsify,
+        worker,
     )
 
-    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias):
+    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias, worker):
         mod.register(cli)
 
 

@@ -10,6 +10,7 @@ import click
 from edge.chat import ChatSession, repl
 from edge.cli.options import (
     model_argument,
+    rpc_option,
     runtime_config,
     runtime_options,
     sampling,
@@ -24,6 +25,7 @@ from edge.generate import load_runtime
 @click.option("-n", "--max-tokens", type=click.IntRange(1, 1 << 20), default=512, show_default=True,
               help="Tokens per answer at most.")
 @runtime_options
+@rpc_option
 @sampling_options
 def chat_cmd(model: str | None, system: str | None, max_tokens: int, **kw: Any) -> None:
     """Chat with MODEL (a .gguf path, a catalog name, or the bundled SmolLM2-135M-Instruct).

@@ -45,9 +45,28 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _parse_rpc(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    from edge.errors import BadOptionError
+    from edge.rpc import parse_endpoints
+
+    try:
+        return [str(ep) for ep in parse_endpoints(value)]
+    except BadOptionError as e:
+        raise click.BadParameter(str(e).removeprefix("--rpc ")) from None
+
+
+def rpc_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--rpc HOST:PORT,...: put the model's layers on `edge worker`s (see edge/rpc.py)."""
+    return click.option("--rpc", metavar="HOST:PORT,...", callback=_parse_rpc, default=None,
+                        help="Offload the model's layers to these `edge worker`s.")(f)
+
+
 def runtime_config(kw: dict[str, Any]) -> RuntimeConfig:
     cfg = RuntimeConfig(n_ctx=kw.pop("n_ctx"), threads=kw.pop("threads"),
-                        use_mlock=kw.pop("mlock"), use_mmap=not kw.pop("no_mmap"))
+                        use_mlock=kw.pop("mlock"), use_mmap=not kw.pop("no_mmap"),
+                        rpc=kw.pop("rpc", None))
     if kw.get("seed") is not None:
         cfg.seed = kw["seed"]
     return cfg

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from edge.cli.options import model_argument, runtime_config, runtime_options
+from edge.cli.options import model_argument, rpc_option, runtime_config, runtime_options
 
 
 @click.command("serve")
@@ -24,6 +24,7 @@ from edge.cli.options import model_argument, runtime_config, runtime_options
               help="Apply this correction vector (see `edge bias mitigate`).")
 @click.option("--correction-scale", type=float, default=1.0, show_default=True)
 @runtime_options
+@rpc_option
 @click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=None,
               help="Context seed (requests can also send their own 'seed').")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
@@ -44,18 +45,18 @@ def serve_cmd(model: str | None, host: str, port: int, api_key: str | None, allo
       edge serve                                  # bundled model on 127.0.0.1:8080
       edge serve llama2-7b-chat-q4km --port 9000 --ctx 4096
       edge serve --host 0.0.0.0 --api-key "$(cat ~/.edge-key)"
+      edge serve --rpc 192.168.1.21:50052,192.168.1.22:50052   # layers on two workers
       curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}'
     """
     from edge.serve import ServeOptions, serve
 
-    rpc = kw.pop("rpc", None)
     cfg = runtime_config(kw)
     opts = ServeOptions(host=host, port=port, api_key=api_key, allow_no_key=allow_no_key,
                         max_queue=max_queue, correction=correction,
                         correction_scale=correction_scale, log_level=log_level)
-    if rpc:
-        opts.extra_config["rpc"] = rpc
+    if cfg.rpc:
+        opts.extra_config["rpc"] = cfg.rpc
 
     def ready(engine: Any) -> None:
         click.echo(f"edge serve: {engine.model_id} on http://{host}:{port}/v1 "
