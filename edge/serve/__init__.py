@@ -64,12 +64,12 @@ def model_id_for(model: str | None, path: Path) -> tuple[str, tuple[str, ...]]:
 
 
 def apply_correction(runtime: Any, path: str, scale: float) -> dict[str, Any]:
-    """Load a correction vector through issue 6's bias.steering, when it is installed."""
+    """Apply a correction vector with issue 6's loader (bias.cvec.load_correction)."""
     try:
-        from bias.steering import load_correction  # type: ignore[import-not-found]
+        from bias.cvec import load_correction
     except ImportError:
         raise BadOptionError(
-            "--correction needs bias.steering.load_correction, which this install lacks; "
+            "--correction needs bias.cvec.load_correction, which this install lacks; "
             "update edge or run without --correction") from None
     load_correction(runtime, path, scale)
     return {"correction": str(path), "correction_scale": scale}
