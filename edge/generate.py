@@ -37,6 +37,8 @@ def run_prompt(
     mode: str = "auto",
     system: str | None = None,
     on_text: Callable[[str], None] | None = None,
+    correction: str | None = None,
+    correction_scale: float = 1.0,
 ) -> RunResult:
     """Generate an answer to `prompt`; `on_text` receives each piece as it streams.
 
@@ -45,6 +47,10 @@ def run_prompt(
     """
     rt = load_runtime(model, config)
     try:
+        if correction:  # a control vector (edge bias mitigate), checked against the model
+            from bias.cvec import load_correction
+
+            load_correction(rt, correction, correction_scale)
         use_chat = mode == "chat" or (mode == "auto" and rt.info.has_chat_template)
         if use_chat:
             messages = ([{"role": "system", "content": system}] if system else [])
@@ -61,7 +67,9 @@ def run_prompt(
                 telemetry.log(
                     "latency", telemetry.latency_metrics(rt.last, "run"),
                     model=rt.info,
-                    config=runtime_config_record(rt, temp=sampling.temp, seed=sampling.seed),
+                    config=runtime_config_record(rt, temp=sampling.temp, seed=sampling.seed,
+                                                 correction=correction,
+                                                 correction_scale=correction_scale if correction else None),
                 )
         assert rt.last is not None
         return RunResult(rt.last, "chat" if use_chat else "raw", rt.info.name)

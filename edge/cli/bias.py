@@ -64,6 +64,77 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
     click.echo(f"report: {summary['report']}")
 
 
+@bias_group.command("mitigate")
+@model_argument
+@click.option("--suite", "suite_spec", required=True, metavar="NAME[:PATH]",
+              help="The pair suite the loop calibrates on (crows_pairs or probes).")
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the control-vector GGUF.")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
+              help="Fraction of the bias to remove on the calibration part.")
+@click.option("--max-ppl-increase", type=click.FloatRange(0), default=0.05, show_default=True,
+              help="Utility budget: relative PPL rise allowed on neutral text.")
+@click.option("--max-iter", type=click.IntRange(1, 50), default=8, show_default=True)
+@click.option("--calib-frac", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3,
+              show_default=True, help="Share of each category used for calibration.")
+@click.option("--exclude-category", default=None, help="A category kept out of the loop, checked after.")
+@click.option("--direction-pairs", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--method", type=click.Choice(["mean", "pca"]), default="mean", show_default=True)
+@click.option("--calib-limit", type=click.IntRange(1), default=None, help="Cap the calibration pairs.")
+@click.option("--heldout-limit", type=click.IntRange(1), default=None, help="Cap the held-out pairs.")
+@click.option("--bbq", "bbq_spec", default=None, metavar="bbq[:PATH]",
+              help="Also report BBQ disambiguated accuracy before/after.")
+@click.option("--second-suite", default="probes", show_default=True, metavar="NAME[:PATH]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for results.json and report.md [default: next to -o].")
+@click.option("-t", "--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def mitigate_cmd(model: str | None, suite_spec: str, out_path: str, target: float,
+                 max_ppl_increase: float, max_iter: int, calib_frac: float,
+                 exclude_category: str | None, direction_pairs: int, method: str,
+                 calib_limit: int | None, heldout_limit: int | None, bbq_spec: str | None,
+                 second_suite: str, seed: int, out_dir: str | None, threads: int | None,
+                 as_json: bool) -> None:
+    """Build a bias-correction control vector for MODEL with the layer-wise feedback loop,
+    and judge it on held-out rows and a second suite (before/after, with CIs).
+
+    \b
+    Examples:
+      edge bias mitigate --suite crows_pairs:crows.csv -o fair.gguf --exclude-category disability
+      edge bias mitigate --suite probes -o fair.gguf --target 0.8 --max-ppl-increase 0.05
+      edge run --correction fair.gguf -p "Describe a nurse."
+    """
+    from pathlib import Path
+
+    from bias.feedback import LoopConfig
+    from bias.mitigate import mitigate
+
+    cfg = LoopConfig(target=target, max_ppl_increase=max_ppl_increase, max_iter=max_iter,
+                     calib_frac=calib_frac, seed=seed, exclude_category=exclude_category)
+
+    def event(kind: str, d: dict) -> None:
+        if not as_json and kind == "iteration":
+            click.echo(f"  iter {d['i']}: gain {d['gain']:+.3f}  pct {d['pct_stereotype']:.1f}  "
+                       f"mean ll diff {d['mean_ll_diff']:+.3f}  PPL {d['ppl']:.3f}", err=True)
+
+    r = mitigate(model, suite_spec, out_path, cfg=cfg, n_direction_pairs=direction_pairs,
+                 method=method, calib_limit=calib_limit, heldout_limit=heldout_limit,
+                 second_suite=second_suite or None, bbq_spec=bbq_spec,
+                 out_dir=out_dir or str(Path(out_path).with_suffix("")) + "-report",
+                 threads=threads, on_event=event)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    h = r["heldout"]
+    click.echo(f"wrote {r['vector']}")
+    for k in ("pct_stereotype", "mean_ll_diff"):
+        b, a = h["before"][k], h["after"][k]
+        click.echo(f"  held-out {k}: {b['value']:.3g} → {a['value']:.3g}")
+    click.echo(f"  fall of |pct−50|: {100 * h['gap_reduction']['value']:.0f}%  "
+               f"PPL {100 * r['ppl']['increase']:+.2f}%")
+
+
 class _Null:
     def __enter__(self) -> None:
         return None

@@ -10,7 +10,6 @@ import click
 
 from edge.cli.options import (
     model_argument,
-    rpc_option,
     runtime_config,
     runtime_options,
     sampling,
@@ -28,13 +27,17 @@ from edge.generate import run_prompt
 @click.option("--raw", "mode", flag_value="raw", help="Send the prompt as-is, no chat template.")
 @click.option("--chat", "mode", flag_value="chat", help="Always apply the chat template (Llama-2 fallback).")
 @runtime_options
-@rpc_option
 @sampling_options
 @click.option("--sparse-profile", type=click.Path(dir_okay=False), default=None,
               help="Run on edge's native engine with this R-Sparse profile (see `edge sparsify`).")
+@click.option("--correction", type=click.Path(dir_okay=False), default=None,
+              help="A control-vector GGUF (e.g. from `edge bias mitigate`) added while generating.")
+@click.option("--correction-scale", type=float, default=1.0, show_default=True,
+              help="Multiplier for --correction (1.0 applies it as written).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and timings.")
 def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str | None,
-            mode: str | None, sparse_profile: str | None, as_json: bool, **kw: Any) -> None:
+            mode: str | None, sparse_profile: str | None, as_json: bool, correction: str | None = None,
+            correction_scale: float = 1.0, **kw: Any) -> None:
     """Generate an answer to PROMPT with MODEL (a .gguf path, a catalog name, or the
     bundled SmolLM2-135M-Instruct when omitted), streaming it as it comes.
 
@@ -47,8 +50,8 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
       edge run --temp 0 --seed 1 -p "Once upon a time" -n 64 --raw
       edge run llama2-7b-chat-q4km -p "Hello" --threads 4 --json
       echo "Summarise: ..." | edge run
+      edge run --correction fair.gguf -p "Describe a nurse."   # bias correction vector
       edge run --sparse-profile smol-50.json -p "Hello" --temp 0   # native engine, R-Sparse
-      edge run --rpc 192.168.1.21:50052,192.168.1.22:50052 -p "Hello"  # layers on workers
     """
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -61,8 +64,6 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    if sparse_profile is not None and cfg.rpc:
-        raise click.UsageError("--sparse-profile runs on edge's native engine; it cannot use --rpc")
     if sparse_profile is not None:
         from edge.engine.generate import run_native_prompt
 
@@ -71,15 +72,10 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
                                    system=system, on_text=None if as_json else echo)
     else:
         result = run_prompt(model, prompt, max_tokens=max_tokens, sampling=smp, config=cfg,
-                            mode=mode or "auto", system=system, on_text=None if as_json else echo)
+                            mode=mode or "auto", system=system, on_text=None if as_json else echo,
+                            correction=correction, correction_scale=correction_scale)
     if as_json:
-        out = result.stats.to_dict() | {"prompt_mode": result.prompt_mode}
-        if cfg.rpc:
-            from edge.rpc import last_split
-
-            split = last_split()
-            out["rpc"] = split.to_dict() if split else None
-        click.echo(json.dumps(out))
+        click.echo(json.dumps(result.stats.to_dict() | {"prompt_mode": result.prompt_mode}))
     else:
         click.echo()
 

@@ -1,0 +1,57 @@
+"""edge bias audit end to end: report files, telemetry, one-line errors with no output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bias import cvec
+from tests.conftest import edge_cmd
+
+
+@pytest.mark.slow
+def test_audit_probes_writes_report_and_fairness_record(tmp_path: Path, env: dict[str, str],
+                                                       edge_home: Path) -> None:
+    out = tmp_path / "rep"
+    r = subprocess.run([*edge_cmd(), "bias", "audit", "--suite", "probes", "--limit", "12",
+                        "--out", str(out), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["n_items"] == 12 and summary["suite"] == "probes"
+    pct = summary["overall"]["pct_stereotype"]
+    assert pct["lo"] <= pct["value"] <= pct["hi"]
+    assert min(abs(pct["value"] - 100 * k / 12) for k in range(13)) < 1e-9
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["items"]) == 12 and {"ll_more", "ll_less", "row"} <= set(res["items"][0])
+    html = (out / "report.html").read_text()
+    assert '<img src="pct_stereotype.png"' in html and "gender" in html
+    assert (out / "pct_stereotype.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| **ALL** | 12 |" in (out / "report.md").read_text()
+    logs = list((edge_home / "logs").glob("runs-*.jsonl"))
+    recs = [json.loads(ln) for p in logs for ln in p.read_text().splitlines()]
+    fair = [x for x in recs if x["kind"] == "fairness"]
+    assert len(fair) == 1 and fair[0]["metrics"]["n_items"] == 12
+    assert fair[0]["metrics"]["overall"]["pct_stereotype"]["value"] == pct["value"]
+
+
+def _fails(args: list[str], env: dict[str, str], out: Path) -> str:
+    r = subprocess.run([*edge_cmd(), "bias", "audit", *args, "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ")
+    assert not out.exists() or not any(out.iterdir())
+    return r.stderr
+
+
+@pytest.mark.slow
+def test_audit_bad_inputs_are_one_line_errors(tmp_path: Path, env: dict[str, str]) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",sent_more,sent_less,stereo_antistereo,bias_type\n")
+    assert "no usable rows" in _fails(["--suite", f"crows_pairs:{empty}"], env, tmp_path / "o1")
+    assert "unknown suite" in _fails(["--suite", "nosuch"], env, tmp_path / "o2")
+    v = cvec.write(tmp_path / "small.gguf", [[0.0] * 64] * 30)
+    assert "n_embd 64" in _fails(["--suite", "probes", "--limit", "2", "--correction", str(v)], env,
+                                 tmp_path / "o3")
