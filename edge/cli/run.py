@@ -10,6 +10,7 @@ import click
 
 from edge.cli.options import (
     model_argument,
+    rpc_option,
     runtime_config,
     runtime_options,
     sampling,
@@ -27,6 +28,7 @@ from edge.generate import run_prompt
 @click.option("--raw", "mode", flag_value="raw", help="Send the prompt as-is, no chat template.")
 @click.option("--chat", "mode", flag_value="chat", help="Always apply the chat template (Llama-2 fallback).")
 @runtime_options
+@rpc_option
 @sampling_options
 @click.option("--sparse-profile", type=click.Path(dir_okay=False), default=None,
               help="Run on edge's native engine with this R-Sparse profile (see `edge sparsify`).")
@@ -52,6 +54,7 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
       echo "Summarise: ..." | edge run
       edge run --correction fair.gguf -p "Describe a nurse."   # bias correction vector
       edge run --sparse-profile smol-50.json -p "Hello" --temp 0   # native engine, R-Sparse
+      edge run --rpc 192.168.1.21:50052,192.168.1.22:50052 -p "Hello"  # layers on workers
     """
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -64,6 +67,8 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
+    if sparse_profile is not None and cfg.rpc:
+        raise click.UsageError("--sparse-profile runs on edge's native engine; it cannot use --rpc")
     if sparse_profile is not None:
         from edge.engine.generate import run_native_prompt
 
@@ -75,7 +80,13 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
                             mode=mode or "auto", system=system, on_text=None if as_json else echo,
                             correction=correction, correction_scale=correction_scale)
     if as_json:
-        click.echo(json.dumps(result.stats.to_dict() | {"prompt_mode": result.prompt_mode}))
+        out = result.stats.to_dict() | {"prompt_mode": result.prompt_mode}
+        if cfg.rpc:
+            from edge.rpc import last_split
+
+            split = last_split()
+            out["rpc"] = split.to_dict() if split else None
+        click.echo(json.dumps(out))
     else:
         click.echo()
 
