@@ -1,6 +1,6 @@
 """R-Sparse sweep on the bundled model, everything measured in one run.
 
-Sparsity 0/30/40/50/60/70% × {searched R-Sparse (greedy KL-curve allocation, α ∈ {1, 0.8}),
+Sparsity 0/30/40/50/60/70% × {searched R-Sparse (KL-guided search, α ∈ {1, 0.8}),
 uniform TEAL-style α = 1}: perplexity on text not used for calibration (TEAL protocol:
 context half dense, scored half sparse), KL to dense, native decode t/s (dense and sparse,
 interleaved), and llama.cpp dense t/s for reference. Writes a Markdown table, a JSON
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--chunks", type=int, default=4, help="evaluation chunks")
     ap.add_argument("--chunk", type=int, default=512, help="tokens per evaluation chunk")
     ap.add_argument("--calib-tokens", type=int, default=1024)
-    ap.add_argument("--groups", type=int, default=3, help="layer groups per projection type")
+    ap.add_argument("--groups", type=int, default=1, help="layer groups per projection type")
+    ap.add_argument("--search-minutes", type=float, default=3.0, help="search budget per sparsity")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="BLAS and kernel threads (both paths)")
     ap.add_argument("--levels", default=",".join(str(s) for s in LEVELS))
@@ -52,15 +52,7 @@ def main() -> None:
     from edge.sparse.evaluate import HalfChunks
     from edge.sparse.profile import build_specs, model_sparsity
     from edge.sparse.rsparse import SparseBackend
-    from edge.sparse.search import (
-        Objective,
-        alloc_for,
-        allocate,
-        measure_curves,
-        uniform,
-        unit_sizes,
-        units,
-    )
+    from edge.sparse.search import Objective, search, uniform
     from edge.sparse.svd import SvdCache
 
     out = Path(args.out)
@@ -72,16 +64,14 @@ def main() -> None:
     cal = calibrate(engine, doc_text(CALIB_MODULES), max_tokens=args.calib_tokens)
     svd = SvdCache.load_or_build(engine)
     obj = Objective(engine, cal, svd)
-    members = units(engine, args.groups)
-    curves_file = out / f"curves.{engine.info.fingerprint[:12]}.{cal.text_sha256[:12]}.g{args.groups}.pkl"
-    if curves_file.is_file():
-        curves = pickle.loads(curves_file.read_bytes())
-    else:
-        t = time.perf_counter()
-        curves = measure_curves(obj, members)
-        curves_file.write_bytes(pickle.dumps(curves))
-        print(f"KL curves: {obj.n_evals} evaluations in {time.perf_counter() - t:.0f} s", flush=True)
-    sizes = unit_sizes(engine, members)
+    searched = {}
+    for s in levels:
+        if s > 0:
+            res = search(engine, cal, s, method="greedy", svd=svd, groups=args.groups,
+                         budget_minutes=args.search_minutes, objective=obj)
+            searched[s] = res.alloc
+            print(f"search {s:.0%}: KL {res.history[0]:.4f} → {res.kl:.4f} in {res.n_evals} evaluations",
+                  flush=True)
 
     ev_tokens = engine.tokenize(doc_text(EVAL_MODULES))
     hc = HalfChunks.prepare(engine, ev_tokens, args.chunk, args.chunks)
@@ -109,7 +99,7 @@ def main() -> None:
 
     rows = []
     for s in levels:
-        cands = {"R-Sparse (searched)": alloc_for(engine, members, allocate(curves, sizes, s)),
+        cands = {"R-Sparse (searched)": searched.get(s, uniform(engine, s)),
                  "TEAL uniform α=1": uniform(engine, s)}
         for method, alloc in cands.items():
             if s == 0 and method.startswith("TEAL"):

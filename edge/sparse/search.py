@@ -1,10 +1,11 @@
 """Per-module allocation search under a model-level sparsity target (objective: KL to dense).
 
 Modules are grouped into units (projection type × block of layers). `uniform` gives every
-module the target. `greedy` measures each unit's KL curve alone (other units dense) at a
-few sparsities and both α, then spends the budget where the summed curves rise least.
-`evolutionary` starts there and mutates budget-neutral moves, keeping any that lower the
-true KL, until the time budget ends.
+module the target. `greedy` starts there and, round by round, measures every unit's KL
+slope at the current allocation and moves budget from expensive units to cheap ones.
+`evolutionary` adds random budget-neutral mutations after it, keeping any that lower the
+true KL, until the time budget ends. `measure_curves` + `allocate` (each unit alone, summed
+curves) is kept for sweeps: cheap per target, but it assumes additivity.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class SearchResult:
 class Objective:
     """KL(dense ‖ sparse) over the scored halves of calibration chunks."""
 
-    def __init__(self, engine: Engine, cal: Calibration, svd: object | None, *, chunk: int = 128,
+    def __init__(self, engine: Engine, cal: Calibration, svd: object | None, *, chunk: int = 256,
                  max_chunks: int = 2) -> None:
         self.engine, self.cal, self.svd = engine, cal, svd
         self.hc = HalfChunks.prepare(engine, cal.tokens, chunk, max_chunks)
@@ -124,11 +125,71 @@ def allocate(curves: dict[Unit, dict[float, tuple[float, float]]], sizes: dict[U
     return {u: (v, kl_at(u, v)[1] if v > 0 else 1.0) for u, v in s.items()}
 
 
+def local_search(obj: Objective, members: dict[Unit, list[tuple[int, str]]], sizes: dict[Unit, float],
+                 setting: dict[Unit, tuple[float, float]], deadline: float, alphas=ALPHAS,
+                 delta: float = 0.1, progress: Callable[[int, int], None] | None = None):
+    """Budget-neutral moves guided by each unit's measured KL slope at the current point.
+
+    Each round measures, for every unit, the KL change of sparsifying it by δ more and of
+    densifying it by δ (and of switching its α), then moves budget from the units whose
+    sparsity costs most to those whose sparsity costs least, keeping the model-level total.
+    Interactions between units are measured, not assumed additive.
+    """
+    engine = obj.engine
+    base = obj(alloc_for(engine, members, setting))
+    history = [base]
+    us = list(members)
+    while time.perf_counter() < deadline and delta >= STEP / 2:
+        up: dict[Unit, float] = {}
+        down: dict[Unit, float] = {}
+        flips: dict[Unit, float] = {}
+        for i, u in enumerate(us):
+            s, a = setting[u]
+            if s + delta <= S_MAX:
+                up[u] = (obj(alloc_for(engine, members, {**setting, u: (s + delta, a)})) - base) / sizes[u]
+            if s - delta >= 0:
+                down[u] = (base - obj(alloc_for(engine, members, {**setting, u: (s - delta, a)}))) / sizes[u]
+            if len(alphas) > 1 and s > 0:
+                other = alphas[(alphas.index(a) + 1) % len(alphas)] if a in alphas else alphas[0]
+                k = obj(alloc_for(engine, members, {**setting, u: (s, other)}))
+                if k < base:
+                    flips[u] = other
+            if progress:
+                progress(i + 1, len(us))
+            if time.perf_counter() > deadline:
+                break
+        cheap = sorted(up, key=up.get)
+        dear = sorted(down, key=down.get, reverse=True)
+        best = (base, setting)
+        for m in (4, 2, 1):
+            cand = {**setting, **{u: (setting[u][0], a) for u, a in flips.items()}}
+            pairs = [(c, d) for c, d in zip(cheap, dear, strict=False) if c != d][:m]
+            for c, d in pairs:
+                sc, ac = cand[c]
+                sd, ad = cand[d]
+                moved = delta * sizes[c] / sizes[d]
+                if sd - moved < 0:
+                    continue
+                cand[c], cand[d] = (round(sc + delta, 4), ac), (round(sd - moved, 4), ad)
+            k = obj(alloc_for(engine, members, cand))
+            if k < best[0]:
+                best = (k, cand)
+        if best[0] < base:
+            base, setting = best
+        else:
+            delta /= 2
+        history.append(base)
+    return setting, base, history
+
+
 def search(engine: Engine, cal: Calibration, target: float, *, method: str = "greedy",
-           svd: object | None = None, groups: int = 3, budget_minutes: float = 5.0,
+           svd: object | None = None, groups: int = 1, budget_minutes: float = 5.0,
            alphas=ALPHAS, seed: int = 0, objective: Objective | None = None,
            progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """`greedy`: KL-slope-guided moves from the uniform allocation within the time budget;
+    `evolutionary`: the same start, then random budget-neutral mutations; `uniform`: none."""
     t0 = time.perf_counter()
+    deadline = t0 + budget_minutes * 60
     obj = objective or Objective(engine, cal, svd)
     start_evals = obj.n_evals
     if method == "uniform":
@@ -136,17 +197,16 @@ def search(engine: Engine, cal: Calibration, target: float, *, method: str = "gr
         return SearchResult(alloc, obj(alloc), obj.n_evals - start_evals, time.perf_counter() - t0)
     members = units(engine, groups)
     sizes = unit_sizes(engine, members)
-    curves = measure_curves(obj, members, alphas, progress)
-    setting = allocate(curves, sizes, target)
-    alloc = alloc_for(engine, members, setting)
-    kl = obj(alloc)
-    history = [kl]
+    start = dict.fromkeys(members, (target, 1.0))
+    greedy_deadline = deadline if method == "greedy" else t0 + (deadline - t0) / 2
+    setting, kl, history = local_search(obj, members, sizes, start, greedy_deadline, alphas,
+                                        progress=progress)
     if method == "evolutionary":
-        setting, kl, history = _evolve(obj, members, sizes, setting, kl, alphas,
-                                       t0 + budget_minutes * 60, np.random.default_rng(seed))
-        alloc = alloc_for(engine, members, setting)
-    named = {f"{u[0]}@{u[1]}": [curves[u][lv][0] for lv in LEVELS] for u in curves}
-    return SearchResult(alloc, kl, obj.n_evals - start_evals, time.perf_counter() - t0, named, history)
+        setting, kl, more = _evolve(obj, members, sizes, setting, kl, alphas, deadline,
+                                    np.random.default_rng(seed))
+        history += more
+    alloc = alloc_for(engine, members, setting)
+    return SearchResult(alloc, kl, obj.n_evals - start_evals, time.perf_counter() - t0, {}, history)
 
 
 def _evolve(obj: Objective, members, sizes, setting, kl, alphas, deadline, rng):

@@ -45,7 +45,7 @@ def read_text(path: str | os.PathLike[str]) -> str:
 
 def sparsify(model: str | os.PathLike[str] | Engine, *, sparsity: float, calib: str | os.PathLike[str],
              out: str | os.PathLike[str], method: str = "greedy", budget_minutes: float = 5.0,
-             alpha: float = 1.0, lowrank: bool = True, groups: int = 3, max_calib_tokens: int = 1024,
+             alpha: float = 1.0, lowrank: bool = True, groups: int = 1, max_calib_tokens: int = 1024,
              imatrix: str | os.PathLike[str] | None = None, force: bool = False,
              progress: Progress | None = None) -> SparsifyResult:
     """Calibrate MODEL on `calib`, search a per-module allocation at `sparsity`, save it to `out`.
