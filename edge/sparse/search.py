@@ -47,6 +47,7 @@ class Objective:
     def __init__(self, engine: Engine, cal: Calibration, svd: object | None, *, chunk: int = 256,
                  max_chunks: int = 2) -> None:
         self.engine, self.cal, self.svd = engine, cal, svd
+        chunk = min(chunk, len(cal.tokens) // 2 * 2)  # a short calibration still gives one chunk
         self.hc = HalfChunks.prepare(engine, cal.tokens, chunk, max_chunks)
         self.n_evals = 0
 
