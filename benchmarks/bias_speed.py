@@ -37,38 +37,43 @@ def main() -> None:
     print(f"threads {rt.threads}")
     crows = load_suite(f"crows_pairs:{DATA / 'crows_pairs' / 'crows_pairs_anonymized.csv'}")
     if not a.skip_full:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = audit_suite(rt, crows)
         e = res.overall["pct_stereotype"]
-        print(f"full CrowS-Pairs audit: {time.perf_counter() - t0:.1f} s for {res.n_items} pairs, "
+        # CPU time too: on a shared machine wall time mostly measures the other jobs.
+        print(f"full CrowS-Pairs audit: {time.perf_counter() - t0:.1f} s wall, "
+              f"{time.process_time() - c0:.1f} s CPU for {res.n_items} pairs, "
               f"{res.tokens_decoded} tokens decoded; pct_stereotype {e.value:.2f} "
               f"[{e.lo:.2f}, {e.hi:.2f}] (reference 54.6)", flush=True)
 
     sub = crows.head(a.naive_pairs)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     naive = [[rt.token_logprobs(_sentence(rt, s)[0]).sum() for s in (it.more, it.less)] for it in sub.items]
-    t_naive = time.perf_counter() - t0
+    t_naive, c_naive = time.perf_counter() - t0, time.process_time() - c0
     with BatchScorer(rt) as sc:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = audit_suite(rt, sub, scorer=sc, n_boot=10)
-        t_batch = time.perf_counter() - t0
+        t_batch, c_batch = time.perf_counter() - t0, time.process_time() - c0
     nv = np.array(naive)
     same = M.pct_stereotype(nv[:, 0], nv[:, 1]) == res.overall["pct_stereotype"].value
     print(f"CrowS first {len(sub.items)} pairs: naive {t_naive:.1f} s, batched {t_batch:.1f} s, "
-          f"speed-up {t_naive / t_batch:.2f}x (same pct_stereotype: {same}); "
+          f"speed-up {t_naive / t_batch:.2f}x wall, {c_naive / c_batch:.2f}x CPU "
+          f"(same pct_stereotype: {same}); "
           f"full-suite naive estimate {t_naive * len(crows.items) / len(sub.items):.0f} s", flush=True)
 
     bbq = load_suite(f"bbq:{DATA / 'bbq'}", limit=a.bbq_items)
     with BatchScorer(rt) as sc:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         shared = score_bbq(sc, bbq)
-        t_sh, tok_sh = time.perf_counter() - t0, sc.tokens_decoded
-        t0 = time.perf_counter()
+        t_sh, c_sh, tok_sh = time.perf_counter() - t0, time.process_time() - c0, sc.tokens_decoded
+        t0, c0 = time.perf_counter(), time.process_time()
         scratch = score_bbq(sc, bbq, share_prefix=False)
-        t_sc, tok_sc = time.perf_counter() - t0, sc.tokens_decoded - tok_sh
+        t_sc, c_sc = time.perf_counter() - t0, time.process_time() - c0
+        tok_sc = sc.tokens_decoded - tok_sh
     agree = float(np.mean(shared.argmax(1) == scratch.argmax(1)))
     print(f"BBQ first {len(bbq.items)} items: shared context {t_sh:.1f} s ({tok_sh} tokens), "
-          f"from scratch {t_sc:.1f} s ({tok_sc} tokens), speed-up {t_sc / t_sh:.2f}x; "
+          f"from scratch {t_sc:.1f} s ({tok_sc} tokens), speed-up {t_sc / t_sh:.2f}x wall, "
+          f"{c_sc / c_sh:.2f}x CPU; "
           f"same answer chosen for {100 * agree:.1f}% of items")
     rt.close()
 
