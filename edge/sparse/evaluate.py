@@ -86,3 +86,15 @@ def sparse_perplexity(engine: Engine, text_or_tokens: str | Sequence[int], backe
     kl = np.concatenate([kl_rows(d, s) for d, s in zip(hc.dense_logits, logits, strict=True)])
     return SparsePpl(ppl=float(np.exp(nll.mean())), dense_ppl=float(np.exp(dense_nll.mean())),
                      kl=float(kl.mean()), n_scored=int(nll.size), n_chunks=len(hc.chunks))
+
+
+def profile_perplexity(model: str | None, text: str, sparse_profile: str, *, chunk: int = 512,
+                       max_chunks: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> SparsePpl:
+    """`edge eval ppl MODEL --text FILE --sparse-profile P` in one call: load the native
+    engine and the profile (sha-checked), then `sparse_perplexity` on `text`."""
+    from edge.engine.generate import load_native
+
+    sess = load_native(model, sparse_profile)
+    return sparse_perplexity(sess.engine, text, sess.backend, chunk=chunk, max_chunks=max_chunks,
+                             progress=progress)
