@@ -85,6 +85,7 @@ def short_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_bundled_model_against_itself(bundled_model: Path, short_text: Path) -> None:
     res = CliRunner().invoke(cli, ["eval", "ppl", str(bundled_model), "--text", str(short_text),
                                    "--ctx", "128", "--base", str(bundled_model), "--threads", "1", "--json"])
