@@ -222,15 +222,13 @@ def _add_metadata(w: gguf.GGUFWriter, hp: HParams, hf_dir: Path, outtype: str,
     w.add_rope_freq_base(hp.rope_theta)
     w.add_layer_norm_rms_eps(hp.rms_norm_eps)
     w.add_rope_dimension_count(hp.head_dim)
-    if hp.head_dim != hp.n_embd // hp.n_head:
-        w.add_key_length(hp.head_dim)
-        w.add_value_length(hp.head_dim)
+    w.add_key_length(hp.head_dim)
+    w.add_value_length(hp.head_dim)
     if hp.rope_scaling_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(hp.rope_scaling["factor"]))  # type: ignore[index]
     w.add_file_type(OUTTYPES[outtype][1])
-    if outtype == "q8_0":
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter, whatever the type
     return n_params
 
 
