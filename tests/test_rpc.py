@@ -99,7 +99,8 @@ def start_worker(env: dict[str, str]) -> Iterator[Callable[[], tuple[subprocess.
                 p.kill()
 
 
-def test_two_workers_give_the_local_text(env: dict[str, str], start_worker) -> None:
+@pytest.mark.slow
+def test_two_workers_give_the_local_text_in_run_chat_bench(env: dict[str, str], start_worker) -> None:
     from edge.generate import run_prompt
     from edge.runtime import RuntimeConfig, Sampling
 
@@ -117,6 +118,22 @@ def test_two_workers_give_the_local_text(env: dict[str, str], start_worker) -> N
     layers = sorted(i for w in workers for i in w["layers"])
     assert layers == list(range(31))  # 30 blocks + the output layer, all remote
     assert all(w["layers"] and w["model_bytes"] > 1 << 20 for w in workers)
+
+    # edge chat and edge bench take the same --rpc; bench reports the split per worker
+    rpc = f"127.0.0.1:{p1},127.0.0.1:{p2}"
+    chat = [*edge_cmd(), "chat", "--temp", "0", "-n", "12", "--ctx", "256", "-t", "1"]
+    remote = subprocess.run([*chat, "--rpc", rpc], input="Hi!\n", env=env, capture_output=True,
+                            text=True, timeout=120)
+    here = subprocess.run(chat, input="Hi!\n", env=env, capture_output=True, text=True, timeout=120)
+    assert remote.returncode == 0 and remote.stdout.strip() and remote.stdout == here.stdout
+    b = subprocess.run([*edge_cmd(), "bench", "--rpc", rpc, "--pp", "8", "--tg", "4", "--reps", "1",
+                        "--warmup", "0", "-t", "1", "--ctx", "32", "--json"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert b.returncode == 0, b.stderr
+    rec = json.loads(b.stdout)["tests"][0]
+    assert rec["config"]["rpc"] == rpc.split(",")
+    split = rec["metrics"]["rpc_split"]["workers"]
+    assert [len(w["layers"]) for w in split] == [len(w["layers"]) for w in workers]
 
 
 @pytest.mark.parametrize("how", ["kill", "freeze"])

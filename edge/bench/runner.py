@@ -42,6 +42,7 @@ class BenchConfig:
     cooldown_c: float | None = None
     cooldown_timeout_s: float = 600.0
     out: Path | None = None
+    rpc: list[str] | None = None  # `edge worker` endpoints that get the layers (edge.rpc)
 
     def validate(self) -> None:
         if not self.threads:
@@ -194,7 +195,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     try:
         with guard:
             for path in paths:
-                rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0]))  # weights only
+                rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc))  # weights only
                 try:
                     for threads in cfg.threads:
                         guard.check()
@@ -237,7 +238,7 @@ def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
         figures = _measure(bctx, cfg, tick)
         config = {"threads": threads, "n_ctx": bctx.n_ctx, "n_batch": bctx.n_batch,
                   "n_ubatch": bctx.n_ubatch, "flash_attn": "auto", "sparse_profile": None,
-                  "correction": None}
+                  "correction": None, "rpc": cfg.rpc}
     after = probe_state()
     metrics = {
         "test": cfg.test_name, "n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen, "reps": cfg.reps,
@@ -249,6 +250,11 @@ def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
         "cooldown_wait_s": waited.waited_s if waited else None,
         "cooldown_reached": waited.reached if waited else None,
     }
+    if cfg.rpc:
+        from edge.rpc import last_split
+
+        split = last_split()  # which layers and bytes went to which worker
+        metrics["rpc_split"] = split.to_dict() if split else None
     check()  # interrupted during the last decode: this test is not finished, do not log it
     rec = telemetry.log("bench", metrics, model=rt.info, config=config, run_id=result.run_id)
     return TestResult(rec)

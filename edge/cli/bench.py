@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edge.cli.options import rpc_option
 from edge.runtime import default_threads
 
 
@@ -114,6 +115,7 @@ class _BenchCommand(click.Command):
               help="Seconds to wait for --cooldown before running anyway (flagged).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the records to FILE (.jsonl, or .csv).")
+@rpc_option
 @click.option("--json", "as_json", is_flag=True, help="Print the records as one JSON object.")
 def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
               cooldown_timeout: float, **kw: Any) -> None:
@@ -132,6 +134,7 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
       edge bench model-q4_0.gguf model-q8_0.gguf --pp 128 --tg 64 --reps 5 --out pi5.jsonl
       edge bench --cooldown 50 --json
       edge bench compare last-week.jsonl today.jsonl
+      edge bench --rpc 192.168.1.21:50052,192.168.1.22:50052   # + which layers went where
     """
     from edge.bench.runner import BenchConfig, run_bench
 
@@ -161,8 +164,31 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
         return
     con = _console()
     con.print(_table(result.records, f"edge bench {cfg.test_name} ×{cfg.reps} (run {result.run_id})", con.width))
+    if cfg.rpc:
+        _print_split(con, result.records)
     if cfg.out:
         click.echo(f"Wrote {len(result.records)} record(s) to {cfg.out}")
+
+
+def _print_split(con: Console, records: list[dict[str, Any]]) -> None:
+    """The RPC split of each model benchmarked: layers and bytes per worker."""
+    seen = set()
+    for rec in records:
+        split, name = rec["metrics"].get("rpc_split"), (rec.get("model") or {}).get("path")
+        if not split or name in seen:
+            continue
+        seen.add(name)
+        t = Table(title=f"RPC split of {Path(name or '?').name}", title_justify="left",
+                  box=box.SIMPLE)
+        for col in ("worker", "device", "layers", "weights MiB"):
+            t.add_column(col)
+        for w in split["workers"]:
+            ls = w["layers"]
+            t.add_row(w["endpoint"], w["device"], f"{ls[0]}-{ls[-1]} ({len(ls)})" if ls else "-",
+                      f"{w['model_bytes'] / 2**20:.1f}")
+        local = sum(v.get("model", 0) for v in split["local_buffers"].values())
+        t.add_row("this device", "CPU", "-", f"{local / 2**20:.1f}")
+        con.print(t)
 
 
 def _ratio(r: float | None) -> str:
