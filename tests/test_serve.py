@@ -168,6 +168,7 @@ def test_queue_full_429_and_disconnect_cancels(server: dict) -> None:
     m = httpx.get(base + "/metrics", timeout=10).text
     assert metric(m, "edge_cancelled_total") == 1
     assert metric(m, "edge_rejected_total") >= 1
+    assert metric(m, 'edge_requests_total{endpoint="/v1/chat/completions",status="499"}') == 1
     new = latency_records(server["home"])[len(before):]
     assert len(new) == 1
     assert new[0]["metrics"]["stop_reason"] == "interrupted"

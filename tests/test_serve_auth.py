@@ -70,3 +70,33 @@ def test_queue_bound_is_exact(client) -> None:
     finally:
         engine._release()
     assert engine.in_flight == 0
+
+
+def test_metrics_show_the_last_fairness_audit_of_this_model(bundled_model) -> None:
+    from edge import telemetry
+    from edge.gguf_file import inspect
+    from edge.serve.metrics import ServeMetrics, last_fairness
+
+    info = inspect(bundled_model)
+    telemetry.log("fairness", {"suite": "x", "bias_score": 0.30, "n_items": 10}, model=info)
+    telemetry.log("fairness", {"suite": "x", "bias_score": 0.12, "accuracy": 0.9}, model=info)
+    assert last_fairness(info.fingerprint) == {"bias_score": 0.12, "accuracy": 0.9}
+    assert last_fairness("another-model") == {}
+    text = ServeMetrics().render(in_flight=0, max_queue=1, model_id="m",
+                                 fairness=last_fairness(info.fingerprint))
+    assert 'edge_fairness{metric="bias_score"} 0.12' in text
+    assert 'edge_fairness{metric="accuracy"} 0.9' in text
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    from edge.serve.metrics import ServeMetrics
+
+    m = ServeMetrics()
+    for s in (0.01, 0.3, 0.3, 7.0, 1000.0):
+        m.observe_request("/v1/x", 200, s)
+    text = m.render(in_flight=0, max_queue=0, model_id="m")
+    counts = {line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+              for line in text.splitlines() if line.startswith("edge_request_duration_seconds_bucket")}
+    assert counts["0.05"] == 1 and counts["0.5"] == 3 and counts["10"] == 4
+    assert counts["300"] == 4 and counts["+Inf"] == 5
+    assert 'edge_requests_total{endpoint="/v1/x",status="200"} 5' in text

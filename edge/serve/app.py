@@ -65,6 +65,10 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None,
     async def _api_error(_req: Request, e: ApiError) -> JSONResponse:
         return error(e.status, e.message, e.kind, e.code, e.param)
 
+    @app.exception_handler(Exception)
+    async def _server_error(_req: Request, e: Exception) -> JSONResponse:
+        return error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, e: StarletteHTTPException) -> JSONResponse:
         return error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
@@ -110,11 +114,27 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None,
     def _observe(endpoint: str, status: int, t0: float) -> None:
         engine.metrics.observe_request(endpoint, status, time.perf_counter() - t0)
 
+    async def guard(events: AsyncIterator[bytes], endpoint: str, t0: float) -> AsyncIterator[bytes]:
+        """Count the stream when it ends (499: the client left first). Once a stream has
+        started, an error can only be reported inside it."""
+        status = 499
+        try:
+            async for chunk in events:
+                yield chunk
+            status = 200
+        except Exception as e:
+            status = 500
+            yield sse(P.error_body(str(e) if isinstance(e, EdgeError) else
+                                   f"generation failed: {type(e).__name__}: {e}", "server_error"))
+        finally:
+            _observe(endpoint, status, t0)
+
     async def collect(request: Request, job: Job) -> str:
         """Run a job to the end; a client that hangs up meanwhile cancels it."""
         async def watch() -> None:
             while not await request.is_disconnected():
                 await asyncio.sleep(0.1)
+            job.client_gone = True
             job.cancel.set()
 
         watcher = asyncio.create_task(watch())
@@ -157,7 +177,7 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None,
         model = engine.model_id
         if not req.stream:
             text = await collect(request, job)
-            _observe("/v1/chat/completions", 200, t0)
+            _observe("/v1/chat/completions", 499 if job.client_gone else 200, t0)
             assert job.stats is not None
             return P.chat_response(rid, model, text, job.stats)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -171,9 +191,9 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None,
             if include_usage:
                 yield sse(P.chat_chunk(rid, model, {}, usage_=P.usage(job.stats), choices=False))
             yield b"data: [DONE]\n\n"
-            _observe("/v1/chat/completions", 200, t0)
 
-        return StreamingResponse(_guard(events()), media_type="text/event-stream")
+        return StreamingResponse(guard(events(), "/v1/chat/completions", t0),
+                                 media_type="text/event-stream")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
@@ -189,7 +209,7 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None,
         model = engine.model_id
         if not req.stream:
             text = await collect(request, job)
-            _observe("/v1/completions", 200, t0)
+            _observe("/v1/completions", 499 if job.client_gone else 200, t0)
             assert job.stats is not None
             return P.completion_response(rid, model, text, P.finish_reason(job.stats.stop_reason),
                                          P.usage(job.stats))
@@ -201,17 +221,10 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None,
             yield sse(P.completion_response(rid, model, "", P.finish_reason(job.stats.stop_reason),
                                             P.usage(job.stats)))
             yield b"data: [DONE]\n\n"
-            _observe("/v1/completions", 200, t0)
 
-        return StreamingResponse(_guard(events()), media_type="text/event-stream")
+        return StreamingResponse(guard(events(), "/v1/completions", t0),
+                                 media_type="text/event-stream")
 
     return app
 
 
-async def _guard(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Once a stream has started, an error can only be reported inside it."""
-    try:
-        async for chunk in events:
-            yield chunk
-    except EdgeError as e:
-        yield f"data: {json.dumps(P.error_body(str(e), 'server_error'))}\n\n".encode()

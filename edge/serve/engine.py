@@ -40,6 +40,7 @@ class Job:
     stats: GenerationStats | None = None
     error: BaseException | None = None
     queued_s: float = 0.0
+    client_gone: bool = False
     queue: asyncio.Queue[Any] = field(default=None, repr=False)  # type: ignore[assignment]
 
 
