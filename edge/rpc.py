@@ -266,7 +266,8 @@ def _parse_split(log: str, devices: list[int]) -> RpcSplit:
 
 
 @contextlib.contextmanager
-def offload_to(endpoints: list[str] | str) -> Iterator[list[int]]:
+def offload_to(endpoints: list[str] | str,
+               tensor_split: list[float] | None = None) -> Iterator[list[int]]:
     """While active, llama_cpp.Llama(...) built with n_gpu_layers=-1 puts its layers on the
     workers: llama-cpp-python has no `devices` argument, so the default model params it
     starts from get the NULL-terminated device array (restored on exit). llama.cpp's load
@@ -277,6 +278,11 @@ def offload_to(endpoints: list[str] | str) -> Iterator[list[int]]:
 
     eps = parse_endpoints(endpoints)
     devices = register(eps)
+    if tensor_split is not None and (len(tensor_split) != len(devices) or sum(tensor_split) <= 0
+                                     or min(tensor_split) < 0):
+        raise BadOptionError(
+            f"--tensor-split needs {len(devices)} non-negative shares, one per RPC device "
+            f"({', '.join(str(e) for e in eps)}), e.g. --tensor-split {','.join(['1'] * len(devices))}")
     arr = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
     original = C.llama_model_default_params
     lines: list[str] = []

@@ -61,6 +61,7 @@ class RuntimeConfig:
     use_mlock: bool = False
     seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
     rpc: list[str] | None = None  # HOST:PORT of `edge worker`s that get the layers (edge.rpc)
+    tensor_split: list[float] | None = None  # share of the layers per RPC device (with rpc)
 
     def validate(self) -> None:
         if self.n_ctx < 16:
@@ -364,8 +365,10 @@ def _load(path: Path, config: RuntimeConfig, threads: int) -> Any:
     if config.rpc:
         from edge.rpc import offload_to
 
-        devices = offload_to(config.rpc)
+        devices = offload_to(config.rpc, config.tensor_split)
         extra["n_gpu_layers"] = -1  # every layer to the RPC devices
+        if config.tensor_split:
+            extra["tensor_split"] = config.tensor_split
     try:
         with devices:
             return llama_cpp.Llama(

@@ -54,6 +54,8 @@ def free_port() -> int:
     (["--rpc", "nope"], "is not HOST:PORT"),
     (["--rpc", "127.0.0.1:70000"], "is not HOST:PORT"),
     (["--rpc", "127.0.0.1:{free}"], "is unreachable"),
+    (["--tensor-split", "1,1"], "give --rpc too"),
+    (["--rpc", "127.0.0.1:{free}", "--tensor-split", "x"], "not a list of numbers"),
 ])
 def test_bad_rpc_is_one_line_exit_2(env: dict[str, str], args: list[str], needle: str) -> None:
     args = [a.format(free=free_port()) for a in args]
@@ -118,6 +120,14 @@ def test_two_workers_give_the_local_text_in_run_chat_bench(env: dict[str, str], 
     layers = sorted(i for w in workers for i in w["layers"])
     assert layers == list(range(31))  # 30 blocks + the output layer, all remote
     assert all(w["layers"] and w["model_bytes"] > 1 << 20 for w in workers)
+
+    # --tensor-split 3,1 gives the first worker about three times the layers
+    r = subprocess.run([*edge_cmd(), "run", "--raw", "--temp", "0", "-n", "4", "--ctx", "64", "-t", "1",
+                        "-p", PROMPT, "--json", "--rpc", f"127.0.0.1:{p1},127.0.0.1:{p2}",
+                        "--tensor-split", "3,1"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    n1, n2 = (len(w["layers"]) for w in json.loads(r.stdout)["rpc"]["workers"])
+    assert n1 + n2 == 31 and 2.5 <= n1 / n2 <= 4
 
     # edge chat and edge bench take the same --rpc; bench reports the split per worker
     rpc = f"127.0.0.1:{p1},127.0.0.1:{p2}"

@@ -43,6 +43,7 @@ class BenchConfig:
     cooldown_timeout_s: float = 600.0
     out: Path | None = None
     rpc: list[str] | None = None  # `edge worker` endpoints that get the layers (edge.rpc)
+    tensor_split: list[float] | None = None  # share of the layers per RPC device
 
     def validate(self) -> None:
         if not self.threads:
@@ -195,7 +196,8 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     try:
         with guard:
             for path in paths:
-                rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc))  # weights only
+                rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc,
+                                                 tensor_split=cfg.tensor_split))  # weights only
                 try:
                     for threads in cfg.threads:
                         guard.check()
@@ -238,7 +240,8 @@ def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
         figures = _measure(bctx, cfg, tick)
         config = {"threads": threads, "n_ctx": bctx.n_ctx, "n_batch": bctx.n_batch,
                   "n_ubatch": bctx.n_ubatch, "flash_attn": "auto", "sparse_profile": None,
-                  "correction": None, "rpc": cfg.rpc}
+                  "correction": None, "rpc": cfg.rpc,
+                  "tensor_split": cfg.tensor_split}
     after = probe_state()
     metrics = {
         "test": cfg.test_name, "n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen, "reps": cfg.reps,

@@ -57,8 +57,22 @@ def _parse_rpc(_ctx: click.Context, _param: click.Parameter, value: str | None) 
         raise click.BadParameter(str(e).removeprefix("--rpc ")) from None
 
 
+def _parse_split(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        shares = [float(x) for x in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a list of numbers, e.g. 3,1") from None
+    if min(shares) < 0 or sum(shares) <= 0:
+        raise click.BadParameter(f"'{value}': shares must be ≥ 0 and not all 0")
+    return shares
+
+
 def rpc_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--rpc HOST:PORT,...: put the model's layers on `edge worker`s (see edge/rpc.py)."""
+    """--rpc HOST:PORT,... and --tensor-split: put the model's layers on `edge worker`s."""
+    f = click.option("--tensor-split", metavar="N,N,...", callback=_parse_split, default=None,
+                     help="Share of the layers per --rpc worker, e.g. 3,1 [default: by free memory].")(f)
     return click.option("--rpc", metavar="HOST:PORT,...", callback=_parse_rpc, default=None,
                         help="Offload the model's layers to these `edge worker`s.")(f)
 
@@ -66,7 +80,9 @@ def rpc_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def runtime_config(kw: dict[str, Any]) -> RuntimeConfig:
     cfg = RuntimeConfig(n_ctx=kw.pop("n_ctx"), threads=kw.pop("threads"),
                         use_mlock=kw.pop("mlock"), use_mmap=not kw.pop("no_mmap"),
-                        rpc=kw.pop("rpc", None))
+                        rpc=kw.pop("rpc", None), tensor_split=kw.pop("tensor_split", None))
+    if cfg.tensor_split and not cfg.rpc:
+        raise click.UsageError("--tensor-split splits the layers between --rpc workers; give --rpc too")
     if kw.get("seed") is not None:
         cfg.seed = kw["seed"]
     return cfg
