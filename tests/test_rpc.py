@@ -163,3 +163,14 @@ def test_lost_worker_is_one_line_not_a_hang(env: dict[str, str], start_worker, h
     err = p.stderr.read().decode()
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("Error: an RPC worker stopped answering")
+
+
+def test_worker_on_a_busy_port_is_one_line_error(env: dict[str, str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([*edge_cmd(), "worker", "--port", str(port)], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1].startswith(f"Error: could not listen on 127.0.0.1:{port}")
