@@ -3,7 +3,7 @@
 # built with the right CPU flags for this board, edge itself, zram swap, CPU governor.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 
 usage() {

