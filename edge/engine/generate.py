@@ -47,15 +47,21 @@ def load_native(model: str | os.PathLike[str] | None, sparse_profile: str | os.P
                 threads: int | None = None) -> NativeSession:
     """The engine, plus the profile's backend when given (its model sha is checked)."""
     from edge.catalog import resolve_model
+    from edge.gguf_file import inspect
+    from edge.sparse.profile import SparseProfile
 
     t0 = time.perf_counter()
-    engine = Engine.from_gguf(resolve_model(model))
+    path = resolve_model(model)
+    prof = None
+    if sparse_profile is not None:  # a wrong profile fails before the weights are read
+        prof = SparseProfile.load(sparse_profile)
+        prof.check_fingerprint(inspect(path).fingerprint, sparse_profile)
+    engine = Engine.from_gguf(path)
     backend = None
-    if sparse_profile is not None:
-        from edge.sparse.profile import SparseProfile
+    if prof is not None:
         from edge.sparse.rsparse import SparseBackend
 
-        prof = SparseProfile.load(sparse_profile, engine)
+        prof.check(engine, sparse_profile)
         svd = None
         if prof.needs_svd:
             from edge.sparse.svd import SvdCache

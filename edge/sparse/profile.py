@@ -92,11 +92,14 @@ class SparseProfile:
             prof.check(engine, p)
         return prof
 
-    def check(self, engine: Engine, path: Path | str = "profile") -> None:
-        if self.model_fingerprint != engine.info.fingerprint:
+    def check_fingerprint(self, fingerprint: str, path: Path | str = "profile") -> None:
+        if self.model_fingerprint != fingerprint:
             raise SparseProfileError(
                 f"{path} was made for another model (sha {self.model_fingerprint[:12]}…, this model "
-                f"is {engine.info.fingerprint[:12]}…); run `edge sparsify` on this model")
+                f"is {fingerprint[:12]}…); run `edge sparsify` on this model")
+
+    def check(self, engine: Engine, path: Path | str = "profile") -> None:
+        self.check_fingerprint(engine.info.fingerprint, path)
         a = engine.config
         for m in self.modules:
             if not (0 <= m.layer < a.n_layers) or m.name not in engine.weights.layers[0].wt:
