@@ -17,7 +17,7 @@ def load_runtime(model: str | None, config: RuntimeConfig | None = None) -> Runt
 
 def runtime_config_record(rt: Runtime, **extra: object) -> dict[str, object]:
     return {"threads": rt.threads, "n_ctx": rt.n_ctx, "n_batch": rt.llm.n_batch,
-            "sparse_profile": None, "correction": None, **extra}
+            "sparse_profile": None, "correction": None, "rpc": rt.config.rpc, **extra}
 
 
 @dataclass

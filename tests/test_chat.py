@@ -16,7 +16,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def test_chat_in_a_terminal(env: dict[str, str]) -> None:
     cmd = edge_cmd()
     child = pexpect.spawn(cmd[0], [*cmd[1:], "chat", "-n", "400", "--temp", "0.7", "--seed", "3"],
-                          env=env, encoding="utf-8", timeout=90, dimensions=(40, 120))
+                          env=env, encoding="utf-8", timeout=180, dimensions=(40, 120))
     try:
         child.expect("/help for commands")
         child.expect(">>> ")
@@ -64,7 +64,7 @@ def test_piped_chat_prints_only_answers(env: dict[str, str]) -> None:
 def test_sixty_turns_in_a_small_context_never_fail(env: dict[str, str]) -> None:
     turns = [f"Tell me one fact about the number {i}." for i in range(60)]
     script = "\n".join(turns + ["/stats"]) + "\n"
-    out = subprocess.run([*edge_cmd(), "chat", "--ctx", "512", "-n", "48", "--temp", "0"], input=script,
+    out = subprocess.run([*edge_cmd(), "chat", "--ctx", "512", "-n", "48", "--temp", "0", "--threads", "1"], input=script,
                          env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Error" not in out.stdout and out.stderr == ""
