@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import click
 
 from edge.convert import OUTTYPES, convert
+from edge.errors import ConversionError
 
 
 @contextmanager
@@ -55,8 +56,13 @@ def convert_cmd(hf_dir: str, out: str, outtype: str, name: str | None, force: bo
       edge convert ./SmolLM2-135M -o smollm2.f32.gguf --outtype f32 --force
       edge quantize llama2-7b.f16.gguf -o llama2-7b.Q4_K_M.gguf --type Q4_K_M
     """
-    with tensor_progress(not as_json and sys.stderr.isatty(), "converting") as progress:
-        result = convert(hf_dir, out, outtype=outtype.lower(), force=force, name=name, progress=progress)
+    try:
+        with tensor_progress(not as_json and sys.stderr.isatty(), "converting") as progress:
+            result = convert(hf_dir, out, outtype=outtype.lower(), force=force, name=name,
+                             progress=progress)
+    except KeyboardInterrupt:
+        # The issue's contract: an interrupted conversion is an error like any other (exit 2).
+        raise ConversionError(f"interrupted (Ctrl-C); {out} was not written") from None
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
