@@ -126,3 +126,19 @@ def test_zero_sparsity_profile_is_dense_and_kernel_matches_numpy():
         outs.append(e.forward(tokens[-1:], cache=cache, backend=SparseBackend(e, specs, use_kernel=use_kernel)).logits)
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-3)
     assert np.abs(outs[0] - dense[-1:]).max() > 1e-2  # 50% sparsity does change the answer
+
+
+@pytest.mark.slow
+def test_eval_ppl_with_sparse_profile(made, env):
+    calib, prof, _, _ = made
+    r = _edge(["eval", "ppl", "--text", str(calib), "--ctx", "128", "--chunks", "2",
+               "--sparse-profile", str(prof), "--json"], env)
+    assert r.returncode == 0, r.stderr
+    sp = json.loads(r.stdout)
+    assert sp["n_chunks"] == 2 and 2 * 60 <= sp["n_scored"] <= 2 * 64
+    assert sp["kl"] > 0 and sp["ppl"] > sp["dense_ppl"]  # 40% sparsity costs something
+    # The engine's dense PPL agrees with llama.cpp's on the same chunks (Q4_1 activations differ).
+    r = _edge(["eval", "ppl", "--text", str(calib), "--ctx", "128", "--chunks", "2", "--json"], env)
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(r.stdout)["ppl"]
+    assert abs(sp["dense_ppl"] / ref - 1) < 0.10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -44,9 +45,12 @@ def _render(r: PerplexityResult) -> None:
               help="Score at most this many chunks [default: all].")
 @click.option("-t", "--threads", type=click.IntRange(1, 256), default=None,
               help="CPU threads [default: physical cores].")
+@click.option("--sparse-profile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Score with R-Sparse (native engine) as it decodes: context half dense, scored "
+              "half sparse; the dense PPL and KL of the same run come with it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def ppl_cmd(model: str | None, text: str, n_ctx: int, base: str | None, max_chunks: int | None,
-            threads: int | None, as_json: bool) -> None:
+            threads: int | None, sparse_profile: str | None, as_json: bool) -> None:
     """Perplexity of MODEL (a .gguf, a catalog name, or the bundled model) on a text file,
     computed as llama-perplexity does: non-overlapping --ctx chunks, second half scored.
 
@@ -58,7 +62,22 @@ def ppl_cmd(model: str | None, text: str, n_ctx: int, base: str | None, max_chun
       edge eval ppl --text wiki.test.raw
       edge eval ppl model.Q4_K_M.gguf --text wiki.test.raw --ctx 512 --base model.f16.gguf
       edge eval ppl model.Q4_0.gguf --text notes.txt --json
+      edge eval ppl --text docs.txt --sparse-profile smollm2-50.json
     """
+    if sparse_profile:
+        if base:
+            raise click.UsageError("--sparse-profile compares with the dense model itself; drop --base")
+        from edge.sparse.evaluate import profile_perplexity
+
+        with open(text, encoding="utf-8", errors="replace") as f:
+            sp = profile_perplexity(model, f.read(), sparse_profile, chunk=n_ctx, max_chunks=max_chunks)
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(sp)))
+        else:
+            click.echo(f"PPL (sparse)       {sp.ppl:.4f}\nPPL (dense, same run) {sp.dense_ppl:.4f}  "
+                       f"(× {sp.ppl / sp.dense_ppl:.3f})\nmean KL to dense   {sp.kl:.5f}  "
+                       f"over {sp.n_scored} tokens in {sp.n_chunks} chunks")
+        return
     with tensor_progress(not as_json and sys.stderr.isatty(), "scoring") as progress:
         r = perplexity(model, text, n_ctx=n_ctx, base=base, threads=threads, max_chunks=max_chunks,
                        progress=progress)
