@@ -94,3 +94,28 @@ def test_session_trims_keeps_reuse_and_saves(runtime, tmp_path) -> None:  # type
     assert md.startswith("**system**: Be brief.") and "**user**: Say the number 5." in md
     s.reset()
     assert s.messages == [] and s.system == "Be brief."
+
+
+def test_piped_chat_with_a_correction_vector(env: dict[str, str], tmp_path, bundled_model) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from bias.cvec import write
+    from edge.gguf_file import inspect
+
+    info = inspect(bundled_model)
+    rng = np.random.default_rng(1)
+    vec = tmp_path / "v.gguf"
+    write(vec, rng.standard_normal((info.n_layers, info.n_embd)).astype(np.float32))
+
+    def chat(*extra: str) -> str:
+        out = subprocess.run([*edge_cmd(), "chat", "--temp", "0", "-n", "12", "--threads", "1", *extra],
+                             input="Name a fruit.\n", env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    plain = chat()
+    assert chat("--correction", str(vec), "--correction-scale", "0") == plain
+    assert chat("--correction", str(vec), "--correction-scale", "4") != plain
+    bad = subprocess.run([*edge_cmd(), "chat", "--correction", str(tmp_path / "none.gguf")], input="hi\n",
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

@@ -9,6 +9,7 @@ import click
 
 from edge.chat import ChatSession, repl
 from edge.cli.options import (
+    correction_options,
     model_argument,
     rpc_option,
     runtime_config,
@@ -27,7 +28,9 @@ from edge.generate import load_runtime
 @runtime_options
 @rpc_option
 @sampling_options
-def chat_cmd(model: str | None, system: str | None, max_tokens: int, **kw: Any) -> None:
+@correction_options
+def chat_cmd(model: str | None, system: str | None, max_tokens: int, correction: str | None,
+             correction_scale: float, **kw: Any) -> None:
     """Chat with MODEL (a .gguf path, a catalog name, or the bundled SmolLM2-135M-Instruct).
 
     Answers stream as they are generated. The oldest turns are dropped when the
@@ -41,12 +44,20 @@ def chat_cmd(model: str | None, system: str | None, max_tokens: int, **kw: Any) 
       edge chat
       edge chat --system "Answer in one sentence." --temp 0.3
       printf 'Hi!\\nWhat is 2+2?\\n' | edge chat --temp 0
+      edge chat --correction fair.gguf          # with a bias-correction vector
     """
     cfg = runtime_config(kw)
     smp = sampling(kw)
     rt = load_runtime(model, cfg)
     try:
-        session = ChatSession(rt, system=system, max_tokens=max_tokens, sampling=smp)
+        extra: dict[str, Any] = {}
+        if correction:
+            from bias.cvec import load_correction
+
+            load_correction(rt, correction, correction_scale)
+            extra = {"correction": correction, "correction_scale": correction_scale}
+        session = ChatSession(rt, system=system, max_tokens=max_tokens, sampling=smp,
+                              config_extra=extra)
         i = rt.info
         banner = (f"edge chat · {rt.path.name} ({i.params / 1e6:.0f}M params, {i.quant}) · "
                   f"ctx {rt.n_ctx} · {rt.threads} threads\n"

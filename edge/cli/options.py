@@ -92,3 +92,12 @@ def sampling(kw: dict[str, Any]) -> Sampling:
     return Sampling(temp=kw.pop("temp"), top_p=kw.pop("top_p"), top_k=kw.pop("top_k"),
                     min_p=kw.pop("min_p"), repeat_penalty=kw.pop("repeat_penalty"),
                     seed=kw.pop("seed"))
+
+
+def correction_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--correction CVEC.gguf [--correction-scale X]: a bias-correction control vector."""
+    f = click.option("--correction-scale", type=click.FloatRange(-100, 100), default=1.0,
+                     show_default=True, help="Multiplier for --correction (1.0 applies it as written).")(f)
+    return click.option("--correction", type=click.Path(dir_okay=False), default=None,
+                        help="Control-vector GGUF added to the residual stream while generating "
+                        "(e.g. from `edge bias mitigate`).")(f)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from edge.cli.options import (
+    correction_options,
     model_argument,
     rpc_option,
     runtime_config,
@@ -32,10 +33,7 @@ from edge.generate import run_prompt
 @sampling_options
 @click.option("--sparse-profile", type=click.Path(dir_okay=False), default=None,
               help="Run on edge's native engine with this R-Sparse profile (see `edge sparsify`).")
-@click.option("--correction", type=click.Path(dir_okay=False), default=None,
-              help="A control-vector GGUF (e.g. from `edge bias mitigate`) added while generating.")
-@click.option("--correction-scale", type=float, default=1.0, show_default=True,
-              help="Multiplier for --correction (1.0 applies it as written).")
+@correction_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and timings.")
 def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str | None,
             mode: str | None, sparse_profile: str | None, as_json: bool, correction: str | None = None,
@@ -67,8 +65,9 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    if sparse_profile is not None and cfg.rpc:
-        raise click.UsageError("--sparse-profile runs on edge's native engine; it cannot use --rpc")
+    if sparse_profile is not None and (cfg.rpc or correction):
+        raise click.UsageError("--sparse-profile runs on edge's native engine; it cannot use "
+                               + ("--rpc" if cfg.rpc else "--correction"))
     if sparse_profile is not None:
         from edge.engine.generate import run_native_prompt
 
