@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import BadOptionError, ContextOverflowError
+from edge.errors import BadOptionError
 
 # (tokens, first): tokens evaluated from position 0 on an empty cache → logits of positions
 # first..len(tokens)-1, shape (len(tokens) - first, n_vocab). `first` lets a source skip
@@ -139,31 +139,7 @@ def summarize(scores: TokenScores, *, model: str, n_ctx: int, n_tokens: int,
 
 def runtime_logits(rt: Any) -> LogitsFn:
     """Logits of a loaded edge Runtime (llama.cpp) from an empty KV cache, positions ≥ first."""
-
-    def logits(tokens: Sequence[int], first: int = 0) -> np.ndarray:
-        tokens = list(tokens)
-        if len(tokens) > rt.n_ctx:
-            raise ContextOverflowError(f"{len(tokens)} tokens do not fit the {rt.n_ctx}-token context")
-        llm = rt.llm
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        n_vocab = llm.n_vocab()
-        out = np.empty((len(tokens) - first, n_vocab), dtype=np.float32)
-        for start in range(0, len(tokens), llm.n_batch):
-            part = tokens[start : start + llm.n_batch]
-            llm._batch.set_batch(batch=part, n_past=start, logits_all=True)
-            wanted = [start + k >= first for k in range(len(part))]
-            for k, w in enumerate(wanted):
-                llm._batch.batch.logits[k] = w  # as llama-perplexity: outputs only where scored
-            llm._ctx.decode(llm._batch)
-            n_out = sum(wanted)
-            if n_out:
-                row = max(start, first) - first
-                out[row : row + n_out] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, n_vocab))
-        llm.reset()  # llama-cpp-python's prefix cache no longer matches the KV cache
-        return out
-
-    return logits
+    return rt.logits
 
 
 def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str], *, n_ctx: int = 512,

@@ -293,35 +293,41 @@ class Runtime:
         assert self.last is not None
         return self.last
 
-    # ---- log-probabilities ----------------------------------------------------------
-    def token_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
-        """log p(tokens[i] | tokens[:i]) for i ≥ 1, from one pass over the sequence."""
+    # ---- logits and log-probabilities -------------------------------------------------
+    def logits(self, tokens: Sequence[int], first: int = 0) -> np.ndarray:
+        """Logits at positions ≥ `first` of `tokens`, (T - first, n_vocab) float32, from an
+        empty KV cache. llama.cpp computes outputs only where asked, as llama-perplexity does."""
         tokens = list(tokens)
-        if len(tokens) < 2:
-            return np.zeros(0, dtype=np.float64)
         if len(tokens) > self.n_ctx:
             raise ContextOverflowError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token context")
         llm = self.llm
         llm.reset()
         llm._ctx.kv_cache_clear()
         n_vocab = llm.n_vocab()
-        out = np.empty(len(tokens) - 1, dtype=np.float64)
+        out = np.empty((max(0, len(tokens) - first), n_vocab), dtype=np.float32)
         for start in range(0, len(tokens), llm.n_batch):
-            chunk = tokens[start : start + llm.n_batch]
-            llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+            part = tokens[start : start + llm.n_batch]
+            llm._batch.set_batch(batch=part, n_past=start, logits_all=True)
+            wanted = [start + k >= first for k in range(len(part))]
+            for k, w in enumerate(wanted):
+                llm._batch.batch.logits[k] = w
             llm._ctx.decode(llm._batch)
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
-            rows = logits.astype(np.float64)
-            m = rows.max(axis=1, keepdims=True)
-            lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
-            for j in range(len(chunk)):
-                i = start + j
-                if i + 1 < len(tokens):
-                    out[i] = rows[j, tokens[i + 1]] - lse[j]
-        # Keep llama-cpp-python's view of the KV cache consistent for prefix reuse.
-        llm.input_ids[: len(tokens)] = tokens
-        llm.n_tokens = len(tokens)
+            n_out = sum(wanted)
+            if n_out:
+                row = max(start, first) - first
+                out[row : row + n_out] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, n_vocab))
+        llm.reset()  # llama-cpp-python's prefix cache no longer matches the KV cache
         return out
+
+    def token_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        """log p(tokens[i] | tokens[:i]) for i ≥ 1, from one pass over the sequence."""
+        tokens = list(tokens)
+        if len(tokens) < 2:
+            return np.zeros(0, dtype=np.float64)
+        rows = self.logits(tokens[:-1]).astype(np.float64)
+        m = rows.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True)))[:, 0]
+        return rows[np.arange(len(rows)), tokens[1:]] - lse
 
     # ---- control vectors ------------------------------------------------------------
     def set_control_vector(self, directions: np.ndarray | None, scale: float = 1.0) -> None:

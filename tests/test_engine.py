@@ -50,7 +50,7 @@ def test_kv_cache_matches_full_pass(engine):
     hidden = np.concatenate([a.hidden] + [s.hidden for s in steps], axis=1)
     assert cache.n_past == 24
     np.testing.assert_allclose(logits, full.logits, rtol=0, atol=2e-3)
-    np.testing.assert_allclose(hidden, full.hidden, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(hidden, full.hidden, rtol=1e-5, atol=2e-3)  # |h| reaches 2e4
     assert full.hidden.shape == (engine.config.n_layers, 24, engine.config.n_embd)
 
 

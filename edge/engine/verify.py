@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.engine.model import Engine
-from edge.errors import ContextOverflowError
 from edge.runtime import Runtime
 
 
@@ -34,23 +33,7 @@ def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 
 def llama_logits(rt: Runtime, tokens: Sequence[int]) -> np.ndarray:
     """Every position's logits from llama.cpp, (T, n_vocab) float32, from a clean context."""
-    tokens = list(tokens)
-    if len(tokens) > rt.n_ctx:
-        raise ContextOverflowError(f"{len(tokens)} tokens do not fit the {rt.n_ctx}-token context")
-    llm = rt.llm
-    llm.reset()
-    llm._ctx.kv_cache_clear()
-    n_vocab = llm.n_vocab()
-    out = np.empty((len(tokens), n_vocab), dtype=np.float32)
-    for start in range(0, len(tokens), llm.n_batch):
-        chunk = tokens[start : start + llm.n_batch]
-        llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
-        llm._ctx.decode(llm._batch)
-        out[start : start + len(chunk)] = np.ctypeslib.as_array(
-            llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
-    llm.reset()
-    llm._ctx.kv_cache_clear()
-    return out
+    return rt.logits(tokens)
 
 
 def compare_logits(ref: np.ndarray, ours: np.ndarray) -> Agreement:
