@@ -84,11 +84,14 @@ class ChatSession:
         tokens = self._fit(user)
         budget = min(self.max_tokens, self.rt.n_ctx - len(tokens))
         self.messages.append({"role": "user", "content": user})
+        previous = self.rt.last
         try:
             yield from self.rt.stream(tokens, max_tokens=budget, sampling=self.sampling)
         finally:
             last = self.rt.last
-            if last is not None:
+            if last is None or last is previous:  # stopped before generation began
+                self.messages.pop()
+            else:
                 self.messages.append({"role": "assistant", "content": last.text})
                 self.turns += 1
                 self.context_used = len(tokens) + last.n_gen_tokens

@@ -26,6 +26,7 @@ def test_chat_in_a_terminal(env: dict[str, str]) -> None:
 
         # Ctrl-C mid-answer stops it and keeps the session.
         child.sendline("Write a very long story about a dragon and a knight, with many chapters.")
+        child.expect(r"chapters\.\r\n")  # our own line, echoed by the terminal
         child.expect(r"\w+ \w+ \w+")  # the answer has started streaming
         child.sendintr()
         child.expect(r"\[stopped\]")
