@@ -11,8 +11,6 @@ exactly the correction the loop chose; its coefficients are kept as metadata.
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import InvalidModelFileError
+from edge.paths import atomic_path
 
 ARCH = "controlvector"
 KEY_HINT = f"{ARCH}.model_hint"
@@ -68,10 +67,7 @@ def write(path: str | os.PathLike[str], directions: np.ndarray, *, model_hint: s
     if d.ndim != 2 or d.shape[0] < 2:
         raise ValueError(f"directions must be (n_layers ≥ 2, n_embd), got {d.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         w.add_string(KEY_HINT, model_hint)
         w.add_int32(KEY_LAYERS, d.shape[0] - 1)
@@ -85,11 +81,6 @@ def write(path: str | os.PathLike[str], directions: np.ndarray, *, model_hint: s
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 
