@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from edge.cli.options import parse_since
 from edge.telemetry import KINDS, read_records
-
-
-def _since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a date; use YYYY-MM-DD or an ISO time") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 def _headline(rec: dict) -> str:
@@ -46,7 +36,7 @@ def logs_cmd(kind: str | None, since: str | None, last: int | None, as_json: boo
       edge logs --kind latency --since 2026-11-01
       edge logs --json | jq .metrics.gen_tps
     """
-    q = read_records(kind, _since(since))
+    q = read_records(kind, parse_since(since))
     recs = q.records[-last:] if last else q.records
     if as_json:
         for r in recs:

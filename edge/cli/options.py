@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -101,3 +102,14 @@ def correction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--correction", type=click.Path(dir_okay=False), default=None,
                         help="Control-vector GGUF added to the residual stream while generating "
                         "(e.g. from `edge bias mitigate`).")(f)
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """--since DATE → an aware datetime (UTC when no zone is given)."""
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a date; use YYYY-MM-DD or an ISO time") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-
-def _since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a date; use YYYY-MM-DD") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+from edge.cli.options import parse_since
 
 
 @click.command("report")
@@ -41,7 +32,7 @@ def report_cmd(out_dir: Path, sources: tuple[Path, ...], since: str | None, titl
     from edge.report import build_report
 
     bench = [r for s in sources for r in read_records(s)] if sources else None
-    res = build_report(out_dir, bench=bench, latency=[] if sources else None, since=_since(since),
+    res = build_report(out_dir, bench=bench, latency=[] if sources else None, since=parse_since(since),
                        title=title)
     if as_json:
         click.echo(json.dumps({"index": str(res.index), "images": res.images, "bench_records": res.n_bench,
