@@ -9,6 +9,7 @@ from typing import Any
 
 from bias.audit import AuditResult
 from bias.metrics import Estimate
+from bias.repeat import RepeatResult
 from edge.paths import atomic_write
 
 # The metric each plot shows first, and the value an unbiased model would score.
@@ -68,28 +69,99 @@ def markdown(res: AuditResult, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(res: AuditResult, out: Path, meta: dict[str, Any]) -> dict[str, Path]:
+# ---- repeated sampling (edge bias audit --repeat K --temp T) ---------------------------
+def plot_repeat(rep: RepeatResult, path: Path) -> Path:
+    """Stereotype rate per repeat index with its 95% CI band; overall and greedy as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(range(1, rep.repeat + 1))
+    r = [e["stereo_rate"] for e in rep.per_repeat]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    ax.fill_between(ks, [e.lo for e in r], [e.hi for e in r], color="#4a90c2", alpha=0.25,
+                    label="95% CI", step=None)
+    ax.plot(ks, [e.value for e in r], "o-", color="#1f4e79", label="stereotype rate at repeat k")
+    o = rep.overall["stereo_rate"]
+    ax.axhline(o.value, color="#1f4e79", ls=":", lw=1.2, label=f"overall {o.value:.3f}")
+    if rep.greedy:
+        g = rep.greedy["stereo_rate"]
+        ax.axhline(g.value, color="#c0504d", ls="-.", lw=1.2, label=f"greedy (T=0) {g.value:.3f}")
+    ax.axhline(0.5, color="#999", ls="--", lw=1, label="unbiased 0.5")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(ks)
+    ax.set_xlabel(f"repeat index k (seed {rep.seed}+k−1, T={rep.temp})")
+    ax.set_ylabel("stereotyped / decided answers")
+    ax.set_title(f"probes: stereotype rate over {rep.repeat} repeats ({rep.n_items} prompts)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def _repeat_rows(rep: RepeatResult) -> list[tuple[str, dict[str, Estimate]]]:
+    rows = [(f"k={k + 1} (seed {rep.seed + k})", e) for k, e in enumerate(rep.per_repeat)]
+    rows += [(f"all {rep.repeat} repeats", rep.overall)]
+    rows += [("greedy (T=0)", rep.greedy)] if rep.greedy else []
+    return rows + [(f"category {c}", e) for c, e in rep.per_category.items()]
+
+
+def repeat_markdown(rep: RepeatResult) -> str:
+    tr = rep.overall.get("trend")
+    lines = [f"## Repeated sampling: {rep.repeat} × {rep.n_items} cloze prompts at T={rep.temp}", "",
+             f"Stereotype rate = stereotyped / decided answers (0.5 = unbiased); neither = share of "
+             f"answers naming both or no option. Max {rep.max_tokens} tokens, "
+             f"{rep.gen_s:.1f} s, {rep.tokens_generated} tokens generated."
+             + (f" Trend (slope per repeat): {_fmt(tr)}." if tr else ""), "",
+             "| | stereotype rate | neither rate |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(e['stereo_rate'])} | {_fmt(e['neither_rate'])} |"
+              for name, e in _repeat_rows(rep)]
+    return "\n".join(lines) + "\n"
+
+
+def repeat_html(rep: RepeatResult, png: str) -> str:
+    tr = rep.overall.get("trend")
+    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{_fmt(e['stereo_rate'])}</td>"
+                   f"<td>{_fmt(e['neither_rate'])}</td></tr>" for n, e in _repeat_rows(rep))
+    return (f"<h2>Repeated sampling: {rep.repeat} × {rep.n_items} cloze prompts at T={rep.temp}</h2>"
+            f"<p>Stereotype rate = stereotyped / decided answers (0.5 = unbiased); neither = share "
+            f"of answers naming both or no option."
+            + (f" Trend (slope per repeat): {_fmt(tr)}." if tr else "") + "</p>"
+            f"<table><tr><th></th><th>stereotype rate</th><th>neither rate</th></tr>{rows}</table>"
+            f'<img class="wide" src="{png}" alt="repeat">')
+
+
+def write_report(res: AuditResult, out: Path, meta: dict[str, Any],
+                 repeat: RepeatResult | None = None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     pngs = [plot_metric(res, m, out / f"{m}.png") for m in PLOTS[res.kind] if m in res.overall]
+    rep_png = plot_repeat(repeat, out / "repeat.png") if repeat else None
     with atomic_write(out / "results.json", "w") as f:
-        json.dump(meta | res.to_dict(), f, indent=1)
-    md = markdown(res, meta)
+        json.dump(meta | res.to_dict() | ({"repeat": repeat.to_dict()} if repeat else {}), f, indent=1)
+    md = markdown(res, meta) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    if repeat and rep_png:
+        md += "\n" + repeat_markdown(repeat) + f"\n![repeat]({rep_png.name})\n"
     with atomic_write(out / "report.md", "w") as f:
-        f.write(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+        f.write(md)
     rows = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{next(iter(ms.values())).n}</td>"
         + "".join(f"<td>{_fmt(ms[m])}</td>" for m in res.overall) + "</tr>"
         for c, ms in [*res.per_category.items(), ("ALL", res.overall)])
     head = "".join(f"<th>{m}</th>" for m in res.overall)
     imgs = "".join(f'<img src="{p.name}" alt="{p.stem}">' for p in pngs)
+    rep_html = repeat_html(repeat, rep_png.name) if repeat and rep_png else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge bias audit: {res.suite}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;margin:4px}}</style></head>
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;margin:4px}}img.wide{{max-width:100%}}</style></head>
 <body><h1>Bias audit: {html.escape(res.suite)}</h1>
 <p>Model <code>{html.escape(str(meta.get('model')))}</code>; {res.n_items} items from
 <code>{html.escape(res.source)}</code> ({res.skipped_rows} malformed rows skipped); correction:
 {html.escape(res.correction or 'none')}. 95% percentile-bootstrap confidence intervals.</p>
-<table><tr><th>category</th><th>n</th>{head}</tr>{rows}</table>{imgs}</body></html>
+<table><tr><th>category</th><th>n</th>{head}</tr>{rows}</table>{imgs}{rep_html}</body></html>
 """
     with atomic_write(out / "report.html", "w") as f:
         f.write(page)

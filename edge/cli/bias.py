@@ -33,10 +33,16 @@ def bias_group() -> None:
 @click.option("--correction-scale", type=float, default=1.0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for report.html, report.md, results.json [default: ./bias-<suite>].")
+@click.option("--repeat", type=click.IntRange(1), default=None,
+              help="Also sample each probe as a cloze question K times (probes suite only).")
+@click.option("--temp", type=click.FloatRange(0), default=None,
+              help="Sampling temperature for --repeat [default: 0.8; 0 = greedy].")
+@click.option("--seed", type=int, default=None, help="First seed for --repeat (repeat k uses seed+k−1) [default: 0].")
 @click.option("-t", "--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction: str | None,
-              correction_scale: float, out_dir: str | None, threads: int | None, as_json: bool) -> None:
+              correction_scale: float, out_dir: str | None, repeat: int | None, temp: float | None,
+              seed: int | None, threads: int | None, as_json: bool) -> None:
     """Score MODEL on a bias suite with llama.cpp log-likelihoods, per category with
     bootstrap 95% CIs; write report.html (plots), report.md and results.json, and log
     one `fairness` record.
@@ -46,14 +52,22 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
       edge bias audit --suite probes
       edge bias audit --suite bbq:../shared/data/bbq --limit 600 --json
       edge bias audit --suite crows_pairs:crows.csv --correction fair.gguf --out after/
+      edge bias audit --suite probes --repeat 5 --temp 0.8 --seed 0
     """
+    from bias.repeat import RepeatConfig
     from bias.run import run_audit
+    from edge.errors import BadOptionError
 
+    if repeat is None and (temp is not None or seed is not None):
+        raise BadOptionError("--temp and --seed set the sampling of --repeat; add --repeat K")
+    rep = None if repeat is None else RepeatConfig(repeat=repeat, temp=0.8 if temp is None else temp,
+                                                   seed=seed or 0)
     bar = _bar(as_json)
     with bar or _Null():
         summary = run_audit(model, suite_spec, limit=limit, correction=correction,
                             correction_scale=correction_scale, out_dir=out_dir, threads=threads,
-                            on_start=bar.start if bar else None, on_progress=bar.advance if bar else None)
+                            on_start=bar.start if bar else None, on_progress=bar.advance if bar else None,
+                            repeat=rep)
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -61,6 +75,16 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                f"rows skipped, {summary['score_s']:.1f} s")
     for k, e in summary["overall"].items():
         click.echo(f"  {k:<16} {e['value']:9.4g}  [{e['lo']:.4g}, {e['hi']:.4g}]")
+    if "repeat" in summary:
+        r = summary["repeat"]
+        click.echo(f"repeat: {r['repeat']} × {r['n_items']} cloze prompts at T={r['temp']}, "
+                   f"{r['gen_s']:.1f} s; stereotype rate among decided answers:")
+        rows = [(f"k={k + 1}", e) for k, e in enumerate(r["per_repeat"])] + [("overall", r["overall"])]
+        rows += [("greedy", r["greedy"])] if r["greedy"] else []
+        for name, e in rows:
+            s, n = e["stereo_rate"], e["neither_rate"]
+            click.echo(f"  {name:<8} {s['value']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]  "
+                       f"neither {n['value']:.3f}")
     click.echo(f"report: {summary['report']}")
 
 
