@@ -26,6 +26,7 @@ from edge.errors import BadOptionError
 from edge.runtime import Runtime, RuntimeConfig, peak_rss_bytes
 
 MAX_THREADS = 256
+ENGINES = ("llama", "native")
 
 
 @dataclass
@@ -44,8 +45,19 @@ class BenchConfig:
     out: Path | None = None
     rpc: list[str] | None = None  # `edge worker` endpoints that get the layers (edge.rpc)
     tensor_split: list[float] | None = None  # share of the layers per RPC device
+    engine: str = "llama"  # or "native": edge's numpy engine (edge.bench.native_ops)
+    sparse_profile: Path | None = None  # R-Sparse profile for native decode
+
+    def _validate_engine(self) -> None:
+        if self.engine not in ENGINES:
+            raise BadOptionError(f"--engine {self.engine!r} is unknown; use one of {', '.join(ENGINES)}")
+        if self.sparse_profile is not None and self.engine != "native":
+            raise BadOptionError("--sparse-profile runs on edge's own engine; add --engine native")
+        if self.rpc and self.engine != "llama":
+            raise BadOptionError("--rpc offloads llama.cpp layers; it does not apply to --engine native")
 
     def validate(self) -> None:
+        self._validate_engine()
         if not self.threads:
             raise BadOptionError("--threads needs at least one value, e.g. --threads 1,2,4")
         for t in self.threads:
@@ -183,6 +195,11 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
         check_out_path(cfg.out)
     if cfg.cooldown_c is not None:
         cooldown_mod.require_sensor()
+    profile_info = None
+    if cfg.sparse_profile is not None:  # a profile for another model fails before any work
+        from edge.bench import native_ops
+
+        profile_info = native_ops.check_profile(cfg.sparse_profile, paths)
     result = BenchResult(run_id=telemetry.new_run_id(), planned=len(paths) * len(cfg.threads),
                          out=cfg.out)
     done = 0
@@ -196,8 +213,13 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     try:
         with guard:
             for path in paths:
-                rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc,
-                                                 tensor_split=cfg.tensor_split))  # weights only
+                if cfg.engine == "native":  # one engine per model, shared by its thread counts
+                    from edge.bench import native_ops
+
+                    rt = native_ops.load_model(path, cfg.sparse_profile, profile_info)
+                else:
+                    rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc,
+                                                     tensor_split=cfg.tensor_split))  # weights only
                 try:
                     for threads in cfg.threads:
                         guard.check()
@@ -217,7 +239,15 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     return result
 
 
-def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
+def _context(rt: Any, cfg: BenchConfig, threads: int) -> Any:
+    if cfg.engine == "native":
+        from edge.bench.native_ops import NativeBenchContext
+
+        return NativeBenchContext(rt, n_ctx=cfg.n_ctx, threads=threads)
+    return BenchContext(rt.llm.model, n_ctx=cfg.n_ctx, threads=threads)
+
+
+def _one_test(rt: Any, threads: int, cfg: BenchConfig, result: BenchResult,
               sleep: Callable[[float], None], on_progress: Hook | None, index: int,
               check: Callable[[], None]) -> TestResult:
     waited = None
@@ -235,13 +265,15 @@ def _one_test(rt: Runtime, threads: int, cfg: BenchConfig, result: BenchResult,
             on_progress(label, index * 2 * cfg.reps + n_ticks[0], result.planned * 2 * cfg.reps)
 
     before = probe_state()
-    with BenchContext(rt.llm.model, n_ctx=cfg.n_ctx, threads=threads) as bctx:
+    with _context(rt, cfg, threads) as bctx:
         bctx.interrupt_check = check
         figures = _measure(bctx, cfg, tick)
         config = {"threads": threads, "n_ctx": bctx.n_ctx, "n_batch": bctx.n_batch,
                   "n_ubatch": bctx.n_ubatch, "flash_attn": "auto", "sparse_profile": None,
                   "correction": None, "rpc": cfg.rpc,
-                  "tensor_split": cfg.tensor_split}
+                  "tensor_split": cfg.tensor_split, "engine": cfg.engine}
+        if cfg.engine == "native":
+            bctx.record_fields(figures, config)
     after = probe_state()
     metrics = {
         "test": cfg.test_name, "n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen, "reps": cfg.reps,

@@ -10,6 +10,7 @@ from typing import Any
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -116,6 +117,10 @@ class _BenchCommand(click.Command):
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the records to FILE (.jsonl, or .csv).")
 @rpc_option
+@click.option("--engine", type=click.Choice(["llama", "native"]), default="llama", show_default=True,
+              help="llama.cpp, or edge's own numpy engine (dense, or sparse with --sparse-profile).")
+@click.option("--sparse-profile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="R-Sparse profile from `edge sparsify` for native decode (prefill stays dense).")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as one JSON object.")
 def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
               cooldown_timeout: float, **kw: Any) -> None:
@@ -135,6 +140,8 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
       edge bench --cooldown 50 --json
       edge bench compare last-week.jsonl today.jsonl
       edge bench --rpc 192.168.1.21:50052,192.168.1.22:50052   # + which layers went where
+      edge bench --engine native --pp 64 --tg 32 -t 2
+      edge bench --engine native --sparse-profile p50.json   # R-Sparse decode, dense prefill
     """
     from edge.bench.runner import BenchConfig, run_bench
 
@@ -155,7 +162,7 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
     except KeyboardInterrupt:
         if finished and not as_json:
             con = _console()
-            con.print(_table(finished, f"edge bench {cfg.test_name} (interrupted)", con.width))
+            con.print(_table(finished, f"edge bench {cfg.test_name}{_engine_label(finished)} (interrupted)", con.width))
         where = f" and {cfg.out}" if cfg.out and finished else ""
         click.echo(f"\n{len(finished)} finished test(s) kept in the run log{where}.", err=True)
         raise
@@ -163,11 +170,22 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
         click.echo(json.dumps({"run_id": result.run_id, "tests": result.records}))
         return
     con = _console()
-    con.print(_table(result.records, f"edge bench {cfg.test_name} ×{cfg.reps} (run {result.run_id})", con.width))
+    title = f"edge bench {cfg.test_name} ×{cfg.reps}{_engine_label(result.records)} (run {result.run_id})"
+    con.print(_table(result.records, title, con.width))
     if cfg.rpc:
         _print_split(con, result.records)
     if cfg.out:
         click.echo(f"Wrote {len(result.records)} record(s) to {cfg.out}")
+
+
+def _engine_label(records: list[dict[str, Any]]) -> str:
+    """' · native engine, sparse 50% (p50.json)' for native runs; '' for llama.cpp (as before)."""
+    cfg = records[0]["config"] if records else {}
+    if cfg.get("engine", "llama") == "llama":
+        return ""
+    prof = cfg.get("sparse_profile")
+    how = f"sparse {prof['sparsity']:.0%} ({Path(prof['path']).name})" if prof else "dense"
+    return escape(f" · {cfg['engine']} engine, {how}")  # a file name is not rich markup
 
 
 def _print_split(con: Console, records: list[dict[str, Any]]) -> None:
