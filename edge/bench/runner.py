@@ -53,8 +53,8 @@ class BenchConfig:
             raise BadOptionError(f"--engine {self.engine!r} is unknown; use one of {', '.join(ENGINES)}")
         if self.sparse_profile is not None and self.engine != "native":
             raise BadOptionError("--sparse-profile runs on edge's own engine; add --engine native")
-        if self.rpc and self.engine != "llama":
-            raise BadOptionError("--rpc offloads llama.cpp layers; it does not apply to --engine native")
+        if (self.rpc or self.tensor_split) and self.engine != "llama":
+            raise BadOptionError("--rpc/--tensor-split offload llama.cpp layers; they do not apply to --engine native")
 
     def validate(self) -> None:
         self._validate_engine()
