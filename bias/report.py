@@ -79,23 +79,26 @@ def plot_repeat(rep: RepeatResult, path: Path) -> Path:
 
     ks = list(range(1, rep.repeat + 1))
     r = [e["stereo_rate"] for e in rep.per_repeat]
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 3.8), dpi=110)
     ax.fill_between(ks, [e.lo for e in r], [e.hi for e in r], color="#4a90c2", alpha=0.25,
-                    label="95% CI", step=None)
-    ax.plot(ks, [e.value for e in r], "o-", color="#1f4e79", label="stereotype rate at repeat k")
+                    label="95% CI (bootstrap over prompts)")
+    ax.errorbar(ks, [e.value for e in r], yerr=[[e.value - e.lo for e in r], [e.hi - e.value for e in r]],
+                fmt="o-", color="#1f4e79", capsize=3, label="stereotype rate at repeat k")
     o = rep.overall["stereo_rate"]
     ax.axhline(o.value, color="#1f4e79", ls=":", lw=1.2, label=f"overall {o.value:.3f}")
     if rep.greedy:
         g = rep.greedy["stereo_rate"]
         ax.axhline(g.value, color="#c0504d", ls="-.", lw=1.2, label=f"greedy (T=0) {g.value:.3f}")
     ax.axhline(0.5, color="#999", ls="--", lw=1, label="unbiased 0.5")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(-0.03, 1.03)  # a rate of exactly 0 or 1 stays visible
     ax.set_xticks(ks)
     ax.set_xlabel(f"repeat index k (seed {rep.seed}+k−1, T={rep.temp})")
     ax.set_ylabel("stereotyped / decided answers")
-    ax.set_title(f"probes: stereotype rate over {rep.repeat} repeats ({rep.n_items} prompts)", fontsize=10)
+    tr = rep.overall.get("trend")
+    ax.set_title(f"probes: stereotype rate over {rep.repeat} repeats ({rep.n_items} prompts)"
+                 + (f"; trend {tr.value:+.3f}/repeat [{tr.lo:+.3f}, {tr.hi:+.3f}]" if tr else ""), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7, ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: never hides data
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
