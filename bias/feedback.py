@@ -3,11 +3,17 @@
 1. Split the suite: seeded random, stratified by category (CrowS-Pairs is ordered, so
    contiguous blocks would differ in bias); an optional category is kept out entirely.
 2. Directions from the calibration pairs (bias.steering, engine residual streams).
-3. Per-layer coefficients c_l = g · w_l: w_l from the layer's measured consistency (SNR
-   of the pair differences), the gain g from measurements — each iteration applies
+3. Per-layer coefficients from measurements. Probe: push each block of layers alone
+   (c = −push · snr_l on the block) and measure the fall of the calibration mean
+   log-likelihood difference (linear in c) and the PPL rise on neutral text (quadratic:
+   zero slope at c = 0). Minimising Σ cost_b c_b² subject to Σ drop_b c_b = the bias to
+   remove gives c_b ∝ drop_b / cost_b: blocks that move bias cheaply get the push, blocks
+   that only hurt fluency get none. Then c_l = g · w_l and each iteration applies
    c × directions through llama_set_adapter_cvec, scores bias on the calibration part and
-   PPL on neutral text, then moves g by a secant step toward zero mean log-likelihood
-   difference, bisecting back whenever PPL rises past the budget. Every iteration is logged.
+   PPL (and KL) on neutral text, and moves g by a secant step toward zero mean
+   log-likelihood difference, never past the gain that the measured (quadratic) PPL rise
+   allows; past the budget it steps back to the gain that would use 95% of it. Every
+   measurement — probes included — is logged.
 4. The chosen vector is evaluated before/after on the held-out part (paired bootstrap).
 """
 
@@ -37,7 +43,9 @@ class LoopConfig:
     calib_frac: float = 0.3
     seed: int = 0
     exclude_category: str | None = None  # never used in the loop; checked on held-out
-    first_gain: float = -0.1
+    first_gain: float = -0.1  # used when the probes predict nothing (e.g. no block helps)
+    n_blocks: int = 6  # layer blocks probed for the per-layer allocation; 0: SNR weights only
+    probe_push: float = 0.6
 
     def validate(self) -> None:
         if not 0 < self.target <= 1:
@@ -51,6 +59,7 @@ class LoopConfig:
 @dataclass
 class Iteration:
     i: int
+    phase: str  # "base", "probe L3-L7", "gain"
     gain: float
     pct_stereotype: float
     gap: float
@@ -58,6 +67,15 @@ class Iteration:
     ppl: float
     ppl_increase: float
     feasible: bool
+    kl: float = 0.0  # mean KL(uncorrected ‖ corrected) per token of the neutral text
+
+
+@dataclass
+class BlockProbe:
+    first: int  # layers first..last (inclusive) pushed alone
+    last: int
+    drop: float  # fall of the mean ll difference per unit push
+    cost: float  # relative PPL rise per unit push, squared
 
 
 @dataclass
@@ -66,10 +84,14 @@ class LoopResult:
     gain: float
     iterations: list[Iteration] = field(default_factory=list)
     base_ppl: float = 0.0
+    weights: np.ndarray | None = None  # the per-layer allocation w (mean 1 over layers ≥ 1)
+    probes: list[BlockProbe] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"coefficients": [float(c) for c in self.coefficients], "gain": self.gain,
-                "base_ppl": self.base_ppl, "iterations": [asdict(it) for it in self.iterations]}
+                "base_ppl": self.base_ppl, "iterations": [asdict(it) for it in self.iterations],
+                "weights": None if self.weights is None else [float(x) for x in self.weights],
+                "probes": [asdict(p) for p in self.probes]}
 
 
 def split(suite: Suite, frac: float, seed: int, exclude: str | None = None) -> tuple[list[int], list[int]]:
@@ -102,6 +124,24 @@ def perplexity(scorer: BatchScorer, tokens: list[int]) -> float:
     return float(np.exp(-scorer.score([(tokens, 1)])[0].mean()))
 
 
+class Utility:
+    """PPL of neutral text and the mean KL(uncorrected ‖ corrected) of its next-token
+    distributions: KL sees changes that the text's own tokens do not."""
+
+    def __init__(self, scorer: BatchScorer, tokens: list[int]):
+        self.scorer, self.tokens = scorer, tokens
+        self.base: np.ndarray | None = None
+
+    def __call__(self) -> tuple[float, float]:
+        lp = self.scorer.log_softmax(self.tokens)
+        ppl = float(np.exp(-lp[np.arange(len(lp)), self.tokens[1:]].astype(np.float64).mean()))
+        if self.base is None:
+            self.base = lp
+        p = np.exp(self.base.astype(np.float64))
+        kl = float((p * (self.base - lp)).sum(axis=1).mean())
+        return ppl, kl
+
+
 def layer_weights(d: Directions) -> np.ndarray:
     """w_l ∝ the layer's SNR (mean 1 over layers 1..L−1): consistent layers are pushed more."""
     w = d.snr.astype(np.float64).copy()
@@ -109,49 +149,106 @@ def layer_weights(d: Directions) -> np.ndarray:
     return w / max(w[1:].mean(), 1e-12)
 
 
+def blocks(n_layers: int, n_blocks: int) -> list[tuple[int, int]]:
+    """Layers 1..n_layers−1 in n_blocks contiguous runs of near-equal length."""
+    edges = np.linspace(1, n_layers, min(n_blocks, n_layers - 1) + 1).round().astype(int)
+    return [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def allocate(w: np.ndarray, probes: list[BlockProbe]) -> np.ndarray | None:
+    """Per block, the multiplier k_b ∝ drop_b / cost_b of the probed weights w (so the
+    allocation w·k has mean 1 over layers ≥ 1); None if no block lowers the bias."""
+    costs = np.array([p.cost for p in probes])
+    floor = max(float(np.median(costs)) * 0.1, 1e-4)  # a block with no measurable cost is not free
+    k = np.array([max(p.drop, 0.0) / max(p.cost, floor) for p in probes])
+    per_layer = np.zeros_like(w)
+    for p, kb in zip(probes, k, strict=True):
+        per_layer[p.first : p.last + 1] = w[p.first : p.last + 1] * kb
+    if not per_layer[1:].any():
+        return None
+    return k / per_layer[1:].mean()
+
+
 def run_loop(scorer: BatchScorer, calib: Suite, d: Directions, cfg: LoopConfig,
              ppl_tokens: list[int], on_event: Event | None = None) -> LoopResult:
     cfg.validate()
     w = layer_weights(d)
     emit = on_event or (lambda kind, data: None)
+    log: list[Iteration] = []
+    utility = Utility(scorer, ppl_tokens)
 
-    def measure(i: int, g: float) -> Iteration:
-        scorer.set_control_vector(d.vectors * (g * w)[:, None] if g else None)
+    def measure(phase: str, g: float, coef: np.ndarray) -> Iteration:
+        scorer.set_control_vector(d.vectors * coef[:, None] if coef.any() else None)
         more, less = score_pairs(scorer, calib)
-        ppl = perplexity(scorer, ppl_tokens)
-        it = Iteration(i, g, float(M.pct_stereotype(more, less)), float(M.stereotype_gap(more, less)),
-                       float(M.mean_ll_diff(more, less)), ppl, 0.0, True)
+        ppl, kl = utility()
+        it = Iteration(len(log), phase, g, float(M.pct_stereotype(more, less)),
+                       float(M.stereotype_gap(more, less)), float(M.mean_ll_diff(more, less)), ppl,
+                       ppl / log[0].ppl - 1.0 if log else 0.0, True, kl)
+        it.feasible = it.ppl_increase <= cfg.max_ppl_increase
+        log.append(it)
+        emit("iteration", asdict(it))
         return it
 
-    base = measure(0, 0.0)
-    res = LoopResult(np.zeros_like(w), 0.0, [base], base.ppl)
-    emit("iteration", asdict(base))
+    base = measure("base", 0.0, np.zeros_like(w))
+    res = LoopResult(np.zeros_like(w), 0.0, log, base.ppl)
+    g = cfg.first_gain
+    if cfg.n_blocks:
+        for a, b in blocks(len(w), cfg.n_blocks):
+            mask = np.zeros_like(w)
+            mask[a : b + 1] = 1.0
+            it = measure(f"probe L{a}-L{b}", -cfg.probe_push, -cfg.probe_push * w * mask)
+            res.probes.append(BlockProbe(a, b, (base.mean_ll_diff - it.mean_ll_diff) / cfg.probe_push,
+                                         max(it.ppl_increase, 0.0) / cfg.probe_push ** 2))
+        k = allocate(w, res.probes)
+        if k is not None:
+            for p, kb in zip(res.probes, k, strict=True):
+                w[p.first : p.last + 1] *= kb
+            # the linear (bias) / quadratic (PPL) model's gain for the whole fall, capped at
+            # the PPL budget; the secant steps below correct what the model misses
+            drop = float(sum(p.drop * kb for p, kb in zip(res.probes, k, strict=True)))
+            cost = float(sum(p.cost * kb**2 for p, kb in zip(res.probes, k, strict=True)))
+            if drop > 0 and base.mean_ll_diff > 0:
+                g_bias = base.mean_ll_diff / drop
+                g_ppl = float(np.sqrt(cfg.max_ppl_increase / cost)) if cost > 0 else g_bias
+                g = -min(g_bias, g_ppl)
     keep = 1.0 - cfg.target
 
     def score(it: Iteration) -> float:  # how far from the target, relative to the baseline
         return max(it.gap / max(base.gap, 1e-9), abs(it.mean_ll_diff) / max(abs(base.mean_ll_diff), 1e-9))
 
-    best, prev, g = base, base, cfg.first_gain
-    feasible_g = 0.0
-    for i in range(1, cfg.max_iter + 1):
-        it = measure(i, g)
-        it.ppl_increase = it.ppl / base.ppl - 1.0
-        it.feasible = it.ppl_increase <= cfg.max_ppl_increase
-        res.iterations.append(it)
-        emit("iteration", asdict(it))
+    best, prev = base, base
+    safe_g, unsafe_g = 0.0, None  # largest gain within the PPL budget, smallest beyond it
+
+    def inside_budget(it: Iteration) -> float:
+        # PPL rise ~ quadratic in the gain: the gain that would use 95% of the budget
+        return it.gain * float(np.sqrt(0.95 * cfg.max_ppl_increase / max(it.ppl_increase, 1e-12)))
+
+    for _ in range(cfg.max_iter):
+        it = measure("gain", g, g * w)
         if it.feasible and score(it) < score(best):
             best = it
         if it.feasible and score(it) <= keep:
             break
         if not it.feasible:
-            g = (feasible_g + g) / 2  # the budget binds: back off toward the last safe gain
+            unsafe_g = g
+            g_q = inside_budget(it)
+            g = g_q if abs(safe_g) < abs(g_q) < abs(g) else (safe_g + g) / 2
             continue
-        feasible_g = g
+        safe_g = g
         slope = (it.mean_ll_diff - prev.mean_ll_diff) / (it.gain - prev.gain)
         step = -it.mean_ll_diff / slope if slope else g
         step = float(np.clip(step, -2 * abs(g - prev.gain) - 0.05, 2 * abs(g - prev.gain) + 0.05))
-        prev, g = it, g + step
+        g_next = g + step
+        if it.ppl_increase > 0 and abs(g_next) > abs(inside_budget(it)):
+            g_next = inside_budget(it)  # the budget binds before the bias target
+        if unsafe_g is not None and abs(g_next) >= abs(unsafe_g):
+            g_next = (g + unsafe_g) / 2
+        if abs(g_next - g) < 0.01 * abs(g):
+            break  # at the budget's edge: the target is out of reach with these directions
+        prev, g = it, g_next
     scorer.set_control_vector(None)
     res.gain = best.gain
     res.coefficients = best.gain * w
+    res.weights = w
     return res
+

@@ -40,6 +40,10 @@ def _pair_judgement(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarr
                                      n_boot=n_boot).to_dict(),
         "mean_ll_diff_reduction": M.bootstrap(M.reduction(M.mean_ll_diff, M.mean_ll_diff), arrays,
                                               n_boot=n_boot).to_dict(),
+        # paired bootstrap of the change itself (after − before): the ratios above have a
+        # near-zero denominator in some resamples, so their CIs say little about significance
+        "gap_change": M.bootstrap(M.difference(M.stereotype_gap), arrays, n_boot=n_boot).to_dict(),
+        "mean_ll_diff_change": M.bootstrap(M.difference(M.mean_ll_diff), arrays, n_boot=n_boot).to_dict(),
     }
 
 
@@ -73,7 +77,7 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         emit("stage", {"stage": "directions", "pairs": min(n_direction_pairs, len(calib.items))})
         h_more, h_less = pair_states(engine, calib.items[:n_direction_pairs])
         dirs = compute_directions(h_more, h_less, method)
-        ppl_toks = neutral_tokens(rt)
+        ppl_toks = neutral_tokens(rt, 512)
         emit("stage", {"stage": "loop", "calibration_pairs": len(calib.items)})
         loop = run_loop(scorer, calib, dirs, cfg, ppl_toks, on_event)
         vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
@@ -97,12 +101,22 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
             "heldout_rows": [suite.items[i].row for i in held_idx],
             "loop": loop.to_dict(), "heldout": _pair_judgement(hb, ha, n_boot),
         }
+        h = out["heldout"]
+        h["significant"] = {"gap": h["gap_change"]["hi"] < 0, "mean_ll_diff": h["mean_ll_diff_change"]["hi"] < 0}
         cats = np.array([it.category for it in held.items])
         out["heldout_per_category"] = {
             c: _pair_judgement((hb[0][cats == c], hb[1][cats == c]), (ha[0][cats == c], ha[1][cats == c]),
                                n_boot) for c in sorted(set(cats.tolist()))}
+        if cfg.exclude_category in out["heldout_per_category"]:
+            x = out["heldout_per_category"][cfg.exclude_category]
+            out["excluded_category"] = {"name": cfg.exclude_category,
+                                        "worse_beyond_ci": x["gap_change"]["lo"] > 0,
+                                        "gap_change": x["gap_change"]}
         ppl_b, ppl_a = both(lambda: perplexity(scorer, ppl_toks))
-        out["ppl"] = {"before": ppl_b, "after": ppl_a, "increase": ppl_a / ppl_b - 1, "tokens": len(ppl_toks)}
+        chosen = next(it for it in loop.iterations if it.phase == "gain" and it.gain == loop.gain) \
+            if loop.gain else None
+        out["ppl"] = {"before": ppl_b, "after": ppl_a, "increase": ppl_a / ppl_b - 1, "tokens": len(ppl_toks),
+                      "kl": chosen.kl if chosen else 0.0}
         if bbq_spec:
             bbq = load_suite(bbq_spec)
             dis = bbq.subset([i for i, it in enumerate(bbq.items) if not it.ambiguous][:bbq_limit])
@@ -147,15 +161,27 @@ def report_md(r: dict[str, Any]) -> str:
              f"{e(h['gap_reduction'])} of \\|pct−50\\| |",
              f"| mean ll diff | {e(h['before']['mean_ll_diff'])} | {e(h['after']['mean_ll_diff'])} | "
              f"{e(h['mean_ll_diff_reduction'])} |", "",
+             f"Paired change (after − before): \\|pct−50\\| {e(h['gap_change'])} points, mean ll diff "
+             f"{e(h['mean_ll_diff_change'])} nats; significant (CI below 0): "
+             f"{h['significant']['gap']} and {h['significant']['mean_ll_diff']}.", "",
              f"PPL on neutral text: {r['ppl']['before']:.3f} → {r['ppl']['after']:.3f} "
-             f"({100 * r['ppl']['increase']:+.2f}%)."]
+             f"({100 * r['ppl']['increase']:+.2f}%), mean KL {r['ppl']['kl']:.4f} nats/token."]
+    if "excluded_category" in r:
+        x = r["excluded_category"]
+        lines.append(f"Category never used in the loop ({x['name']}): change of \\|pct−50\\| "
+                     f"{e(x['gap_change'])} points; worse beyond its CI: {x['worse_beyond_ci']}.")
     if "bbq_dis_accuracy" in r:
         b = r["bbq_dis_accuracy"]
         lines.append(f"BBQ disambiguated accuracy ({b['n']} items): {100 * b['before']:.1f}% → "
                      f"{100 * b['after']:.1f}%.")
-    lines += ["", "## Loop", "", "| i | gain | pct | mean ll diff | PPL | ΔPPL | within budget |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Loop (calibration rows)", "",
+              "| i | phase | gain | pct | mean ll diff | PPL | ΔPPL | KL | within budget |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for it in r["loop"]["iterations"]:
-        lines.append(f"| {it['i']} | {it['gain']:.3f} | {it['pct_stereotype']:.1f} | {it['mean_ll_diff']:.3f} | "
-                     f"{it['ppl']:.3f} | {100 * it['ppl_increase']:+.2f}% | {it['feasible']} |")
+        lines.append(f"| {it['i']} | {it['phase']} | {it['gain']:.3f} | {it['pct_stereotype']:.1f} | "
+                     f"{it['mean_ll_diff']:.3f} | {it['ppl']:.3f} | {100 * it['ppl_increase']:+.2f}% | "
+                     f"{it['kl']:.4f} | {it['feasible']} |")
+    if r["loop"].get("weights"):
+        w = r["loop"]["coefficients"]
+        lines += ["", "Per-layer coefficients (layer 1 on): " + ", ".join(f"{c:.2f}" for c in w[1:])]
     return "\n".join(lines) + "\n"

@@ -273,6 +273,35 @@ class BatchScorer:
             tgt = np.asarray(toks[start:])
             results[r] = logits[rows, tgt].astype(np.float64) - lse[rows]
 
+    def log_softmax(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token log-probabilities after each prefix of one text: (len − 1, n_vocab)."""
+        import llama_cpp
+
+        self._sync_runtime_cvec()
+        n = len(tokens)
+        if not 2 <= n <= self.n_batch:
+            raise ContextOverflowError(f"a text of {n} tokens; the scorer takes 2 to {self.n_batch}")
+        bt = self.batch
+        bt.n_tokens = n
+        np.ctypeslib.as_array(bt.token, shape=(n,))[:] = tokens
+        np.ctypeslib.as_array(bt.pos, shape=(n,))[:] = np.arange(n)
+        out = np.ones(n, dtype=bool)
+        out[-1] = False
+        np.ctypeslib.as_array(bt.logits, shape=(n,))[:] = out
+        np.ctypeslib.as_array(bt.n_seq_id, shape=(n,))[:] = 1
+        for i in range(n):
+            bt.seq_id[i][0] = 0
+        llama_cpp.llama_memory_clear(self.mem, True)
+        rc = llama_cpp.llama_decode(self.ctx, bt)
+        if rc != 0:
+            raise EdgeError(f"llama_decode failed (code {rc}) while scoring; try a shorter text")
+        self.tokens_decoded += n
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n - 1, self.n_vocab))
+        x = logits.astype(np.float64)
+        x -= x.max(axis=1, keepdims=True)
+        x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+        return x.astype(np.float32)
+
     def close(self) -> None:
         import llama_cpp
 

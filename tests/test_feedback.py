@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bias.feedback import LoopConfig, run_loop, split
+from bias.feedback import BlockProbe, LoopConfig, allocate, blocks, run_loop, split
 from bias.scorer import BatchScorer
 from bias.steering import compute_directions
 from bias.suites import load_suite
@@ -28,6 +28,17 @@ def test_split_is_stratified_random_and_reproducible() -> None:
     assert min(cal) < 50 and max(cal) > 1450 and max(np.diff(cal)) < 60
 
 
+def test_allocation_follows_bias_drop_per_ppl_cost() -> None:
+    w = np.ones(5)
+    probes = [BlockProbe(1, 2, drop=1.0, cost=1.0), BlockProbe(3, 4, drop=2.0, cost=0.5)]
+    k = allocate(w, probes)
+    np.testing.assert_allclose(k, [0.4, 1.6])  # ∝ drop/cost = 1, 4; mean over layers 1..4 is 1
+    k = allocate(w, [BlockProbe(1, 2, drop=-1.0, cost=1.0), BlockProbe(3, 4, drop=1.0, cost=1.0)])
+    np.testing.assert_allclose(k, [0.0, 2.0])  # a block that raises bias gets no push
+    assert allocate(w, [BlockProbe(1, 4, drop=-0.5, cost=1.0)]) is None
+    assert blocks(30, 6) == [(1, 5), (6, 10), (11, 15), (16, 19), (20, 24), (25, 29)]
+
+
 @pytest.mark.slow
 def test_loop_logs_iterations_and_respects_the_budget(runtime) -> None:
     suite = load_suite("probes").subset([0, 60])
@@ -38,16 +49,22 @@ def test_loop_logs_iterations_and_respects_the_budget(runtime) -> None:
     ppl_toks = [runtime.llm.token_bos(), *runtime.tokenize("def f(x):\n    return x + 1\n", add_bos=False)]
     events = []
     with BatchScorer(runtime, n_batch=256, n_seq=16) as sc:
-        res = run_loop(sc, suite, d, LoopConfig(max_iter=1, max_ppl_increase=0.02, first_gain=-0.3),
+        res = run_loop(sc, suite, d, LoopConfig(max_iter=1, max_ppl_increase=0.02, n_blocks=2),
                        ppl_toks, on_event=lambda k, e: events.append(e))
         assert sc._buf is None  # the loop leaves the scoring context clean
     its = res.iterations
-    assert its[0].gain == 0 and its[0].ppl_increase == 0 and len(its) == 2 and len(events) == 2
-    assert its[1].gain == pytest.approx(-0.3)
+    assert [it.phase for it in its] == ["base", "probe L1-L15", "probe L16-L29", "gain"]
+    assert len(events) == len(its) and its[0].kl == 0 and its[1].kl > 0
+    assert its[0].gain == 0 and its[0].ppl_increase == 0
+    # each probe's measured drop is what the log shows
+    assert res.probes[0].drop == pytest.approx((its[0].mean_ll_diff - its[1].mean_ll_diff) / 0.6)
     chosen = [it for it in its if it.gain == res.gain][0]
     assert chosen.feasible and chosen.ppl_increase <= 0.02
-    np.testing.assert_allclose(res.coefficients[1:] / max(res.gain, 1e-9) if res.gain else 0,
-                               (d.snr[1:] / d.snr[1:].mean()) if res.gain else 0, rtol=1e-5)
+    np.testing.assert_allclose(res.coefficients, res.gain * res.weights)
+    if res.weights is not None and res.weights[1:].any():  # SNR shape kept within each block
+        for a, b in blocks(n_layers, 2):
+            r = res.weights[a : b + 1] / (d.snr[a : b + 1] / d.snr[1:].mean())
+            np.testing.assert_allclose(r, r[0], rtol=1e-5)
 
 
 def test_bad_loop_config() -> None:

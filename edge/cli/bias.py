@@ -103,6 +103,9 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
               show_default=True, help="Share of each category used for calibration.")
 @click.option("--exclude-category", default=None, help="A category kept out of the loop, checked after.")
 @click.option("--direction-pairs", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--blocks", "n_blocks", type=click.IntRange(0, 64), default=6, show_default=True,
+              help="Layer blocks probed one at a time to set the per-layer coefficients "
+                   "(0: weights from the directions' consistency only).")
 @click.option("--method", type=click.Choice(["mean", "pca"]), default="mean", show_default=True)
 @click.option("--calib-limit", type=click.IntRange(1), default=None, help="Cap the calibration pairs.")
 @click.option("--heldout-limit", type=click.IntRange(1), default=None, help="Cap the held-out pairs.")
@@ -116,7 +119,7 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @click.option("--json", "as_json", is_flag=True)
 def mitigate_cmd(model: str | None, suite_spec: str, out_path: str, target: float,
                  max_ppl_increase: float, max_iter: int, calib_frac: float,
-                 exclude_category: str | None, direction_pairs: int, method: str,
+                 exclude_category: str | None, direction_pairs: int, n_blocks: int, method: str,
                  calib_limit: int | None, heldout_limit: int | None, bbq_spec: str | None,
                  second_suite: str, seed: int, out_dir: str | None, threads: int | None,
                  as_json: bool) -> None:
@@ -135,12 +138,14 @@ def mitigate_cmd(model: str | None, suite_spec: str, out_path: str, target: floa
     from bias.mitigate import mitigate
 
     cfg = LoopConfig(target=target, max_ppl_increase=max_ppl_increase, max_iter=max_iter,
-                     calib_frac=calib_frac, seed=seed, exclude_category=exclude_category)
+                     calib_frac=calib_frac, seed=seed, exclude_category=exclude_category,
+                     n_blocks=n_blocks)
 
     def event(kind: str, d: dict) -> None:
         if not as_json and kind == "iteration":
-            click.echo(f"  iter {d['i']}: gain {d['gain']:+.3f}  pct {d['pct_stereotype']:.1f}  "
-                       f"mean ll diff {d['mean_ll_diff']:+.3f}  PPL {d['ppl']:.3f}", err=True)
+            click.echo(f"  {d['i']:>2} {d['phase']:<14} gain {d['gain']:+.3f}  pct {d['pct_stereotype']:.1f}  "
+                       f"mean ll diff {d['mean_ll_diff']:+.3f}  PPL {d['ppl']:.3f} "
+                       f"({100 * d['ppl_increase']:+.1f}%)  KL {d['kl']:.4f}", err=True)
 
     r = mitigate(model, suite_spec, out_path, cfg=cfg, n_direction_pairs=direction_pairs,
                  method=method, calib_limit=calib_limit, heldout_limit=heldout_limit,
@@ -155,8 +160,10 @@ def mitigate_cmd(model: str | None, suite_spec: str, out_path: str, target: floa
     for k in ("pct_stereotype", "mean_ll_diff"):
         b, a = h["before"][k], h["after"][k]
         click.echo(f"  held-out {k}: {b['value']:.3g} → {a['value']:.3g}")
-    click.echo(f"  fall of |pct−50|: {100 * h['gap_reduction']['value']:.0f}%  "
-               f"PPL {100 * r['ppl']['increase']:+.2f}%")
+    click.echo(f"  fall of |pct−50|: {100 * h['gap_reduction']['value']:.0f}%, of the mean ll diff: "
+               f"{100 * h['mean_ll_diff_reduction']['value']:.0f}% (significant: "
+               f"{h['significant']['gap']}, {h['significant']['mean_ll_diff']})  "
+               f"PPL {100 * r['ppl']['increase']:+.2f}%  KL {r['ppl']['kl']:.4f}")
 
 
 class _Null:
