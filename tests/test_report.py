@@ -131,3 +131,17 @@ def test_report_renders_in_headless_chromium(tmp_path, logged):
     assert 0.05 < non_white.mean() < 0.9  # text, tables and plots, not a blank page
     colours = np.unique((img[::4, ::4] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 50  # plot lines and bars, not just black text on white
+
+
+def test_report_keeps_each_engine_of_a_test(tmp_path):
+    """The same test from llama.cpp and the native engine (dense, sparse): three rows, not one."""
+    recs = []
+    for i, (engine, prof) in enumerate([("llama", None), ("native", None),
+                                         ("native", {"path": "/p/rs50.json", "sparsity": 0.5})]):
+        r = _bench(i, "Q4_1", 2, 10.0 + i, 60.0, None)
+        r["config"].update(engine=engine, sparse_profile=prof)
+        recs.append(r)
+    build_report(tmp_path / "rep", bench=recs, latency=[])
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "native sparse 50% (rs50.json)" in html and "· native</td>" in html
+    assert html.count("10.00 ± 0.40") == 1 and html.count("12.00 ± 0.40") == 1

@@ -35,10 +35,21 @@ class ReportResult:
     n_latency: int = 0
 
 
-def _key(rec: dict[str, Any]) -> tuple[str, str, int, int, int]:
+def _engine(rec: dict[str, Any]) -> str:
+    """llama, native, or native + the sparse profile's name and sparsity."""
+    c = rec.get("config") or {}
+    sp = c.get("sparse_profile")
+    if not sp:
+        return c.get("engine") or "llama"
+    name = Path(str(sp.get("path", "profile"))).name
+    return f"{c.get('engine') or 'native'} sparse {100 * (sp.get('sparsity') or 0):.0f}% ({name})"
+
+
+def _key(rec: dict[str, Any]) -> tuple[Any, ...]:
     from edge.bench.compare import test_key
 
-    return test_key(rec)
+    # the run log can hold the same test from both engines: each keeps its own row
+    return (*test_key(rec), _engine(rec))
 
 
 def _latest_per_test(bench: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,7 +68,8 @@ def _bench_rows(latest: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in latest:
         m, model = r["metrics"], r.get("model") or {}
         rows.append({
-            "when": r["ts"][:16].replace("T", " "), "model": plots.series_label(r).rsplit(" t=", 1)[0],
+            "when": r["ts"][:16].replace("T", " "),
+            "model": plots.series_label(r).rsplit(" t=", 1)[0] + ("" if _engine(r) == "llama" else f" · {_engine(r)}"),
             "threads": r.get("config", {}).get("threads"), "test": m.get("test", ""),
             "pp": f"{m['pp_tps']:.2f} ± {m.get('pp_tps_std') or 0:.2f}",
             "tg": f"{m['tg_tps']:.2f} ± {m.get('tg_tps_std') or 0:.2f}",
