@@ -112,34 +112,40 @@ def split(suite: Suite, frac: float, seed: int, exclude: str | None = None) -> t
     return sorted(cal), sorted(held)
 
 
-def neutral_tokens(rt: Any, n_tokens: int = 256) -> list[int]:
-    """Python documentation prose (pydoc_data, shipped with CPython): neutral text for PPL."""
+def neutral_chunks(rt: Any, n_chunks: int = 4, n_tokens: int = 512) -> list[list[int]]:
+    """Python documentation prose (pydoc_data, shipped with CPython): neutral text for the
+    utility, as BOS + (n_tokens − 1)-token chunks. Several chunks, because llama.cpp's
+    8-bit activations make PPL of one chunk jump by ~0.3% between nearly equal vectors."""
     from pydoc_data.topics import topics
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))[: n_tokens * 8]
-    return [rt.llm.token_bos(), *rt.tokenize(text, add_bos=False)[: n_tokens - 1]]
-
-
-def perplexity(scorer: BatchScorer, tokens: list[int]) -> float:
-    return float(np.exp(-scorer.score([(tokens, 1)])[0].mean()))
+    text = "\n\n".join(topics[k] for k in sorted(topics))[: n_chunks * n_tokens * 8]
+    ids = rt.tokenize(text, add_bos=False)
+    n = n_tokens - 1
+    return [[rt.llm.token_bos(), *ids[i * n : (i + 1) * n]] for i in range(n_chunks) if len(ids) >= (i + 1) * n]
 
 
 class Utility:
     """PPL of neutral text and the mean KL(uncorrected ‖ corrected) of its next-token
     distributions: KL sees changes that the text's own tokens do not."""
 
-    def __init__(self, scorer: BatchScorer, tokens: list[int]):
-        self.scorer, self.tokens = scorer, tokens
-        self.base: np.ndarray | None = None
+    def __init__(self, scorer: BatchScorer, chunks: list[list[int]]):
+        self.scorer, self.chunks = scorer, chunks
+        self.base: list[np.ndarray] | None = None  # the first call's distributions
 
     def __call__(self) -> tuple[float, float]:
-        lp = self.scorer.log_softmax(self.tokens)
-        ppl = float(np.exp(-lp[np.arange(len(lp)), self.tokens[1:]].astype(np.float64).mean()))
+        nll, kl, n = 0.0, 0.0, 0
+        lps = []
+        for i, toks in enumerate(self.chunks):
+            lp = self.scorer.log_softmax(toks)
+            lps.append(lp)
+            nll -= float(lp[np.arange(len(lp)), toks[1:]].astype(np.float64).sum())
+            if self.base is not None:
+                b = self.base[i]
+                kl += float((np.exp(b.astype(np.float64)) * (b - lp)).sum())
+            n += len(lp)
         if self.base is None:
-            self.base = lp
-        p = np.exp(self.base.astype(np.float64))
-        kl = float((p * (self.base - lp)).sum(axis=1).mean())
-        return ppl, kl
+            self.base = lps
+        return float(np.exp(nll / n)), kl / n
 
 
 def layer_weights(d: Directions) -> np.ndarray:
@@ -170,12 +176,12 @@ def allocate(w: np.ndarray, probes: list[BlockProbe]) -> np.ndarray | None:
 
 
 def run_loop(scorer: BatchScorer, calib: Suite, d: Directions, cfg: LoopConfig,
-             ppl_tokens: list[int], on_event: Event | None = None) -> LoopResult:
+             neutral: list[list[int]], on_event: Event | None = None) -> LoopResult:
     cfg.validate()
     w = layer_weights(d)
     emit = on_event or (lambda kind, data: None)
     log: list[Iteration] = []
-    utility = Utility(scorer, ppl_tokens)
+    utility = Utility(scorer, neutral)
 
     def measure(phase: str, g: float, coef: np.ndarray) -> Iteration:
         scorer.set_control_vector(d.vectors * coef[:, None] if coef.any() else None)

@@ -14,7 +14,7 @@ import numpy as np
 from bias import metrics as M
 from bias.audit import score_bbq, score_pairs, score_suite, summarize
 from bias.cvec import write
-from bias.feedback import LoopConfig, neutral_tokens, perplexity, run_loop, split
+from bias.feedback import LoopConfig, Utility, neutral_chunks, run_loop, split
 from bias.scorer import BatchScorer
 from bias.steering import compute_directions, pair_states
 from bias.suites import load_suite
@@ -77,9 +77,9 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         emit("stage", {"stage": "directions", "pairs": min(n_direction_pairs, len(calib.items))})
         h_more, h_less = pair_states(engine, calib.items[:n_direction_pairs])
         dirs = compute_directions(h_more, h_less, method)
-        ppl_toks = neutral_tokens(rt, 512)
+        neutral = neutral_chunks(rt)
         emit("stage", {"stage": "loop", "calibration_pairs": len(calib.items)})
-        loop = run_loop(scorer, calib, dirs, cfg, ppl_toks, on_event)
+        loop = run_loop(scorer, calib, dirs, cfg, neutral, on_event)
         vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
         write(out_path, vec, model_hint=rt.info.arch or "llama", coefficients=loop.coefficients,
               source=f"edge bias mitigate {suite.name} seed {cfg.seed}")
@@ -112,11 +112,10 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
             out["excluded_category"] = {"name": cfg.exclude_category,
                                         "worse_beyond_ci": x["gap_change"]["lo"] > 0,
                                         "gap_change": x["gap_change"]}
-        ppl_b, ppl_a = both(lambda: perplexity(scorer, ppl_toks))
-        chosen = next(it for it in loop.iterations if it.phase == "gain" and it.gain == loop.gain) \
-            if loop.gain else None
-        out["ppl"] = {"before": ppl_b, "after": ppl_a, "increase": ppl_a / ppl_b - 1, "tokens": len(ppl_toks),
-                      "kl": chosen.kl if chosen else 0.0}
+        utility = Utility(scorer, neutral)
+        (ppl_b, _), (ppl_a, kl) = both(utility)
+        out["ppl"] = {"before": ppl_b, "after": ppl_a, "increase": ppl_a / ppl_b - 1,
+                      "tokens": sum(len(c) for c in neutral), "kl": kl}
         if bbq_spec:
             bbq = load_suite(bbq_spec)
             dis = bbq.subset([i for i, it in enumerate(bbq.items) if not it.ambiguous][:bbq_limit])

@@ -46,11 +46,12 @@ def test_loop_logs_iterations_and_respects_the_budget(runtime) -> None:
     n_layers, n_embd = runtime.info.n_layers, runtime.info.n_embd
     less = rng.standard_normal((8, n_layers, n_embd)).astype(np.float32)
     d = compute_directions(less + 0.5, less, "mean")
-    ppl_toks = [runtime.llm.token_bos(), *runtime.tokenize("def f(x):\n    return x + 1\n", add_bos=False)]
+    neutral = [[runtime.llm.token_bos(), *runtime.tokenize(t, add_bos=False)]
+               for t in ("def f(x):\n    return x + 1\n", "The river runs to the sea.")]
     events = []
     with BatchScorer(runtime, n_batch=256, n_seq=16) as sc:
         res = run_loop(sc, suite, d, LoopConfig(max_iter=1, max_ppl_increase=0.02, n_blocks=2),
-                       ppl_toks, on_event=lambda k, e: events.append(e))
+                       neutral, on_event=lambda k, e: events.append(e))
         assert sc._buf is None  # the loop leaves the scoring context clean
     its = res.iterations
     assert [it.phase for it in its] == ["base", "probe L1-L15", "probe L16-L29", "gain"]
