@@ -52,6 +52,7 @@ class _Batch:
     """
 
     n_rows: int
+    used_rows: int = 0  # rows up to the last one holding a node
     node_row: list[int] = field(default_factory=list)
     row_node: dict[int, int] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
@@ -70,12 +71,17 @@ class _Batch:
             r += ALIGN
         return r
 
-    @property
-    def used_rows(self) -> int:
-        return self._used
-
-    def __post_init__(self) -> None:
-        self._used = 0
+    def add(self, token: int, depth: int, row: int) -> int:
+        """A new node on `row`; its index."""
+        node = len(self.tokens)
+        self.node_row.append(row)
+        self.row_node[row] = node
+        self.tokens.append(token)
+        self.depth.append(depth)
+        self.seqs.append([])
+        self.out.append(False)
+        self.used_rows = max(self.used_rows, row + 1)
+        return node
 
 
 class BatchScorer:
@@ -208,15 +214,8 @@ class BatchScorer:
         path = list(plan.shared)
         parent = path[-1] if path else -1
         for d, row in plan.new:
-            nxt = len(b.tokens)
+            nxt = b.add(toks[d], d, row)
             b.index[self._key(parent, toks[d], r, share)] = nxt
-            b.node_row.append(row)
-            b.row_node[row] = nxt
-            b._used = max(b._used, row + 1)
-            b.tokens.append(toks[d])
-            b.depth.append(d)
-            b.seqs.append([])
-            b.out.append(False)
             path.append(nxt)
             parent = nxt
         for d, nd in enumerate(path):
@@ -225,9 +224,34 @@ class BatchScorer:
                 b.out[nd] = True  # its logits predict a scored token
         b.paths.append(path)
 
-    def _run(self, b: _Batch, requests: Sequence[Request], results: list[np.ndarray]) -> None:
+    def _decode(self, tok: np.ndarray, pos: np.ndarray, out: np.ndarray, seqs: Sequence[Sequence[int]]) -> None:
+        """One llama_decode of these rows on an emptied cache."""
         import llama_cpp
 
+        n = len(tok)
+        bt = self.batch
+        bt.n_tokens = n
+        np.ctypeslib.as_array(bt.token, shape=(n,))[:] = tok
+        np.ctypeslib.as_array(bt.pos, shape=(n,))[:] = pos
+        np.ctypeslib.as_array(bt.logits, shape=(n,))[:] = out
+        nseq = np.ctypeslib.as_array(bt.n_seq_id, shape=(n,))
+        for i, ss in enumerate(seqs):
+            nseq[i] = len(ss)
+            row = bt.seq_id[i]
+            for j, sid in enumerate(ss):
+                row[j] = sid
+        llama_cpp.llama_memory_clear(self.mem, True)
+        rc = llama_cpp.llama_decode(self.ctx, bt)
+        if rc != 0:
+            raise EdgeError(f"llama_decode failed (code {rc}) while scoring; try a smaller batch")
+
+    def _logits(self, n_out: int) -> np.ndarray:
+        """The requested rows' logits, in batch-row order (a view into llama.cpp's buffer)."""
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
+
+    def _run(self, b: _Batch, requests: Sequence[Request], results: list[np.ndarray]) -> None:
         n = b.used_rows
         node_at = np.full(n, -1)
         node_at[b.node_row] = np.arange(len(b.node_row))
@@ -240,22 +264,7 @@ class BatchScorer:
         pos[real] = np.asarray(b.depth)[node_at[real]]
         out[real] = np.asarray(b.out)[node_at[real]]
         pos[pad] = np.arange(int(pad.sum()))  # one spare sequence, positions increasing
-        bt = self.batch
-        bt.n_tokens = n
-        np.ctypeslib.as_array(bt.token, shape=(n,))[:] = tok
-        np.ctypeslib.as_array(bt.pos, shape=(n,))[:] = pos
-        np.ctypeslib.as_array(bt.logits, shape=(n,))[:] = out
-        nseq = np.ctypeslib.as_array(bt.n_seq_id, shape=(n,))
-        for i in range(n):
-            seqs = b.seqs[node_at[i]] if node_at[i] >= 0 else [self.n_seq - 1]
-            nseq[i] = len(seqs)
-            row = bt.seq_id[i]
-            for j, s in enumerate(seqs):
-                row[j] = s
-        llama_cpp.llama_memory_clear(self.mem, True)
-        rc = llama_cpp.llama_decode(self.ctx, bt)
-        if rc != 0:
-            raise EdgeError(f"llama_decode failed (code {rc}) while scoring; try a smaller batch")
+        self._decode(tok, pos, out, [b.seqs[k] if k >= 0 else [self.n_seq - 1] for k in node_at])
         n_pad = int(pad.sum())
         self.tokens_decoded += n - n_pad
         self.pad_tokens += n_pad
@@ -263,8 +272,7 @@ class BatchScorer:
         out_rows = np.flatnonzero(out)
         out_of_node = np.full(len(b.tokens), -1)
         out_of_node[node_at[out_rows]] = np.arange(len(out_rows))
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx),
-                                       shape=(len(out_rows), self.n_vocab))
+        logits = self._logits(len(out_rows))
         mx = logits.max(axis=1)
         lse = mx.astype(np.float64) + np.log(np.exp(logits - mx[:, None]).sum(axis=1, dtype=np.float64))
         for slot, r in enumerate(b.members):
@@ -275,28 +283,15 @@ class BatchScorer:
 
     def log_softmax(self, tokens: Sequence[int]) -> np.ndarray:
         """Next-token log-probabilities after each prefix of one text: (len − 1, n_vocab)."""
-        import llama_cpp
-
         self._sync_runtime_cvec()
         n = len(tokens)
         if not 2 <= n <= self.n_batch:
             raise ContextOverflowError(f"a text of {n} tokens; the scorer takes 2 to {self.n_batch}")
-        bt = self.batch
-        bt.n_tokens = n
-        np.ctypeslib.as_array(bt.token, shape=(n,))[:] = tokens
-        np.ctypeslib.as_array(bt.pos, shape=(n,))[:] = np.arange(n)
         out = np.ones(n, dtype=bool)
         out[-1] = False
-        np.ctypeslib.as_array(bt.logits, shape=(n,))[:] = out
-        np.ctypeslib.as_array(bt.n_seq_id, shape=(n,))[:] = 1
-        for i in range(n):
-            bt.seq_id[i][0] = 0
-        llama_cpp.llama_memory_clear(self.mem, True)
-        rc = llama_cpp.llama_decode(self.ctx, bt)
-        if rc != 0:
-            raise EdgeError(f"llama_decode failed (code {rc}) while scoring; try a shorter text")
+        self._decode(np.asarray(tokens), np.arange(n), out, [[0]] * n)
         self.tokens_decoded += n
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n - 1, self.n_vocab))
+        logits = self._logits(n - 1)
         x = logits.astype(np.float64)
         x -= x.max(axis=1, keepdims=True)
         x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
