@@ -38,6 +38,7 @@ class AuditResult:
     tokens_decoded: int = 0
     correction: str | None = None
     correction_scale: float | None = None
+    compute: dict[str, Any] = field(default_factory=dict)  # weights and batch layout scored with
 
     def to_dict(self, with_items: bool = True) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("overall", "per_category", "items")}
@@ -188,9 +189,18 @@ def audit_suite(rt: Runtime, suite: Suite, *, n_boot: int = M.N_BOOT,
             scorer.close()
 
 
+def open_scorer(rt: Runtime, precision: str = "auto") -> tuple[BatchScorer, dict[str, Any]]:
+    """A scorer on the weights `precision` picks (edge.dequant), and what it computes with."""
+    from edge.dequant import resolve_compute
+
+    comp = resolve_compute(rt.path, precision, threads=rt.threads)
+    scorer = BatchScorer(rt, model_path=None if comp.path == comp.source else comp.path)
+    return scorer, comp.to_dict()
+
+
 def audit(model: str | None, suite_spec: str, *, limit: int | None = None,
           correction: str | None = None, correction_scale: float = 1.0, threads: int | None = None,
-          n_boot: int = M.N_BOOT, on_start: Callable[[int], None] | None = None,
+          precision: str = "auto", n_boot: int = M.N_BOOT, on_start: Callable[[int], None] | None = None,
           on_progress: Progress | None = None) -> tuple[AuditResult, Runtime]:
     """Load MODEL and the suite, apply the correction vector if given, score. Caller closes rt."""
     from bias.cvec import load_correction
@@ -199,15 +209,21 @@ def audit(model: str | None, suite_spec: str, *, limit: int | None = None,
 
     suite = load_suite(suite_spec, limit=limit)
     rt = load_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
+    scorer = None
     try:
         if correction:
             load_correction(rt, correction, correction_scale)
+        scorer, compute = open_scorer(rt, precision)
         if on_start:
             on_start(len(suite.items))
-        res = audit_suite(rt, suite, n_boot=n_boot, on_progress=on_progress)
+        res = audit_suite(rt, suite, n_boot=n_boot, on_progress=on_progress, scorer=scorer)
+        res.compute = compute | (scorer.layout.to_dict() if scorer.layout else {})
     except BaseException:
         rt.close()
         raise
+    finally:
+        if scorer is not None:
+            scorer.close()
     res.correction = str(correction) if correction else None
     res.correction_scale = correction_scale if correction else None
     return res, rt

@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 
 from bias import metrics as M
-from bias.audit import score_bbq, score_pairs, score_suite, summarize
+from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
 from bias.cvec import write
 from bias.feedback import LoopConfig, Utility, neutral_chunks, run_loop, split
-from bias.scorer import BatchScorer
 from bias.steering import compute_directions, pair_states
 from bias.suites import load_suite
 from edge import telemetry
@@ -51,7 +50,8 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
              n_direction_pairs: int = 64, method: str = "mean", heldout_limit: int | None = None,
              calib_limit: int | None = None,
              second_suite: str | None = "probes", bbq_spec: str | None = None, bbq_limit: int = 150,
-             out_dir: str | None = None, threads: int | None = None, n_boot: int = 1000,
+             out_dir: str | None = None, threads: int | None = None, precision: str = "auto",
+             n_boot: int = 1000,
              on_event: Event | None = None) -> dict[str, Any]:
     from edge.engine import Engine
 
@@ -71,7 +71,11 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
             cal_idx, min(calib_limit, len(cal_idx)), replace=False).tolist())
     calib, held = suite.subset(cal_idx), suite.subset(held_idx)
     rt = load_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
-    scorer = BatchScorer(rt)
+    try:
+        scorer, compute = open_scorer(rt, precision)
+    except BaseException:
+        rt.close()
+        raise
     try:
         engine = Engine.from_gguf(rt.path)
         emit("stage", {"stage": "directions", "pairs": min(n_direction_pairs, len(calib.items))})
@@ -97,6 +101,7 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         out: dict[str, Any] = {
             "suite": suite.name, "source": suite.source, "config": asdict(cfg),
             "direction_pairs": dirs.n_pairs, "method": method, "vector": str(out_path),
+            "compute": compute | (scorer.layout.to_dict() if scorer.layout else {}),
             "calibration_rows": [suite.items[i].row for i in cal_idx],
             "heldout_rows": [suite.items[i].row for i in held_idx],
             "loop": loop.to_dict(), "heldout": _pair_judgement(hb, ha, n_boot),
@@ -139,7 +144,8 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         telemetry.log("fairness", {"command": "bias mitigate", "suite": suite.name,
                                    "heldout": out["heldout"], "ppl": out["ppl"],
                                    "bbq_dis_accuracy": out.get("bbq_dis_accuracy")},
-                      model=rt.info, config=runtime_config_record(rt, correction=str(out_path)))
+                      model=rt.info, config=runtime_config_record(rt, correction=str(out_path),
+                                                                   compute=out["compute"]))
         return out
     finally:
         scorer.close()

@@ -52,6 +52,18 @@ def plot_metric(res: AuditResult, metric: str, path: Path) -> Path:
     return path
 
 
+def compute_note(c: dict[str, Any]) -> str:
+    """"f16 copy of the Q4_1 weights, rows unaligned (row-offset shift 0.007 nats)"."""
+    if not c:
+        return "the model file"
+    what = (f"an f16 copy of the {c.get('source_type')} weights" if c.get("precision") == "f16"
+            else f"the file's own {c.get('source_type')} kernels")
+    if "align" in c:
+        what += (f"; rows aligned mod {c['align']}" if c["align"] > 1 else "; rows unaligned") + \
+            f" (row-offset shift {c['max_shift_nats']:.3g} nats)"
+    return what
+
+
 def markdown(res: AuditResult, meta: dict[str, Any]) -> str:
     metrics = list(res.overall)
     lines = [f"# Bias audit: {res.suite}", "",
@@ -59,6 +71,7 @@ def markdown(res: AuditResult, meta: dict[str, Any]) -> str:
              f"- source: `{res.source}` ({res.n_items} items, {res.skipped_rows} malformed rows skipped)",
              f"- correction: {res.correction or 'none'}"
              + (f" (scale {res.correction_scale})" if res.correction else ""),
+             f"- scored with: {compute_note(res.compute)}",
              f"- scoring time: {res.score_s:.1f} s, {res.tokens_decoded} tokens decoded", "",
              "Values with 95% percentile-bootstrap confidence intervals.", "",
              "| category | n | " + " | ".join(metrics) + " |",
@@ -163,7 +176,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;
 <body><h1>Bias audit: {html.escape(res.suite)}</h1>
 <p>Model <code>{html.escape(str(meta.get('model')))}</code>; {res.n_items} items from
 <code>{html.escape(res.source)}</code> ({res.skipped_rows} malformed rows skipped); correction:
-{html.escape(res.correction or 'none')}. 95% percentile-bootstrap confidence intervals.</p>
+{html.escape(res.correction or 'none')}; scored with {html.escape(compute_note(res.compute))}.
+95% percentile-bootstrap confidence intervals.</p>
 <table><tr><th>category</th><th>n</th>{head}</tr>{rows}</table>{imgs}{rep_html}</body></html>
 """
     with atomic_write(out / "report.html", "w") as f:

@@ -17,7 +17,7 @@ from edge.generate import runtime_config_record
 
 def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
               correction: str | None = None, correction_scale: float = 1.0,
-              out_dir: str | None = None, threads: int | None = None,
+              out_dir: str | None = None, threads: int | None = None, precision: str = "auto",
               on_start: Callable[[int], None] | None = None,
               on_progress: Callable[[float], None] | None = None,
               repeat: RepeatConfig | None = None) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
             raise BadOptionError(f"--repeat works with --suite probes only, not {suite_spec!r}; "
                                  "drop --repeat or use --suite probes")
     res, rt = audit(model, suite_spec, limit=limit, correction=correction,
-                    correction_scale=correction_scale, threads=threads,
+                    correction_scale=correction_scale, threads=threads, precision=precision,
                     on_start=on_start, on_progress=on_progress)
     try:
         rep = None
@@ -55,7 +55,7 @@ def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
              "per_category": summary["per_category"], **extra},
             model=rt.info,
             config=runtime_config_record(rt, correction=res.correction,
-                                         correction_scale=res.correction_scale),
+                                         correction_scale=res.correction_scale, compute=res.compute),
         )
         return summary
     finally:

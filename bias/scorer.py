@@ -22,6 +22,7 @@ the alignment there was measured to add up to 0.34 nats on a BBQ answer, so it s
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,27 @@ from edge.runtime import Runtime
 Request = tuple[Sequence[int], int]  # (tokens, first scored index ≥ 1)
 ALIGN = 8
 LOOKAHEAD = 16  # requests considered for each place in a batch
+
+
+LAYOUT_TOL = 0.05  # nats per token: row-offset effects below this are not worth padding for
+LAYOUT_PROBE = ("The committee met on Tuesday to review the budget, and most members agreed "
+                "that the new library should open before the winter holidays.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How much a token's log-probability moves with its row offset in a batch, measured.
+
+    Shared-prefix scoring already moves scores by ~0.02 nats (attention sums shared cells in
+    another order), so aligning rows (ALIGN, ~13% padding on CrowS-Pairs) is worth it only
+    where the kernels move them more: the Q4_1 path here moves them up to ~0.9 nats, f16 ~0.04.
+    """
+
+    max_shift: float  # largest |Δ log p| over offsets 1..ALIGN−1 of the probe text
+    align: int        # ALIGN if max_shift > LAYOUT_TOL, else 1
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_shift_nats": round(self.max_shift, 4), "align": self.align}
 
 
 @dataclass
@@ -52,6 +74,7 @@ class _Batch:
     """
 
     n_rows: int
+    align: int = 8  # ALIGN, or 1 where the kernels barely depend on the row (Layout)
     used_rows: int = 0  # rows up to the last one holding a node
     node_row: list[int] = field(default_factory=list)
     row_node: dict[int, int] = field(default_factory=dict)
@@ -66,9 +89,9 @@ class _Batch:
     def place(self, parent_row: int, depth: int, also_taken: set[int]) -> int:
         """First free row after the parent's in the depth's residue class (≥ n_rows: full)."""
         r = parent_row + 1
-        r += (depth - r) % ALIGN
+        r += (depth - r) % self.align
         while r < self.n_rows and (r in self.row_node or r in also_taken):
-            r += ALIGN
+            r += self.align
         return r
 
     def add(self, token: int, depth: int, row: int) -> int:
@@ -84,14 +107,43 @@ class _Batch:
         return node
 
 
+def _logsumexp_rows(x: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """log Σ exp over each row, float64; in cache-sized chunks (1.5-3× faster than whole)."""
+    out = np.empty(len(x))
+    buf = np.empty((chunk, x.shape[1]), np.float32)
+    for i in range(0, len(x), chunk):
+        rows = x[i : i + chunk]
+        mx = rows.max(axis=1)
+        t = buf[: len(rows)]
+        np.subtract(rows, mx[:, None], out=t)
+        np.exp(t, out=t)
+        out[i : i + chunk] = mx + np.log(t.sum(axis=1, dtype=np.float64))
+    return out
+
+
 class BatchScorer:
     """A second llama.cpp context on a Runtime's model, built for multi-sequence scoring."""
 
-    def __init__(self, rt: Runtime, *, n_batch: int = 512, n_seq: int = 64):
+    def __init__(self, rt: Runtime, *, n_batch: int = 512, n_seq: int = 64, rows: int = 256,
+                 model_path: str | os.PathLike[str] | None = None):
+        """`model_path`: score with another file of the same model (edge.dequant's f16 copy);
+        tokenizer, control vector and threads still come from `rt`."""
         import llama_cpp
 
         self.rt = rt
+        self._model = None
+        model = rt.llm._model.model
+        if model_path is not None:
+            mp = llama_cpp.llama_model_default_params()
+            self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
+            if not self._model:
+                raise InvalidModelFileError(f"llama.cpp could not load {model_path} for scoring")
+            model = self._model
         self.n_batch, self.n_seq = n_batch, n_seq
+        # Rows per llama_decode when scoring: attention spans the cache cells in use (padded
+        # to 256), so 256-row decodes cost ~5-10% less per token than 512 (measured, f16 and
+        # Q4_1); texts up to n_batch tokens still fit (log_softmax, long requests).
+        self.rows = min(rows, n_batch)
         p = llama_cpp.llama_context_default_params()
         p.n_ctx = n_batch  # the cache is cleared between batches: one batch must fit
         p.n_batch = p.n_ubatch = n_batch
@@ -99,8 +151,9 @@ class BatchScorer:
         p.kv_unified = True  # one cell stream, so a cell can belong to many sequences
         p.flash_attn_type = 0  # as the Runtime: CPU flash attention shifts log-probs by up to 0.5 nats
         p.n_threads = p.n_threads_batch = rt.threads
-        self.ctx = llama_cpp.llama_init_from_model(rt.llm._model.model, p)
+        self.ctx = llama_cpp.llama_init_from_model(model, p)
         if not self.ctx:
+            self.close()
             raise EdgeError("llama.cpp could not create a scoring context; free some memory")
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
@@ -109,6 +162,7 @@ class BatchScorer:
         self.pad_tokens = 0
         self._cvec: object = None  # the Runtime control vector last applied here
         self._own_cvec = False
+        self.layout: Layout | None = None  # measured on the first shared-prefix score()
 
     # ---- control vectors ------------------------------------------------------------
     def set_control_vector(self, directions: np.ndarray | None, scale: float = 1.0) -> None:
@@ -155,8 +209,12 @@ class BatchScorer:
             if len(toks) > self.n_batch:
                 raise ContextOverflowError(
                     f"a scored text is {len(toks)} tokens; the scorer holds {self.n_batch} at most")
-        pending = list(range(len(requests)))
-        b = _Batch(self.n_batch)
+        # In token order, requests that start alike meet in one batch and share their prefix
+        # (11% fewer tokens on CrowS-Pairs than sharing within each pair only).
+        pending = sorted(range(len(requests)), key=lambda r: list(requests[r][0])) if share_prefix \
+            else list(range(len(requests)))
+        align = self.measure_layout().align if share_prefix else ALIGN
+        b = _Batch(self.rows, align)
         while pending:
             # Of the next few requests, add the one that leaves the fewest empty rows behind
             # it: a chain whose depths fit the rows after the last one wastes none.
@@ -169,10 +227,15 @@ class BatchScorer:
                 if best is None or waste < best[0]:
                     best = (waste, w, plan)
             if best is None:
+                if not b.members:  # a request longer than self.rows: one full-size batch
+                    if b.n_rows >= self.n_batch:
+                        raise ContextOverflowError("a request does not fit in one scoring batch")
+                    b = _Batch(self.n_batch, align)
+                    continue
                 self._run(b, requests, results)
                 if on_progress:
                     on_progress(len(b.members))
-                b = _Batch(self.n_batch)
+                b = _Batch(self.rows, align)
                 continue
             r = pending.pop(best[1])
             self._commit(b, requests[r], r, share_prefix, best[2])
@@ -224,6 +287,29 @@ class BatchScorer:
                 b.out[nd] = True  # its logits predict a scored token
         b.paths.append(path)
 
+    def measure_layout(self) -> Layout:
+        """Decode a probe text at row offsets 0..ALIGN−1 (once per scorer) and compare."""
+        if self.layout is not None:
+            return self.layout
+        toks = [self.rt.llm.token_bos(), *self.rt.tokenize(LAYOUT_PROBE, add_bos=False)]
+        toks = toks[: self.n_batch - ALIGN]
+        n, tgt = len(toks), np.asarray(toks[1:])
+        ref: np.ndarray | None = None
+        shift = 0.0
+        for off in range(ALIGN):
+            tok = np.r_[np.full(off, toks[0]), toks]
+            pos = np.r_[np.arange(off), np.arange(n)]
+            out = np.r_[np.zeros(off, bool), np.ones(n - 1, bool), [False]]
+            self._decode(tok, pos, out, [[self.n_seq - 1]] * off + [[0]] * n)
+            logits = self._logits(n - 1)
+            lp = logits[np.arange(n - 1), tgt] - _logsumexp_rows(logits)
+            if ref is None:
+                ref = lp
+            else:
+                shift = max(shift, float(np.abs(lp - ref).max()))
+        self.layout = Layout(shift, ALIGN if shift > LAYOUT_TOL else 1)
+        return self.layout
+
     def _decode(self, tok: np.ndarray, pos: np.ndarray, out: np.ndarray, seqs: Sequence[Sequence[int]]) -> None:
         """One llama_decode of these rows on an emptied cache."""
         import llama_cpp
@@ -273,8 +359,7 @@ class BatchScorer:
         out_of_node = np.full(len(b.tokens), -1)
         out_of_node[node_at[out_rows]] = np.arange(len(out_rows))
         logits = self._logits(len(out_rows))
-        mx = logits.max(axis=1)
-        lse = mx.astype(np.float64) + np.log(np.exp(logits - mx[:, None]).sum(axis=1, dtype=np.float64))
+        lse = _logsumexp_rows(logits)
         for slot, r in enumerate(b.members):
             toks, start = requests[r]
             rows = out_of_node[b.paths[slot][start - 1 : len(toks) - 1]]
@@ -306,6 +391,9 @@ class BatchScorer:
         if getattr(self, "ctx", None):
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
 
     def __enter__(self) -> BatchScorer:
         return self

@@ -16,6 +16,18 @@ def edge_home() -> Path:
     return Path.home() / ".local" / "share" / "edge"
 
 
+def cache_dir() -> Path:
+    """Derived files that can be rebuilt (f16 copies, SVDs): $EDGE_CACHE, else under
+    $EDGE_HOME when that is set, else the XDG cache folder."""
+    env = os.environ.get("EDGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if os.environ.get("EDGE_HOME"):
+        return edge_home() / "cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "edge"
+
+
 def logs_dir() -> Path:
     return edge_home() / "logs"
 

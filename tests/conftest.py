@@ -21,6 +21,12 @@ def _sigint_default() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Rebuildable derived files (the f16 copy of the bundled model) are made once per run."""
+    os.environ["EDGE_CACHE"] = str(tmp_path_factory.mktemp("edge_cache"))
+
+
 @pytest.fixture(autouse=True)
 def edge_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("edge_home")

@@ -35,6 +35,10 @@ def test_audit_probes_writes_report_and_fairness_record(tmp_path: Path, env: dic
     fair = [x for x in recs if x["kind"] == "fairness"]
     assert len(fair) == 1 and fair[0]["metrics"]["n_items"] == 12
     assert fair[0]["metrics"]["overall"]["pct_stereotype"]["value"] == pct["value"]
+    # auto scored the Q4_1 model on its f16 copy, without row alignment, and says so
+    comp = fair[0]["config"]["compute"]
+    assert comp["precision"] == "f16" and comp["source_type"] == "Q4_1" and comp["align"] == 1
+    assert summary["compute"] == comp and "an f16 copy of the Q4_1 weights" in html
 
 
 def _fails(args: list[str], env: dict[str, str], out: Path) -> str:

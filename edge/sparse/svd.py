@@ -14,7 +14,7 @@ import numpy as np
 
 from edge.engine.model import Engine
 from edge.engine.weights import LINEAR_NAMES
-from edge.paths import atomic_write, edge_home
+from edge.paths import atomic_write, cache_dir
 
 # Largest share of a module's dense cost the low-rank term may take: r ≤ this·in·out/(in+out).
 MAX_LOWRANK_SHARE = 0.5
@@ -44,7 +44,7 @@ def cache_path(engine: Engine) -> Path:
     name = f"{model.stem}.{engine.info.fingerprint[:12]}.svd.npz"
     if os.access(model.parent, os.W_OK):
         return model.parent / name
-    return edge_home() / "cache" / name
+    return cache_dir() / name
 
 
 class SvdCache:
