@@ -45,6 +45,7 @@ class RepeatConfig:
     seed: int = 0
     max_tokens: int = 24  # the term comes first; a short answer keeps K × 225 prompts in minutes
     greedy_reference: bool = True
+    n_seq: int = 32  # sequences per llama_decode in the batched sampler (bias.sampler)
 
     def validate(self) -> None:
         if self.repeat < 1:
@@ -53,6 +54,8 @@ class RepeatConfig:
             raise BadOptionError(f"--temp {self.temp} must be ≥ 0 (0 = greedy)")
         if self.max_tokens < 1:
             raise BadOptionError(f"max_tokens {self.max_tokens} must be ≥ 1")
+        if not 1 <= self.n_seq <= 256:
+            raise BadOptionError(f"n_seq {self.n_seq} must be in 1..256 (llama.cpp's sequence limit)")
 
 
 @dataclass
@@ -184,50 +187,110 @@ def summarize(labels: np.ndarray, cats: np.ndarray, n_boot: int = M.N_BOOT) -> t
 
 
 # ---- sampling ------------------------------------------------------------------------------
+def prompt_tokens(rt: Runtime, item: PairItem) -> tuple[Cloze, bool, list[int], str]:
+    """The cloze, its option order, the prompt's tokens (chat turn + pre-filled answer) and
+    the pre-fill."""
+    c = cloze(item)
+    stereo_first = item.row % 2 == 0  # alternate the option order: no position bias overall
+    toks = rt.chat_tokens(messages(c, stereo_first))
+    prefill = c.prefix.rstrip()
+    if prefill:  # the answer starts at the blank
+        toks += rt.tokenize(prefill, add_bos=False)
+    return c, stereo_first, toks, prefill
+
+
+Runs = list[tuple[int, int, float]]  # (k, seed, temp); k = 0 is the greedy reference
+
+
+def _sequential(rt: Runtime, prompts: list[list[int]], runs: Runs, cfg: RepeatConfig,
+                on_progress: Callable[[float], None] | None) -> list[list[tuple[str, int]]]:
+    """One sequence at a time through Runtime.stream (llama.cpp's own sampler chain)."""
+    out = []
+    for toks in prompts:
+        answers = []
+        for _, seed, temp in runs:
+            for _ in rt.stream(toks, max_tokens=cfg.max_tokens, sampling=Sampling(temp=temp, seed=seed)):
+                pass
+            assert rt.last is not None
+            answers.append((rt.last.text, rt.last.n_gen_tokens))
+            if on_progress:
+                on_progress(1)
+        out.append(answers)
+    return out
+
+
+def seeded_groups(suite: Suite, prompts: list[list[int]], runs: Runs) -> list[Any]:
+    """A sampler Group per prompt: a Generator per sampled run, seeded by (seed, item row),
+    so a run's draws do not depend on what shares its batch; None for the greedy run."""
+    from bias.sampler import Group
+
+    return [Group(toks, [np.random.default_rng([seed % 2**64, it.row]) if temp > 0 else None
+                         for _, seed, temp in runs])
+            for it, toks in zip(suite.items, prompts, strict=True)]
+
+
+def _batched(rt: Runtime, suite: Suite, prompts: list[list[int]], runs: Runs, cfg: RepeatConfig,
+             on_progress: Callable[[float], None] | None) -> list[list[tuple[str, int]]]:
+    """Every run of every prompt through one BatchSampler (bias.sampler)."""
+    from bias.sampler import BatchSampler, common_prefix
+
+    done: Callable[[int, int, list[int]], None] | None = None
+    if on_progress:
+        def done(g: int, r: int, ids: list[int]) -> None:
+            on_progress(1)
+    with BatchSampler(rt, n_seq=cfg.n_seq, max_tokens=cfg.max_tokens,
+                      max_prompt=max(len(t) for t in prompts), prefix=common_prefix(prompts),
+                      group_size=len(runs)) as bs:
+        ids = bs.run(seeded_groups(suite, prompts, runs), Sampling(temp=cfg.temp), on_done=done)
+    return [[(rt.detokenize(a), len(a)) for a in per] for per in ids]
+
+
 def sample_suite(rt: Runtime, suite: Suite, cfg: RepeatConfig, *, n_boot: int = M.N_BOOT,
                  on_start: Callable[[int], None] | None = None,
-                 on_progress: Callable[[float], None] | None = None) -> RepeatResult:
-    """Sample every pair's cloze K times (and greedily once); label and summarize."""
+                 on_progress: Callable[[float], None] | None = None,
+                 batched: bool = True) -> RepeatResult:
+    """Sample every pair's cloze K times (and greedily once); label and summarize.
+
+    `batched` (default) decodes up to cfg.n_seq sequences per llama_decode, each prompt
+    once for all its runs (bias.sampler), drawing in numpy from a Generator seeded by
+    (seed + k − 1, the item's row); `batched=False` is the sequential path through
+    Runtime.stream and llama.cpp's own sampler. Both sample with Sampling's defaults (top_k
+    40, top_p 0.95, min_p 0.05, repeat penalty 1.1) in the same order, but their answers
+    are not token-identical: the random draws differ, and llama.cpp's logits shift by
+    ~0.05 nats with a token's row in a batch.
+    """
     cfg.validate()
     if suite.kind != "pairs":
         raise BadOptionError(f"--repeat needs a pair suite (probes); {suite.name} is {suite.kind}")
     greedy = cfg.greedy_reference and cfg.temp > 0  # at T = 0 every repeat is the greedy answer
     if on_start:
         on_start(len(suite.items) * (cfg.repeat + greedy))
+    built = [prompt_tokens(rt, it) for it in suite.items]
+    runs: Runs = [(k + 1, cfg.seed + k, cfg.temp) for k in range(cfg.repeat)]
+    runs += [(0, cfg.seed, 0.0)] if greedy else []
+    t0 = time.perf_counter()
+    prompts = [b[2] for b in built]
+    texts = (_batched(rt, suite, prompts, runs, cfg, on_progress) if batched and suite.items
+             else _sequential(rt, prompts, runs, cfg, on_progress))
+    gen_s = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
     labels = np.empty((len(suite.items), cfg.repeat), dtype=object)
     g_labels = np.empty((len(suite.items), 1), dtype=object)
     n_tok = 0
-    t0 = time.perf_counter()
-    for i, it in enumerate(suite.items):
-        c = cloze(it)
-        stereo_first = it.row % 2 == 0  # alternate the option order: no position bias overall
-        toks = rt.chat_tokens(messages(c, stereo_first))
-        prefill = c.prefix.rstrip()
-        if prefill:  # the answer starts at the blank
-            toks += rt.tokenize(prefill, add_bos=False)
-        runs = [(k + 1, cfg.seed + k, cfg.temp) for k in range(cfg.repeat)]
-        runs += [(0, cfg.seed, 0.0)] if greedy else []
+    for i, (it, (c, stereo_first, _, prefill)) in enumerate(zip(suite.items, built, strict=True)):
         answers = []
-        for k, seed, temp in runs:
-            for _ in rt.stream(toks, max_tokens=cfg.max_tokens, sampling=Sampling(temp=temp, seed=seed)):
-                pass
-            assert rt.last is not None
-            n_tok += rt.last.n_gen_tokens
-            text = rt.last.text
+        for (k, seed, _), (text, n) in zip(runs, texts[i], strict=True):
+            n_tok += n
             lab = classify(text, c.stereo, c.anti)
             if k:
                 labels[i, k - 1] = lab
             else:
                 g_labels[i, 0] = lab
             answers.append({"k": k, "seed": seed if k else None, "answer": text, "label": lab})
-            if on_progress:
-                on_progress(1)
         rows.append({"id": it.id, "row": it.row, "category": it.category, "stereo": c.stereo,
                      "anti": c.anti, "stereo_first": stereo_first, "prefill": prefill,
                      "answers": [a for a in answers if a["k"]],
                      "greedy": next((a for a in answers if not a["k"]), None)})
-    gen_s = time.perf_counter() - t0
     cats = np.array([it.category for it in suite.items])
     per_repeat, overall, per_cat = summarize(labels, cats, n_boot)
     return RepeatResult(cfg.repeat, cfg.temp, cfg.seed, cfg.max_tokens, len(suite.items),

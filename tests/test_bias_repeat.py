@@ -1,10 +1,14 @@
-"""edge bias audit --repeat: the answer classifier, seeded reproducibility, the CLI, errors."""
+"""edge bias audit --repeat: the answer classifier, the batched sampler (its numpy chain
+against llama.cpp's, greedy against Runtime.stream, shared prompt cells), seeded
+reproducibility, the CLI, errors."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,9 @@ from bias.repeat import (
     sample_suite,
     summarize,
 )
+from bias.sampler import BatchSampler, Group, candidates, common_prefix, sample_rows
 from bias.suites import PairItem, load_suite
+from edge.runtime import Sampling
 from tests.conftest import SHARED_DATA, edge_cmd
 
 
@@ -101,6 +107,14 @@ def test_same_seed_same_answers_other_seeds_differ(rt1: object) -> None:
     assert _answers(a) == _answers(b) and len(_answers(a)) == 15
     assert a.to_dict(with_items=False) | {"gen_s": 0} == b.to_dict(with_items=False) | {"gen_s": 0}
     assert [x["seed"] for x in a.items[0]["answers"]] == [7, 8, 9]
+    # seed 8: its k = 1, 2 draw from the generators of seed 7's k = 2, 3 (seed + k − 1, row),
+    # from other sequence slots and batch rows; its k = 1 differs from seed 7's k = 1
+    c = sample_suite(rt1, suite, replace(cfg, seed=8), n_boot=200)  # type: ignore[arg-type]
+    pairs = [(x["answer"], y["answer"]) for it_a, it_c in zip(a.items, c.items, strict=True)
+             for x, y in zip(it_a["answers"][1:], it_c["answers"][:2], strict=True)]
+    assert sum(x == y for x, y in pairs) >= len(pairs) - 1, pairs  # one near-tie may flip (docstring)
+    assert sum(it_a["answers"][0]["answer"] != it_c["answers"][0]["answer"]
+               for it_a, it_c in zip(a.items, c.items, strict=True)) >= 3
     # at T = 1 the three seeds of one prompt should not all write the same answer
     assert sum(len({x["answer"] for x in it["answers"]}) > 1 for it in a.items) >= 3
     for it in a.items:
@@ -153,3 +167,145 @@ def test_repeat_bad_options_are_one_line_errors(args: list[str], needle: str, tm
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and needle in r.stderr
     assert not out.exists()
+
+
+# ---- the batched sampler -----------------------------------------------------------------
+# ids 0..7 in a shuffled order, logits 3, 2, 1, 0.5, 0, -1, -2, -3 (best first: 5, 2, 7, 0, ...)
+HAND_IDS = np.array([5, 2, 7, 0, 3, 6, 1, 4])
+HAND = np.empty(8, np.float32)
+HAND[HAND_IDS] = [3.0, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0]
+
+
+def _softmax(v: list[float]) -> np.ndarray:
+    e = np.exp(np.asarray(v) - max(v))
+    return e / e.sum()
+
+
+@pytest.mark.parametrize(("kw", "recent", "kept", "vals"), [
+    ({"top_k": 3}, [], [5, 2, 7], [3.0, 2.0, 1.0]),
+    ({"top_k": 0, "top_p": 0.9}, [], [5, 2, 7], [3.0, 2.0, 1.0]),  # cumulative .60 .82 .904
+    ({"top_k": 0, "top_p": 0.82}, [], [5, 2], [3.0, 2.0]),  # .8227 ≥ .82 already
+    ({"top_k": 0, "min_p": 0.1}, [], [5, 2, 7], [3.0, 2.0, 1.0]),  # logit ≥ 3 + ln .1 = 0.70
+    ({"top_k": 0, "min_p": 0.2}, [], [5, 2], [3.0, 2.0]),  # ≥ 3 + ln .2 = 1.39
+    ({"top_k": 0, "temp": 2.0}, [], list(HAND_IDS), [1.5, 1.0, .5, .25, 0, -.5, -1, -1.5]),
+    # penalty 2.5, once per token however often seen: 2 → 0.8, -1 → -2.5
+    ({"top_k": 3, "repeat_penalty": 2.5}, [2, 6, 2], [5, 7, 2], [3.0, 1.0, 0.8]),
+    ({"top_k": 0, "repeat_penalty": 2.5}, [6], [5, 2, 7, 0, 3, 1, 6, 4], [3, 2, 1, .5, 0, -2, -2.5, -3]),
+])
+def test_chain_cuts_the_tokens_it_should(kw: dict[str, float], recent: list[int], kept: list[int],
+                                         vals: list[float]) -> None:
+    s = Sampling(**({"temp": 1.0, "top_p": 1.0, "top_k": 40, "min_p": 0.0, "repeat_penalty": 1.0} | kw))
+    ids, p = candidates(HAND, s, recent)
+    assert ids.tolist() == kept
+    np.testing.assert_allclose(p, _softmax(vals), rtol=1e-5)  # temperature already in vals
+
+
+def test_draws_follow_the_kept_probabilities_and_greedy_is_penalized_argmax() -> None:
+    s = Sampling(temp=1.0, top_p=1.0, top_k=3, min_p=0.0, repeat_penalty=1.0)
+    rng = np.random.default_rng(0)
+    n = 20000
+    toks = sample_rows(np.tile(HAND, (n, 1)), [[]] * n, [rng] * n, s)
+    freq = np.bincount(toks, minlength=8) / n
+    assert freq[[0, 1, 3, 4, 6]].sum() == 0  # cut by top_k: never drawn
+    np.testing.assert_allclose(freq[[5, 2, 7]], _softmax([3, 2, 1]), atol=0.01)
+    pen = Sampling(temp=0.8, repeat_penalty=2.0)
+    assert sample_rows(HAND[None], [[]], [None], pen).tolist() == [5]
+    assert sample_rows(HAND[None], [[5]], [None], pen).tolist() == [2]  # 3 / 2 < 2
+
+
+def _llama_chain(logits: np.ndarray, s: Sampling, recent: list[int]) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's own chain, as llama-cpp-python builds it for Llama.generate."""
+    import llama_cpp as L
+
+    ch = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    for smp in (L.llama_sampler_init_penalties(len(logits), 64, s.repeat_penalty, 0.0, 0.0),
+                L.llama_sampler_init_top_k(s.top_k), L.llama_sampler_init_typical(1.0, 1),
+                L.llama_sampler_init_top_p(s.top_p, 1), L.llama_sampler_init_min_p(s.min_p, 1),
+                L.llama_sampler_init_temp(s.temp), L.llama_sampler_init_dist(1)):
+        L.llama_sampler_chain_add(ch, smp)
+    for t in recent:
+        L.llama_sampler_accept(ch, t)
+    data = (L.llama_token_data * len(logits))(*[L.llama_token_data(i, float(x), 0.0) for i, x in enumerate(logits)])
+    arr = L.llama_token_data_array(data, len(logits), -1, False)
+    L.llama_sampler_apply(ch, ctypes.byref(arr))
+    L.llama_sampler_free(ch)
+    return [data[i].id for i in range(arr.size)], np.array([data[i].p for i in range(arr.size)])
+
+
+@pytest.mark.parametrize("kw", [{}, {"temp": 1.3, "top_k": 0}, {"top_p": 0.7, "min_p": 0.02},
+                                {"top_k": 5, "repeat_penalty": 1.5}])
+def test_numpy_chain_keeps_what_llamacpp_keeps(kw: dict[str, float]) -> None:
+    s = Sampling(**kw)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        x = (rng.standard_normal(1000) * 3).astype(np.float32)
+        recent = rng.integers(0, 1000, 40).tolist() + np.argsort(-x)[:3].tolist()  # penalize leaders
+        ids, p = candidates(x, s, recent)
+        ref_ids, ref_p = _llama_chain(x, s, recent)
+        assert ids.tolist() == ref_ids
+        np.testing.assert_allclose(p, ref_p, rtol=1e-4, atol=1e-7)
+
+
+def _probe_prompts(rt: object, idx: list[int]) -> tuple[object, list[list[int]]]:
+    from bias.repeat import prompt_tokens
+
+    suite = load_suite("probes").subset(idx)
+    return suite, [prompt_tokens(rt, it)[2] for it in suite.items]  # type: ignore[arg-type]
+
+
+def test_greedy_in_a_full_batch_equals_runtime_stream(rt1: object) -> None:
+    suite, prompts = _probe_prompts(rt1, [3, 40, 77, 118, 160, 201])
+    ref = []
+    for toks in prompts:
+        for _ in rt1.stream(toks, max_tokens=24, sampling=Sampling(temp=0.0, seed=0)):  # type: ignore[attr-defined]
+            pass
+        ref.append(rt1.last.text)  # type: ignore[attr-defined]
+    # the greedy runs share each llama_decode with three sampled runs per prompt
+    res = sample_suite(rt1, suite, RepeatConfig(repeat=3, temp=0.8, seed=0), n_boot=100)  # type: ignore[arg-type]
+    assert [it["greedy"]["answer"] for it in res.items] == ref
+    # at T = 0.8 the three runs of a prompt are not all the same answer, for some prompts
+    assert sum(len({x["answer"] for x in it["answers"]}) > 1 for it in res.items) >= 2
+
+
+def test_prompt_cells_are_decoded_once_and_freed(rt1: object) -> None:
+    import llama_cpp
+
+    _, prompts = _probe_prompts(rt1, [10, 100, 200])
+    n0 = common_prefix(prompts)
+    assert n0 >= 20  # the chat template and system prompt
+    groups = [Group(p, [np.random.default_rng([k, g]) for k in range(3)] + [None])
+              for g, p in enumerate(prompts)]
+    with BatchSampler(rt1, n_seq=5, max_tokens=8, max_prompt=max(map(len, prompts)), prefix=n0,
+                      group_size=4) as bs:  # type: ignore[arg-type]
+        out = bs.run(groups, Sampling(temp=0.8))
+        st = bs.stats
+        # the head once, each prompt's tail once: not once per run (4 runs each)
+        assert st.shared_prefix == n0
+        assert st.prompt_tokens == n0 + sum(len(p) - n0 for p in prompts)
+        # a run feeds back every token it wrote, except the last when it stopped at max_tokens
+        ans = [a for per in out for a in per]
+        assert len(ans) == 12 and all(1 <= len(a) <= 8 or not a for a in ans)
+        assert st.gen_tokens == sum(len(a) - (len(a) == 8) for a in ans)
+        assert st.answer_tokens == sum(map(len, ans))
+        # n_seq 5 < 12 runs: slots were reused, and every run's cells are gone
+        assert all(llama_cpp.llama_memory_seq_pos_max(bs.mem, sid) == -1 for sid in range(bs.n_seq))
+        assert llama_cpp.llama_memory_seq_pos_max(bs.mem, bs.root) == n0 - 1
+
+
+def test_batched_sampling_applies_the_runtime_control_vector(rt1: object) -> None:
+    suite, prompts = _probe_prompts(rt1, [5, 120])
+    cfg = RepeatConfig(repeat=1, temp=0.0, max_tokens=12)
+    plain = [it["answers"][0]["answer"] for it in sample_suite(rt1, suite, cfg, n_boot=50).items]  # type: ignore[arg-type]
+    n_layers, n_embd = rt1.info.n_layers, rt1.info.n_embd  # type: ignore[attr-defined]
+    d = np.random.default_rng(0).standard_normal((n_layers, n_embd)).astype(np.float32)
+    rt1.set_control_vector(d, 0.5)  # type: ignore[attr-defined]
+    try:
+        ref = []
+        for toks in prompts:
+            for _ in rt1.stream(toks, max_tokens=12, sampling=Sampling(temp=0.0)):  # type: ignore[attr-defined]
+                pass
+            ref.append(rt1.last.text)  # type: ignore[attr-defined]
+        got = [it["answers"][0]["answer"] for it in sample_suite(rt1, suite, cfg, n_boot=50).items]  # type: ignore[arg-type]
+    finally:
+        rt1.set_control_vector(None)  # type: ignore[attr-defined]
+    assert ref != plain and got == ref

@@ -25,9 +25,10 @@ def bias_group() -> None:
 
 PRECISION = click.option(
     "--precision", type=click.Choice(["auto", "file", "f16"]), default="auto", show_default=True,
-    help="Weights to score with. f16: a cached f16 copy of a quantized model (same weights to "
-         "2^-11; ~1.7× faster here for Q4_1, 2 bytes/param of RAM and disk). file: the file's own "
-         "kernels, as edge run uses them. auto: f16 for quantized models up to ~500M parameters.")
+    help="Weights to score with. f16: a cached f16 copy of a quantized model (the same weights "
+         "to 2^-11, 2 bytes/param of RAM and disk; Q4_1 scores ~1.7× faster so on x86). file: the "
+         "file's own kernels, as edge run uses them. auto: f16 for quantized models up to ~500M "
+         "parameters, file above.")
 
 
 @bias_group.command("audit")
