@@ -11,10 +11,11 @@ f16 (≤ 2^-11 of each tensor's range), and its kernels keep activations in f16 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.errors import BadOptionError
+from edge.errors import BadOptionError, EdgeError
 from edge.gguf_file import ModelInfo, inspect
 from edge.paths import cache_dir
 
@@ -56,8 +57,20 @@ def f16_copy(model: str | os.PathLike[str], *, threads: int | None = None) -> Pa
 
     info = inspect(model)
     out = cache_path(info)
-    if not out.exists():
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need = 2 * (info.params or 0) + (64 << 20)
+    free = shutil.disk_usage(out.parent).free
+    hint = "free some disk space, set EDGE_CACHE to a roomier folder, or pass --precision file"
+    if free < need:
+        raise EdgeError(f"the f16 copy of {Path(info.path).name} needs {need / 2**30:.2f} GiB in "
+                        f"{out.parent} but {free / 2**30:.2f} GiB is free; {hint}")
+    try:
         quantize(info.path, out, qtype="F16", pure=True, threads=threads)
+    except EdgeError as e:  # quantize's own advice is about quant types, not this
+        raise EdgeError(f"could not write the f16 copy of {Path(info.path).name} to {out.parent} "
+                        f"({e}); {hint}") from e
     return out
 
 

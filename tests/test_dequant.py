@@ -69,3 +69,17 @@ def test_layout_and_f16_audit_agree_with_the_file(runtime, f16_path: Path) -> No
     # the same model: per-pair differences agree up to the Q4_1 kernel's 8-bit activations
     assert np.corrcoef(diffs["file"], diffs["f16"])[0, 1] > 0.99
     assert np.abs(diffs["file"] - diffs["f16"]).mean() < 0.3
+
+
+def test_no_room_for_the_copy_is_one_clear_error(bundled_model: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from edge.errors import EdgeError
+
+    monkeypatch.setenv("EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(EdgeError, match="--precision file") as e:
+        resolve_compute(bundled_model, "f16")
+    assert "\n" not in str(e.value)
+    assert not any((tmp_path / "cache").rglob("*.gguf"))  # nothing half-written
