@@ -6,7 +6,6 @@ the dense cost), beside the model when that folder is writable, else under EDGE_
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,10 +40,9 @@ def max_rank(n_in: int, n_out: int) -> int:
 
 def cache_path(engine: Engine) -> Path:
     model = Path(engine.path)
-    name = f"{model.stem}.{engine.info.fingerprint[:12]}.svd.npz"
-    if os.access(model.parent, os.W_OK):
-        return model.parent / name
-    return cache_dir() / name
+    # in the cache folder, never beside the model: that may be site-packages (the bundled
+    # model) or a read-only share, and a package manager would not remove it
+    return cache_dir() / "svd" / f"{model.stem}.{engine.info.fingerprint[:12]}.svd.npz"
 
 
 class SvdCache:
