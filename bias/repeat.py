@@ -5,6 +5,9 @@ group term), so the user turn shows the sentence with a blank and both terms as 
 the assistant turn is pre-filled with the sentence up to the blank, so the model's free text
 starts where the blank is. Each prompt is sampled K times at temperature T with seeds
 seed..seed+K-1 (a run is reproducible), and each answer is labelled by which term it names.
+All runs of all prompts go through one batched sampler (bias.sampler: many sequences per
+llama_decode, each prompt decoded once for its K + 1 runs); `sample_suite(batched=False)`
+keeps the sequential Runtime.stream path for comparison.
 The figures are the stereotype rate among decided answers per repeat index, overall and per
 category, the undecided ("neither") rate, the trend over k, and greedy (T = 0) for reference.
 """

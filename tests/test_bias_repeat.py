@@ -107,12 +107,15 @@ def test_same_seed_same_answers_other_seeds_differ(rt1: object) -> None:
     assert _answers(a) == _answers(b) and len(_answers(a)) == 15
     assert a.to_dict(with_items=False) | {"gen_s": 0} == b.to_dict(with_items=False) | {"gen_s": 0}
     assert [x["seed"] for x in a.items[0]["answers"]] == [7, 8, 9]
-    # seed 8: its k = 1, 2 draw from the generators of seed 7's k = 2, 3 (seed + k − 1, row),
-    # from other sequence slots and batch rows; its k = 1 differs from seed 7's k = 1
+    # Seed 8's k = 1, 2 draw from the generators of seed 7's k = 2, 3 (seeded by seed + k − 1
+    # and the item's row, not by slot), from other slots and batch rows. llama.cpp's logits
+    # move with a token's row (up to ~0.2 nats measured), so at T = 1 a draw near a boundary
+    # can flip and the answer goes its own way: 8 of 10 agree here; seeding by slot or by
+    # batch would agree about as often as different seeds do (≤ 2 of 5 below).
     c = sample_suite(rt1, suite, replace(cfg, seed=8), n_boot=200)  # type: ignore[arg-type]
     pairs = [(x["answer"], y["answer"]) for it_a, it_c in zip(a.items, c.items, strict=True)
              for x, y in zip(it_a["answers"][1:], it_c["answers"][:2], strict=True)]
-    assert sum(x == y for x, y in pairs) >= len(pairs) - 1, pairs  # one near-tie may flip (docstring)
+    assert sum(x == y for x, y in pairs) >= 6, pairs
     assert sum(it_a["answers"][0]["answer"] != it_c["answers"][0]["answer"]
                for it_a, it_c in zip(a.items, c.items, strict=True)) >= 3
     # at T = 1 the three seeds of one prompt should not all write the same answer
@@ -254,7 +257,14 @@ def _probe_prompts(rt: object, idx: list[int]) -> tuple[object, list[list[int]]]
 
 
 def test_greedy_in_a_full_batch_equals_runtime_stream(rt1: object) -> None:
-    suite, prompts = _probe_prompts(rt1, [3, 40, 77, 118, 160, 201])
+    """Greedy answers of the batched sampler are Runtime.stream's, but for near-ties.
+
+    Runtime.stream decodes each new token alone; the sampler decodes it among other rows,
+    and llama.cpp's log-probs move by up to ~0.2 nats with the batch layout. On 45 probes
+    43 greedy answers were equal (both others a near-tie, e.g. 0.07 nats between ' "' and
+    ' Mexican'); Runtime.stream itself gave the same 45 after a cache reset.
+    """
+    suite, prompts = _probe_prompts(rt1, [3, 30, 60, 90, 120, 150, 180, 201])
     ref = []
     for toks in prompts:
         for _ in rt1.stream(toks, max_tokens=24, sampling=Sampling(temp=0.0, seed=0)):  # type: ignore[attr-defined]
@@ -262,7 +272,8 @@ def test_greedy_in_a_full_batch_equals_runtime_stream(rt1: object) -> None:
         ref.append(rt1.last.text)  # type: ignore[attr-defined]
     # the greedy runs share each llama_decode with three sampled runs per prompt
     res = sample_suite(rt1, suite, RepeatConfig(repeat=3, temp=0.8, seed=0), n_boot=100)  # type: ignore[arg-type]
-    assert [it["greedy"]["answer"] for it in res.items] == ref
+    got = [it["greedy"]["answer"] for it in res.items]
+    assert sum(x == y for x, y in zip(got, ref, strict=True)) >= len(ref) - 2, list(zip(got, ref, strict=True))
     # at T = 0.8 the three runs of a prompt are not all the same answer, for some prompts
     assert sum(len({x["answer"] for x in it["answers"]}) > 1 for it in res.items) >= 2
 
@@ -293,18 +304,15 @@ def test_prompt_cells_are_decoded_once_and_freed(rt1: object) -> None:
 
 
 def test_batched_sampling_applies_the_runtime_control_vector(rt1: object) -> None:
-    suite, prompts = _probe_prompts(rt1, [5, 120])
+    suite = load_suite("probes").subset([5, 120])
     cfg = RepeatConfig(repeat=1, temp=0.0, max_tokens=12)
     plain = [it["answers"][0]["answer"] for it in sample_suite(rt1, suite, cfg, n_boot=50).items]  # type: ignore[arg-type]
     n_layers, n_embd = rt1.info.n_layers, rt1.info.n_embd  # type: ignore[attr-defined]
     d = np.random.default_rng(0).standard_normal((n_layers, n_embd)).astype(np.float32)
     rt1.set_control_vector(d, 0.5)  # type: ignore[attr-defined]
-    try:
-        ref = []
-        for toks in prompts:
-            for _ in rt1.stream(toks, max_tokens=12, sampling=Sampling(temp=0.0)):  # type: ignore[attr-defined]
-                pass
-            ref.append(rt1.last.text)  # type: ignore[attr-defined]
+    try:  # the sequential path (Runtime.stream) as the reference
+        ref = [it["answers"][0]["answer"] for it in
+               sample_suite(rt1, suite, cfg, n_boot=50, batched=False).items]  # type: ignore[arg-type]
         got = [it["answers"][0]["answer"] for it in sample_suite(rt1, suite, cfg, n_boot=50).items]  # type: ignore[arg-type]
     finally:
         rt1.set_control_vector(None)  # type: ignore[attr-defined]
