@@ -64,11 +64,11 @@ def main() -> None:
     for name, refill in (("continuous", True), ("waves", False)):
         with BatchSampler(rt, n_seq=cfg.n_seq, max_tokens=cfg.max_tokens, max_prompt=max(map(len, prompts)),
                           prefix=common_prefix(prompts), group_size=len(runs)) as bs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             bs.run(seeded_groups(suite, prompts, runs), Sampling(temp=cfg.temp), refill=refill)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             st = bs.stats
-            print(f"{name:10s}: {wall:7.1f} s, {st.decodes} decodes, {st.tokens_decoded} rows "
+            print(f"{name:10s}: {wall:7.1f} s wall, {cpu:7.1f} s CPU, {st.decodes} decodes, {st.tokens_decoded} rows "
                   f"({st.prompt_tokens} prompt, head {st.shared_prefix} shared), "
                   f"{st.tokens_decoded / wall:.1f} rows/s, {st.answer_tokens / wall:.1f} answer tokens/s, "
                   f"{st.tokens_decoded / st.decodes:.1f} rows/decode, cache {bs.n_ctx} cells", flush=True)

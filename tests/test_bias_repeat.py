@@ -260,9 +260,11 @@ def test_greedy_in_a_full_batch_equals_runtime_stream(rt1: object) -> None:
     """Greedy answers of the batched sampler are Runtime.stream's, but for near-ties.
 
     Runtime.stream decodes each new token alone; the sampler decodes it among other rows,
-    and llama.cpp's log-probs move by up to ~0.2 nats with the batch layout. On 45 probes
-    43 greedy answers were equal (both others a near-tie, e.g. 0.07 nats between ' "' and
-    ' Mexican'); Runtime.stream itself gave the same 45 after a cache reset.
+    and llama.cpp's log-probs move by up to ~0.2 nats with the batch layout. Measured here:
+    43 of 45 probes equal (the two others near-ties, e.g. 0.07 nats between ' "' and
+    ' Mexican'; Runtime.stream itself gave the same 45 after a cache reset), 26 of 30 in
+    the benchmark, 6 of these 8: ~90% overall. A wrong position, cell or logits row would
+    leave almost none equal; ≥ 5 of 8 fails by chance < 1% at a 10% flip rate.
     """
     suite, prompts = _probe_prompts(rt1, [3, 30, 60, 90, 120, 150, 180, 201])
     ref = []
@@ -273,7 +275,7 @@ def test_greedy_in_a_full_batch_equals_runtime_stream(rt1: object) -> None:
     # the greedy runs share each llama_decode with three sampled runs per prompt
     res = sample_suite(rt1, suite, RepeatConfig(repeat=3, temp=0.8, seed=0), n_boot=100)  # type: ignore[arg-type]
     got = [it["greedy"]["answer"] for it in res.items]
-    assert sum(x == y for x, y in zip(got, ref, strict=True)) >= len(ref) - 2, list(zip(got, ref, strict=True))
+    assert sum(x == y for x, y in zip(got, ref, strict=True)) >= 5, list(zip(got, ref, strict=True))
     # at T = 0.8 the three runs of a prompt are not all the same answer, for some prompts
     assert sum(len({x["answer"] for x in it["answers"]}) > 1 for it in res.items) >= 2
 
@@ -317,3 +319,14 @@ def test_batched_sampling_applies_the_runtime_control_vector(rt1: object) -> Non
     finally:
         rt1.set_control_vector(None)  # type: ignore[attr-defined]
     assert ref != plain and got == ref
+
+
+def test_sampler_refuses_prompts_it_was_not_sized_for(rt1: object) -> None:
+    from edge.errors import ContextOverflowError
+
+    with pytest.raises(ContextOverflowError, match="exceeds the 8192-token context"):
+        BatchSampler(rt1, max_prompt=8190, max_tokens=24)  # type: ignore[arg-type]
+    with (BatchSampler(rt1, n_seq=2, max_tokens=4, max_prompt=8) as bs,  # type: ignore[arg-type]
+          pytest.raises(ContextOverflowError, match="raise max_prompt")):
+        bs.run([Group(list(range(1, 300)), [None])], Sampling())
+    assert bs.ctx is None and bs.batch is None  # freed on leaving the block
