@@ -10,6 +10,7 @@ f16 (≤ 2^-11 of each tensor's range), and its kernels keep activations in f16 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -47,8 +48,12 @@ def _main_type(info: ModelInfo) -> str:
 
 
 def cache_path(info: ModelInfo) -> Path:
-    """Where the copy of this file's weights lives (keyed by its content fingerprint)."""
-    return cache_dir() / "f16" / f"{Path(info.path).stem}.{info.fingerprint[:12]}.f16.gguf"
+    """Where the copy of this file's weights lives. The fingerprint reads only the first
+    16 MiB, so two fine-tunes of one base could share it: path and mtime go in the key too."""
+    st = os.stat(info.path)
+    ident = f"{info.fingerprint}|{Path(info.path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return cache_dir() / "f16" / f"{Path(info.path).stem}.{key}.f16.gguf"
 
 
 def f16_copy(model: str | os.PathLike[str], *, threads: int | None = None) -> Path:

@@ -83,3 +83,22 @@ def test_no_room_for_the_copy_is_one_clear_error(bundled_model: Path, tmp_path: 
         resolve_compute(bundled_model, "f16")
     assert "\n" not in str(e.value)
     assert not any((tmp_path / "cache").rglob("*.gguf"))  # nothing half-written
+
+
+def test_a_changed_file_gets_its_own_copy(bundled_model: Path, tmp_path: Path) -> None:
+    """Same size, same first 16 MiB (the fingerprint), other weights: no stale copy."""
+    import os
+    import shutil
+
+    from edge.dequant import cache_path
+    from edge.gguf_file import inspect
+
+    a = tmp_path / "m.gguf"
+    shutil.copyfile(bundled_model, a)
+    before = cache_path(inspect(a))
+    with open(a, "r+b") as f:  # a later tensor changes, as in a fine-tune of one layer
+        f.seek(-4096, os.SEEK_END)
+        f.write(b"\x01" * 64)
+    os.utime(a, ns=(1, 1))
+    assert inspect(a).fingerprint == inspect(bundled_model).fingerprint
+    assert cache_path(inspect(a)) != before
