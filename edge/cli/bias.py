@@ -26,7 +26,7 @@ def bias_group() -> None:
 PRECISION = click.option(
     "--precision", type=click.Choice(["auto", "file", "f16"]), default="auto", show_default=True,
     help="Weights to score with. f16: a cached f16 copy of a quantized model (the same weights "
-         "to 2^-11, 2 bytes/param of RAM and disk; Q4_1 scores ~1.7× faster so on x86). file: the "
+         "to 2^-11, 2 bytes/param of RAM and disk; ~1.7× faster for Q4_1 on x86). file: the "
          "file's own kernels, as edge run uses them. auto: f16 for quantized models up to ~500M "
          "parameters, file above.")
 
