@@ -43,13 +43,12 @@ def main() -> None:
     runs = [a.precision, "file"] if a.also_file and a.precision != "file" else [a.precision]
     for prec in [] if a.skip_full else runs:
         t0, c0 = time.perf_counter(), time.process_time()
-        sc, comp = open_scorer(rt, prec)  # the f16 copy is made here on first use
+        sc = open_scorer(rt, prec)  # the f16 copy is made here on first use
         with sc:
             res = audit_suite(rt, crows, scorer=sc)
         e = res.overall["pct_stereotype"]
         # CPU time too: on a shared machine wall time mostly measures the other jobs.
-        print(f"full CrowS-Pairs audit, --precision {prec} ({comp['precision']} {comp['source_type']}, "
-              f"rows aligned mod {sc.layout.align if sc.layout else '?'}): "
+        print(f"full CrowS-Pairs audit, --precision {prec} ({sc.record()}): "
               f"{time.perf_counter() - t0:.1f} s wall, "
               f"{time.process_time() - c0:.1f} s CPU for {res.n_items} pairs, "
               f"{res.tokens_decoded} tokens decoded + {sc.pad_tokens} pads; pct_stereotype {e.value:.2f} "
@@ -59,8 +58,7 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     naive = [[rt.token_logprobs(_sentence(rt, s)[0]).sum() for s in (it.more, it.less)] for it in sub.items]
     t_naive, c_naive = time.perf_counter() - t0, time.process_time() - c0
-    sc, _ = open_scorer(rt, a.precision)
-    with sc:
+    with open_scorer(rt, a.precision) as sc:
         t0, c0 = time.perf_counter(), time.process_time()
         res = audit_suite(rt, sub, scorer=sc, n_boot=10)
         t_batch, c_batch = time.perf_counter() - t0, time.process_time() - c0
@@ -72,8 +70,7 @@ def main() -> None:
           f"full-suite naive estimate {t_naive * len(crows.items) / len(sub.items):.0f} s", flush=True)
 
     bbq = load_suite(f"bbq:{DATA / 'bbq'}", limit=a.bbq_items)
-    sc, _ = open_scorer(rt, a.precision)
-    with sc:
+    with open_scorer(rt, a.precision) as sc:
         t0, c0 = time.perf_counter(), time.process_time()
         shared = score_bbq(sc, bbq)
         t_sh, c_sh, tok_sh = time.perf_counter() - t0, time.process_time() - c0, sc.tokens_decoded

@@ -189,13 +189,14 @@ def audit_suite(rt: Runtime, suite: Suite, *, n_boot: int = M.N_BOOT,
             scorer.close()
 
 
-def open_scorer(rt: Runtime, precision: str = "auto") -> tuple[BatchScorer, dict[str, Any]]:
-    """A scorer on the weights `precision` picks (edge.dequant), and what it computes with."""
+def open_scorer(rt: Runtime, precision: str = "auto") -> BatchScorer:
+    """A scorer on the weights `precision` picks (edge.dequant); `.record()` says which."""
     from edge.dequant import resolve_compute
 
-    comp = resolve_compute(rt.path, precision, threads=rt.threads)
+    comp = resolve_compute(rt.info, precision, threads=rt.threads)
     scorer = BatchScorer(rt, model_path=None if comp.path == comp.source else comp.path)
-    return scorer, comp.to_dict()
+    scorer.compute = comp.to_dict()
+    return scorer
 
 
 def audit(model: str | None, suite_spec: str, *, limit: int | None = None,
@@ -213,11 +214,11 @@ def audit(model: str | None, suite_spec: str, *, limit: int | None = None,
     try:
         if correction:
             load_correction(rt, correction, correction_scale)
-        scorer, compute = open_scorer(rt, precision)
+        scorer = open_scorer(rt, precision)
         if on_start:
             on_start(len(suite.items))
         res = audit_suite(rt, suite, n_boot=n_boot, on_progress=on_progress, scorer=scorer)
-        res.compute = compute | (scorer.layout.to_dict() if scorer.layout else {})
+        res.compute = scorer.record()
     except BaseException:
         rt.close()
         raise

@@ -71,12 +71,9 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
             cal_idx, min(calib_limit, len(cal_idx)), replace=False).tolist())
     calib, held = suite.subset(cal_idx), suite.subset(held_idx)
     rt = load_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
+    scorer = None
     try:
-        scorer, compute = open_scorer(rt, precision)
-    except BaseException:
-        rt.close()
-        raise
-    try:
+        scorer = open_scorer(rt, precision)
         engine = Engine.from_gguf(rt.path)
         emit("stage", {"stage": "directions", "pairs": min(n_direction_pairs, len(calib.items))})
         h_more, h_less = pair_states(engine, calib.items[:n_direction_pairs])
@@ -101,7 +98,7 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         out: dict[str, Any] = {
             "suite": suite.name, "source": suite.source, "config": asdict(cfg),
             "direction_pairs": dirs.n_pairs, "method": method, "vector": str(out_path),
-            "compute": compute | (scorer.layout.to_dict() if scorer.layout else {}),
+            "compute": scorer.record(),
             "calibration_rows": [suite.items[i].row for i in cal_idx],
             "heldout_rows": [suite.items[i].row for i in held_idx],
             "loop": loop.to_dict(), "heldout": _pair_judgement(hb, ha, n_boot),
@@ -148,7 +145,8 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
                                                                    compute=out["compute"]))
         return out
     finally:
-        scorer.close()
+        if scorer is not None:
+            scorer.close()
         rt.close()
 
 

@@ -56,11 +56,16 @@ def cache_path(info: ModelInfo) -> Path:
     return cache_dir() / "f16" / f"{Path(info.path).stem}.{key}.f16.gguf"
 
 
-def f16_copy(model: str | os.PathLike[str], *, threads: int | None = None) -> Path:
+def _info(model: str | os.PathLike[str] | ModelInfo) -> ModelInfo:
+    # a loaded Runtime already has its ModelInfo: inspect() would hash 16 MiB again
+    return model if isinstance(model, ModelInfo) else inspect(model)
+
+
+def f16_copy(model: str | os.PathLike[str] | ModelInfo, *, threads: int | None = None) -> Path:
     """The cached f16 copy of `model`'s weights, made on first use (atomically)."""
     from edge.quantize import quantize
 
-    info = inspect(model)
+    info = _info(model)
     out = cache_path(info)
     if out.exists():
         return out
@@ -79,13 +84,13 @@ def f16_copy(model: str | os.PathLike[str], *, threads: int | None = None) -> Pa
     return out
 
 
-def resolve_compute(model: str | os.PathLike[str], precision: str = "auto", *,
+def resolve_compute(model: str | os.PathLike[str] | ModelInfo, precision: str = "auto", *,
                     threads: int | None = None, auto_max_bytes: int = AUTO_MAX_BYTES) -> Compute:
     """Pick the weights to score with. `auto`: an f16 copy of a quantized model whose copy
     takes ≤ auto_max_bytes; the file itself otherwise (a 7B on a Pi stays as it is)."""
     if precision not in PRECISIONS:
         raise BadOptionError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    info = inspect(model)
+    info = _info(model)
     main = _main_type(info)
     src = Path(info.path)
     if precision == "auto":
@@ -93,4 +98,4 @@ def resolve_compute(model: str | os.PathLike[str], precision: str = "auto", *,
         precision = "f16" if main not in FLOAT_TYPES and small else "file"
     if precision == "file" or main == "F16":
         return Compute("file", src, src, main)
-    return Compute("f16", f16_copy(src, threads=threads), src, main)
+    return Compute("f16", f16_copy(info, threads=threads), src, main)
