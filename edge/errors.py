@@ -50,3 +50,7 @@ class SuiteError(EdgeError):
 
 class SparseProfileError(EdgeError):
     """A sparsity profile or its calibration input is unusable (wrong model, too short, corrupt)."""
+
+
+class HostCheckError(EdgeError):
+    """The installed llama.cpp crashed in its test inference on this host (e.g. SIGILL)."""

@@ -127,7 +127,7 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
-    from edge.runtime import default_threads
+    from edge.system import default_threads
 
     q = quant_type(qtype)
     if q.needs_imatrix:

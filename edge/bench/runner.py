@@ -23,7 +23,8 @@ from edge.bench.llama_ops import BenchContext
 from edge.bench.output import check_out_path, write_records
 from edge.catalog import resolve_model
 from edge.errors import BadOptionError
-from edge.runtime import Runtime, RuntimeConfig, peak_rss_bytes
+from edge.runtime import Runtime, RuntimeConfig
+from edge.system import peak_rss_bytes
 
 MAX_THREADS = 256
 ENGINES = ("llama", "native")

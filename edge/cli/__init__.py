@@ -70,6 +70,7 @@ def _register() -> None:
         bias,
         chat,
         convert,
+        doctor,
         eval,
         logs,
         models,
@@ -81,7 +82,7 @@ def _register() -> None:
         worker,
     )
 
-    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias, worker):
+    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias, worker, doctor):
         mod.register(cli)
 
 

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edge.cli.options import rpc_option
-from edge.runtime import default_threads
+from edge.system import default_threads
 
 
 class ThreadList(click.ParamType):

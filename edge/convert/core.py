@@ -118,7 +118,7 @@ def convert(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, outt
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise ConversionError(f"writing {out} failed: {reason}; nothing was written") from None
-    from edge.runtime import peak_rss_bytes
+    from edge.system import peak_rss_bytes
 
     return ConvertResult(
         path=str(out), outtype=outtype, n_tensors=len(plan), n_params=n_params,

@@ -13,7 +13,8 @@ import numpy as np
 
 from edge.engine.model import Backend, Engine
 from edge.errors import ContextOverflowError
-from edge.runtime import GenerationStats, Sampling, peak_rss_bytes
+from edge.runtime import GenerationStats, Sampling
+from edge.system import peak_rss_bytes
 
 
 def sample(logits: np.ndarray, s: Sampling, history: Sequence[int], rng: np.random.Generator) -> int:
