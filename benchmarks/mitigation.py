@@ -43,13 +43,14 @@ def main() -> None:
                  precision=a.precision,
                  on_event=lambda kind, d: print(kind, json.dumps(d), flush=True))
     print((out / "report.md").read_text())
-    dis = r["heldout_per_category"].get("disability")
+    dis = r.heldout_per_category.get("disability")
     if dis:
-        print("excluded category disability:", json.dumps(dis["before"]), "→", json.dumps(dis["after"]))
-    if "second_suite" in r:
-        print("probes before:", json.dumps(r["second_suite"]["before"]))
-        print("probes after: ", json.dumps(r["second_suite"]["after"]))
-    print(f"elapsed {r['elapsed_s']:.0f} s")
+        d = dis.to_dict()
+        print("excluded category disability:", json.dumps(d["before"]), "→", json.dumps(d["after"]))
+    if r.second_suite:
+        print("probes before:", json.dumps(r.second_suite["before"]))
+        print("probes after: ", json.dumps(r.second_suite["after"]))
+    print(f"elapsed {r.elapsed_s:.0f} s")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def reference_f16(workdir: Path) -> Path:
 
 
 def tg_speed(path: Path, n: int, threads: int | None) -> float:
-    from edge.runtime import Runtime, RuntimeConfig, Sampling
+    from edge.runtime import Runtime, RuntimeConfig
+    from edge.sampling import Sampling
 
     rt = Runtime(path, RuntimeConfig(n_ctx=256, threads=threads))
     try:

@@ -21,7 +21,8 @@ from bias.repeat import RepeatConfig, prompt_tokens, sample_suite, seeded_groups
 from bias.sampler import BatchSampler, common_prefix
 from bias.suites import load_suite
 from edge.catalog import default_entry
-from edge.runtime import Runtime, RuntimeConfig, Sampling
+from edge.runtime import Runtime, RuntimeConfig
+from edge.sampling import Sampling
 
 
 def main() -> None:

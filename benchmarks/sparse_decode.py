@@ -22,13 +22,12 @@ def main() -> None:
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     import numpy as np
 
-    from edge.engine.generate import load_native
+    from edge.engine.generate import NativeGenerator
     from edge.sparse.profile import SparseProfile
     from edge.sparse.rsparse import SparseBackend
     from edge.sparse.svd import SvdCache
 
-    sess = load_native(None, None)
-    engine = sess.engine
+    engine = NativeGenerator.load(None).model
     backends = {}
     for p in args.profiles:
         prof = SparseProfile.load(p, engine)

@@ -47,7 +47,7 @@ def main() -> None:
 
     from edge.catalog import default_entry
     from edge.engine import Engine
-    from edge.engine.verify import kl_rows
+    from edge.logprobs import kl_rows
     from edge.sparse.calibrate import calibrate
     from edge.sparse.evaluate import HalfChunks
     from edge.sparse.profile import build_specs, model_sparsity
@@ -119,7 +119,8 @@ def main() -> None:
             print(f"{s:.0%} {r['method']}: PPL {ppl:.3f} ({r['ppl_ratio']:.3f}×), KL {kl:.4f}, "
                   f"decode {r['dense_tps']:.1f} → {r['sparse_tps']:.1f} t/s ({r['speedup']:.2f}×)", flush=True)
 
-    from edge.runtime import Runtime, RuntimeConfig, Sampling
+    from edge.runtime import Runtime, RuntimeConfig
+    from edge.sampling import Sampling
 
     rt = Runtime(model, RuntimeConfig(n_ctx=512, threads=args.threads))
     tps = []

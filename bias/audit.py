@@ -204,16 +204,14 @@ def audit(model: str | None, suite_spec: str, *, limit: int | None = None,
           precision: str = "auto", n_boot: int = M.N_BOOT, on_start: Callable[[int], None] | None = None,
           on_progress: Progress | None = None) -> tuple[AuditResult, Runtime]:
     """Load MODEL and the suite, apply the correction vector if given, score. Caller closes rt."""
-    from bias.cvec import load_correction
-    from edge.generate import load_runtime
     from edge.runtime import RuntimeConfig
+    from edge.session import open_runtime
 
     suite = load_suite(suite_spec, limit=limit)
-    rt = load_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
+    rt = open_runtime(model, RuntimeConfig(n_ctx=512, threads=threads), correction=correction,
+                      correction_scale=correction_scale)
     scorer = None
     try:
-        if correction:
-            load_correction(rt, correction, correction_scale)
         scorer = open_scorer(rt, precision)
         if on_start:
             on_start(len(suite.items))

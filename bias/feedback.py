@@ -175,6 +175,32 @@ def allocate(w: np.ndarray, probes: list[BlockProbe]) -> np.ndarray | None:
     return k / per_layer[1:].mean()
 
 
+def _probe_blocks(measure: Callable[[str, float, np.ndarray], Iteration], base: Iteration,
+                  w: np.ndarray, cfg: LoopConfig, probes: list[BlockProbe]) -> float:
+    """Push each block of layers alone; reweight `w` in place by the measured bias fall per
+    PPL cost; return the first gain (cfg.first_gain when the probes do not allow one)."""
+    for a, b in blocks(len(w), cfg.n_blocks):
+        mask = np.zeros_like(w)
+        mask[a : b + 1] = 1.0
+        it = measure(f"probe L{a}-L{b}", -cfg.probe_push, -cfg.probe_push * w * mask)
+        probes.append(BlockProbe(a, b, (base.mean_ll_diff - it.mean_ll_diff) / cfg.probe_push,
+                                 max(it.ppl_increase, 0.0) / cfg.probe_push ** 2))
+    k = allocate(w, probes)
+    if k is None:
+        return cfg.first_gain
+    for p, kb in zip(probes, k, strict=True):
+        w[p.first : p.last + 1] *= kb
+    # the linear (bias) / quadratic (PPL) model's gain for the whole fall, capped at the PPL
+    # budget; the loop's secant steps correct what the model misses
+    drop = float(sum(p.drop * kb for p, kb in zip(probes, k, strict=True)))
+    cost = float(sum(p.cost * kb**2 for p, kb in zip(probes, k, strict=True)))
+    if drop > 0 and base.mean_ll_diff > 0:
+        g_bias = base.mean_ll_diff / drop
+        g_ppl = float(np.sqrt(cfg.max_ppl_increase / cost)) if cost > 0 else g_bias
+        return -min(g_bias, g_ppl)
+    return cfg.first_gain
+
+
 def run_loop(scorer: BatchScorer, calib: Suite, d: Directions, cfg: LoopConfig,
              neutral: list[list[int]], on_event: Event | None = None) -> LoopResult:
     cfg.validate()
@@ -197,26 +223,7 @@ def run_loop(scorer: BatchScorer, calib: Suite, d: Directions, cfg: LoopConfig,
 
     base = measure("base", 0.0, np.zeros_like(w))
     res = LoopResult(np.zeros_like(w), 0.0, log, base.ppl)
-    g = cfg.first_gain
-    if cfg.n_blocks:
-        for a, b in blocks(len(w), cfg.n_blocks):
-            mask = np.zeros_like(w)
-            mask[a : b + 1] = 1.0
-            it = measure(f"probe L{a}-L{b}", -cfg.probe_push, -cfg.probe_push * w * mask)
-            res.probes.append(BlockProbe(a, b, (base.mean_ll_diff - it.mean_ll_diff) / cfg.probe_push,
-                                         max(it.ppl_increase, 0.0) / cfg.probe_push ** 2))
-        k = allocate(w, res.probes)
-        if k is not None:
-            for p, kb in zip(res.probes, k, strict=True):
-                w[p.first : p.last + 1] *= kb
-            # the linear (bias) / quadratic (PPL) model's gain for the whole fall, capped at
-            # the PPL budget; the secant steps below correct what the model misses
-            drop = float(sum(p.drop * kb for p, kb in zip(res.probes, k, strict=True)))
-            cost = float(sum(p.cost * kb**2 for p, kb in zip(res.probes, k, strict=True)))
-            if drop > 0 and base.mean_ll_diff > 0:
-                g_bias = base.mean_ll_diff / drop
-                g_ppl = float(np.sqrt(cfg.max_ppl_increase / cost)) if cost > 0 else g_bias
-                g = -min(g_bias, g_ppl)
+    g = _probe_blocks(measure, base, w, cfg, res.probes) if cfg.n_blocks else cfg.first_gain
     keep = 1.0 - cfg.target
 
     def score(it: Iteration) -> float:  # how far from the target, relative to the baseline

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,37 +13,109 @@ import numpy as np
 
 from bias import metrics as M
 from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
-from bias.cvec import write
-from bias.feedback import LoopConfig, Utility, neutral_chunks, run_loop, split
+from bias.feedback import LoopConfig, LoopResult, Utility, neutral_chunks, run_loop, split
 from bias.steering import compute_directions, pair_states
 from bias.suites import load_suite
 from edge import telemetry
+from edge.cvec import write
 from edge.errors import BadOptionError
-from edge.generate import load_runtime, runtime_config_record
 from edge.paths import atomic_write
 from edge.runtime import RuntimeConfig
+from edge.session import open_runtime
 
 Event = Callable[[str, dict[str, Any]], None]
 
 
-def _pair_judgement(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
-                    n_boot: int) -> dict[str, Any]:
+@dataclass
+class PairJudgement:
+    """Before/after figures of a pair suite's rows, with paired-bootstrap changes."""
+
+    before: dict[str, M.Estimate]  # pct_stereotype, mean_ll_diff
+    after: dict[str, M.Estimate]
+    gap_reduction: M.Estimate  # fall of |pct − 50| as a share of before
+    mean_ll_diff_reduction: M.Estimate
+    # paired bootstrap of the change itself (after − before): the ratios above have a
+    # near-zero denominator in some resamples, so their CIs say little about significance
+    gap_change: M.Estimate
+    mean_ll_diff_change: M.Estimate
+
+    @property
+    def significant(self) -> dict[str, bool]:
+        return {"gap": self.gap_change.hi < 0, "mean_ll_diff": self.mean_ll_diff_change.hi < 0}
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: {m: e.to_dict() for m, e in getattr(self, k).items()} for k in ("before", "after")}
+        for k in ("gap_reduction", "mean_ll_diff_reduction", "gap_change", "mean_ll_diff_change"):
+            d[k] = getattr(self, k).to_dict()
+        return d
+
+
+def judge_pairs(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
+                n_boot: int) -> PairJudgement:
     arrays = [*before, *after]
-    return {
-        "before": {"pct_stereotype": M.bootstrap(M.pct_stereotype, before, n_boot=n_boot).to_dict(),
-                   "mean_ll_diff": M.bootstrap(M.mean_ll_diff, before, n_boot=n_boot).to_dict()},
-        "after": {"pct_stereotype": M.bootstrap(M.pct_stereotype, after, n_boot=n_boot).to_dict(),
-                  "mean_ll_diff": M.bootstrap(M.mean_ll_diff, after, n_boot=n_boot).to_dict()},
-        # paired bootstrap of the fall in each magnitude: significant when lo > 0
-        "gap_reduction": M.bootstrap(M.reduction(M.stereotype_gap, M.stereotype_gap), arrays,
-                                     n_boot=n_boot).to_dict(),
-        "mean_ll_diff_reduction": M.bootstrap(M.reduction(M.mean_ll_diff, M.mean_ll_diff), arrays,
-                                              n_boot=n_boot).to_dict(),
-        # paired bootstrap of the change itself (after − before): the ratios above have a
-        # near-zero denominator in some resamples, so their CIs say little about significance
-        "gap_change": M.bootstrap(M.difference(M.stereotype_gap), arrays, n_boot=n_boot).to_dict(),
-        "mean_ll_diff_change": M.bootstrap(M.difference(M.mean_ll_diff), arrays, n_boot=n_boot).to_dict(),
-    }
+
+    def both(f: M.Stat, arr: tuple[np.ndarray, np.ndarray]) -> M.Estimate:
+        return M.bootstrap(f, arr, n_boot=n_boot)
+
+    return PairJudgement(
+        before={"pct_stereotype": both(M.pct_stereotype, before), "mean_ll_diff": both(M.mean_ll_diff, before)},
+        after={"pct_stereotype": both(M.pct_stereotype, after), "mean_ll_diff": both(M.mean_ll_diff, after)},
+        gap_reduction=M.bootstrap(M.reduction(M.stereotype_gap, M.stereotype_gap), arrays, n_boot=n_boot),
+        mean_ll_diff_reduction=M.bootstrap(M.reduction(M.mean_ll_diff, M.mean_ll_diff), arrays, n_boot=n_boot),
+        gap_change=M.bootstrap(M.difference(M.stereotype_gap), arrays, n_boot=n_boot),
+        mean_ll_diff_change=M.bootstrap(M.difference(M.mean_ll_diff), arrays, n_boot=n_boot))
+
+
+@dataclass
+class MitigationResult:
+    """What `edge bias mitigate` measured; `to_dict()` is results.json."""
+
+    suite: str
+    source: str
+    config: dict[str, Any]
+    direction_pairs: int
+    method: str
+    vector: str
+    compute: dict[str, Any]
+    calibration_rows: list[int]
+    heldout_rows: list[int]
+    loop: LoopResult
+    heldout: PairJudgement | None = None
+    heldout_per_category: dict[str, PairJudgement] = field(default_factory=dict)
+    excluded_category: str | None = None  # kept out of the loop, judged in heldout_per_category
+    ppl: dict[str, float] = field(default_factory=dict)  # before, after, increase, tokens, kl
+    bbq_dis_accuracy: dict[str, float] | None = None  # before, after, drop_points, n
+    second_suite: dict[str, Any] | None = None
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["loop"] = self.loop.to_dict()
+        if self.heldout is not None:
+            d["heldout"] = self.heldout.to_dict() | {"significant": self.heldout.significant}
+        d["heldout_per_category"] = {c: j.to_dict() for c, j in self.heldout_per_category.items()}
+        x = self.heldout_per_category.get(self.excluded_category or "")
+        d.pop("excluded_category")
+        if x is not None:
+            d["excluded_category"] = {"name": self.excluded_category, "worse_beyond_ci": x.gap_change.lo > 0,
+                                      "gap_change": x.gap_change.to_dict()}
+        for k in ("bbq_dis_accuracy", "second_suite"):
+            if d[k] is None:
+                d.pop(k)
+        return d
+
+
+def _rows(suite: Any, cfg: LoopConfig, heldout_limit: int | None,
+          calib_limit: int | None) -> tuple[list[int], list[int]]:
+    """Calibration and held-out item indices: a stratified split, then the optional caps."""
+    cal_idx, held_idx = split(suite, cfg.calib_frac, cfg.seed, cfg.exclude_category)
+    if heldout_limit:
+        rng = np.random.default_rng(cfg.seed + 1)
+        held_idx = sorted(rng.choice(held_idx, min(heldout_limit, len(held_idx)), replace=False).tolist())
+    if calib_limit:
+        cal_idx = sorted(np.random.default_rng(cfg.seed + 2).choice(
+            cal_idx, min(calib_limit, len(cal_idx)), replace=False).tolist())
+    return cal_idx, held_idx
 
 
 def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConfig | None = None,
@@ -52,7 +124,10 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
              second_suite: str | None = "probes", bbq_spec: str | None = None, bbq_limit: int = 150,
              out_dir: str | None = None, threads: int | None = None, precision: str = "auto",
              n_boot: int = 1000,
-             on_event: Event | None = None) -> dict[str, Any]:
+             on_event: Event | None = None) -> MitigationResult:
+    """Directions from calibration pairs → the feedback loop → a control vector at
+    `out_path` → judgement on held-out rows (and BBQ, a second suite); results.json and
+    report.md in `out_dir`; one `fairness` record."""
     from edge.engine import Engine
 
     cfg = cfg or LoopConfig()
@@ -62,15 +137,9 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
     if suite.kind != "pairs":
         raise BadOptionError("mitigate needs a pair suite (crows_pairs or probes) for --suite")
     t0 = time.perf_counter()
-    cal_idx, held_idx = split(suite, cfg.calib_frac, cfg.seed, cfg.exclude_category)
-    if heldout_limit:
-        rng = np.random.default_rng(cfg.seed + 1)
-        held_idx = sorted(rng.choice(held_idx, min(heldout_limit, len(held_idx)), replace=False).tolist())
-    if calib_limit:
-        cal_idx = sorted(np.random.default_rng(cfg.seed + 2).choice(
-            cal_idx, min(calib_limit, len(cal_idx)), replace=False).tolist())
+    cal_idx, held_idx = _rows(suite, cfg, heldout_limit, calib_limit)
     calib, held = suite.subset(cal_idx), suite.subset(held_idx)
-    rt = load_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
+    rt = open_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
     scorer = None
     try:
         scorer = open_scorer(rt, precision)
@@ -84,107 +153,115 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
         write(out_path, vec, model_hint=rt.info.arch or "llama", coefficients=loop.coefficients,
               source=f"edge bias mitigate {suite.name} seed {cfg.seed}")
-
-        def both(fn: Callable[[], Any]) -> tuple[Any, Any]:
-            scorer.set_control_vector(None)
-            b = fn()
-            scorer.set_control_vector(vec)
-            a = fn()
-            scorer.set_control_vector(None)
-            return b, a
-
         emit("stage", {"stage": "held-out", "pairs": len(held.items)})
-        hb, ha = both(lambda: score_pairs(scorer, held))
-        out: dict[str, Any] = {
-            "suite": suite.name, "source": suite.source, "config": asdict(cfg),
-            "direction_pairs": dirs.n_pairs, "method": method, "vector": str(out_path),
-            "compute": scorer.record(),
-            "calibration_rows": [suite.items[i].row for i in cal_idx],
-            "heldout_rows": [suite.items[i].row for i in held_idx],
-            "loop": loop.to_dict(), "heldout": _pair_judgement(hb, ha, n_boot),
-        }
-        h = out["heldout"]
-        h["significant"] = {"gap": h["gap_change"]["hi"] < 0, "mean_ll_diff": h["mean_ll_diff_change"]["hi"] < 0}
-        cats = np.array([it.category for it in held.items])
-        out["heldout_per_category"] = {
-            c: _pair_judgement((hb[0][cats == c], hb[1][cats == c]), (ha[0][cats == c], ha[1][cats == c]),
-                               n_boot) for c in sorted(set(cats.tolist()))}
-        if cfg.exclude_category in out["heldout_per_category"]:
-            x = out["heldout_per_category"][cfg.exclude_category]
-            out["excluded_category"] = {"name": cfg.exclude_category,
-                                        "worse_beyond_ci": x["gap_change"]["lo"] > 0,
-                                        "gap_change": x["gap_change"]}
-        utility = Utility(scorer, neutral)
-        (ppl_b, _), (ppl_a, kl) = both(utility)
-        out["ppl"] = {"before": ppl_b, "after": ppl_a, "increase": ppl_a / ppl_b - 1,
-                      "tokens": sum(len(c) for c in neutral), "kl": kl}
-        if bbq_spec:
-            bbq = load_suite(bbq_spec)
-            dis = bbq.subset([i for i, it in enumerate(bbq.items) if not it.ambiguous][:bbq_limit])
-            bb, ba = both(lambda: score_bbq(scorer, dis))
-            acc = [float(np.mean(x.argmax(1) == np.array([it.label for it in dis.items]))) for x in (bb, ba)]
-            out["bbq_dis_accuracy"] = {"before": acc[0], "after": acc[1], "drop_points": 100 * (acc[0] - acc[1]),
-                                       "n": len(dis.items)}
-        if second_suite:
-            s2 = load_suite(second_suite)
-            sb, sa = both(lambda: score_suite(scorer, s2))
-            out["second_suite"] = {"suite": s2.name, "before": {k: e.to_dict() for k, e in summarize(s2, sb, n_boot)[0].items()},
-                                   "after": {k: e.to_dict() for k, e in summarize(s2, sa, n_boot)[0].items()}}
-        out["elapsed_s"] = time.perf_counter() - t0
-        if out_dir:
-            d = Path(out_dir)
-            d.mkdir(parents=True, exist_ok=True)
-            with atomic_write(d / "results.json", "w") as f:
-                json.dump(out, f, indent=1)
-            with atomic_write(d / "report.md", "w") as f:
-                f.write(report_md(out))
-        telemetry.log("fairness", {"command": "bias mitigate", "suite": suite.name,
-                                   "heldout": out["heldout"], "ppl": out["ppl"],
-                                   "bbq_dis_accuracy": out.get("bbq_dis_accuracy")},
-                      model=rt.info, config=runtime_config_record(rt, correction=str(out_path),
-                                                                   compute=out["compute"]))
-        return out
+        res = MitigationResult(
+            suite=suite.name, source=suite.source, config=asdict(cfg), direction_pairs=dirs.n_pairs,
+            method=method, vector=str(out_path), compute=scorer.record(),
+            calibration_rows=[suite.items[i].row for i in cal_idx],
+            heldout_rows=[suite.items[i].row for i in held_idx], loop=loop,
+            excluded_category=cfg.exclude_category)
+        _judge(res, _BeforeAfter(scorer, vec), held, neutral, bbq_spec, bbq_limit, second_suite, n_boot)
+        res.elapsed_s = time.perf_counter() - t0
+        _write(res, out_dir, rt)
+        return res
     finally:
         if scorer is not None:
             scorer.close()
         rt.close()
 
 
-def report_md(r: dict[str, Any]) -> str:
-    h = r["heldout"]
+class _BeforeAfter:
+    """Runs a measurement without and then with the correction vector on the scorer."""
 
-    def e(x: dict[str, float]) -> str:
-        return f"{x['value']:.3g} [{x['lo']:.3g}, {x['hi']:.3g}]"
+    def __init__(self, scorer: Any, vec: np.ndarray) -> None:
+        self.scorer, self.vec = scorer, vec
 
-    lines = [f"# Bias mitigation: {r['suite']}", "",
-             f"Vector: `{r['vector']}`; {len(r['calibration_rows'])} calibration rows, "
-             f"{len(r['heldout_rows'])} held-out rows (listed in results.json).", "",
+    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        self.scorer.set_control_vector(None)
+        b = fn()
+        self.scorer.set_control_vector(self.vec)
+        a = fn()
+        self.scorer.set_control_vector(None)
+        return b, a
+
+
+def _judge(res: MitigationResult, both: _BeforeAfter, held: Any, neutral: list[list[int]],
+           bbq_spec: str | None, bbq_limit: int, second_suite: str | None, n_boot: int) -> None:
+    scorer = both.scorer
+    hb, ha = both(lambda: score_pairs(scorer, held))
+    res.heldout = judge_pairs(hb, ha, n_boot)
+    cats = np.array([it.category for it in held.items])
+    res.heldout_per_category = {
+        c: judge_pairs((hb[0][cats == c], hb[1][cats == c]), (ha[0][cats == c], ha[1][cats == c]), n_boot)
+        for c in sorted(set(cats.tolist()))}
+    (ppl_b, _), (ppl_a, kl) = both(Utility(scorer, neutral))
+    res.ppl = {"before": ppl_b, "after": ppl_a, "increase": ppl_a / ppl_b - 1,
+               "tokens": sum(len(c) for c in neutral), "kl": kl}
+    if bbq_spec:
+        bbq = load_suite(bbq_spec)
+        dis = bbq.subset([i for i, it in enumerate(bbq.items) if not it.ambiguous][:bbq_limit])
+        bb, ba = both(lambda: score_bbq(scorer, dis))
+        acc = [float(np.mean(x.argmax(1) == np.array([it.label for it in dis.items]))) for x in (bb, ba)]
+        res.bbq_dis_accuracy = {"before": acc[0], "after": acc[1], "drop_points": 100 * (acc[0] - acc[1]),
+                                "n": len(dis.items)}
+    if second_suite:
+        s2 = load_suite(second_suite)
+        sb, sa = both(lambda: score_suite(scorer, s2))
+        res.second_suite = {"suite": s2.name,
+                            "before": {k: e.to_dict() for k, e in summarize(s2, sb, n_boot)[0].items()},
+                            "after": {k: e.to_dict() for k, e in summarize(s2, sa, n_boot)[0].items()}}
+
+
+def _write(res: MitigationResult, out_dir: str | None, rt: Any) -> None:
+    if out_dir:
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        with atomic_write(d / "results.json", "w") as f:
+            json.dump(res.to_dict(), f, indent=1)
+        with atomic_write(d / "report.md", "w") as f:
+            f.write(report_md(res))
+    h = res.to_dict()["heldout"]
+    telemetry.log("fairness", {"command": "bias mitigate", "suite": res.suite, "heldout": h,
+                               "ppl": res.ppl, "bbq_dis_accuracy": res.bbq_dis_accuracy},
+                  model=rt.info, config=rt.config_record(correction=res.vector, compute=res.compute))
+
+
+def report_md(r: MitigationResult) -> str:
+    h = r.heldout
+    assert h is not None
+
+    def e(x: M.Estimate) -> str:
+        return f"{x.value:.3g} [{x.lo:.3g}, {x.hi:.3g}]"
+
+    sig = h.significant
+    lines = [f"# Bias mitigation: {r.suite}", "",
+             f"Vector: `{r.vector}`; {len(r.calibration_rows)} calibration rows, "
+             f"{len(r.heldout_rows)} held-out rows (listed in results.json).", "",
              "| held-out | before | after | fall (paired bootstrap) |", "|---|---|---|---|",
-             f"| pct_stereotype | {e(h['before']['pct_stereotype'])} | {e(h['after']['pct_stereotype'])} | "
-             f"{e(h['gap_reduction'])} of \\|pct−50\\| |",
-             f"| mean ll diff | {e(h['before']['mean_ll_diff'])} | {e(h['after']['mean_ll_diff'])} | "
-             f"{e(h['mean_ll_diff_reduction'])} |", "",
-             f"Paired change (after − before): \\|pct−50\\| {e(h['gap_change'])} points, mean ll diff "
-             f"{e(h['mean_ll_diff_change'])} nats; significant (CI below 0): "
-             f"{h['significant']['gap']} and {h['significant']['mean_ll_diff']}.", "",
-             f"PPL on neutral text: {r['ppl']['before']:.3f} → {r['ppl']['after']:.3f} "
-             f"({100 * r['ppl']['increase']:+.2f}%), mean KL {r['ppl']['kl']:.4f} nats/token."]
-    if "excluded_category" in r:
-        x = r["excluded_category"]
-        lines.append(f"Category never used in the loop ({x['name']}): change of \\|pct−50\\| "
-                     f"{e(x['gap_change'])} points; worse beyond its CI: {x['worse_beyond_ci']}.")
-    if "bbq_dis_accuracy" in r:
-        b = r["bbq_dis_accuracy"]
+             f"| pct_stereotype | {e(h.before['pct_stereotype'])} | {e(h.after['pct_stereotype'])} | "
+             f"{e(h.gap_reduction)} of \\|pct−50\\| |",
+             f"| mean ll diff | {e(h.before['mean_ll_diff'])} | {e(h.after['mean_ll_diff'])} | "
+             f"{e(h.mean_ll_diff_reduction)} |", "",
+             f"Paired change (after − before): \\|pct−50\\| {e(h.gap_change)} points, mean ll diff "
+             f"{e(h.mean_ll_diff_change)} nats; significant (CI below 0): "
+             f"{sig['gap']} and {sig['mean_ll_diff']}.", "",
+             f"PPL on neutral text: {r.ppl['before']:.3f} → {r.ppl['after']:.3f} "
+             f"({100 * r.ppl['increase']:+.2f}%), mean KL {r.ppl['kl']:.4f} nats/token."]
+    x = r.heldout_per_category.get(r.excluded_category or "")
+    if x is not None:
+        lines.append(f"Category never used in the loop ({r.excluded_category}): change of \\|pct−50\\| "
+                     f"{e(x.gap_change)} points; worse beyond its CI: {x.gap_change.lo > 0}.")
+    if r.bbq_dis_accuracy is not None:
+        b = r.bbq_dis_accuracy
         lines.append(f"BBQ disambiguated accuracy ({b['n']} items): {100 * b['before']:.1f}% → "
                      f"{100 * b['after']:.1f}%.")
     lines += ["", "## Loop (calibration rows)", "",
               "| i | phase | gain | pct | mean ll diff | PPL | ΔPPL | KL | within budget |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for it in r["loop"]["iterations"]:
-        lines.append(f"| {it['i']} | {it['phase']} | {it['gain']:.3f} | {it['pct_stereotype']:.1f} | "
-                     f"{it['mean_ll_diff']:.3f} | {it['ppl']:.3f} | {100 * it['ppl_increase']:+.2f}% | "
-                     f"{it['kl']:.4f} | {it['feasible']} |")
-    if r["loop"].get("weights"):
-        w = r["loop"]["coefficients"]
-        lines += ["", "Per-layer coefficients (layer 1 on): " + ", ".join(f"{c:.2f}" for c in w[1:])]
+    for it in r.loop.iterations:
+        lines.append(f"| {it.i} | {it.phase} | {it.gain:.3f} | {it.pct_stereotype:.1f} | "
+                     f"{it.mean_ll_diff:.3f} | {it.ppl:.3f} | {100 * it.ppl_increase:+.2f}% | "
+                     f"{it.kl:.4f} | {it.feasible} |")
+    if r.loop.weights is not None and len(r.loop.weights):
+        lines += ["", "Per-layer coefficients (layer 1 on): " + ", ".join(f"{c:.2f}" for c in r.loop.coefficients[1:])]
     return "\n".join(lines) + "\n"

@@ -25,7 +25,8 @@ import numpy as np
 from bias import metrics as M
 from bias.suites import PairItem, Suite
 from edge.errors import BadOptionError, SuiteError
-from edge.runtime import Runtime, Sampling
+from edge.runtime import Runtime
+from edge.sampling import Sampling
 
 STEREO, ANTI, NEITHER = "stereo", "anti", "neither"
 _WORD = re.compile(r"[\w'-]")  # a hyphenated or apostrophed term is one word ("working-class")

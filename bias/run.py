@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bias.audit import audit
-from bias.repeat import RepeatConfig, sample_suite
+from bias.audit import AuditResult, audit
+from bias.repeat import RepeatConfig, RepeatResult, sample_suite
 from bias.report import write_report
 from bias.suites import load_suite, parse_spec
 from edge import telemetry
 from edge.errors import BadOptionError
-from edge.generate import runtime_config_record
+
+
+@dataclass
+class AuditRun:
+    """One `edge bias audit`: the suite's result, the repeated sampling if asked, the files."""
+
+    result: AuditResult
+    repeat: RepeatResult | None
+    report: str  # report.html
+    results: str  # results.json
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary `--json` prints (no per-item rows: those are in results.json)."""
+        d = self.result.to_dict(with_items=False) | {"report": self.report, "results": self.results}
+        if self.repeat is not None:
+            d["repeat"] = self.repeat.to_dict(with_items=False)
+        return d
 
 
 def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
@@ -20,7 +37,7 @@ def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
               out_dir: str | None = None, threads: int | None = None, precision: str = "auto",
               on_start: Callable[[int], None] | None = None,
               on_progress: Callable[[float], None] | None = None,
-              repeat: RepeatConfig | None = None) -> dict[str, Any]:
+              repeat: RepeatConfig | None = None) -> AuditRun:
     """Audit MODEL on a suite; write the report folder; log one `fairness` record.
 
     With `repeat`, also sample the probe pairs' cloze prompts K times at temperature T
@@ -42,11 +59,9 @@ def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
         out = Path(out_dir or f"bias-{res.suite}")
         meta = {"model": str(rt.path), "model_name": rt.info.name, "limit": limit}
         paths = write_report(res, out, meta, repeat=rep)
-        summary = res.to_dict(with_items=False) | {"report": str(paths["html"]),
-                                                  "results": str(paths["json"])}
-        extra: dict[str, Any] = {}
-        if rep is not None:
-            summary["repeat"] = extra["repeat"] = rep.to_dict(with_items=False)
+        run = AuditRun(res, rep, str(paths["html"]), str(paths["json"]))
+        summary = run.to_dict()
+        extra = {"repeat": summary["repeat"]} if rep is not None else {}
         telemetry.log(
             "fairness",
             {"command": "bias audit", "suite": res.suite, "n_items": res.n_items,
@@ -54,9 +69,9 @@ def run_audit(model: str | None, suite_spec: str, *, limit: int | None = None,
              "tokens_decoded": res.tokens_decoded, "overall": summary["overall"],
              "per_category": summary["per_category"], **extra},
             model=rt.info,
-            config=runtime_config_record(rt, correction=res.correction,
-                                         correction_scale=res.correction_scale, compute=res.compute),
+            config=rt.config_record(correction=res.correction,
+                                    correction_scale=res.correction_scale, compute=res.compute),
         )
-        return summary
+        return run
     finally:
         rt.close()

@@ -12,102 +12,31 @@ ids and cells are free (continuous batching; `refill=False` admits groups only i
 empty batch: waves). The cache is sized to what can be live at once, since attention
 without flash attention spans every cell up to the highest in use.
 
-Sampling runs in numpy on the returned logits, as llama-cpp-python's chain for
-`Llama.generate` (its `_init_sampler`): repeat penalty over the last 64 generated tokens →
-top_k → (typical, off at 1.0) → top_p → min_p → temperature → draw; greedy applies the
-penalty, then argmax. Each sequence draws from its own numpy Generator, so its draws do not
-depend on what else shares the batch. Answers are not token-identical to `Runtime.stream`:
-llama.cpp's mt19937 draws differ from numpy's, and llama.cpp's log-probs for one token move
-with the batch layout (~0.05 nats between rows of a batch; up to ~0.2 nats measured between
-a token decoded alone, as Runtime.stream decodes it, and one decoded among others), so a
-near-tie can break the other way: 43 of 45 and 26 of 30 greedy answers on two probe
-samples equalled Runtime.stream's.
+Sampling is edge's one sampler (edge.sampling: llama.cpp's chain in numpy) on the returned
+logits, each sequence with its own numpy Generator, so its draws do not depend on what else
+shares the batch; with the same seed a run draws as `Runtime.stream` does. Answers are
+still not always token-identical to `Runtime.stream`: llama.cpp's log-probs for one token
+move with the batch layout (~0.05 nats between rows of a batch; up to ~0.2 nats measured
+between a token decoded alone, as Runtime.stream decodes it, and one decoded among
+others), so a near-tie can break the other way: 43 of 45 and 26 of 30 greedy answers on
+two probe samples equalled Runtime.stream's.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge import llamacpp
 from edge.errors import ContextOverflowError, EdgeError
-from edge.runtime import Runtime, Sampling
+from edge.runtime import Runtime
+from edge.sampling import Sampling, sample_rows
 
-PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size default
 MAX_SEQ = 256  # LLAMA_MAX_SEQ
 MAX_CELLS = 16384  # cap on the KV cache: attention spans the cells in use
-
-
-# ---- the sampler chain ---------------------------------------------------------------
-def penalize(x: np.ndarray, recent: Sequence[int], penalty: float) -> None:
-    """llama.cpp's repeat penalty, in place: each token seen once or more is divided by the
-    penalty if its logit is positive, multiplied if not (once, whatever its count)."""
-    if penalty == 1.0 or not len(recent):
-        return
-    ids = np.unique(np.asarray(recent[-PENALTY_LAST_N:], dtype=np.int64))
-    v = x[ids]
-    x[ids] = np.where(v <= 0, v * np.float32(penalty), v / np.float32(penalty))
-
-
-def chain(vals: np.ndarray, s: Sampling) -> np.ndarray:
-    """top_p → min_p → temperature on candidates sorted best first; their probabilities.
-
-    As llama.cpp: top_p keeps the shortest head whose softmax mass (float32) reaches p;
-    min_p keeps logits ≥ the best + log(min_p); both keep at least one token.
-    """
-    vals = np.asarray(vals, dtype=np.float32)
-    if s.top_p < 1.0 and len(vals) > 1:
-        p = np.exp(vals - vals[0])
-        p /= p.sum(dtype=np.float32)
-        hit = np.flatnonzero(np.cumsum(p, dtype=np.float32) >= np.float32(s.top_p))
-        vals = vals[: hit[0] + 1] if hit.size else vals
-    if s.min_p > 0.0 and len(vals) > 1:
-        floor = vals[0] + np.float32(np.log(np.float32(s.min_p)))
-        vals = vals[: 1 + int((vals[1:] >= floor).sum())]
-    vals = vals / np.float32(s.temp)
-    p = np.exp(vals - vals[0]).astype(np.float64)
-    return p / p.sum()
-
-
-def top_k(x: np.ndarray, k: int) -> np.ndarray:
-    """Token ids of the k largest logits of each row (all if k ≤ 0), best first."""
-    n = x.shape[-1]
-    if 0 < k < n:
-        idx = np.argpartition(-x, k - 1, axis=-1)[..., :k]
-    else:
-        idx = np.broadcast_to(np.arange(n), x.shape).copy()
-    order = np.argsort(-np.take_along_axis(x, idx, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(idx, order, axis=-1)
-
-
-def candidates(logits: np.ndarray, s: Sampling, recent: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens one row's chain keeps, best first, and their sampling probabilities."""
-    x = np.array(logits, dtype=np.float32)
-    penalize(x, recent, s.repeat_penalty)
-    ids = top_k(x, s.top_k)
-    return ids[: len(p := chain(x[ids], s))], p
-
-
-def sample_rows(logits: np.ndarray, recents: Sequence[Sequence[int]],
-                rngs: Sequence[np.random.Generator | None], s: Sampling) -> np.ndarray:
-    """One token per row of `logits` (n, vocab); a row whose rng is None is greedy."""
-    x = np.array(logits, dtype=np.float32)
-    for r, recent in enumerate(recents):
-        penalize(x[r], recent, s.repeat_penalty)
-    out = x.argmax(axis=1)  # the greedy rows' tokens; drawn rows are overwritten below
-    drawn = [r for r, g in enumerate(rngs) if g is not None and s.temp > 0]
-    if drawn:
-        ids = top_k(x[drawn], s.top_k)
-        for j, r in enumerate(drawn):
-            p = chain(x[r, ids[j]], s)
-            # llama.cpp's dist: the first token whose running mass reaches u × total
-            c = np.cumsum(p)
-            pick = int(np.searchsorted(c, c[-1] * rngs[r].random(), side="left"))  # type: ignore[union-attr]
-            out[r] = ids[j, min(pick, len(p) - 1)]
-    return out
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
@@ -190,30 +119,22 @@ class BatchSampler:
             self.close()
             raise
         self.n_seq, self.root = n_seq, n_seq
-        self.n_vocab = rt.llm.n_vocab()
+        self.n_vocab = rt.n_vocab
 
     def _open(self, n_seq: int) -> None:
         import llama_cpp
 
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx = self.n_ctx
-        p.n_batch = p.n_ubatch = self.n_batch
-        p.n_seq_max = n_seq + 1
-        p.kv_unified = True  # one cell stream: a prompt cell can belong to every run of it
-        p.flash_attn_type = 0  # as the Runtime and the scorer
-        p.n_threads = p.n_threads_batch = self.rt.threads
-        self.ctx = llama_cpp.llama_init_from_model(self.rt.llm._model.model, p)
+        # flash attention off, as the Runtime and the scorer; one cell stream, so a prompt
+        # cell can belong to every run of it
+        self.ctx = llamacpp.new_context(self.rt.model, n_ctx=self.n_ctx, n_batch=self.n_batch,
+                                        n_seq=n_seq + 1, kv_unified=True, threads=self.rt.threads)
         if not self.ctx:
             return
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq + 1)
-        cv = self.rt.control_vector  # a correction on the Runtime (--correction) applies here too
-        if cv is not None:
-            n_layers, n_embd = self.rt.info.n_layers or 0, self.rt.info.n_embd or 0
-            self._cvec = np.ascontiguousarray(cv, dtype=np.float32)
-            ptr = self._cvec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            if llama_cpp.llama_set_adapter_cvec(self.ctx, ptr, self._cvec.size, n_embd, 1, n_layers - 1):
-                raise EdgeError("llama.cpp rejected the Runtime's control vector in the sampling context")
+        info = self.rt.info  # a correction on the Runtime (--correction) applies here too
+        self._cvec = llamacpp.set_control_vector(self.ctx, self.rt.control_vector, info.n_layers or 0,
+                                                 info.n_embd or 0)
 
     def run(self, groups: Sequence[Group], s: Sampling, *, refill: bool = True,
             on_done: Callable[[int, int, list[int]], None] | None = None) -> list[list[list[int]]]:
@@ -327,9 +248,8 @@ class BatchSampler:
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
+        llamacpp.free_context(self.ctx)
+        self.ctx = None
 
     def __enter__(self) -> BatchSampler:
         return self

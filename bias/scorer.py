@@ -8,27 +8,27 @@ tagged with all their sequence ids, so its KV-cache cell serves every continuati
 at the positions whose next token is scored. `share_prefix=False` gives each request its
 own copy of every token: the from-scratch baseline the benchmarks compare against.
 
-llama.cpp's CPU kernels work on tiles of rows, so a token's logits shift slightly (up to
-~0.06 nats here) with its row offset in the batch. Each token is therefore placed at a row
-≡ its position (mod ALIGN) — any row after its parent's, interleaved with other requests'
-tokens (llama.cpp only needs each sequence's positions to increase down the batch), with
-a spare sequence's tokens in the rows left empty (~12% of rows on CrowS-Pairs; 28% when
-requests were laid out one after the other). From scratch, every request then scores
-exactly as it would alone, whatever shares its batch. With shared prefixes only the
-attention's summation order over shared cells differs (≤ ~0.06 nats per token); dropping
-the alignment there was measured to add up to 0.34 nats on a BBQ answer, so it stays.
+llama.cpp's CPU kernels work on tiles of rows, so a token's logits can shift with its row
+offset in the batch. The scorer measures how much on a probe sentence (`Layout`): where
+the shift exceeds LAYOUT_TOL (Q4_1 here: up to 0.17 nats), each token is placed at a row
+≡ its position (mod ALIGN), any row after its parent's, interleaved with other requests'
+tokens (llama.cpp only needs each sequence's positions to increase down the batch), with a
+spare sequence's tokens in the rows left empty (~13% of rows on CrowS-Pairs); where it
+does not (f16: 0.007 nats, below the ~0.02 that prefix sharing already causes), rows are
+packed densely. From scratch (share_prefix=False) rows are always aligned, and every
+request then scores exactly as it would alone, whatever shares its batch.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.errors import ContextOverflowError, EdgeError, InvalidModelFileError
+from edge import llamacpp
+from edge.errors import ContextOverflowError, EdgeError
 from edge.runtime import Runtime
 
 Request = tuple[Sequence[int], int]  # (tokens, first scored index ≥ 1)
@@ -132,32 +132,24 @@ class BatchScorer:
 
         self.rt = rt
         self._model = None
-        model = rt.llm._model.model
+        model = rt.model
         if model_path is not None:
-            mp = llama_cpp.llama_model_default_params()
-            self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
-            if not self._model:
-                raise InvalidModelFileError(f"llama.cpp could not load {model_path} for scoring")
-            model = self._model
+            self._model = model = llamacpp.load_model(model_path)
         self.n_batch, self.n_seq = n_batch, n_seq
         # Rows per llama_decode when scoring: attention spans the cache cells in use (padded
         # to 256), so 256-row decodes cost ~5-10% less per token than 512 (measured, f16 and
         # Q4_1); texts up to n_batch tokens still fit (log_softmax, long requests).
         self.rows = min(rows, n_batch)
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx = n_batch  # the cache is cleared between batches: one batch must fit
-        p.n_batch = p.n_ubatch = n_batch
-        p.n_seq_max = n_seq
-        p.kv_unified = True  # one cell stream, so a cell can belong to many sequences
-        p.flash_attn_type = 0  # as the Runtime: CPU flash attention shifts log-probs by up to 0.5 nats
-        p.n_threads = p.n_threads_batch = rt.threads
-        self.ctx = llama_cpp.llama_init_from_model(model, p)
+        # The cache is cleared between batches: one batch must fit. One cell stream, so a
+        # cell can belong to many sequences.
+        self.ctx = llamacpp.new_context(model, n_ctx=n_batch, n_batch=n_batch, n_seq=n_seq,
+                                        kv_unified=True, threads=rt.threads)
         if not self.ctx:
             self.close()
             raise EdgeError("llama.cpp could not create a scoring context; free some memory")
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
-        self.n_vocab = rt.llm.n_vocab()
+        self.n_vocab = rt.n_vocab
         self.tokens_decoded = 0  # real tokens through llama_decode (padding counted apart)
         self.pad_tokens = 0
         self._cvec: object = None  # the Runtime control vector last applied here
@@ -168,34 +160,19 @@ class BatchScorer:
     # ---- control vectors ------------------------------------------------------------
     def set_control_vector(self, directions: np.ndarray | None, scale: float = 1.0) -> None:
         """As Runtime.set_control_vector, for this scoring context only."""
-        self._apply(None if directions is None else np.asarray(directions, np.float32)[1:] * scale,
-                    directions is None or np.asarray(directions).shape)
+        m = None if directions is None else np.asarray(directions, np.float32) * np.float32(scale)
+        self._apply(m)
         self._own_cvec = directions is not None
 
-    def _apply(self, rows: np.ndarray | None, shape: object) -> None:
-        import llama_cpp
-
-        n_layers, n_embd = self.rt.info.n_layers or 0, self.rt.info.n_embd or 0
-        if rows is None:
-            rc = llama_cpp.llama_set_adapter_cvec(self.ctx, None, 0, n_embd, 0, 0)
-            self._buf = None
-        else:
-            if shape != (n_layers, n_embd):
-                raise InvalidModelFileError(
-                    f"control vector has shape {shape} but the model needs ({n_layers}, {n_embd})")
-            self._buf = np.ascontiguousarray(rows, dtype=np.float32)
-            ptr = self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            rc = llama_cpp.llama_set_adapter_cvec(self.ctx, ptr, self._buf.size, n_embd, 1, n_layers - 1)
-        if rc != 0:
-            raise InvalidModelFileError(f"llama.cpp rejected the control vector (code {rc})")
+    def _apply(self, matrix: np.ndarray | None) -> None:
+        info = self.rt.info
+        self._buf = llamacpp.set_control_vector(self.ctx, matrix, info.n_layers or 0, info.n_embd or 0)
 
     def _sync_runtime_cvec(self) -> None:
         # A correction loaded into the Runtime (edge bias audit --correction) applies here too.
         cv = self.rt.control_vector
         if not self._own_cvec and cv is not self._cvec:
-            n_layers, n_embd = self.rt.info.n_layers or 0, self.rt.info.n_embd or 0
-            self._apply(None if cv is None else cv.reshape(-1, n_embd), None if cv is None else
-                        (n_layers, n_embd))
+            self._apply(cv)
             self._cvec = cv
 
     # ---- scoring --------------------------------------------------------------------
@@ -296,7 +273,7 @@ class BatchScorer:
         """Decode a probe text at row offsets 0..ALIGN−1 (once per scorer) and compare."""
         if self.layout is not None:
             return self.layout
-        toks = [self.rt.llm.token_bos(), *self.rt.tokenize(LAYOUT_PROBE, add_bos=False)]
+        toks = [self.rt.bos, *self.rt.tokenize(LAYOUT_PROBE, add_bos=False)]
         toks = toks[: self.n_batch - ALIGN]
         n, tgt = len(toks), np.asarray(toks[1:])
         ref: np.ndarray | None = None
@@ -347,7 +324,7 @@ class BatchScorer:
         node_at = np.full(n, -1)
         node_at[b.node_row] = np.arange(len(b.node_row))
         pad = node_at < 0
-        tok = np.full(n, self.rt.llm.token_bos())
+        tok = np.full(n, self.rt.bos)
         pos = np.empty(n, dtype=np.int64)
         out = np.zeros(n, dtype=bool)
         real = ~pad
@@ -393,12 +370,10 @@ class BatchScorer:
         if getattr(self, "batch", None) is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
-        if getattr(self, "ctx", None):
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        llamacpp.free_context(getattr(self, "ctx", None))
+        self.ctx = None
+        llamacpp.free_model(getattr(self, "_model", None))
+        self._model = None
 
     def __enter__(self) -> BatchScorer:
         return self

@@ -6,7 +6,7 @@ is one sample of "what the stereotype adds" at each layer. The direction is the 
 those samples (or their first principal component, sign-aligned with the mean). Layer
 statistics (how consistent the difference is, how large against the stream) feed the
 feedback loop's per-layer allocation. Vectors are saved in llama.cpp's control-vector
-format (bias.cvec), applied with llama_set_adapter_cvec.
+format (edge.cvec), applied with llama_set_adapter_cvec.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from bias.cvec import ControlVector, load_correction, read, write
 from bias.suites import PairItem
+from edge.cvec import ControlVector, load_correction, read, write
 
 __all__ = ["ControlVector", "Directions", "compute_directions", "load_correction",
            "pair_states", "read", "write"]

@@ -13,15 +13,13 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from edge import telemetry
 from edge.errors import BadOptionError, ContextOverflowError, EdgeError
-from edge.generate import runtime_config_record
+from edge.generation import GenerationStats, Generator, Message
 from edge.paths import atomic_write
-from edge.runtime import GenerationStats, Runtime, Sampling
-
-Message = dict[str, str]
+from edge.sampling import Sampling
 
 
 @dataclass
@@ -35,8 +33,8 @@ class ChatStats:
 
 
 class ChatSession:
-    def __init__(self, rt: Runtime, *, system: str | None = None, max_tokens: int = 512,
-                 sampling: Sampling | None = None, config_extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, rt: Generator, *, system: str | None = None, max_tokens: int = 512,
+                 sampling: Sampling | None = None) -> None:
         self.rt = rt
         self.system = system
         self.max_tokens = max_tokens
@@ -45,7 +43,6 @@ class ChatSession:
         self.turns = 0
         self.trimmed = 0
         self.context_used = 0
-        self.config_extra = config_extra or {}
         # Room always kept free for the answer: a quarter of the context, at most max_tokens.
         self.reserve = max(8, min(max_tokens, rt.n_ctx // 4))
 
@@ -97,8 +94,7 @@ class ChatSession:
                 self.context_used = len(tokens) + last.n_gen_tokens
                 if last.n_gen_tokens:
                     telemetry.log("latency", telemetry.latency_metrics(last, "chat"), model=self.rt.info,
-                                  config=runtime_config_record(self.rt, temp=self.sampling.temp,
-                                                               **self.config_extra))
+                                  config=self.rt.config_record(temp=self.sampling.temp))
 
     def reset(self) -> None:
         self.messages.clear()

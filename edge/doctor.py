@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__, hostcheck
-from edge.bench.device import DeviceInfo, DeviceState, probe_device, probe_state
+from edge.device import DeviceInfo, DeviceState, meminfo, probe_device, probe_state, sysfs_root
 from edge.paths import cache_dir, edge_home
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -221,8 +221,6 @@ def diagnose(*, run_check: Callable[..., hostcheck.Verdict] | None = None,
              mem_available: int | None = None) -> DoctorReport:
     """Every check, in the order a user reads them. `run_check` runs the child (tests
     pass one that crashes); `mem_available` overrides MemAvailable (tests)."""
-    from edge.bench.device import sysfs_root
-
     r = DoctorReport()
     facts = r.facts
     facts["machine"] = os.environ.get("EDGE_ARCH") or platform.machine()
@@ -239,7 +237,7 @@ def diagnose(*, run_check: Callable[..., hostcheck.Verdict] | None = None,
     dev = probe_device()
     r.checks.append(check_cpu(facts, dev))
     if mem_available is None:
-        mem_available = _mem_available()
+        mem_available = meminfo("MemAvailable")
     r.checks.append(check_memory(facts, dev, mem_available))
     r.checks.append(check_disk(facts))
     r.checks.append(check_board(facts, dev, probe_state()))
@@ -248,13 +246,3 @@ def diagnose(*, run_check: Callable[..., hostcheck.Verdict] | None = None,
     if model is not None:
         r.checks.append(check_inference(verdict))
     return r
-
-
-def _mem_available() -> int | None:
-    from edge.bench.device import _read
-
-    for line in (_read("proc/meminfo") or "").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "MemAvailable:" and parts[1].isdigit():
-            return int(parts[1]) * 1024
-    return None

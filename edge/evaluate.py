@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import BadOptionError
+from edge.logprobs import log_softmax
 
 # (tokens, first): tokens evaluated from position 0 on an empty cache → logits of positions
 # first..len(tokens)-1, shape (len(tokens) - first, n_vocab). `first` lets a source skip
@@ -76,12 +77,6 @@ def _mean_err(x: np.ndarray) -> tuple[float, float]:
     return mean, math.sqrt(var / (n - 1)) if n > 1 and var > 0 else 0.0
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
-
-
 def score_chunks(tokens: Sequence[int], n_ctx: int, logits_fn: LogitsFn, *, bos: int | None = None,
                  base_fn: LogitsFn | None = None, max_chunks: int | None = None,
                  progress: Progress | None = None) -> TokenScores:
@@ -104,10 +99,10 @@ def score_chunks(tokens: Sequence[int], n_ctx: int, logits_fn: LogitsFn, *, bos:
             chunk[0] = bos  # as llama-perplexity: every chunk starts like a document
         target = np.asarray(chunk[first + 1 :])
         rows = np.arange(len(target))
-        lp = _log_softmax(logits_fn(chunk, first)[: n_ctx - 1 - first])
+        lp = log_softmax(logits_fn(chunk, first)[: n_ctx - 1 - first])
         out.nll.append(-lp[rows, target])
         if base_fn is not None:
-            blp = _log_softmax(base_fn(chunk, first)[: n_ctx - 1 - first])
+            blp = log_softmax(base_fn(chunk, first)[: n_ctx - 1 - first])
             out.base_nll.append(-blp[rows, target])
             out.kld.append((np.exp(blp) * (blp - lp)).sum(axis=1))  # KL(base ‖ model)
             out.same_top.append((blp.argmax(axis=1) == lp.argmax(axis=1)).astype(np.float64))
@@ -148,8 +143,8 @@ def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str
                log: bool = True) -> PerplexityResult:
     """Perplexity of MODEL on the text file; with `base`, KL divergence and top-1 agreement too."""
     from edge import telemetry
-    from edge.generate import load_runtime, runtime_config_record
     from edge.runtime import RuntimeConfig
+    from edge.session import open_runtime
 
     path = Path(text)
     try:
@@ -158,7 +153,7 @@ def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str
         raise BadOptionError(f"cannot read --text {path} ({e}); give a UTF-8 text file") from None
     t0 = time.perf_counter()
     cfg = RuntimeConfig(n_ctx=n_ctx, threads=threads, n_batch=min(512, n_ctx))
-    rt = load_runtime(None if model is None else str(model), cfg)
+    rt = open_runtime(model, cfg)
     brt = None
     try:
         if rt.n_ctx < n_ctx:
@@ -167,8 +162,8 @@ def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str
         bos = rt.llm.token_bos() if rt.llm._model.add_bos_token() else None
         base_fn = None
         if base is not None:
-            brt = load_runtime(str(base), RuntimeConfig(n_ctx=n_ctx, threads=threads, n_batch=cfg.n_batch))
-            if brt.llm.n_vocab() != rt.llm.n_vocab() or brt.tokenize(content, add_bos=True) != tokens:
+            brt = open_runtime(base, RuntimeConfig(n_ctx=n_ctx, threads=threads, n_batch=cfg.n_batch))
+            if brt.n_vocab != rt.n_vocab or brt.tokenize(content, add_bos=True) != tokens:
                 raise BadOptionError(
                     f"--base {base} does not share {rt.path.name}'s vocabulary; KL divergence needs the "
                     "same tokenizer (compare a quantization with the model it came from)"
@@ -182,7 +177,7 @@ def perplexity(model: str | os.PathLike[str] | None, text: str | os.PathLike[str
         if log:
             metrics = {k: v for k, v in result.to_dict().items() if k not in ("model", "base")}
             telemetry.log("eval", {"metric": "perplexity", "text": str(path), **metrics}, model=rt.info,
-                          config=runtime_config_record(rt, base=result.base))
+                          config=rt.config_record(base=result.base))
         return result
     finally:
         rt.close()

@@ -1,4 +1,4 @@
-"""`edge run`: load a model, stream one answer, log what it cost."""
+"""`edge run`: open a session, stream one answer, log what it cost."""
 
 from __future__ import annotations
 
@@ -6,18 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge import telemetry
-from edge.catalog import resolve_model
-from edge.runtime import GenerationStats, Runtime, RuntimeConfig, Sampling
-
-
-def load_runtime(model: str | None, config: RuntimeConfig | None = None) -> Runtime:
-    """MODEL argument (path, catalog name or None) → a loaded, validated Runtime."""
-    return Runtime(resolve_model(model), config or RuntimeConfig())
-
-
-def runtime_config_record(rt: Runtime, **extra: object) -> dict[str, object]:
-    return {"threads": rt.threads, "n_ctx": rt.n_ctx, "n_batch": rt.llm.n_batch,
-            "sparse_profile": None, "correction": None, "rpc": rt.config.rpc, **extra}
+from edge.generation import GenerationStats, prompt_tokens
+from edge.runtime import RuntimeConfig
+from edge.sampling import Sampling
+from edge.session import open_session
 
 
 @dataclass
@@ -39,39 +31,28 @@ def run_prompt(
     on_text: Callable[[str], None] | None = None,
     correction: str | None = None,
     correction_scale: float = 1.0,
+    sparse_profile: str | None = None,
 ) -> RunResult:
     """Generate an answer to `prompt`; `on_text` receives each piece as it streams.
 
     mode "auto" applies the model's chat template when the GGUF has one (as Ollama does)
-    and sends the text as-is otherwise; "chat" and "raw" force either.
+    and sends the text as-is otherwise; "chat" and "raw" force either. `sparse_profile`
+    runs edge's native engine with that R-Sparse profile instead of llama.cpp.
     """
-    rt = load_runtime(model, config)
+    gen = open_session(model, config, sparse_profile=sparse_profile, correction=correction,
+                       correction_scale=correction_scale)
     try:
-        if correction:  # a control vector (edge bias mitigate), checked against the model
-            from bias.cvec import load_correction
-
-            load_correction(rt, correction, correction_scale)
-        use_chat = mode == "chat" or (mode == "auto" and rt.info.has_chat_template)
-        if use_chat:
-            messages = ([{"role": "system", "content": system}] if system else [])
-            tokens = rt.chat_tokens(messages + [{"role": "user", "content": prompt}])
-        else:
-            tokens = rt.tokenize((system + "\n\n" if system else "") + prompt)
+        tokens, use_chat = prompt_tokens(gen, prompt, mode, system)
         sampling = sampling or Sampling()
         try:
-            for piece in rt.stream(tokens, max_tokens=max_tokens, sampling=sampling):
+            for piece in gen.stream(tokens, max_tokens=max_tokens, sampling=sampling):
                 if on_text:
                     on_text(piece)
         finally:
-            if rt.last is not None and rt.last.n_gen_tokens:
-                telemetry.log(
-                    "latency", telemetry.latency_metrics(rt.last, "run"),
-                    model=rt.info,
-                    config=runtime_config_record(rt, temp=sampling.temp, seed=sampling.seed,
-                                                 correction=correction,
-                                                 correction_scale=correction_scale if correction else None),
-                )
-        assert rt.last is not None
-        return RunResult(rt.last, "chat" if use_chat else "raw", rt.info.name)
+            if gen.last is not None and gen.last.n_gen_tokens:
+                telemetry.log("latency", telemetry.latency_metrics(gen.last, "run"), model=gen.info,
+                              config=gen.config_record(temp=sampling.temp, seed=sampling.seed))
+        assert gen.last is not None
+        return RunResult(gen.last, "chat" if use_chat else "raw", gen.info.name)
     finally:
-        rt.close()
+        gen.close()

@@ -1,8 +1,11 @@
 """GGUF pre-flight validation and metadata: one reader for catalog, runtime and engine.
 
 llama.cpp trusts the offsets in a GGUF header; a truncated or corrupt file can crash the
-process. `inspect()` walks the whole header with gguf's reader, bounds-checked, and
-checks every tensor lies inside the file *before* llama.cpp is handed the path.
+process. `inspect()` walks the whole header itself (gguf's GGUFReader builds a numpy view
+per array element and trusts counts past the end of the file), bounds-checking every
+count against the bytes left and skipping the vocabulary arrays, with gguf's constants and
+its writer's struct table; it checks every tensor lies inside the file *before* llama.cpp
+is handed the path.
 """
 
 from __future__ import annotations
@@ -193,7 +196,12 @@ def _walk(path: Path, size: int, w: _HeaderWalk) -> ModelInfo:
         meta[key] = w.value(vtype, keep)
         if not keep:
             meta[key] = int(meta[key]) if isinstance(meta[key], int) else len(meta[key])
+    tensors = _tensors(w, n_tensors, int(meta.get(Keys.General.ALIGNMENT, 32)), size)
+    return _model_info(path, size, meta, tensors)
 
+
+def _tensors(w: _HeaderWalk, n_tensors: int, alignment: int, size: int) -> list[TensorInfo]:
+    """The tensor table, each tensor checked to lie inside the file."""
     w.need(n_tensors, 8 + 4 + 4 + 8, "tensor")
     raw = []
     for _ in range(n_tensors):
@@ -205,11 +213,9 @@ def _walk(path: Path, size: int, w: _HeaderWalk) -> ModelInfo:
         (ttype,) = w.take("I")
         (offset,) = w.take("Q")
         raw.append((name, dims, ttype, offset))
-    alignment = int(meta.get(Keys.General.ALIGNMENT, 32))
     if alignment <= 0 or alignment & (alignment - 1):
         raise _Corrupt(f"alignment {alignment} is not a power of two")
     data_start = -(-w.pos // alignment) * alignment
-
     tensors = []
     for name, dims, ttype, offset in raw:
         try:
@@ -231,7 +237,10 @@ def _walk(path: Path, size: int, w: _HeaderWalk) -> ModelInfo:
         tensors.append(TensorInfo(name, qtype.name, tuple(int(d) for d in dims), n, n_bytes))
     if not tensors:
         raise _Corrupt("it holds no tensors")
+    return tensors
 
+
+def _model_info(path: Path, size: int, meta: dict[str, Any], tensors: list[TensorInfo]) -> ModelInfo:
     arch = meta.get(Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise _Corrupt("general.architecture is missing")

@@ -339,7 +339,7 @@ def install_abort_handler() -> None:
 # ---- edge worker ------------------------------------------------------------------------
 def check_worker_bind(host: str, accept_no_auth: bool) -> bool:
     """True when the bind needs the no-authentication warning; refuses it unless accepted."""
-    from edge.serve import is_loopback
+    from edge.netaddr import is_loopback
 
     if is_loopback(host):
         return False

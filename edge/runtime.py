@@ -1,37 +1,29 @@
-"""One llama.cpp session: load, tokenize, stream, chat templates, log-probs, control vectors.
+"""One llama.cpp session: a loaded model and one context, behind edge's Generator interface.
 
-Built on llama-cpp-python's `Llama` (model, context, sampler chain, KV-cache prefix reuse)
-with edge's own generation loop around it, so that timing, stop reasons, Ctrl-C and
-telemetry are ours. Timings come from llama.cpp's own counters (llama_perf_context).
+Built on llama-cpp-python's `Llama` (model, context, batch, KV-cache prefix reuse); the
+sampling and the text stream are edge's own (edge.sampling, edge.generation), so the
+native engine samples exactly the same way. Timings come from llama.cpp's own counters
+(llama_perf_context).
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import ctypes
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge import llamacpp
 from edge.errors import BadOptionError, ContextOverflowError, InvalidModelFileError
+from edge.generation import ChatFormat, GenerationStats, Message, plan, stream_text, token_stream
 from edge.gguf_file import ModelInfo, inspect
+from edge.sampling import Sampling
 from edge.system import default_threads, peak_rss_bytes
-
-# The Llama-2 chat format, for GGUFs that carry no tokenizer.chat_template.
-LLAMA2_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
-    "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
-    "{% for m in msgs %}{% if m['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}"
-    "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
 
 
 @dataclass
@@ -41,7 +33,6 @@ class RuntimeConfig:
     n_batch: int = 512
     use_mmap: bool = True
     use_mlock: bool = False
-    seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
     rpc: list[str] | None = None  # HOST:PORT of `edge worker`s that get the layers (edge.rpc)
     tensor_split: list[float] | None = None  # share of the layers per RPC device (with rpc)
 
@@ -52,56 +43,10 @@ class RuntimeConfig:
             raise BadOptionError(f"--threads {self.threads} is out of range; use 1 to 256")
 
 
-@dataclass
-class Sampling:
-    temp: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    seed: int | None = None
-
-    def validate(self) -> None:
-        checks = [
-            (self.temp >= 0, f"--temp {self.temp} must be ≥ 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, f"--top-p {self.top_p} must be in (0, 1]"),
-            (self.top_k >= 0, f"--top-k {self.top_k} must be ≥ 0 (0 = off)"),
-            (0 <= self.min_p <= 1, f"--min-p {self.min_p} must be in [0, 1]"),
-            (self.repeat_penalty > 0, f"--repeat-penalty {self.repeat_penalty} must be > 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise BadOptionError(msg)
-
-
-@dataclass
-class GenerationStats:
-    """What one generation cost; rendered by `edge run --json` and logged as telemetry."""
-
-    text: str = ""
-    n_prompt_tokens: int = 0
-    n_prompt_evaluated: int = 0  # prompt tokens not reused from the KV cache
-    n_gen_tokens: int = 0
-    load_ms: float = 0.0
-    ttft_ms: float = 0.0
-    prompt_ms: float = 0.0
-    gen_ms: float = 0.0
-    prompt_tps: float = 0.0
-    gen_tps: float = 0.0
-    total_ms: float = 0.0
-    peak_rss_bytes: int = 0
-    stop_reason: str = ""  # eos | length | context | stop | interrupted
-    token_ids: list[int] = field(default_factory=list, repr=False)
-
-    def to_dict(self, with_tokens: bool = False) -> dict[str, Any]:
-        d = asdict(self)
-        if not with_tokens:
-            d.pop("token_ids")
-        return d
-
-
 class Runtime:
     """A loaded model and one context. Not thread-safe: one generation at a time."""
+
+    engine = "llama"
 
     def __init__(self, model_path: str | os.PathLike[str], config: RuntimeConfig | None = None):
         self.config = config or RuntimeConfig()
@@ -115,12 +60,16 @@ class Runtime:
         self.llm = _load(self.path, self.config, self.threads)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self.vocab = self.llm._model.vocab
+        self.model = self.llm._model.model  # the llama_model, for second contexts (bias, bench)
+        self.bos = int(self.llm.token_bos())
+        self.n_vocab = int(self.llm.n_vocab())
         # llama.cpp pads its context to a multiple of 256; llama-cpp-python's token buffer
         # keeps the size asked for, and that is the limit that holds.
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
-        self._formatter: Any = None
+        self._chat: ChatFormat | None = None
         self.last: GenerationStats | None = None
-        self.control_vector: np.ndarray | None = None
+        self.control_vector: np.ndarray | None = None  # (n_layers, n_embd) as applied
+        self.correction: dict[str, Any] | None = None  # file and scale, for the run log
 
     # ---- tokens ---------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -130,54 +79,30 @@ class Runtime:
         return self.llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
     def token_piece(self, token: int, special: bool = False) -> bytes:
-        import llama_cpp
-
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:  # piece longer than the buffer
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        return llamacpp.token_piece(self.vocab, token, special)
 
     def is_eog(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return llamacpp.is_eog(self.vocab, token)
 
     # ---- chat -----------------------------------------------------------------------
     @property
-    def chat_template(self) -> str:
-        return self.info.chat_template or LLAMA2_TEMPLATE
+    def chat(self) -> ChatFormat:
+        if self._chat is None:
+            piece = self.token_piece
+            self._chat = ChatFormat(self.info.chat_template,
+                                    bos=piece(self.bos, special=True).decode("utf-8", "replace"),
+                                    eos=piece(self.llm.token_eos(), special=True).decode("utf-8", "replace"))
+        return self._chat
 
-    def format_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    def format_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self.chat.render(messages, add_generation_prompt)
 
-        if self._formatter is None or self._formatter.add_generation_prompt != add_generation_prompt:
-            bos = self.token_piece(self.llm.token_bos(), special=True).decode("utf-8", "replace")
-            eos = self.token_piece(self.llm.token_eos(), special=True).decode("utf-8", "replace")
-            self._formatter = Jinja2ChatFormatter(
-                self.chat_template, eos_token=eos, bos_token=bos,
-                add_generation_prompt=add_generation_prompt,
-            )
-        return self._formatter(messages=list(messages)).prompt
-
-    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        prompt = self.format_chat(messages)
-        tokens = self.tokenize(prompt, add_bos=True, special=True)
-        bos = self.llm.token_bos()
-        if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
-            tokens = tokens[1:]  # the template wrote its own BOS
-        return tokens
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        return self.chat.tokens(self.tokenize, self.bos, messages)
 
     # ---- generation -----------------------------------------------------------------
-    def stream(
-        self,
-        tokens: Sequence[int],
-        *,
-        max_tokens: int = 256,
-        sampling: Sampling | None = None,
-        stop: Sequence[str] = (),
-    ) -> Iterator[str]:
+    def stream(self, tokens: Sequence[int], *, max_tokens: int = 256, sampling: Sampling | None = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
         """Yield text pieces as they are generated; `self.last` holds the stats after.
 
         Stops at an end-of-generation token, `max_tokens`, a full context, or a stop string.
@@ -185,73 +110,37 @@ class Runtime:
         """
         import llama_cpp
 
-        sampling = sampling or Sampling()
-        sampling.validate()
-        if max_tokens < 1:
-            raise BadOptionError(f"-n {max_tokens}: the number of tokens to generate must be ≥ 1")
         tokens = list(tokens)
-        if len(tokens) >= self.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
-                f"raise --ctx (this model allows {self.info.context_length or 'unknown'}) or shorten it"
-            )
-        budget = min(max_tokens, self.n_ctx - len(tokens))
-        if sampling.seed is not None:
-            self.llm.set_seed(sampling.seed)
+        sampling, budget = plan(len(tokens), self.n_ctx, max_tokens, sampling, self.info.context_length)
         stats = GenerationStats(n_prompt_tokens=len(tokens), load_ms=self.load_ms)
-        self.last = stats
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text_parts: list[str] = []
-        pending = ""  # text held back while it could be the start of a stop string
-        max_stop = max((len(s) for s in stop), default=0)
-        ctx = self.llm._ctx.ctx
-        llama_cpp.llama_perf_context_reset(ctx)
-        t0 = time.perf_counter()
         stats.stop_reason = "length" if budget == max_tokens else "context"
-        gen = self.llm.generate(
-            tokens, temp=sampling.temp, top_p=sampling.top_p, top_k=sampling.top_k,
-            min_p=sampling.min_p, repeat_penalty=sampling.repeat_penalty,
-        )
+        self.last = stats
+        llama_cpp.llama_perf_context_reset(self.llm._ctx.ctx)
+        t0 = time.perf_counter()
+        steps = token_stream(lambda: self._prefill(tokens), self._advance, sampling, budget)
         try:
-            for tok in gen:
-                if stats.n_gen_tokens == 0:
-                    stats.ttft_ms = (time.perf_counter() - t0) * 1000
-                if self.is_eog(tok):
-                    stats.stop_reason = "eos"
-                    break
-                stats.n_gen_tokens += 1
-                stats.token_ids.append(tok)
-                pending += decoder.decode(self.token_piece(tok))
-                if stop:
-                    hit = min((i for s in stop if (i := pending.find(s)) >= 0), default=-1)
-                    if hit >= 0:
-                        text_parts.append(pending[:hit])
-                        pending = ""
-                        stats.stop_reason = "stop"
-                        yield text_parts[-1]
-                        break
-                    safe = len(pending) - (max_stop - 1)
-                    if safe > 0:
-                        text_parts.append(pending[:safe])
-                        pending = pending[safe:]
-                        yield text_parts[-1]
-                elif pending:
-                    text_parts.append(pending)
-                    pending = ""
-                    yield text_parts[-1]
-                if stats.n_gen_tokens >= budget:
-                    break
-            tail = pending + decoder.decode(b"", final=True)
-            if tail and stats.stop_reason != "stop":
-                text_parts.append(tail)
-                yield tail
-        except (KeyboardInterrupt, GeneratorExit):
-            stats.stop_reason = "interrupted"
-            raise
+            yield from stream_text(steps, self.token_piece, self.is_eog, stats, t0, stop)
         finally:
-            gen.close()
-            stats.text = "".join(text_parts)
             self._finish(stats, t0)
+
+    def _logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+
+    def _prefill(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate what the KV cache does not already hold of `tokens`; the last logits."""
+        llm = self.llm
+        keep = llm.longest_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
+        keep = min(keep, len(tokens) - 1)  # the last token is always evaluated, for its logits
+        if keep <= 0 or not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0
+            llm.reset()
+        llm.n_tokens = keep
+        llm.eval(tokens[keep:])
+        return self._logits()
+
+    def _advance(self, token: int) -> np.ndarray:
+        self.llm.eval([token])
+        return self._logits()
 
     def _finish(self, stats: GenerationStats, t0: float) -> None:
         import llama_cpp
@@ -285,8 +174,7 @@ class Runtime:
         llm = self.llm
         llm.reset()
         llm._ctx.kv_cache_clear()
-        n_vocab = llm.n_vocab()
-        out = np.empty((max(0, len(tokens) - first), n_vocab), dtype=np.float32)
+        out = np.empty((max(0, len(tokens) - first), self.n_vocab), dtype=np.float32)
         for start in range(0, len(tokens), llm.n_batch):
             part = tokens[start : start + llm.n_batch]
             llm._batch.set_batch(batch=part, n_past=start, logits_all=True)
@@ -297,7 +185,7 @@ class Runtime:
             n_out = sum(wanted)
             if n_out:
                 row = max(start, first) - first
-                out[row : row + n_out] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, n_vocab))
+                out[row : row + n_out] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, self.n_vocab))
         llm.reset()  # llama-cpp-python's prefix cache no longer matches the KV cache
         return out
 
@@ -318,27 +206,19 @@ class Runtime:
         `directions` has shape (n_layers, n_embd); row 0 is ignored, as in llama.cpp.
         None clears it. The KV cache is dropped: cached keys were computed without it.
         """
-        import llama_cpp
-
-        ctx = self.llm._ctx.ctx
         n_layers, n_embd = self.info.n_layers or 0, self.info.n_embd or 0
-        if directions is None:
-            rc = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, n_embd, 0, 0)
-            self.control_vector = None
-        else:
-            d = np.asarray(directions, dtype=np.float32)
-            if d.shape != (n_layers, n_embd):
-                raise InvalidModelFileError(
-                    f"control vector has shape {d.shape} but the model needs ({n_layers}, {n_embd})"
-                )
-            buf = np.ascontiguousarray(d[1:] * np.float32(scale))
-            ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            rc = llama_cpp.llama_set_adapter_cvec(ctx, ptr, buf.size, n_embd, 1, n_layers - 1)
-            self.control_vector = buf
-        if rc != 0:
-            raise InvalidModelFileError(f"llama.cpp rejected the control vector (code {rc})")
+        m = None if directions is None else np.asarray(directions, dtype=np.float32) * np.float32(scale)
+        llamacpp.set_control_vector(self.llm._ctx.ctx, m, n_layers, n_embd)
+        self.control_vector = m
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
+
+    # ---- the run log ----------------------------------------------------------------
+    def config_record(self, **extra: object) -> dict[str, object]:
+        """This session's `config` for a telemetry record."""
+        return {"threads": self.threads, "n_ctx": self.n_ctx, "n_batch": self.llm.n_batch,
+                "sparse_profile": None, "correction": None, "correction_scale": None, "rpc": self.config.rpc,
+                **(self.correction or {}), **extra}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -346,12 +226,6 @@ class Runtime:
 
 
 def _load(path: Path, config: RuntimeConfig, threads: int) -> Any:
-    import llama_cpp
-
-    from edge.hostcheck import ensure_llama_works
-
-    ensure_llama_works()  # a library that traps on this CPU fails here, in one line
-
     devices: Any = contextlib.nullcontext()
     extra: dict[str, Any] = {}
     if config.rpc:
@@ -363,11 +237,10 @@ def _load(path: Path, config: RuntimeConfig, threads: int) -> Any:
             extra["tensor_split"] = config.tensor_split
     try:
         with devices:
-            return llama_cpp.Llama(
-                model_path=str(path), n_ctx=config.n_ctx, n_batch=min(config.n_batch, config.n_ctx),
+            return llamacpp.open_llama(
+                path, n_ctx=config.n_ctx, n_batch=min(config.n_batch, config.n_ctx),
                 n_threads=threads, n_threads_batch=threads, use_mmap=config.use_mmap,
-                use_mlock=config.use_mlock, seed=config.seed, verbose=False, **extra,
-            )
+                use_mlock=config.use_mlock, **extra)
     except (ValueError, RuntimeError, OSError) as e:
         raise InvalidModelFileError(
             f"llama.cpp could not load {path} ({e}); check it is a Llama-family GGUF this "

@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__
-from edge.bench.device import probe_device
+from edge.device import probe_device
+from edge.errors import BadOptionError
 from edge.gguf_file import ModelInfo
 from edge.paths import logs_dir
 
@@ -116,31 +117,48 @@ def _parse_ts(ts: str) -> datetime:
     return datetime.fromisoformat(ts.replace("Z", "+00:00"))
 
 
-def _lines(paths: list[Path]) -> Iterator[str]:
-    for p in paths:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            yield from f
+def read_records(kind: str | None = None, since: datetime | None = None, *,
+                 paths: Sequence[str | os.PathLike[str]] | None = None, strict: bool = False) -> LogQuery:
+    """Records of `kind` since `since`, oldest first: the one reader of run-log lines.
 
-
-def read_records(kind: str | None = None, since: datetime | None = None) -> LogQuery:
-    paths = sorted(logs_dir().glob("runs-*.jsonl"))
+    From the run log by default, skipping (and counting) lines that do not parse: a crash
+    can tear the last line of a shared log. With `paths` (files a user named, e.g. from
+    `edge bench --out`) and strict=True, an unreadable file or line is a BadOptionError
+    that names it. A record without a kind counts as any kind asked for.
+    """
+    files = sorted(logs_dir().glob("runs-*.jsonl")) if paths is None else [Path(p) for p in paths]
     out: list[dict[str, Any]] = []
     skipped = 0
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
-    for line in _lines(paths):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            ts = _parse_ts(rec["ts"])
-        except (ValueError, KeyError, TypeError):
-            skipped += 1
-            continue
-        if kind and rec.get("kind") != kind:
-            continue
-        if since and ts < since:
-            continue
-        out.append(rec)
-    out.sort(key=lambda r: r["ts"])
+    for path in files:
+        for n, line in _lines(path, strict):
+            try:
+                rec = json.loads(line)
+                ts = _parse_ts(rec["ts"]) if "ts" in rec or not strict else None
+            except (ValueError, KeyError, TypeError, AttributeError):
+                if strict:
+                    raise BadOptionError(f"{path} line {n} is not JSON; give a .jsonl file from "
+                                         "`edge bench --out` or the run log") from None
+                skipped += 1
+                continue
+            if kind and rec.get("kind", kind) != kind:
+                continue
+            if since and (ts is None or ts < since):
+                continue
+            out.append(rec)
+    out.sort(key=lambda r: r.get("ts", ""))
     return LogQuery(out, skipped)
+
+
+def _lines(path: Path, strict: bool) -> Iterator[tuple[int, str]]:
+    try:
+        with open(path, encoding="utf-8", errors="strict" if strict else "replace") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield n, line
+    except (OSError, UnicodeDecodeError) as e:
+        if not strict:
+            return
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BadOptionError(f"cannot read {path} ({why}); give a .jsonl file from `edge bench --out`") from None

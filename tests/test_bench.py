@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge.bench.device import probe_state
 from edge.bench.llama_ops import BenchContext
 from edge.bench.runner import BenchConfig, mean_std, run_bench, throttled_during
 from edge.cli import cli
+from edge.device import probe_state
 from edge.telemetry import read_records
 from tests.conftest import edge_cmd
 

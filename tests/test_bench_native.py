@@ -12,9 +12,9 @@ import pytest
 from _engine_shared import bundled_engine, doc_text
 from click.testing import CliRunner
 
-from edge.bench.native_ops import NativeBenchContext, NativeModel
+from edge.bench.native_ops import NativeBenchContext
 from edge.cli import cli
-from edge.engine.generate import NativeSession
+from edge.engine.generate import NativeGenerator
 from edge.sparse.calibrate import calibrate
 from edge.sparse.profile import build_specs
 from edge.sparse.rsparse import SparseBackend
@@ -83,7 +83,7 @@ class CountingBackend(SparseBackend):
 
 def _context(backend) -> NativeBenchContext:
     e = bundled_engine()
-    return NativeBenchContext(NativeModel(NativeSession(e, backend, 0.0), None), n_ctx=64, threads=1)
+    return NativeBenchContext(NativeGenerator(e, backend), n_ctx=64, threads=1)
 
 
 def test_prefill_dense_decode_sparse():

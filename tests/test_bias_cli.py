@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bias import cvec
+from edge import cvec
 from tests.conftest import edge_cmd
 
 

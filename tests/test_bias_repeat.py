@@ -4,7 +4,6 @@ reproducibility, the CLI, errors."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 from collections.abc import Iterator
@@ -24,9 +23,9 @@ from bias.repeat import (
     sample_suite,
     summarize,
 )
-from bias.sampler import BatchSampler, Group, candidates, common_prefix, sample_rows
+from bias.sampler import BatchSampler, Group, common_prefix
 from bias.suites import PairItem, load_suite
-from edge.runtime import Sampling
+from edge.sampling import Sampling
 from tests.conftest import SHARED_DATA, edge_cmd
 
 
@@ -173,82 +172,6 @@ def test_repeat_bad_options_are_one_line_errors(args: list[str], needle: str, tm
 
 
 # ---- the batched sampler -----------------------------------------------------------------
-# ids 0..7 in a shuffled order, logits 3, 2, 1, 0.5, 0, -1, -2, -3 (best first: 5, 2, 7, 0, ...)
-HAND_IDS = np.array([5, 2, 7, 0, 3, 6, 1, 4])
-HAND = np.empty(8, np.float32)
-HAND[HAND_IDS] = [3.0, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0]
-
-
-def _softmax(v: list[float]) -> np.ndarray:
-    e = np.exp(np.asarray(v) - max(v))
-    return e / e.sum()
-
-
-@pytest.mark.parametrize(("kw", "recent", "kept", "vals"), [
-    ({"top_k": 3}, [], [5, 2, 7], [3.0, 2.0, 1.0]),
-    ({"top_k": 0, "top_p": 0.9}, [], [5, 2, 7], [3.0, 2.0, 1.0]),  # cumulative .60 .82 .904
-    ({"top_k": 0, "top_p": 0.82}, [], [5, 2], [3.0, 2.0]),  # .8227 ≥ .82 already
-    ({"top_k": 0, "min_p": 0.1}, [], [5, 2, 7], [3.0, 2.0, 1.0]),  # logit ≥ 3 + ln .1 = 0.70
-    ({"top_k": 0, "min_p": 0.2}, [], [5, 2], [3.0, 2.0]),  # ≥ 3 + ln .2 = 1.39
-    ({"top_k": 0, "temp": 2.0}, [], list(HAND_IDS), [1.5, 1.0, .5, .25, 0, -.5, -1, -1.5]),
-    # penalty 2.5, once per token however often seen: 2 → 0.8, -1 → -2.5
-    ({"top_k": 3, "repeat_penalty": 2.5}, [2, 6, 2], [5, 7, 2], [3.0, 1.0, 0.8]),
-    ({"top_k": 0, "repeat_penalty": 2.5}, [6], [5, 2, 7, 0, 3, 1, 6, 4], [3, 2, 1, .5, 0, -2, -2.5, -3]),
-])
-def test_chain_cuts_the_tokens_it_should(kw: dict[str, float], recent: list[int], kept: list[int],
-                                         vals: list[float]) -> None:
-    s = Sampling(**({"temp": 1.0, "top_p": 1.0, "top_k": 40, "min_p": 0.0, "repeat_penalty": 1.0} | kw))
-    ids, p = candidates(HAND, s, recent)
-    assert ids.tolist() == kept
-    np.testing.assert_allclose(p, _softmax(vals), rtol=1e-5)  # temperature already in vals
-
-
-def test_draws_follow_the_kept_probabilities_and_greedy_is_penalized_argmax() -> None:
-    s = Sampling(temp=1.0, top_p=1.0, top_k=3, min_p=0.0, repeat_penalty=1.0)
-    rng = np.random.default_rng(0)
-    n = 20000
-    toks = sample_rows(np.tile(HAND, (n, 1)), [[]] * n, [rng] * n, s)
-    freq = np.bincount(toks, minlength=8) / n
-    assert freq[[0, 1, 3, 4, 6]].sum() == 0  # cut by top_k: never drawn
-    np.testing.assert_allclose(freq[[5, 2, 7]], _softmax([3, 2, 1]), atol=0.01)
-    pen = Sampling(temp=0.8, repeat_penalty=2.0)
-    assert sample_rows(HAND[None], [[]], [None], pen).tolist() == [5]
-    assert sample_rows(HAND[None], [[5]], [None], pen).tolist() == [2]  # 3 / 2 < 2
-
-
-def _llama_chain(logits: np.ndarray, s: Sampling, recent: list[int]) -> tuple[list[int], np.ndarray]:
-    """llama.cpp's own chain, as llama-cpp-python builds it for Llama.generate."""
-    import llama_cpp as L
-
-    ch = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    for smp in (L.llama_sampler_init_penalties(len(logits), 64, s.repeat_penalty, 0.0, 0.0),
-                L.llama_sampler_init_top_k(s.top_k), L.llama_sampler_init_typical(1.0, 1),
-                L.llama_sampler_init_top_p(s.top_p, 1), L.llama_sampler_init_min_p(s.min_p, 1),
-                L.llama_sampler_init_temp(s.temp), L.llama_sampler_init_dist(1)):
-        L.llama_sampler_chain_add(ch, smp)
-    for t in recent:
-        L.llama_sampler_accept(ch, t)
-    data = (L.llama_token_data * len(logits))(*[L.llama_token_data(i, float(x), 0.0) for i, x in enumerate(logits)])
-    arr = L.llama_token_data_array(data, len(logits), -1, False)
-    L.llama_sampler_apply(ch, ctypes.byref(arr))
-    L.llama_sampler_free(ch)
-    return [data[i].id for i in range(arr.size)], np.array([data[i].p for i in range(arr.size)])
-
-
-@pytest.mark.parametrize("kw", [{}, {"temp": 1.3, "top_k": 0}, {"top_p": 0.7, "min_p": 0.02},
-                                {"top_k": 5, "repeat_penalty": 1.5}])
-def test_numpy_chain_keeps_what_llamacpp_keeps(kw: dict[str, float]) -> None:
-    s = Sampling(**kw)
-    rng = np.random.default_rng(3)
-    for _ in range(5):
-        x = (rng.standard_normal(1000) * 3).astype(np.float32)
-        recent = rng.integers(0, 1000, 40).tolist() + np.argsort(-x)[:3].tolist()  # penalize leaders
-        ids, p = candidates(x, s, recent)
-        ref_ids, ref_p = _llama_chain(x, s, recent)
-        assert ids.tolist() == ref_ids
-        np.testing.assert_allclose(p, ref_p, rtol=1e-4, atol=1e-7)
-
-
 def _probe_prompts(rt: object, idx: list[int]) -> tuple[object, list[list[int]]]:
     from bias.repeat import prompt_tokens
 

@@ -79,7 +79,7 @@ def test_session_trims_keeps_reuse_and_saves(runtime, tmp_path) -> None:  # type
     import json as _json
 
     from edge.chat import ChatSession
-    from edge.runtime import Sampling
+    from edge.sampling import Sampling
 
     s = ChatSession(runtime, system="Be brief.", max_tokens=8, sampling=Sampling(temp=0))
     s.reserve = runtime.n_ctx - 120  # pretend the context is tiny: ~120 tokens of history
@@ -100,7 +100,7 @@ def test_session_trims_keeps_reuse_and_saves(runtime, tmp_path) -> None:  # type
 def test_piped_chat_with_a_correction_vector(env: dict[str, str], tmp_path, bundled_model) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
-    from bias.cvec import write
+    from edge.cvec import write
     from edge.gguf_file import inspect
 
     info = inspect(bundled_model)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.bench.device import (
+from edge.device import (
     THROTTLE_BITS,
     decode_throttled,
     parse_throttled,

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from bias import cvec
+from edge import cvec
 from tests.conftest import edge_cmd
 
 

@@ -104,7 +104,8 @@ def start_worker(env: dict[str, str]) -> Iterator[Callable[[], tuple[subprocess.
 @pytest.mark.slow
 def test_two_workers_give_the_local_text_in_run_chat_bench(env: dict[str, str], start_worker) -> None:
     from edge.generate import run_prompt
-    from edge.runtime import RuntimeConfig, Sampling
+    from edge.runtime import RuntimeConfig
+    from edge.sampling import Sampling
 
     (_, p1), (_, p2) = start_worker(), start_worker()
     r = subprocess.run([*edge_cmd(), "run", "--raw", "--temp", "0", "-n", "16", "--ctx", "256",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.runtime import LLAMA2_TEMPLATE, Runtime, Sampling
+from edge.generation import LLAMA2_TEMPLATE
+from edge.runtime import Runtime
+from edge.sampling import Sampling
 
 
 def test_chat_template_of_the_gguf_is_used(runtime: Runtime) -> None:

@@ -85,7 +85,8 @@ def test_openai_client_chat_equals_edge_run(server: dict) -> None:
     from openai import OpenAI
 
     from edge.generate import run_prompt
-    from edge.runtime import RuntimeConfig, Sampling
+    from edge.runtime import RuntimeConfig
+    from edge.sampling import Sampling
 
     client = OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=120)
     msgs = [{"role": "user", "content": PROMPT}]
@@ -113,7 +114,8 @@ def test_openai_client_chat_equals_edge_run(server: dict) -> None:
 
 def test_completions_endpoint_is_raw_text(server: dict) -> None:
     from edge.generate import run_prompt
-    from edge.runtime import RuntimeConfig, Sampling
+    from edge.runtime import RuntimeConfig
+    from edge.sampling import Sampling
 
     r = httpx.post(server["base"] + "/v1/completions", timeout=120,
                    json={"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0})

@@ -18,8 +18,9 @@ PROMPT = "The nurse said that"
 
 def test_served_correction_equals_corrected_runtime(bundled_model: Path, tmp_path: Path,
                                                     env: dict[str, str]) -> None:
-    from bias.cvec import load_correction, write
-    from edge.runtime import Runtime, RuntimeConfig, Sampling
+    from edge.cvec import load_correction, write
+    from edge.runtime import Runtime, RuntimeConfig
+    from edge.sampling import Sampling
 
     rng = np.random.default_rng(0)
     d = rng.standard_normal((30, 576)).astype(np.float32) * 0.5

@@ -9,8 +9,8 @@ import gguf
 import numpy as np
 import pytest
 
-from bias import cvec
 from bias.steering import compute_directions
+from edge import cvec
 from edge.errors import InvalidModelFileError
 from tests.conftest import edge_cmd
 

@@ -69,10 +69,6 @@ class Suite:
         return sorted({it.category for it in self.items})
 
 
-class RowError(ValueError):
-    """One malformed row; the loader turns it into a skip or a SuiteError with its line."""
-
-
 def bad_row(suite: str, path: Path, line: int, why: str, strict: bool, skipped: list[int]) -> None:
     if strict:
         raise SuiteError(f"{path}:{line}: malformed {suite} row ({why}); fix or remove that line")

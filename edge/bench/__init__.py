@@ -1,5 +1,5 @@
-"""Benchmarks (runner, compare) and the device probe.
+"""Benchmarks: the runner, llama-bench-style and native contexts, compare, output files.
 
-Kept import-free: edge.telemetry imports edge.bench.device, and the runner imports
-telemetry. Import edge.bench.runner / edge.bench.compare directly.
+Import edge.bench.runner / edge.bench.compare directly (the device probe they use is the
+base module edge.device).
 """

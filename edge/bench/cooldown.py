@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge.bench.device import probe_state
+from edge.device import probe_state
 from edge.errors import BadOptionError
 
 POLL_S = 2.0

@@ -46,23 +46,19 @@ class BenchContext:
                  n_ubatch: int = DEFAULT_N_UBATCH, flash_attn: int | None = None, seed: int = 0):
         import llama_cpp
 
+        from edge.llamacpp import FLASH_ATTN_AUTO, new_context
+
         self._ll = llama_cpp
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = min(n_ubatch, n_batch)
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else flash_attn
-        params.no_perf = False
-        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        self.ctx = new_context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, threads=threads,
+                               flash_attn=FLASH_ATTN_AUTO if flash_attn is None else flash_attn,
+                               perf=True)
         if not self.ctx:
             raise BenchRunError(
                 f"llama.cpp could not create a {n_ctx}-token context; lower --ctx or free memory"
             )
         self.threads = threads
         self.n_batch = n_batch
-        self.n_ubatch = params.n_ubatch
+        self.n_ubatch = min(n_ubatch, n_batch)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -128,9 +124,10 @@ class BenchContext:
         return PerfCounters(int(p.n_p_eval), float(p.t_p_eval_ms), int(p.n_eval), float(p.t_eval_ms))
 
     def close(self) -> None:
-        if self.ctx:
-            self._ll.llama_free(self.ctx)
-            self.ctx = None
+        from edge.llamacpp import free_context
+
+        free_context(self.ctx)
+        self.ctx = None
 
     def __enter__(self) -> BenchContext:
         return self

@@ -22,38 +22,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge.bench.llama_ops import PerfCounters
-from edge.engine.generate import NativeSession, load_native
-from edge.gguf_file import ModelInfo
-
-
-@dataclass
-class NativeModel:
-    """One loaded engine (and profile backend) per model, shared by its thread counts."""
-
-    session: NativeSession
-    profile: dict[str, Any] | None  # {path, sparsity, target_sparsity, search} for the record
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.session.engine.info
-
-    @property
-    def path(self) -> Path:
-        return Path(self.session.engine.path)
-
-    @property
-    def load_ms(self) -> float:
-        return self.session.load_ms
-
-    def close(self) -> None:  # the engine is plain numpy arrays: nothing to free by hand
-        pass
+from edge.engine.generate import NativeGenerator
 
 
 def check_profile(profile: Path, model_paths: list[Path]) -> dict[str, Any]:
@@ -66,10 +41,6 @@ def check_profile(profile: Path, model_paths: list[Path]) -> dict[str, Any]:
         prof.check_fingerprint(inspect(p).fingerprint, profile)
     return {"path": str(profile), "sparsity": prof.sparsity, "target_sparsity": prof.target_sparsity,
             "search": prof.search}
-
-
-def load_model(path: Path, profile: Path | None, profile_info: dict[str, Any] | None) -> NativeModel:
-    return NativeModel(load_native(path, profile), profile_info)
 
 
 def _set_threads(n: int) -> tuple[Any, dict[str, int | None]]:
@@ -97,10 +68,11 @@ def _set_threads(n: int) -> tuple[Any, dict[str, int | None]]:
 class NativeBenchContext:
     """A KV cache on an already-loaded engine, for one model × threads test."""
 
-    def __init__(self, model: NativeModel, *, n_ctx: int, threads: int, seed: int = 0) -> None:
-        self.model = model
-        self.engine = model.session.engine
-        self.backend = model.session.backend  # None: dense decode
+    def __init__(self, gen: NativeGenerator, *, n_ctx: int, threads: int, seed: int = 0,
+                 profile: dict[str, Any] | None = None) -> None:
+        self.gen, self.profile = gen, profile  # profile: {path, sparsity, ...} for the record
+        self.engine = gen.model
+        self.backend = gen.backend  # None: dense decode
         self.n_ctx = min(n_ctx, self.engine.config.context_length)
         self.n_batch = self.n_ubatch = self.n_ctx  # the whole prompt is one forward
         self.threads = threads
@@ -167,7 +139,7 @@ class NativeBenchContext:
         figures["native_perf_pp_tps"] = figures.pop("llama_perf_pp_tps", None)
         figures["native_perf_tg_tps"] = figures.pop("llama_perf_tg_tps", None)
         figures["llama_perf_pp_tps"] = figures["llama_perf_tg_tps"] = None
-        config.update(engine="native", flash_attn=None, sparse_profile=self.model.profile,
+        config.update(engine="native", flash_attn=None, sparse_profile=self.profile,
                       native_threads=dict(self.threads_in_force))
 
     def close(self) -> None:

@@ -77,19 +77,8 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Bench records from a JSONL file (as written by --out or the run log)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise BadOptionError(f"cannot read {path} ({e.strerror or e}); give a .jsonl file from `edge bench --out`") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise BadOptionError(f"{path} line {n} is not JSON; give a .jsonl file from `edge bench --out`") from None
-        if isinstance(rec, dict) and rec.get("kind", "bench") == "bench" and "metrics" in rec:
-            out.append(rec)
-    return out
+    """Bench records from a JSONL file (as written by --out, or the run log); a bad line is
+    an error that names it (edge.telemetry.read_records, strict)."""
+    from edge.telemetry import read_records as read_log
+
+    return [r for r in read_log("bench", paths=[path], strict=True).records if "metrics" in r]

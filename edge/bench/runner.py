@@ -17,13 +17,14 @@ from typing import Any
 
 from edge import telemetry
 from edge.bench import cooldown as cooldown_mod
-from edge.bench.device import DeviceState, probe_state
 from edge.bench.interrupt import InterruptGuard
 from edge.bench.llama_ops import BenchContext
 from edge.bench.output import check_out_path, write_records
 from edge.catalog import resolve_model
+from edge.device import DeviceState, probe_state
 from edge.errors import BadOptionError
-from edge.runtime import Runtime, RuntimeConfig
+from edge.runtime import RuntimeConfig
+from edge.session import open_session
 from edge.system import peak_rss_bytes
 
 MAX_THREADS = 256
@@ -214,18 +215,16 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     try:
         with guard:
             for path in paths:
-                if cfg.engine == "native":  # one engine per model, shared by its thread counts
-                    from edge.bench import native_ops
-
-                    rt = native_ops.load_model(path, cfg.sparse_profile, profile_info)
-                else:
-                    rt = Runtime(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc,
-                                                     tensor_split=cfg.tensor_split))  # weights only
+                # one session per model, shared by its thread counts; llama.cpp's holds the
+                # weights only (each test makes its own context)
+                rt = open_session(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc,
+                                                      tensor_split=cfg.tensor_split),
+                                  engine=cfg.engine, sparse_profile=cfg.sparse_profile)
                 try:
                     for threads in cfg.threads:
                         guard.check()
                         test = _one_test(rt, threads, cfg, result, guarded_sleep, on_progress, done,
-                                         guard.check)
+                                         guard.check, profile_info)
                         result.tests.append(test)
                         done += 1
                         if on_test:
@@ -240,17 +239,18 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     return result
 
 
-def _context(rt: Any, cfg: BenchConfig, threads: int) -> Any:
-    if cfg.engine == "native":
+def _context(gen: Any, cfg: BenchConfig, threads: int, profile: dict[str, Any] | None) -> Any:
+    """The engine's benchmark context: llama-bench's steps on llama.cpp, or the native ones."""
+    if gen.engine == "native":
         from edge.bench.native_ops import NativeBenchContext
 
-        return NativeBenchContext(rt, n_ctx=cfg.n_ctx, threads=threads)
-    return BenchContext(rt.llm.model, n_ctx=cfg.n_ctx, threads=threads)
+        return NativeBenchContext(gen, n_ctx=cfg.n_ctx, threads=threads, profile=profile)
+    return BenchContext(gen.model, n_ctx=cfg.n_ctx, threads=threads)
 
 
 def _one_test(rt: Any, threads: int, cfg: BenchConfig, result: BenchResult,
               sleep: Callable[[float], None], on_progress: Hook | None, index: int,
-              check: Callable[[], None]) -> TestResult:
+              check: Callable[[], None], profile: dict[str, Any] | None = None) -> TestResult:
     waited = None
     if cfg.cooldown_c is not None:
         if on_progress:
@@ -266,7 +266,7 @@ def _one_test(rt: Any, threads: int, cfg: BenchConfig, result: BenchResult,
             on_progress(label, index * 2 * cfg.reps + n_ticks[0], result.planned * 2 * cfg.reps)
 
     before = probe_state()
-    with _context(rt, cfg, threads) as bctx:
+    with _context(rt, cfg, threads, profile) as bctx:
         bctx.interrupt_check = check
         figures = _measure(bctx, cfg, tick)
         config = {"threads": threads, "n_ctx": bctx.n_ctx, "n_batch": bctx.n_batch,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
 
 import click
 
-from edge.cli.options import model_argument
+from edge.cli.options import correction_options, model_argument
 
 
 @click.group("bias")
@@ -36,9 +37,7 @@ PRECISION = click.option(
 @click.option("--suite", "suite_spec", required=True, metavar="NAME[:PATH]",
               help="crows_pairs, bbq, stereoset or probes; PATH is a local file or folder.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N items.")
-@click.option("--correction", type=click.Path(dir_okay=False), default=None,
-              help="A control-vector GGUF to apply while scoring.")
-@click.option("--correction-scale", type=float, default=1.0, show_default=True)
+@correction_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for report.html, report.md, results.json [default: ./bias-<suite>].")
 @click.option("--repeat", type=click.IntRange(1), default=None,
@@ -72,30 +71,31 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
     rep = None if repeat is None else RepeatConfig(repeat=repeat, temp=0.8 if temp is None else temp,
                                                    seed=seed or 0)
     bar = _bar(as_json)
-    with bar or _Null():
-        summary = run_audit(model, suite_spec, limit=limit, correction=correction,
-                            correction_scale=correction_scale, out_dir=out_dir, threads=threads,
-                            precision=precision,
-                            on_start=bar.start if bar else None, on_progress=bar.advance if bar else None,
-                            repeat=rep)
+    with bar or contextlib.nullcontext():
+        run = run_audit(model, suite_spec, limit=limit, correction=correction,
+                        correction_scale=correction_scale, out_dir=out_dir, threads=threads,
+                        precision=precision,
+                        on_start=bar.start if bar else None, on_progress=bar.advance if bar else None,
+                        repeat=rep)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(run.to_dict()))
         return
-    click.echo(f"{summary['suite']}: {summary['n_items']} items, {summary['skipped_rows']} malformed "
-               f"rows skipped, {summary['score_s']:.1f} s")
-    for k, e in summary["overall"].items():
-        click.echo(f"  {k:<16} {e['value']:9.4g}  [{e['lo']:.4g}, {e['hi']:.4g}]")
-    if "repeat" in summary:
-        r = summary["repeat"]
-        click.echo(f"repeat: {r['repeat']} × {r['n_items']} cloze prompts at T={r['temp']}, "
-                   f"{r['gen_s']:.1f} s; stereotype rate among decided answers:")
-        rows = [(f"k={k + 1}", e) for k, e in enumerate(r["per_repeat"])] + [("overall", r["overall"])]
-        rows += [("greedy", r["greedy"])] if r["greedy"] else []
-        for name, e in rows:
-            s, n = e["stereo_rate"], e["neither_rate"]
-            click.echo(f"  {name:<8} {s['value']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]  "
-                       f"neither {n['value']:.3f}")
-    click.echo(f"report: {summary['report']}")
+    res = run.result
+    click.echo(f"{res.suite}: {res.n_items} items, {res.skipped_rows} malformed "
+               f"rows skipped, {res.score_s:.1f} s")
+    for k, e in res.overall.items():
+        click.echo(f"  {k:<16} {e.value:9.4g}  [{e.lo:.4g}, {e.hi:.4g}]")
+    if run.repeat is not None:
+        r = run.repeat
+        click.echo(f"repeat: {r.repeat} × {r.n_items} cloze prompts at T={r.temp}, "
+                   f"{r.gen_s:.1f} s; stereotype rate among decided answers:")
+        rows = [(f"k={k + 1}", e) for k, e in enumerate(r.per_repeat)] + [("overall", r.overall)]
+        rows += [("greedy", r.greedy)] if r.greedy else []
+        for name, est in rows:
+            st, n = est["stereo_rate"], est["neither_rate"]
+            click.echo(f"  {name:<8} {st.value:.3f} [{st.lo:.3f}, {st.hi:.3f}]  "
+                       f"neither {n.value:.3f}")
+    click.echo(f"report: {run.report}")
 
 
 @bias_group.command("mitigate")
@@ -164,25 +164,18 @@ def mitigate_cmd(model: str | None, suite_spec: str, out_path: str, target: floa
                  out_dir=out_dir or str(Path(out_path).with_suffix("")) + "-report",
                  threads=threads, precision=precision, on_event=event)
     if as_json:
-        click.echo(json.dumps(r))
+        click.echo(json.dumps(r.to_dict()))
         return
-    h = r["heldout"]
-    click.echo(f"wrote {r['vector']}")
+    h = r.heldout
+    assert h is not None
+    click.echo(f"wrote {r.vector}")
     for k in ("pct_stereotype", "mean_ll_diff"):
-        b, a = h["before"][k], h["after"][k]
-        click.echo(f"  held-out {k}: {b['value']:.3g} → {a['value']:.3g}")
-    click.echo(f"  fall of |pct−50|: {100 * h['gap_reduction']['value']:.0f}%, of the mean ll diff: "
-               f"{100 * h['mean_ll_diff_reduction']['value']:.0f}% (significant: "
-               f"{h['significant']['gap']}, {h['significant']['mean_ll_diff']})  "
-               f"PPL {100 * r['ppl']['increase']:+.2f}%  KL {r['ppl']['kl']:.4f}")
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
+        click.echo(f"  held-out {k}: {h.before[k].value:.3g} → {h.after[k].value:.3g}")
+    sig = h.significant
+    click.echo(f"  fall of |pct−50|: {100 * h.gap_reduction.value:.0f}%, of the mean ll diff: "
+               f"{100 * h.mean_ll_diff_reduction.value:.0f}% (significant: "
+               f"{sig['gap']}, {sig['mean_ll_diff']})  "
+               f"PPL {100 * r.ppl['increase']:+.2f}%  KL {r.ppl['kl']:.4f}")
 
 
 class _Bar:

@@ -17,7 +17,7 @@ from edge.cli.options import (
     sampling,
     sampling_options,
 )
-from edge.generate import load_runtime
+from edge.session import open_session
 
 
 @click.command("chat")
@@ -28,9 +28,11 @@ from edge.generate import load_runtime
 @runtime_options
 @rpc_option
 @sampling_options
+@click.option("--sparse-profile", type=click.Path(dir_okay=False), default=None,
+              help="Chat on edge's native engine with this R-Sparse profile (see `edge sparsify`).")
 @correction_options
 def chat_cmd(model: str | None, system: str | None, max_tokens: int, correction: str | None,
-             correction_scale: float, **kw: Any) -> None:
+             correction_scale: float, sparse_profile: str | None, **kw: Any) -> None:
     """Chat with MODEL (a .gguf path, a catalog name, or the bundled SmolLM2-135M-Instruct).
 
     Answers stream as they are generated. The oldest turns are dropped when the
@@ -45,26 +47,22 @@ def chat_cmd(model: str | None, system: str | None, max_tokens: int, correction:
       edge chat --system "Answer in one sentence." --temp 0.3
       printf 'Hi!\\nWhat is 2+2?\\n' | edge chat --temp 0
       edge chat --correction fair.gguf          # with a bias-correction vector
+      edge chat --sparse-profile smol-50.json   # native engine, R-Sparse decode
     """
     cfg = runtime_config(kw)
     smp = sampling(kw)
-    rt = load_runtime(model, cfg)
+    gen = open_session(model, cfg, sparse_profile=sparse_profile, correction=correction,
+                       correction_scale=correction_scale)
     try:
-        extra: dict[str, Any] = {}
-        if correction:
-            from bias.cvec import load_correction
-
-            load_correction(rt, correction, correction_scale)
-            extra = {"correction": correction, "correction_scale": correction_scale}
-        session = ChatSession(rt, system=system, max_tokens=max_tokens, sampling=smp,
-                              config_extra=extra)
-        i = rt.info
-        banner = (f"edge chat · {rt.path.name} ({i.params / 1e6:.0f}M params, {i.quant}) · "
-                  f"ctx {rt.n_ctx} · {rt.threads} threads\n"
+        session = ChatSession(gen, system=system, max_tokens=max_tokens, sampling=smp)
+        i = gen.info
+        engine = " · native engine" if gen.engine == "native" else ""
+        banner = (f"edge chat · {gen.path.name} ({i.params / 1e6:.0f}M params, {i.quant}){engine} · "
+                  f"ctx {gen.n_ctx} · {gen.threads} threads\n"
                   "/help for commands · Ctrl-C stops an answer · Ctrl-D exits")
         code = repl(session, interactive=sys.stdin.isatty(), banner=banner)
     finally:
-        rt.close()
+        gen.close()
     sys.exit(code)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from edge.runtime import RuntimeConfig, Sampling
+from edge.runtime import RuntimeConfig
+from edge.sampling import Sampling
 
 
 def model_argument(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,8 +85,6 @@ def runtime_config(kw: dict[str, Any]) -> RuntimeConfig:
                         rpc=kw.pop("rpc", None), tensor_split=kw.pop("tensor_split", None))
     if cfg.tensor_split and not cfg.rpc:
         raise click.UsageError("--tensor-split splits the layers between --rpc workers; give --rpc too")
-    if kw.get("seed") is not None:
-        cfg.seed = kw["seed"]
     return cfg
 
 
@@ -100,7 +99,7 @@ def correction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--correction-scale", type=click.FloatRange(-100, 100), default=1.0,
                      show_default=True, help="Multiplier for --correction (1.0 applies it as written).")(f)
     return click.option("--correction", type=click.Path(dir_okay=False), default=None,
-                        help="Control-vector GGUF added to the residual stream while generating "
+                        help="Control-vector GGUF added to the residual stream "
                         "(e.g. from `edge bias mitigate`).")(f)
 
 

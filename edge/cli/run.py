@@ -65,19 +65,10 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    if sparse_profile is not None and (cfg.rpc or correction):
-        raise click.UsageError("--sparse-profile runs on edge's native engine; it cannot use "
-                               + ("--rpc" if cfg.rpc else "--correction"))
-    if sparse_profile is not None:
-        from edge.engine.generate import run_native_prompt
-
-        result = run_native_prompt(model, prompt, sparse_profile=sparse_profile, max_tokens=max_tokens,
-                                   sampling=smp, n_ctx=cfg.n_ctx, threads=cfg.threads, mode=mode or "auto",
-                                   system=system, on_text=None if as_json else echo)
-    else:
-        result = run_prompt(model, prompt, max_tokens=max_tokens, sampling=smp, config=cfg,
-                            mode=mode or "auto", system=system, on_text=None if as_json else echo,
-                            correction=correction, correction_scale=correction_scale)
+    result = run_prompt(model, prompt, max_tokens=max_tokens, sampling=smp, config=cfg,
+                        mode=mode or "auto", system=system, on_text=None if as_json else echo,
+                        correction=correction, correction_scale=correction_scale,
+                        sparse_profile=sparse_profile)
     if as_json:
         out = result.stats.to_dict() | {"prompt_mode": result.prompt_mode}
         if cfg.rpc:

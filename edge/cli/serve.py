@@ -26,12 +26,12 @@ from edge.cli.options import model_argument, rpc_option, runtime_config, runtime
 @runtime_options
 @rpc_option
 @click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=None,
-              help="Context seed (requests can also send their own 'seed').")
+              help="Sampling seed for requests that send no 'seed' of their own.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="warning", show_default=True, help="uvicorn's log level.")
 def serve_cmd(model: str | None, host: str, port: int, api_key: str | None, allow_no_key: bool,
               max_queue: int, correction: str | None, correction_scale: float, log_level: str,
-              **kw: Any) -> None:
+              seed: int | None, **kw: Any) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API until Ctrl-C.
 
     Routes: POST /v1/chat/completions and /v1/completions (set "stream": true for
@@ -54,13 +54,11 @@ def serve_cmd(model: str | None, host: str, port: int, api_key: str | None, allo
     cfg = runtime_config(kw)
     opts = ServeOptions(host=host, port=port, api_key=api_key, allow_no_key=allow_no_key,
                         max_queue=max_queue, correction=correction,
-                        correction_scale=correction_scale, log_level=log_level)
-    if cfg.rpc:
-        opts.extra_config["rpc"] = cfg.rpc
+                        correction_scale=correction_scale, log_level=log_level, seed=seed)
 
     def ready(engine: Any) -> None:
         click.echo(f"edge serve: {engine.model_id} on http://{host}:{port}/v1 "
-                   f"(ctx {engine.rt.n_ctx}, queue {max_queue}); Ctrl-C stops", err=True)
+                   f"(ctx {engine.gen.n_ctx}, queue {max_queue}); Ctrl-C stops", err=True)
 
     serve(model, cfg, opts, on_ready=ready)
 

@@ -1,166 +1,130 @@
-"""Text generation with the native engine (dense or an R-Sparse profile): prefill dense,
-decode one token at a time through the backend, the same stats as the llama.cpp runtime."""
+"""The native engine (dense or an R-Sparse profile) behind edge's Generator interface:
+prefill dense, decode one token at a time through the backend, sampled and streamed by
+the same code as the llama.cpp session (edge.generation, edge.sampling)."""
 
 from __future__ import annotations
 
-import codecs
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge.engine.model import Backend, Engine
-from edge.errors import ContextOverflowError
-from edge.runtime import GenerationStats, Sampling
-from edge.system import peak_rss_bytes
+from edge.generation import ChatFormat, GenerationStats, Message, plan, stream_text, token_stream
+from edge.sampling import Sampling
+from edge.system import default_threads, peak_rss_bytes
 
 
-def sample(logits: np.ndarray, s: Sampling, history: Sequence[int], rng: np.random.Generator) -> int:
-    """llama.cpp's default chain in spirit: repeat penalty, top-k, top-p, min-p, temperature."""
-    x = logits.astype(np.float64).copy()
-    if s.repeat_penalty != 1.0 and history:
-        seen = np.unique(np.asarray(history[-64:]))
-        x[seen] = np.where(x[seen] > 0, x[seen] / s.repeat_penalty, x[seen] * s.repeat_penalty)
-    if s.temp <= 0:
-        return int(np.argmax(x))
-    order = np.argsort(-x)
-    if s.top_k > 0:
-        order = order[: s.top_k]
-    p = np.exp((x[order] - x[order[0]]) / s.temp)
-    p /= p.sum()
-    keep = int(np.searchsorted(np.cumsum(p), s.top_p) + 1) if s.top_p < 1 else len(p)
-    keep = max(1, min(keep, int(np.count_nonzero(p >= s.min_p * p[0])) if s.min_p > 0 else keep))
-    p = p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(keep, p=p)])
+class NativeGenerator:
+    """A loaded Engine plus the profile's backend (None: dense decode)."""
 
+    engine = "native"  # the Generator's engine name; the Engine itself is `model`
 
-@dataclass
-class NativeSession:
-    engine: Engine
-    backend: Backend | None
-    load_ms: float
-    profile: str | None = None
+    def __init__(self, engine: Engine, backend: Backend | None, load_ms: float = 0.0,
+                 profile: str | None = None, *, n_ctx: int = 2048, threads: int | None = None) -> None:
+        self.model, self.backend, self.load_ms, self.profile = engine, backend, load_ms, profile
+        self.info = engine.info
+        self.path = Path(engine.path)
+        self.n_ctx = min(n_ctx, engine.config.context_length)
+        self.threads_arg = threads  # what was asked for (None: the pools' defaults)
+        self.threads = threads or default_threads()
+        self.last: GenerationStats | None = None
+        self._chat: ChatFormat | None = None
 
+    @classmethod
+    def load(cls, model: str | os.PathLike[str] | None, sparse_profile: str | os.PathLike[str] | None = None,
+             *, threads: int | None = None, n_ctx: int = 2048) -> NativeGenerator:
+        """The engine, plus the profile's backend when given (its model sha is checked)."""
+        from edge.catalog import resolve_model
+        from edge.gguf_file import inspect
+        from edge.sparse.profile import SparseProfile
 
-def load_native(model: str | os.PathLike[str] | None, sparse_profile: str | os.PathLike[str] | None,
-                threads: int | None = None) -> NativeSession:
-    """The engine, plus the profile's backend when given (its model sha is checked)."""
-    from edge.catalog import resolve_model
-    from edge.gguf_file import inspect
-    from edge.sparse.profile import SparseProfile
+        t0 = time.perf_counter()
+        path = resolve_model(None if model is None else str(model))
+        prof = None
+        if sparse_profile is not None:  # a wrong profile fails before the weights are read
+            prof = SparseProfile.load(sparse_profile)
+            prof.check_fingerprint(inspect(path).fingerprint, sparse_profile)
+        engine = Engine.from_gguf(path)
+        backend = None
+        if prof is not None:
+            from edge.sparse.rsparse import SparseBackend
 
-    t0 = time.perf_counter()
-    path = resolve_model(model)
-    prof = None
-    if sparse_profile is not None:  # a wrong profile fails before the weights are read
-        prof = SparseProfile.load(sparse_profile)
-        prof.check_fingerprint(inspect(path).fingerprint, sparse_profile)
-    engine = Engine.from_gguf(path)
-    backend = None
-    if prof is not None:
-        from edge.sparse.rsparse import SparseBackend
+            prof.check(engine, sparse_profile)
+            svd = None
+            if prof.needs_svd:
+                from edge.sparse.svd import SvdCache
 
-        prof.check(engine, sparse_profile)
-        svd = None
-        if prof.needs_svd:
-            from edge.sparse.svd import SvdCache
+                svd = SvdCache.load_or_build(engine)
+            backend = SparseBackend(engine, [m for m in prof.modules if m.t >= 0], svd)
+        if threads:
+            from edge.sparse.kernel import set_threads
 
-            svd = SvdCache.load_or_build(engine)
-        backend = SparseBackend(engine, [m for m in prof.modules if m.t >= 0], svd)
-    if threads:
-        from edge.sparse.kernel import set_threads
+            set_threads(threads)
+        return cls(engine, backend, (time.perf_counter() - t0) * 1000,
+                   str(sparse_profile) if sparse_profile else None, n_ctx=n_ctx, threads=threads)
 
-        set_threads(threads)
-    return NativeSession(engine, backend, (time.perf_counter() - t0) * 1000,
-                         str(sparse_profile) if sparse_profile else None)
+    # ---- tokens and chat --------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_bos=add_bos, special=special)
 
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        if self._chat is None:
+            e = self.model
+            bos = e.tokenize("", add_bos=True)
+            eos = e.eos_token()
+            self._chat = ChatFormat(self.info.chat_template,
+                                    bos=e.token_piece(bos[0], special=True).decode("utf-8", "replace") if bos else "",
+                                    eos=e.token_piece(eos, special=True).decode("utf-8", "replace") if eos >= 0 else "")
+            self._bos = bos[0] if bos else -1
+        return self._chat.tokens(self.tokenize, self._bos, messages)
 
-def prompt_tokens(engine: Engine, prompt: str, mode: str = "auto", system: str | None = None) -> tuple[list[int], bool]:
-    tmpl = engine.info.chat_template
-    use_chat = mode == "chat" or (mode == "auto" and bool(tmpl))
-    if not use_chat:
-        return engine.tokenize((system + "\n\n" if system else "") + prompt), False
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    # ---- generation -------------------------------------------------------------------
+    def stream(self, tokens: Sequence[int], *, max_tokens: int = 256, sampling: Sampling | None = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        """Prefill `tokens` dense, then decode up to `max_tokens` through the backend."""
+        e = self.model
+        tokens = list(tokens)
+        sampling, budget = plan(len(tokens), self.n_ctx, max_tokens, sampling, e.config.context_length)
+        stats = GenerationStats(n_prompt_tokens=len(tokens), n_prompt_evaluated=len(tokens),
+                                load_ms=self.load_ms)
+        stats.stop_reason = "length" if budget == max_tokens else "context"
+        self.last = stats
+        cache = e.new_cache(len(tokens) + budget)
+        steps = [0, 0.0]  # decode forwards and their seconds: the first token came from prefill
 
-    from edge.runtime import LLAMA2_TEMPLATE
+        def prefill() -> np.ndarray:
+            t = time.perf_counter()
+            logits = e.forward(tokens, cache=cache, last_only=True).logits[-1]
+            stats.prompt_ms = (time.perf_counter() - t) * 1000
+            return logits
 
-    fmt = Jinja2ChatFormatter(tmpl or LLAMA2_TEMPLATE, eos_token="", bos_token="", add_generation_prompt=True)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return engine.tokenize(fmt(messages=messages).prompt, special=True), True
+        def advance(tok: int) -> np.ndarray:
+            t = time.perf_counter()
+            logits = e.forward([tok], cache=cache, backend=self.backend, last_only=True).logits[-1]
+            steps[0] += 1
+            steps[1] += time.perf_counter() - t
+            return logits
 
+        t0 = time.perf_counter()
+        try:
+            yield from stream_text(token_stream(prefill, advance, sampling, budget),
+                                   e.token_piece, e.is_eog, stats, t0, stop)
+        finally:
+            stats.total_ms = (time.perf_counter() - t0) * 1000
+            stats.gen_ms = steps[1] * 1000
+            if stats.prompt_ms > 0:
+                stats.prompt_tps = len(tokens) / stats.prompt_ms * 1000
+            if steps[1] > 0:
+                stats.gen_tps = steps[0] / steps[1]
+            stats.peak_rss_bytes = peak_rss_bytes()
 
-def generate(sess: NativeSession, tokens: Sequence[int], *, max_tokens: int = 256,
-             sampling: Sampling | None = None, n_ctx: int = 2048,
-             on_text: Callable[[str], None] | None = None) -> GenerationStats:
-    """Prefill `tokens` dense, then decode up to `max_tokens` through the session's backend."""
-    engine, s = sess.engine, sampling or Sampling()
-    s.validate()
-    tokens = list(tokens)
-    n_ctx = min(n_ctx, engine.config.context_length)
-    if len(tokens) >= n_ctx:
-        raise ContextOverflowError(f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; raise --ctx or shorten it")
-    budget = min(max_tokens, n_ctx - len(tokens))
-    rng = np.random.default_rng(s.seed)
-    stats = GenerationStats(n_prompt_tokens=len(tokens), n_prompt_evaluated=len(tokens), load_ms=sess.load_ms)
-    stats.stop_reason = "length" if budget == max_tokens else "context"
-    cache = engine.new_cache(len(tokens) + budget)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    parts: list[str] = []
-    t0 = time.perf_counter()
-    try:
-        logits = engine.forward(tokens, cache=cache, last_only=True).logits[-1]
-        stats.prompt_ms = (time.perf_counter() - t0) * 1000
-        history = list(tokens)
-        t1 = time.perf_counter()
-        for i in range(budget):
-            tok = sample(logits, s, history, rng)
-            if i == 0:
-                stats.ttft_ms = (time.perf_counter() - t0) * 1000
-            if engine.is_eog(tok):
-                stats.stop_reason = "eos"
-                break
-            history.append(tok)
-            stats.token_ids.append(tok)
-            stats.n_gen_tokens += 1
-            piece = decoder.decode(engine.token_piece(tok))
-            if piece:
-                parts.append(piece)
-                if on_text:
-                    on_text(piece)
-            if i + 1 < budget:
-                logits = engine.forward([tok], cache=cache, backend=sess.backend, last_only=True).logits[-1]
-        stats.gen_ms = (time.perf_counter() - t1) * 1000
-    except KeyboardInterrupt:
-        stats.stop_reason = "interrupted"
-        raise
-    finally:
-        stats.text = "".join(parts)
-        stats.total_ms = (time.perf_counter() - t0) * 1000
-        if stats.prompt_ms > 0:
-            stats.prompt_tps = len(tokens) / stats.prompt_ms * 1000
-        if stats.gen_ms > 0 and stats.n_gen_tokens > 1:
-            stats.gen_tps = (stats.n_gen_tokens - 1) / stats.gen_ms * 1000  # first came from prefill
-        stats.peak_rss_bytes = peak_rss_bytes()
-    return stats
+    def config_record(self, **extra: object) -> dict[str, Any]:
+        return {"engine": "native", "threads": self.threads_arg, "n_ctx": self.n_ctx,
+                "sparse_profile": self.profile, "correction": None, **extra}
 
-
-def run_native_prompt(model: str | None, prompt: str, *, sparse_profile: str | None,
-                      max_tokens: int = 256, sampling: Sampling | None = None, n_ctx: int = 2048,
-                      threads: int | None = None, mode: str = "auto", system: str | None = None,
-                      on_text: Callable[[str], None] | None = None):
-    """`edge run --sparse-profile`: one prompt on the native engine, logged like llama.cpp runs."""
-    from edge import telemetry
-    from edge.generate import RunResult
-
-    sess = load_native(model, sparse_profile, threads)
-    tokens, chat = prompt_tokens(sess.engine, prompt, mode, system)
-    sampling = sampling or Sampling()
-    stats = generate(sess, tokens, max_tokens=max_tokens, sampling=sampling, n_ctx=n_ctx, on_text=on_text)
-    if stats.n_gen_tokens:
-        telemetry.log("latency", telemetry.latency_metrics(stats, "run"), model=sess.engine.info,
-                      config={"engine": "native", "threads": threads, "n_ctx": n_ctx,
-                              "sparse_profile": sess.profile, "correction": None,
-                              "temp": sampling.temp, "seed": sampling.seed})
-    return RunResult(stats, "chat" if chat else "raw", sess.engine.info.name)
+    def close(self) -> None:  # the engine is plain numpy arrays: nothing to free by hand
+        pass

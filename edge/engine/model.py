@@ -107,24 +107,24 @@ class Engine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._llama_vocab().detokenize(list(tokens)).decode("utf-8", errors="replace")
 
-    def token_piece(self, token: int) -> bytes:
-        import ctypes
+    @property
+    def vocab(self) -> Any:
+        from edge.llamacpp import model_vocab
 
-        import llama_cpp
+        return model_vocab(self._llama_vocab().model)
 
-        vocab = llama_cpp.llama_model_get_vocab(self._llama_vocab().model)
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-        if n < 0:  # piece longer than the buffer
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+    def token_piece(self, token: int, special: bool = False) -> bytes:
+        from edge.llamacpp import token_piece
+
+        return token_piece(self.vocab, token, special)
 
     def is_eog(self, token: int) -> bool:
-        import llama_cpp
+        from edge.llamacpp import is_eog
 
-        vocab = llama_cpp.llama_model_get_vocab(self._llama_vocab().model)
-        return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+        return is_eog(self.vocab, token)
+
+    def eos_token(self) -> int:
+        return int(self._llama_vocab().token_eos())
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx or min(self.config.context_length, 2048))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from edge.engine.model import Engine
-from edge.runtime import Runtime
+from edge.logprobs import kl_rows
 
 
 @dataclass
@@ -19,21 +20,11 @@ class Agreement:
     max_kl: float
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+class LogitsSource(Protocol):
+    """What the comparison needs of llama.cpp: edge.runtime.Runtime.logits (the engine never
+    imports the llama.cpp session; the caller hands it in)."""
 
-
-def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p ‖ q) per row, from raw logits."""
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
-
-
-def llama_logits(rt: Runtime, tokens: Sequence[int]) -> np.ndarray:
-    """Every position's logits from llama.cpp, (T, n_vocab) float32, from a clean context."""
-    return rt.logits(tokens)
+    def logits(self, tokens: Sequence[int], first: int = 0) -> np.ndarray: ...
 
 
 def compare_logits(ref: np.ndarray, ours: np.ndarray) -> Agreement:
@@ -43,6 +34,7 @@ def compare_logits(ref: np.ndarray, ours: np.ndarray) -> Agreement:
                      max_kl=float(kl.max()))
 
 
-def agreement(engine: Engine, rt: Runtime, tokens: Sequence[int]) -> Agreement:
-    """Run both on `tokens` and compare every position's next-token distribution."""
-    return compare_logits(llama_logits(rt, tokens), engine.forward(tokens).logits)
+def agreement(engine: Engine, rt: LogitsSource, tokens: Sequence[int]) -> Agreement:
+    """Run both on `tokens` (llama.cpp from a clean context) and compare every position's
+    next-token distribution."""
+    return compare_logits(rt.logits(tokens), engine.forward(tokens).logits)

@@ -6,23 +6,12 @@ record per request). See edge/serve/app.py for the routes.
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge.errors import BadOptionError
-
-LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: assume it can be reached from elsewhere
+from edge.netaddr import is_loopback
 
 
 def check_bind(host: str, api_key: str | None, allow_no_key: bool) -> None:
@@ -44,7 +33,7 @@ class ServeOptions:
     correction: str | None = None
     correction_scale: float = 1.0
     log_level: str = "warning"
-    extra_config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # for requests that send no seed
 
 
 def model_id_for(model: str | None, path: Path) -> tuple[str, tuple[str, ...]]:
@@ -63,36 +52,21 @@ def model_id_for(model: str | None, path: Path) -> tuple[str, tuple[str, ...]]:
     return name, tuple(sorted(aliases - {name}))
 
 
-def apply_correction(runtime: Any, path: str, scale: float) -> dict[str, Any]:
-    """Apply a correction vector with issue 6's loader (bias.cvec.load_correction)."""
-    try:
-        from bias.cvec import load_correction
-    except ImportError:
-        raise BadOptionError(
-            "--correction needs bias.cvec.load_correction, which this install lacks; "
-            "update edge or run without --correction") from None
-    load_correction(runtime, path, scale)
-    return {"correction": str(path), "correction_scale": scale}
-
-
 def build_app(model: str | None, config: Any, opts: ServeOptions) -> Any:
     """Load the model and return (app, engine); the caller runs and closes them."""
-    from edge.generate import load_runtime
     from edge.serve.app import create_app
     from edge.serve.engine import ServeEngine
+    from edge.session import open_session
 
     if opts.max_queue < 0:
         raise BadOptionError(f"--queue {opts.max_queue} must be ≥ 0")
     check_bind(opts.host, opts.api_key, opts.allow_no_key)
-    rt = load_runtime(model, config)
+    gen = open_session(model, config, correction=opts.correction, correction_scale=opts.correction_scale)
     try:
-        extra = dict(opts.extra_config)
-        if opts.correction:
-            extra |= apply_correction(rt, opts.correction, opts.correction_scale)
-        name, aliases = model_id_for(model, rt.path)
-        engine = ServeEngine(rt, model_id=name, max_queue=opts.max_queue, config_extra=extra)
+        name, aliases = model_id_for(model, gen.path)
+        engine = ServeEngine(gen, model_id=name, max_queue=opts.max_queue, seed=opts.seed)
     except BaseException:
-        rt.close()
+        gen.close()
         raise
     return create_app(engine, api_key=opts.api_key, aliases=aliases), engine
 

@@ -1,4 +1,4 @@
-"""One Runtime behind an async API: a single generation thread, a bounded wait queue.
+"""One Generator (edge.generation) behind an async API: a single generation thread, a bounded wait queue.
 
 llama.cpp contexts are not thread-safe, so every generation runs on one worker thread
 (a one-thread executor); requests beyond `1 + max_queue` are refused (QueueFullError →
@@ -18,8 +18,8 @@ from typing import Any
 
 from edge import telemetry
 from edge.errors import ContextOverflowError, EdgeError
-from edge.generate import runtime_config_record
-from edge.runtime import GenerationStats, Runtime, Sampling
+from edge.generation import GenerationStats, Generator
+from edge.sampling import Sampling
 from edge.serve.metrics import ServeMetrics
 
 
@@ -48,26 +48,26 @@ _DONE = object()
 
 
 class ServeEngine:
-    def __init__(self, runtime: Runtime, *, model_id: str, max_queue: int = 8,
-                 config_extra: dict[str, Any] | None = None) -> None:
-        self.rt = runtime
+    def __init__(self, gen: Generator, *, model_id: str, max_queue: int = 8,
+                 seed: int | None = None) -> None:
+        self.gen = gen
+        self.seed = seed  # for requests that send no seed of their own
         self.model_id = model_id
         self.max_queue = max_queue
         self.metrics = ServeMetrics()
-        self.config_extra = config_extra or {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-gen")
         self._in_flight = 0  # touched only from the event loop thread
         self.created = int(time.time())
 
     # ---- prompts --------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.rt.chat_tokens(messages)
+        return self.gen.chat_tokens(messages)
 
     def text_tokens(self, prompt: str) -> list[int]:
-        return self.rt.tokenize(prompt)
+        return self.gen.tokenize(prompt)
 
     def check_fit(self, tokens: list[int], max_tokens: int | None) -> None:
-        n_ctx = self.rt.n_ctx
+        n_ctx = self.gen.n_ctx
         if len(tokens) >= n_ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; shorten it "
@@ -134,8 +134,7 @@ class ServeEngine:
             job.cancel.set()  # no-op once finished
 
     def _run(self, job: Job, put: Any) -> None:
-        rt = self.rt
-        gen = rt.stream(job.tokens, max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop)
+        gen = self.gen.stream(job.tokens, max_tokens=job.max_tokens, sampling=job.sampling, stop=job.stop)
         try:
             for piece in gen:
                 if job.cancel.is_set():
@@ -143,7 +142,7 @@ class ServeEngine:
                 put(piece)
         finally:
             gen.close()  # marks the stats "interrupted" when stopped early
-            job.stats = rt.last
+            job.stats = self.gen.last
             if job.cancel.is_set() and job.stats is not None:
                 job.stats.stop_reason = "interrupted"
             self._record(job)
@@ -155,10 +154,9 @@ class ServeEngine:
         self.metrics.observe_generation(s, cancelled=s.stop_reason == "interrupted")
         metrics = telemetry.latency_metrics(s, "serve") | {
             "endpoint": job.endpoint, "queued_ms": round(job.queued_s * 1000, 3)}
-        cfg = runtime_config_record(self.rt, temp=job.sampling.temp, seed=job.sampling.seed,
-                                    **self.config_extra)
-        telemetry.log("latency", metrics, model=self.rt.info, config=cfg)
+        cfg = self.gen.config_record(temp=job.sampling.temp, seed=job.sampling.seed)
+        telemetry.log("latency", metrics, model=self.gen.info, config=cfg)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self.rt.close()
+        self.gen.close()

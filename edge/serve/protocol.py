@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.runtime import Sampling
+from edge.sampling import Sampling
 
 # edge's own sampling defaults, so `edge serve` at a temperature equals `edge run` at it.
 _DEFAULT = Sampling()

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.engine.model import Backend, Engine, KVCache
-from edge.engine.verify import kl_rows, log_softmax
 from edge.errors import SparseProfileError
+from edge.logprobs import kl_rows, log_softmax
 
 
 @dataclass
@@ -93,8 +93,8 @@ def profile_perplexity(model: str | None, text: str, sparse_profile: str, *, chu
                        progress: Callable[[int, int], None] | None = None) -> SparsePpl:
     """`edge eval ppl MODEL --text FILE --sparse-profile P` in one call: load the native
     engine and the profile (sha-checked), then `sparse_perplexity` on `text`."""
-    from edge.engine.generate import load_native
+    from edge.engine.generate import NativeGenerator
 
-    sess = load_native(model, sparse_profile)
-    return sparse_perplexity(sess.engine, text, sess.backend, chunk=chunk, max_chunks=max_chunks,
+    gen = NativeGenerator.load(model, sparse_profile)
+    return sparse_perplexity(gen.model, text, gen.backend, chunk=chunk, max_chunks=max_chunks,
                              progress=progress)

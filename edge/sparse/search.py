@@ -4,8 +4,8 @@ Modules are grouped into units (projection type × block of layers). `uniform` g
 module the target. `greedy` starts there and, round by round, measures every unit's KL
 slope at the current allocation and moves budget from expensive units to cheap ones.
 `evolutionary` adds random budget-neutral mutations after it, keeping any that lower the
-true KL, until the time budget ends. `measure_curves` + `allocate` (each unit alone, summed
-curves) is kept for sweeps: cheap per target, but it assumes additivity.
+true KL, until the time budget ends. (Summing per-unit KL curves measured alone assumed
+additivity and did not transfer to held-out text, so it was dropped.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from edge.sparse.evaluate import HalfChunks
 from edge.sparse.profile import Allocation, build_specs, module_size
 from edge.sparse.rsparse import SparseBackend
 
-LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)
 ALPHAS = (1.0, 0.8)  # TEAL-style and R-Sparse with a fifth of the budget in low rank
 S_MAX = 0.95
 STEP = 0.05
@@ -77,53 +76,6 @@ def uniform(engine: Engine, target: float, alpha: float = 1.0) -> Allocation:
 
 def unit_sizes(engine: Engine, members: dict[Unit, list[tuple[int, str]]]) -> dict[Unit, float]:
     return {u: float(sum(module_size(engine, il, n) for il, n in ms)) for u, ms in members.items()}
-
-
-def measure_curves(obj: Objective, members: dict[Unit, list[tuple[int, str]]], alphas=ALPHAS,
-                   progress: Callable[[int, int], None] | None = None
-                   ) -> dict[Unit, dict[float, tuple[float, float]]]:
-    """unit -> level -> (best KL, its α), each unit sparsified alone."""
-    curves: dict[Unit, dict[float, tuple[float, float]]] = {}
-    total, done = len(members) * len(LEVELS) * len(alphas), 0
-    for u in members:
-        curves[u] = {}
-        for s in LEVELS:
-            best = (np.inf, 1.0)
-            for a in alphas:
-                kl = obj(alloc_for(obj.engine, members, {u: (s, a)}))
-                best = min(best, (kl, a))
-                done += 1
-                if progress:
-                    progress(done, total)
-            curves[u][s] = best
-    return curves
-
-
-def allocate(curves: dict[Unit, dict[float, tuple[float, float]]], sizes: dict[Unit, float],
-             target: float) -> dict[Unit, tuple[float, float]]:
-    """Spend the budget in STEP increments where the (additive) KL curves rise least."""
-    def kl_at(u: Unit, s: float) -> tuple[float, float]:
-        pts = [(0.0, 0.0, 1.0)] + [(lv, kl, a) for lv, (kl, a) in sorted(curves[u].items())]
-        if s >= pts[-1][0]:  # extrapolate beyond the last level, steeply
-            lv, kl, a = pts[-1]
-            return kl * (1 + 10 * (s - lv)) + 10 * (s - lv), a
-        for (s0, k0, _), (s1, k1, a1) in zip(pts, pts[1:], strict=False):
-            if s0 <= s <= s1:
-                return k0 + (k1 - k0) * (s - s0) / (s1 - s0), a1
-        return 0.0, 1.0
-
-    total = sum(sizes.values())
-    s = dict.fromkeys(sizes, 0.0)
-    while sum(s[u] * sizes[u] for u in s) / total < target - 1e-9:
-        def cost(u: Unit) -> float:
-            if s[u] + STEP > S_MAX + 1e-9:
-                return np.inf
-            return (kl_at(u, s[u] + STEP)[0] - kl_at(u, s[u])[0]) / sizes[u]
-        best = min(s, key=cost)
-        if not np.isfinite(cost(best)):
-            break
-        s[best] = round(s[best] + STEP, 4)
-    return {u: (v, kl_at(u, v)[1] if v > 0 else 1.0) for u, v in s.items()}
 
 
 def local_search(obj: Objective, members: dict[Unit, list[tuple[int, str]]], sizes: dict[Unit, float],

@@ -121,9 +121,11 @@ def read(path: str | os.PathLike[str]) -> ControlVector:
                          str(_field(r, KEY_SOURCE) or ""), str(p))
 
 
-def load_correction(runtime: Any, path: str | os.PathLike[str], scale: float = 1.0) -> ControlVector:
-    """Read `path` and apply it to `runtime` at `scale` (for edge run / chat / audit)."""
+def load_correction(session: Any, path: str | os.PathLike[str], scale: float = 1.0) -> ControlVector:
+    """Read `path` and apply it to a session (edge.runtime.Runtime) at `scale`; the session
+    then records it in its telemetry config (edge run / chat / serve / bias audit)."""
     cv = read(path)
-    info = runtime.info
-    runtime.set_control_vector(cv.matrix(info.n_layers or 0, info.n_embd or 0), scale)
+    info = session.info
+    session.set_control_vector(cv.matrix(info.n_layers or 0, info.n_embd or 0), scale)
+    session.correction = {"correction": str(path), "correction_scale": scale}
     return cv

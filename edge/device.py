@@ -80,12 +80,17 @@ def _cpu_model() -> str | None:
     return (platform.processor() or None) if _on_real_root() else None
 
 
-def _ram_bytes() -> int | None:
+def meminfo(key: str) -> int | None:
+    """A /proc/meminfo figure in bytes (e.g. "MemTotal", "MemAvailable"), or None."""
     for line in (_read("proc/meminfo") or "").splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] == "MemTotal:" and parts[1].isdigit():
+        if len(parts) >= 2 and parts[0] == f"{key}:" and parts[1].isdigit():
             return int(parts[1]) * 1024
     return None
+
+
+def _ram_bytes() -> int | None:
+    return meminfo("MemTotal")
 
 
 def _cores() -> int:

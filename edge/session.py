@@ -1,0 +1,51 @@
+"""One way to open a model for generation, used by run, chat, serve, eval, bench and bias.
+
+MODEL (a path, a catalog name, or None for the bundled model) → the engine it needs: the
+llama.cpp session (edge.runtime.Runtime), or edge's native engine when a sparsity profile
+is given; then the optional correction vector (a llama.cpp control vector) and its scale.
+"""
+
+from __future__ import annotations
+
+import os
+
+from edge.catalog import resolve_model
+from edge.errors import BadOptionError
+from edge.generation import Generator
+from edge.runtime import Runtime, RuntimeConfig
+
+
+def open_runtime(model: str | os.PathLike[str] | None, config: RuntimeConfig | None = None, *,
+                 correction: str | os.PathLike[str] | None = None,
+                 correction_scale: float = 1.0) -> Runtime:
+    """The llama.cpp session on MODEL, with the correction vector applied if given."""
+    rt = Runtime(resolve_model(None if model is None else str(model)), config or RuntimeConfig())
+    if correction:
+        from edge.cvec import load_correction
+
+        try:
+            load_correction(rt, correction, correction_scale)
+        except BaseException:
+            rt.close()
+            raise
+    return rt
+
+
+def open_session(model: str | os.PathLike[str] | None, config: RuntimeConfig | None = None, *,
+                 engine: str | None = None, sparse_profile: str | os.PathLike[str] | None = None,
+                 correction: str | os.PathLike[str] | None = None,
+                 correction_scale: float = 1.0) -> Generator:
+    """A Generator on MODEL: `engine` "llama" (llama.cpp) or "native" (edge's numpy engine);
+    by default the native engine when a sparsity profile is given, llama.cpp otherwise."""
+    config = config or RuntimeConfig()
+    engine = engine or ("native" if sparse_profile is not None else "llama")
+    if engine == "llama":
+        if sparse_profile is not None:
+            raise BadOptionError("--sparse-profile runs on edge's own engine; add --engine native")
+        return open_runtime(model, config, correction=correction, correction_scale=correction_scale)
+    for flag, used in (("--rpc", config.rpc), ("--correction", correction)):
+        if used:
+            raise BadOptionError(f"edge's native engine (--sparse-profile) cannot use {flag}; drop one")
+    from edge.engine.generate import NativeGenerator
+
+    return NativeGenerator.load(model, sparse_profile, threads=config.threads, n_ctx=config.n_ctx)
