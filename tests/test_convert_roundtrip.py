@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from edge.convert import convert
-from edge.evaluate import _log_softmax, runtime_logits
+from edge.evaluate import runtime_logits
 from edge.export_hf import export_hf
+from edge.logprobs import log_softmax as _log_softmax
 from edge.runtime import Runtime, RuntimeConfig
 
 MULTILINGUAL = "Héllo wörld! 東京は晴れ 🌞🚀 — привет, مرحبا, 12345 <|im_start|>user\n"
