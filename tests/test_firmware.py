@@ -43,6 +43,16 @@ def test_shellcheck_clean():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_scripts_are_executable_in_git():
+    # The README and .ci/run call them as ./firmware_scripts/x.sh: a clean clone must keep +x.
+    out = subprocess.run(["git", "ls-files", "-s", "firmware_scripts", ".ci/run"], capture_output=True,
+                         text=True, cwd=ROOT, check=True).stdout
+    modes = {line.split("\t")[1]: line.split()[0] for line in out.splitlines()}
+    scripts = [f for f in modes if f.endswith(".sh") and not f.endswith("lib.sh")] + [".ci/run"]
+    assert len(scripts) == 5
+    assert {f: modes[f] for f in scripts if modes[f] != "100755"} == {}
+
+
 @pytest.mark.parametrize("script", ALL)
 def test_help_and_unknown_option(script):
     p = sh(script, "--help")
