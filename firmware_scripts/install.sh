@@ -110,6 +110,7 @@ else
   sdist=$(find "$CACHE/wheels/sdist" -name 'llama_cpp_python-*.tar.gz' | sort -V | tail -n 1)
   [ -n "$sdist" ] || die "pip did not download llama-cpp-python's source; check the network or the index"
   version=$(basename "$sdist" .tar.gz); version=${version#llama_cpp_python-}
+  mkdir -p "$WHEELS"  # a new host has no cache yet: find must not fail on a missing dir
   whl=$(find "$WHEELS" -maxdepth 1 -name "llama_cpp_python-$version-*.whl" | head -n 1)
   if [ -z "$whl" ] || [ "$REBUILD" = 1 ]; then
     note "building llama-cpp-python $version from source (about 5 minutes on 2 cores)"
