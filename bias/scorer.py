@@ -11,7 +11,7 @@ own copy of every token: the from-scratch baseline the benchmarks compare agains
 llama.cpp's CPU kernels work on tiles of rows, so a token's logits can shift with its row
 offset in the batch. The scorer measures how much on a probe sentence (`Layout`): where
 the shift exceeds LAYOUT_TOL (Q4_1 here: up to 0.17 nats), each token is placed at a row
-≡ its position (mod ALIGN), any row after its parent's, interleaved with other requests'
+≡ its position (mod the kernels' period: 8 rows on AVX2, 16 on AVX512, measured), any row after its parent's, interleaved with other requests'
 tokens (llama.cpp only needs each sequence's positions to increase down the batch), with a
 spare sequence's tokens in the rows left empty (~13% of rows on CrowS-Pairs); where it
 does not (f16: 0.007 nats, below the ~0.02 that prefix sharing already causes), rows are
@@ -32,7 +32,7 @@ from edge.errors import ContextOverflowError, EdgeError
 from edge.runtime import Runtime
 
 Request = tuple[Sequence[int], int]  # (tokens, first scored index ≥ 1)
-ALIGN = 8
+PERIODS = (8, 16)  # row periods the CPU kernels are tried for (AVX2 shows 8, AVX512 16)
 LOOKAHEAD = 16  # requests considered for each place in a batch
 
 
@@ -46,15 +46,25 @@ class Layout:
     """How much a token's log-probability moves with its row offset in a batch, measured.
 
     Shared-prefix scoring already moves scores by ~0.02 nats (attention sums shared cells in
-    another order), so aligning rows (ALIGN, ~13% padding on CrowS-Pairs) is worth it only
+    another order), so aligning rows (to the period, ~13% padding on CrowS-Pairs) is worth it only
     where the kernels move them more: on the probe, Q4_1 here moves 0.17 nats, f16 0.007.
     """
 
-    max_shift: float  # largest |Δ log p| over offsets 1..ALIGN−1 of the probe text
-    align: int        # ALIGN if max_shift > LAYOUT_TOL, else 1
+    max_shift: float  # largest |Δ log p| over offsets 1..max(PERIODS) of the probe text
+    align: int        # period if max_shift > LAYOUT_TOL, else 1
+    period: int = PERIODS[0]  # smallest row period after which the scores repeat exactly
 
     def to_dict(self) -> dict[str, float]:
-        return {"max_shift_nats": round(self.max_shift, 4), "align": self.align}
+        return {"max_shift_nats": round(self.max_shift, 4), "align": self.align, "period": self.period}
+
+
+def row_period(shifts: Sequence[float]) -> int:
+    """The smallest of PERIODS at whose multiples the probe's scores repeat exactly.
+
+    `shifts[k]` is the largest |Δ log p| at row offset k against offset 0.
+    """
+    return next((p for p in PERIODS if all(shifts[k] <= 1e-6 for k in range(p, len(shifts), p))),
+                PERIODS[-1])
 
 
 @dataclass
@@ -68,13 +78,13 @@ class _Plan:
 class _Batch:
     """One llama_decode: a prefix tree of requests laid out on batch rows.
 
-    A token at depth d sits on a row ≡ d (mod ALIGN), after its parent's row; tokens of
+    A token at depth d sits on a row ≡ d (mod align), after its parent's row; tokens of
     other requests fill the rows in between, so padding is needed only where a residue
     class runs short (a few % of rows instead of ~28% with sequential placement).
     """
 
     n_rows: int
-    align: int = 8  # ALIGN, or 1 where the kernels barely depend on the row (Layout)
+    align: int = 8  # the kernels' row period, or 1 where the kernels barely depend on the row (Layout)
     used_rows: int = 0  # rows up to the last one holding a node
     node_row: list[int] = field(default_factory=list)
     row_node: dict[int, int] = field(default_factory=dict)
@@ -191,7 +201,8 @@ class BatchScorer:
         # (11% fewer tokens on CrowS-Pairs than sharing within each pair only).
         pending = sorted(range(len(requests)), key=lambda r: list(requests[r][0])) if share_prefix \
             else list(range(len(requests)))
-        align = self.measure_layout().align if share_prefix else ALIGN
+        layout = self.measure_layout()
+        align = layout.align if share_prefix else layout.period
         b = _Batch(self.rows, align)
         while pending:
             # Of the next few requests, add the one that leaves the fewest empty rows behind
@@ -270,15 +281,19 @@ class BatchScorer:
         return self.compute | (self.layout.to_dict() if self.layout else {})
 
     def measure_layout(self) -> Layout:
-        """Decode a probe text at row offsets 0..ALIGN−1 (once per scorer) and compare."""
+        """Decode a probe text at row offsets 0..max(PERIODS) (once per scorer) and compare.
+
+        The shift's period depends on the SIMD width (on AVX512, Q4_1 rows at offset 8 still
+        move 0.13 nats; at 16 they match exactly), so the period is measured too.
+        """
         if self.layout is not None:
             return self.layout
         toks = [self.rt.bos, *self.rt.tokenize(LAYOUT_PROBE, add_bos=False)]
-        toks = toks[: self.n_batch - ALIGN]
+        toks = toks[: self.n_batch - PERIODS[-1]]
         n, tgt = len(toks), np.asarray(toks[1:])
         ref: np.ndarray | None = None
-        shift = 0.0
-        for off in range(ALIGN):
+        shifts = [0.0]
+        for off in range(PERIODS[-1] + 1):
             tok = np.r_[np.full(off, toks[0]), toks]
             pos = np.r_[np.arange(off), np.arange(n)]
             out = np.r_[np.zeros(off, bool), np.ones(n - 1, bool), [False]]
@@ -288,8 +303,9 @@ class BatchScorer:
             if ref is None:
                 ref = lp
             else:
-                shift = max(shift, float(np.abs(lp - ref).max()))
-        self.layout = Layout(shift, ALIGN if shift > LAYOUT_TOL else 1)
+                shifts.append(float(np.abs(lp - ref).max()))
+        period, shift = row_period(shifts), max(shifts)
+        self.layout = Layout(shift, period if shift > LAYOUT_TOL else 1, period)
         return self.layout
 
     def _decode(self, tok: np.ndarray, pos: np.ndarray, out: np.ndarray, seqs: Sequence[Sequence[int]]) -> None:

@@ -1,6 +1,7 @@
 """The batched scorer against llama.cpp one-sequence log-probs (the Runtime's own path).
 
-The scorer aligns each token's batch row to its position (mod 8), so from-scratch scoring
+The scorer aligns each token's batch row to its position (mod the kernels' row period, 8 on
+AVX2 and 16 on AVX512, measured by its probe), so from-scratch scoring
 matches the one-sequence decode to float precision, whatever shares the batch. With shared
 prefixes, attention sums over KV cells in a different lane order: up to ~0.06 nats here;
 masking or position bugs give errors of whole nats.
@@ -64,9 +65,21 @@ def test_packing_is_dense_and_order_free(runtime) -> None:
     reqs = [(_sentence(runtime, s)[0], 1) for it in suite.items for s in (it.more, it.less)]
     with BatchScorer(runtime, n_batch=256, n_seq=64) as sc:
         shared = sc.score(reqs)
-        assert sc.pad_tokens < 0.2 * sc.tokens_decoded  # one request after another: ~28%
+        # One request after another pads ~28%; interleaving on 8-row periods (AVX2) ~13%.
+        # A 16-row period (AVX512's Q4_1 kernels) leaves few places to interleave: 30% measured.
+        limit = 0.2 if sc.measure_layout().period == 8 else 0.35
+        assert sc.pad_tokens < limit * sc.tokens_decoded
         fwd = sc.score(reqs, share_prefix=False)
         back = sc.score(reqs[::-1], share_prefix=False)[::-1]
     for a, b, c in zip(fwd, back, shared, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
         np.testing.assert_allclose(c, a, atol=0.3)  # summation order only; bugs cost nats
+
+
+def test_row_period_is_the_smallest_exact_repeat() -> None:
+    from bias.scorer import row_period
+
+    avx2 = [0.0, 0.17, 0.11, 0.14, 0.11, 0.11, 0.11, 0.14, 0.0, 0.17, 0.11, 0.14, 0.11, 0.11, 0.11, 0.14, 0.0]
+    avx512 = [0.0, 0.17, 0.0, 0.14, 0.11, 0.11, 0.11, 0.11, 0.13, 0.0, 0.14, 0.11, 0.11, 0.11, 0.14, 0.0, 0.0]
+    assert row_period(avx2) == 8 and row_period(avx512) == 16  # measured on such hosts
+    assert row_period([0.0] + [0.004] * 16) == 16  # never exact: the widest period we know

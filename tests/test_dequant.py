@@ -59,16 +59,17 @@ def test_layout_and_f16_audit_agree_with_the_file(runtime, f16_path: Path) -> No
             exact = np.array([x.sum() for x in sc.score(reqs, share_prefix=False)])
             fast = np.array([x.sum() for x in sc.score(reqs)])
             lay = sc.measure_layout()
-            # the layout it chose keeps shared-prefix scores near the exact ones
-            assert np.abs(fast - exact).max() < 0.3, name
+            # the layout it chose keeps shared-prefix scores near the exact ones (sentence sums:
+            # ≤ 0.3 nats on AVX2, 0.36 on AVX512's Q4_1 kernels; bugs cost whole nats)
+            assert np.abs(fast - exact).max() < 0.45, name
             diffs[name] = exact[0::2] - exact[1::2]
             if name == "file":
-                assert lay.max_shift > LAYOUT_TOL and lay.align == 8  # Q4_1 moves with the row
+                assert lay.max_shift > LAYOUT_TOL and lay.align == lay.period  # Q4_1 moves with the row
             else:
                 assert lay.max_shift < LAYOUT_TOL and lay.align == 1  # f16 barely does
     # the same model: per-pair differences agree up to the Q4_1 kernel's 8-bit activations
     assert np.corrcoef(diffs["file"], diffs["f16"])[0, 1] > 0.99
-    assert np.abs(diffs["file"] - diffs["f16"]).mean() < 0.3
+    assert np.abs(diffs["file"] - diffs["f16"]).mean() < 0.35  # AVX2 0.2-0.3, AVX512 0.31
 
 
 def test_no_room_for_the_copy_is_one_clear_error(bundled_model: Path, tmp_path: Path,
