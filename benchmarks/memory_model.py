@@ -41,7 +41,8 @@ def status() -> dict[str, int]:
 
 def child(cfg: dict) -> dict:
     """One session in this (fresh) process; returns measured figures."""
-    import edge.cli  # noqa: F401  - the `edge run` process: every subcommand's imports
+    if cfg.get("process", "cli") == "cli":
+        import edge.cli  # noqa: F401  - the `edge run` process: every subcommand's imports
     from edge.runtime import Runtime, RuntimeConfig, Sampling
 
     marks = {"import": status()}
@@ -128,6 +129,44 @@ def build_tinyllama(work: Path) -> dict[str, Path]:
     return out
 
 
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16", "hidden_act": "silu",
+}
+
+
+def build_llama7b(work: Path, keep: bool = False) -> dict[str, Path]:
+    """Llama-2-7B-shaped random checkpoint → Q4_K_M and Q4_0 (13.5 GB f16 on the way, removed)."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from convert_vs_llamacpp import write_checkpoint
+
+    out = {q: work / f"llama7b.{q}.gguf" for q in ("Q4_K_M", "Q4_0")}
+    if all(p.exists() for p in out.values()):
+        return out
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    hf, f16 = work / "llama7b-hf", work / "llama7b.f16.gguf"
+    if not f16.exists():
+        if not (hf / ".complete").exists():
+            print("writing a Llama-2-7B-shaped random f16 checkpoint (13.5 GB) ...", flush=True)
+            write_checkpoint(hf, config=LLAMA2_7B, shards=16)
+        subprocess.run([sys.executable, "-m", "edge", "convert", str(hf), "-o", str(f16), "--outtype", "f16"],
+                       check=True, env=env)
+        if not keep:
+            shutil.rmtree(hf)
+    for q, path in out.items():
+        if not path.exists():
+            subprocess.run([sys.executable, "-m", "edge", "quantize", str(f16), "-o", str(path), "--type", q],
+                           check=True, env=env)
+    if not keep:
+        f16.unlink()
+    return out
+
+
 def predict(model: Path, cfg: dict, n_filled: int):
     from edge.gguf_file import inspect
     from edge.memory import SessionParams, estimate
@@ -138,12 +177,13 @@ def predict(model: Path, cfg: dict, n_filled: int):
     return estimate(inspect(model), p)
 
 
-def rows_for(name: str, model: Path, contexts: list[int], quick: bool) -> list[dict]:
+def rows_for(name: str, model: Path, contexts: list[int], quick: bool,
+             kvs: tuple[str, ...] = ("f16", "q8_0")) -> list[dict]:
     rows = []
     for n_ctx in contexts:
-        for kv in ("f16", "q8_0"):
+        for kv in kvs:
             first = min(512, n_ctx - 8)
-            fills = [first] if quick else [first, n_ctx - 8]
+            fills = [first] if quick or first == n_ctx - 8 else [first, n_ctx - 8]
             cfg = {"model": str(model), "n_ctx": n_ctx, "n_batch": 512, "kv": kv, "fa": kv != "f16",
                    "repack": True, "fills": fills, "pageout": True}
             t0 = time.perf_counter()
@@ -212,6 +252,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("smollm2", "tinyllama"))
     ap.add_argument("--quick", action="store_true", help="first batch only (no full-context fill)")
     ap.add_argument("--repack", action="store_true", help="measure repack on/off instead")
+    ap.add_argument("--llama7b", action="store_true", help="a Llama-2-7B-shaped Q4_K_M and Q4_0 (first batch)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -228,6 +269,14 @@ def main() -> None:
         print(repack_comparison({"TinyLlama-shaped Q4_0": tl["Q4_0"], "TinyLlama-shaped Q4_K_M": tl["Q4_K_M"]}))
         return
     rows = []
+    if args.llama7b:
+        l7 = build_llama7b(work)
+        for q in ("Q4_K_M", "Q4_0"):
+            rows += rows_for(f"Llama-2-7B-shaped {q}", l7[q], [512, 2048], True, kvs=("f16",))
+        print()
+        print(table(rows))
+        print(repack_comparison({f"Llama-2-7B-shaped {q}": p for q, p in l7.items()}, repeats=1))
+        return
     if args.only in (None, "smollm2"):
         rows += rows_for("SmolLM2-135M Q4_1", default_entry().local_path, [512, 2048, 8192], args.quick)
     if args.only in (None, "tinyllama"):

@@ -3,18 +3,20 @@ a measured peak RSS; the fit verdicts with injected RAM; the catalog check befor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from convert_helpers import TinySpec, make_checkpoint
 
 from edge.convert import convert
-from edge.errors import CatalogError, InsufficientMemoryError
+from edge.errors import BadOptionError, CatalogError, InsufficientMemoryError
 from edge.gguf_file import inspect
 from edge.memory import (
     PRESETS,
@@ -29,6 +31,7 @@ from edge.memory.estimate import compute_bytes, compute_parts, kv_cache_bytes
 from edge.memory.fit import GiB
 from edge.memory.shapes import synthesize
 from edge.quantize import quantize
+from edge.runtime import Runtime, RuntimeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -48,9 +51,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def llama_buffers(path: Path, **kw: object) -> dict[str, float]:
-    """Load with llama.cpp and return the buffer sizes (MiB) it logs: the oracle."""
-    import llama_cpp
+@contextlib.contextmanager
+def llama_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines (its buffer sizes are the oracle here)."""
     import llama_cpp.llama_cpp as C
     from llama_cpp._logger import llama_log_callback as default_log
 
@@ -62,14 +65,25 @@ def llama_buffers(path: Path, **kw: object) -> dict[str, float]:
 
     C.llama_log_set(collect, ctypes.c_void_p(0))
     try:
-        llm = llama_cpp.Llama(model_path=str(path), verbose=False, n_threads=2, **kw)
-        llm.close()
+        yield lines
     finally:
         C.llama_log_set(default_log, ctypes.c_void_p(0))
+
+
+def buffer_sizes(lines: list[str]) -> dict[str, float]:
     sizes: dict[str, float] = {}
     for m in re.finditer(r"(\S+)\s+(model|KV|compute|output) buffer size\s*=\s*([\d.]+) MiB", "".join(lines)):
         sizes[f"{m.group(1)} {m.group(2)}"] = sizes.get(f"{m.group(1)} {m.group(2)}", 0.0) + float(m.group(3))
     return sizes
+
+
+def llama_buffers(path: Path, **kw: object) -> dict[str, float]:
+    """Load with llama.cpp and return the buffer sizes (MiB) it logs."""
+    import llama_cpp
+
+    with llama_log() as lines:
+        llama_cpp.Llama(model_path=str(path), verbose=False, n_threads=2, **kw).close()
+    return buffer_sizes(lines)
 
 
 def test_kv_and_compute_hand_computed(tiny: dict[str, Path]) -> None:
@@ -156,6 +170,30 @@ def test_repack_on_off_parts(tiny: dict[str, Path]) -> None:
     assert on.required == pytest.approx(off.required, abs=2 * 4096)  # the copy replaces, not adds
     locked = estimate(info, SessionParams(use_mlock=True), PRESETS["x86-avx2"])
     assert locked.required == locked.peak_rss  # mlock pins the idle pages too
+
+
+def test_runtime_kv_types_and_repack_switch(tiny: dict[str, Path]) -> None:
+    """RuntimeConfig's repack=False reaches llama.cpp (no CPU_REPACK buffer), a q8_0 KV cache
+    with flash attention loads and generates, and SessionParams reads the same config."""
+    cfgs = [RuntimeConfig(n_ctx=256, threads=2), RuntimeConfig(n_ctx=256, threads=2, repack=False,
+                                                               type_k="q8_0", type_v="q8_0", flash_attn=True)]
+    seen = []
+    for cfg in cfgs:
+        with llama_log() as lines:
+            rt = Runtime(tiny["Q4_0"], cfg)
+        try:
+            assert rt.generate("the small model", max_tokens=4, sampling=None).n_gen_tokens >= 1
+        finally:
+            rt.close()
+        sizes = buffer_sizes(lines)
+        e = estimate(inspect(tiny["Q4_0"]), SessionParams.from_config(cfg), CpuFeatures.detect())
+        assert sizes["CPU KV"] == pytest.approx(e.kv_cache / MiB, abs=0.01)
+        seen.append(sizes.get("CPU_REPACK model", 0.0))
+    if CpuFeatures.detect().family in ("x86-avx2", "x86-avx512", "arm-dotprod", "arm-i8mm"):
+        assert seen[0] > 0  # Q4_0 repacks on these builds
+    assert seen[1] == 0.0
+    with pytest.raises(BadOptionError, match="flash attention"):
+        RuntimeConfig(type_v="q8_0").validate()
 
 
 def test_synthesized_tensors_match_quantizer(tiny: dict[str, Path]) -> None:

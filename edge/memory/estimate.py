@@ -19,6 +19,7 @@ The parts follow what llama.cpp (vendored ggml 0.25.3) allocates on a CPU:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -60,6 +61,12 @@ class SessionParams:
     n_outputs: int = 1  # logits rows per batch: 1 when generating, n_batch when scoring every token
     n_filled: int | None = None  # tokens in the KV cache at the peak; None: the whole context
     process: str = "cli"  # whose overhead: "cli" (the edge command) or "library"
+
+    @classmethod
+    def from_config(cls, config: Any, **extra: Any) -> SessionParams:
+        """From a RuntimeConfig (read by attribute name, so this module needs no llama.cpp)."""
+        names = ("n_ctx", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "use_mmap", "use_mlock", "repack")
+        return cls(**{n: getattr(config, n) for n in names if hasattr(config, n)}, **extra)
 
     def validate(self) -> None:
         for name in ("type_k", "type_v"):
