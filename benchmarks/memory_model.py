@@ -48,7 +48,7 @@ def child(cfg: dict) -> dict:
     marks = {"import": status()}
     rc = RuntimeConfig(n_ctx=cfg["n_ctx"], n_batch=cfg["n_batch"], threads=cfg.get("threads", 2),
                        type_k=cfg["kv"], type_v=cfg["kv"], flash_attn=cfg["fa"], repack=cfg["repack"],
-                       use_mmap=cfg.get("mmap", True), seed=1)
+                       use_mmap=cfg.get("mmap", True))
     rt = Runtime(cfg["model"], rc)
     marks["load"] = status()
     import numpy as np

@@ -74,8 +74,10 @@ def model_params(**fields: Any) -> Iterator[None]:
             C.llama_model_default_params = original
 
 
-def load_model(path: str | os.PathLike[str], *, vocab_only: bool = False) -> Any:
-    """A bare llama_model (no context): another file of a loaded model, or a vocabulary."""
+def load_model(path: str | os.PathLike[str], *, vocab_only: bool = False, use_mmap: bool = True,
+               use_mlock: bool = False, repack: bool = True) -> Any:
+    """A bare llama_model (no context): another file of a loaded model, or a vocabulary.
+    repack as in open_llama (llama.cpp's extra buffer types)."""
     import llama_cpp
 
     if not vocab_only:
@@ -84,6 +86,7 @@ def load_model(path: str | os.PathLike[str], *, vocab_only: bool = False) -> Any
         ensure_llama_works()
     mp = llama_cpp.llama_model_default_params()
     mp.vocab_only = vocab_only
+    mp.use_mmap, mp.use_mlock, mp.use_extra_bufts = use_mmap, use_mlock, repack
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise InvalidModelFileError(f"llama.cpp could not load {path}; check it is a GGUF this "
@@ -100,7 +103,7 @@ def free_model(model: Any) -> None:
 
 def new_context(model: Any, *, n_ctx: int, threads: int, n_batch: int = 512,
                 n_ubatch: int | None = None, n_seq: int = 1, kv_unified: bool = False,
-                flash_attn: int = 0, perf: bool = False) -> Any:
+                flash_attn: int = 0, perf: bool = False, type_k: str = "f16", type_v: str = "f16") -> Any:
     """A context on a loaded model, or None when llama.cpp cannot make it (memory).
 
     flash_attn 0 (off) is what the Runtime and the scorer use: on the CPU, flash attention
@@ -115,6 +118,7 @@ def new_context(model: Any, *, n_ctx: int, threads: int, n_batch: int = 512,
     p.n_seq_max = n_seq
     p.kv_unified = kv_unified  # one cell stream: a cell can belong to many sequences
     p.flash_attn_type = flash_attn
+    p.type_k, p.type_v = ggml_type(type_k), ggml_type(type_v)
     p.n_threads = p.n_threads_batch = threads
     p.no_perf = not perf
     ctx = llama_cpp.llama_init_from_model(model, p)

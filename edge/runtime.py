@@ -40,6 +40,7 @@ class RuntimeConfig:
     type_v: str = "f16"
     flash_attn: bool = False
     repack: bool = True  # llama.cpp's interleaved weight copies (extra buffer types); off saves RAM
+    check_memory: bool = True  # open_runtime refuses a session edge.memory says would swap or OOM
 
     def validate(self) -> None:
         if self.n_ctx < 16:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import re
 import subprocess
 import sys
@@ -131,7 +132,8 @@ def test_bundled_prediction_within_10_percent(bundled_model: Path) -> None:
     cfg = {"model": str(bundled_model), "n_ctx": 1024, "n_batch": 512, "kv": "f16", "fa": False,
            "repack": True, "fills": [1016]}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_model.py"), "--child", json.dumps(cfg)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+                         capture_output=True, text=True, cwd=ROOT, timeout=900,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])["marks"]["fill0"]
     e = estimate(inspect(bundled_model), SessionParams(n_ctx=1024, n_filled=1020))
@@ -244,13 +246,14 @@ def test_largest_context_is_the_boundary(bundled_model: Path) -> None:
     assert "\n" not in line
 
 
-def test_meminfo_from_fake_proc(tmp_path: Path) -> None:
+def test_meminfo_from_fake_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/meminfo").write_text("MemTotal:  4000000 kB\nMemFree: 100000 kB\n"
                                            "MemAvailable:  3000000 kB\nSwapTotal: 2000000 kB\nSwapFree: 1500000 kB\n")
     (tmp_path / "proc/swaps").write_text("Filename Type Size Used Priority\n"
                                          "/dev/zram0 partition 1000000 200000 100\n")
-    m = MemorySnapshot.read(tmp_path)
+    monkeypatch.setenv("EDGE_SYSFS_ROOT", str(tmp_path))
+    m = MemorySnapshot.read()
     assert (m.total, m.available, m.swap_free, m.zram_free) == (4000000 * 1024, 3000000 * 1024,
                                                                  1500000 * 1024, 800000 * 1024)
     assert m.swap_usable == 700000 * 1024 + 200000 * 1024

@@ -32,14 +32,16 @@ PAGE = 4096
 CTX_PAD = 256  # llama.cpp pads n_ctx (and the attended span, n_kv) to a multiple of 256
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 
-# Measured on x86-64 (Python 3.11, numpy 2, llama-cpp-python 0.3.36), benchmarks/memory_model.py.
-# Process: RSS after the imports, anonymous and file-backed (shared libraries, .pyc).
+# Measured on x86-64 (Python 3.11, numpy 2, llama-cpp-python 0.3.36 built with AVX512 and
+# OpenMP), benchmarks/memory_model.py. Process: RSS after the imports, anonymous and
+# file-backed (shared libraries, .pyc; numba's llvmlite alone maps ~60 MiB).
 PROCESS = {
-    "cli": (50 * MiB, 68 * MiB),  # `edge run`: edge.cli imports every subcommand (numba included)
+    "cli": (47 * MiB, 123 * MiB),  # `edge run`: edge.cli imports every subcommand (numba included)
     "library": (24 * MiB, 26 * MiB),  # a script importing edge.runtime
+    "resident": (0, 0),  # checked from inside the running process: MemAvailable already counts it
 }
-LIB_CODE_FILE = 3 * MiB  # llama.cpp code pages faulted in by loading and the first graphs
-RUNTIME_BASE = 4 * MiB  # llama.cpp model/context objects, thread pool stacks, first-graph scratch
+LIB_CODE_FILE = 9 * MiB  # llama.cpp code pages faulted in by loading and the first graphs
+RUNTIME_BASE = 12 * MiB  # llama.cpp model/context objects, OpenMP/thread pool stacks, first-graph scratch
 VOCAB_PER_TOKEN = 230  # bytes: token text, score, attributes, lookup maps
 VOCAB_PER_MERGE = 110  # bytes: one BPE rank-map entry
 BPE_BASE = 2 * MiB  # pre-tokenizer regexes of BPE vocabularies

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge.errors import InsufficientMemoryError
@@ -50,24 +49,20 @@ class MemorySnapshot:
         return max(MIN_MARGIN, int(self.total * MARGIN_SHARE))
 
     @classmethod
-    def read(cls, root: str | os.PathLike[str] | None = None) -> MemorySnapshot:
-        """This machine (/proc under EDGE_SYSFS_ROOT, as edge.bench.device reads it)."""
-        base = Path(root or os.environ.get("EDGE_SYSFS_ROOT", "/"))
-        info: dict[str, int] = {}
-        for line in (base / "proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                info[key] = int(parts[0]) * 1024
+    def read(cls) -> MemorySnapshot:
+        """This machine (/proc under EDGE_SYSFS_ROOT, as edge.device reads it)."""
+        from edge.device import meminfo, sysfs_root
+
         zram = 0
-        swaps = base / "proc/swaps"
+        swaps = sysfs_root() / "proc/swaps"
         for line in (swaps.read_text().splitlines()[1:] if swaps.is_file() else []):
             f = line.split()  # Filename Type Size Used Priority (KiB)
             if len(f) >= 4 and "zram" in f[0] and f[2].isdigit() and f[3].isdigit():
                 zram += (int(f[2]) - int(f[3])) * 1024
-        total = info.get("MemTotal", 0)
-        available = info.get("MemAvailable", info.get("MemFree", 0) + info.get("Cached", 0))
-        return cls(total, available, info.get("SwapFree", 0), zram)
+        available = meminfo("MemAvailable")
+        if available is None:  # kernels before 3.14
+            available = (meminfo("MemFree") or 0) + (meminfo("Cached") or 0)
+        return cls(meminfo("MemTotal") or 0, available, meminfo("SwapFree") or 0, zram)
 
     @classmethod
     def board(cls, ram_gib: float, *, os_use: int = 600 << 20) -> MemorySnapshot:
