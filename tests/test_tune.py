@@ -93,8 +93,12 @@ def test_quality_budget_and_memory_refusals(f16: Path, text: str, tmp_path: Path
     assert res.exit_code == 2 and "--max-kld" not in res.output, res.output
 
 
-def test_profile_is_used_by_run_and_ignored_with_no_tune(f16: Path, text: str) -> None:
+def test_profile_is_used_by_run_and_ignored_with_no_tune(f16: Path, text: str, tmp_path: Path) -> None:
     r = tune(str(f16), _opts(text))
+    from edge.report import build_report
+
+    rep = build_report(tmp_path / "report", bench=[], latency=[])  # the frontier plot alone
+    assert rep.images == ["tune_0.png"] and (tmp_path / "report" / "tune_0.png").stat().st_size > 1000
     path, cfg, prof = apply_profile(f16, RuntimeConfig())
     assert prof is not None and path == Path(r.profile.winner["path"]) and cfg.threads == 1
     assert apply_profile(f16, RuntimeConfig(threads=2))[1].threads == 2  # explicit settings win

@@ -46,7 +46,7 @@ def list_cmd(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="edge models (fits: at --ctx 2048 in this device's available RAM)",
+    table = Table(title="edge models (fits: RAM needed at --ctx 2048 against what is available here)",
                   title_justify="left")
     for col in ("name", "params", "quant", "size", "here", "fits", "description"):
         table.add_column(col, no_wrap=col != "description")
@@ -58,13 +58,13 @@ def list_cmd(as_json: bool) -> None:
 
 
 def _fits_cell(r: dict) -> str:
-    need = f"{r['needs_bytes'] / (1 << 30):.1f} GiB"
+    need = f"{r['needs_bytes'] / (1 << 30):.1f}G"
     if r["fits"] == "fits":
-        return f"yes ({need})"
+        return f"yes {need}"
     if r["fits"] == "unknown":
         return "?"
-    ctx = f", ctx ≤ {r['max_ctx']}" if r["max_ctx"] else ""
-    return f"no: {r['fits']} ({need}{ctx})"
+    ctx = f" ctx≤{r['max_ctx']}" if r["max_ctx"] else ""
+    return f"no ({r['fits']}) {need}{ctx}"
 
 
 @models.command("info")

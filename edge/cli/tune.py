@@ -48,14 +48,16 @@ def _table(result: Any) -> str:
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="UTF-8 text for KL: first half searched, second half held out "
               "[default: Python's documentation].")
+@click.option("--kl-chunks", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="512-token chunks of the search text per KL measurement (the held-out check uses twice as many).")
 @click.option("--cooldown", type=click.FloatRange(20, 100), default=None,
               help="Wait until the SoC is below this °C before each measurement (Pi).")
 @click.option("--force", "force_memory", is_flag=True,
               help="Measure candidates even when the memory model says they would not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: float, n_ctx: int,
-             quants: str | None, threads: str | None, text: str | None, cooldown: float | None,
-             force_memory: bool, as_json: bool) -> None:
+             quants: str | None, threads: str | None, text: str | None, kl_chunks: int,
+             cooldown: float | None, force_memory: bool, as_json: bool) -> None:
     """Find the fastest configuration of MODEL on this device within a quality budget,
     and save it as this device's profile: `edge run/chat/serve` then use it (--no-tune
     ignores it).
@@ -78,7 +80,7 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
 
     opts = TuneOptions(objective=objective, max_kld=max_kld, budget_minutes=budget_minutes, n_ctx=n_ctx,
                        quants=quants.split(",") if quants else None, text=text, cooldown=cooldown,
-                       threads=_ints(threads), force_memory=force_memory)
+                       threads=_ints(threads), force_memory=force_memory, kl_chunks=kl_chunks)
     with InterruptGuard() as guard, _progress(as_json) as on_progress:
         try:
             result = tune(model, opts, progress=on_progress, check=guard.check)
