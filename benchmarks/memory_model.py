@@ -46,7 +46,7 @@ def child(cfg: dict) -> dict:
     from edge.runtime import Runtime, RuntimeConfig, Sampling
 
     marks = {"import": status()}
-    rc = RuntimeConfig(n_ctx=cfg["n_ctx"], n_batch=cfg["n_batch"], threads=cfg.get("threads", 2),
+    rc = RuntimeConfig(n_ctx=cfg["n_ctx"], n_batch=cfg["n_batch"], threads=cfg.get("threads", 1),
                        type_k=cfg["kv"], type_v=cfg["kv"], flash_attn=cfg["fa"], repack=cfg["repack"],
                        use_mmap=cfg.get("mmap", True))
     rt = Runtime(cfg["model"], rc)
@@ -105,8 +105,8 @@ def run_child(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build_tinyllama(work: Path) -> dict[str, Path]:
-    """TinyLlama-1.1B-shaped random checkpoint → f16 GGUF → Q4_0, Q8_0, Q4_K_M (cached)."""
+def build_tinyllama(work: Path, quants: tuple[str, ...] = ("Q4_0", "Q8_0", "Q4_K_M")) -> dict[str, Path]:
+    """TinyLlama-1.1B-shaped random checkpoint → f16 GGUF → `quants` (cached)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from convert_vs_llamacpp import write_checkpoint
 
@@ -120,7 +120,7 @@ def build_tinyllama(work: Path) -> dict[str, Path]:
         subprocess.run([sys.executable, "-m", "edge", "convert", str(hf), "-o", str(f16), "--outtype", "f16"],
                        check=True, env=env)
     out = {}
-    for q in ("Q4_0", "Q8_0", "Q4_K_M"):
+    for q in quants:
         path = work / f"tinyllama.{q}.gguf"
         if not path.exists():
             subprocess.run([sys.executable, "-m", "edge", "quantize", str(f16), "-o", str(path), "--type", q],
@@ -253,6 +253,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first batch only (no full-context fill)")
     ap.add_argument("--repack", action="store_true", help="measure repack on/off instead")
     ap.add_argument("--llama7b", action="store_true", help="a Llama-2-7B-shaped Q4_K_M and Q4_0 (first batch)")
+    ap.add_argument("--tl-quants", default="Q4_0,Q8_0", help="TinyLlama-shaped quant types to measure")
+    ap.add_argument("--smol-contexts", default="512,2048,8192", help="SmolLM2 contexts to measure")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -278,10 +280,12 @@ def main() -> None:
         print(repack_comparison({f"Llama-2-7B-shaped {q}": p for q, p in l7.items()}, repeats=1))
         return
     if args.only in (None, "smollm2"):
-        rows += rows_for("SmolLM2-135M Q4_1", default_entry().local_path, [512, 2048, 8192], args.quick)
+        contexts = [int(c) for c in args.smol_contexts.split(",")]
+        rows += rows_for("SmolLM2-135M Q4_1", default_entry().local_path, contexts, args.quick)
     if args.only in (None, "tinyllama"):
-        tl = build_tinyllama(work)
-        for q in ("Q4_0", "Q8_0"):
+        quants = tuple(args.tl_quants.split(","))
+        tl = build_tinyllama(work, quants)
+        for q in quants:
             rows += rows_for(f"TinyLlama-shaped {q}", tl[q], [512, 1024, 2048], args.quick)
     print()
     print(table(rows))

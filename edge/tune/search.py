@@ -312,7 +312,7 @@ class Tuner:
         while len(live) > 3 and not self.stopped_by_budget:
             n_gen, reps = self.opts.n_gen * 3 ** rung, 1 + rung
             scored: list[tuple[float, Candidate]] = []
-            for i, c in enumerate(sorted(live, key=lambda c: (c.load_key, c.key))):
+            for i, c in enumerate(_round_robin(live)):
                 if time.perf_counter() > self.deadline - reserve:
                     self.stopped_by_budget = True
                     break
@@ -342,8 +342,8 @@ class Tuner:
         entrants = [c for c in dict.fromkeys([*finalists, d]) if c in finalists or self.fits(c)]
         if finalists:
             entrants += [v for v in loader_variants(finalists[0]) if self.fits(v)]
-        n_gen = max(64, self.opts.n_gen * 9)
-        rounds = 1 if self.over_budget() else self.opts.final_rounds
+        n_gen = self.opts.n_gen * 3
+        rounds = self._final_rounds(len(entrants), n_gen)
         got: dict[Candidate, list[Speed]] = {c: [] for c in entrants}
         total = rounds * len(entrants)
         for r in range(rounds):
@@ -353,6 +353,17 @@ class Tuner:
         return {c: {"tg": statistics.median(s.tg_tps for s in ss), "pp": statistics.median(s.pp_tps for s in ss),
                     "ttft": statistics.median(s.ttft_ms for s in ss),
                     "throttled": any(s.throttled for s in ss)} for c, ss in got.items()}
+
+    def _final_rounds(self, n_entrants: int, n_gen: int) -> int:
+        """As many interleaved rounds (up to final_rounds, at least 1) as the budget left
+        allows, from the time the speed runs so far took per generated token."""
+        speeds = [r["speed"] for r in self.journal.of("speed")]
+        if not speeds:
+            return self.opts.final_rounds
+        per_token = sum(s["seconds"] for s in speeds) / sum(s["n_gen"] * (s["reps"] + 1) for s in speeds)
+        one_round = n_entrants * per_token * n_gen * 3  # 2 repetitions and the warm-up
+        left = self.deadline - time.perf_counter()
+        return max(1, min(self.opts.final_rounds, int(left // one_round)))
 
     def finish(self, final: dict[Candidate, dict[str, float]]) -> DeviceProfile:
         """Winner (best median objective within --max-kld), runners-up, held-out KL, frontier."""
@@ -416,6 +427,20 @@ class Tuner:
         self.models.close()
         if self.base is not None:
             self.base.close()
+
+
+def _round_robin(cands: list[Candidate]) -> list[Candidate]:
+    """One candidate per quant type in turn (each type's in key order): when the budget
+    ends a rung early, every type has had its share of the measurements."""
+    by_quant: dict[str, list[Candidate]] = {}
+    for c in sorted(cands, key=lambda c: c.key):
+        by_quant.setdefault(c.quant, []).append(c)
+    out: list[Candidate] = []
+    while any(by_quant.values()):
+        for q in list(by_quant):
+            if by_quant[q]:
+                out.append(by_quant[q].pop(0))
+    return out
 
 
 def _rung_order(rung: str) -> int:
