@@ -116,3 +116,8 @@ def test_space_counts() -> None:
     assert len(build_space(["Q8_0"], cores=2, objective="pp")) == 2 * 4 * 4  # batch sizes too
     c = Candidate("Q4_0", 2, type_k="q8_0", type_v="q8_0", flash_attn=True)
     assert Candidate.from_dict(c.to_dict()) == c
+
+
+def test_budget_cut_still_chooses_from_what_was_measured(f16: Path, text: str) -> None:
+    r = tune(str(f16), _opts(text, budget_minutes=0.001))  # over budget before rung 0's first run
+    assert r.stopped_by_budget and r.profile.winner["tg"] > 0 and r.profile.defaults["tg"] > 0

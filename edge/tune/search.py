@@ -319,6 +319,9 @@ class Tuner:
                 self._tick("speed", f"rung {rung}: {c.describe()}", i, len(live))
                 scored.append((self.speed(c, f"r{rung}", n_gen, reps).value(self.opts.objective), c))
             scored.sort(key=lambda t: -t[0])
+            if self.stopped_by_budget:  # the rung was cut: the unmeasured keep their last rank
+                done = {c for _, c in scored}
+                return ([c for _, c in scored] + [c for c in live if c not in done])[:3]
             keep = max(3, math.ceil(len(scored) / 3))
             live = []
             for _, c in scored:
