@@ -97,6 +97,7 @@ def tune_frontier(profile: dict[str, Any], path: Path) -> str:
         ax.scatter([e["kld"]], [e[obj]], s=220, zorder=3, label=f"{tag}: {e['quant']} t{e['threads']}", **style)
     ax.axvline(profile["max_kld"], color="grey", ls="--", lw=1, label=f"--max-kld {profile['max_kld']}")
     ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlim(left=0)  # KL ≥ 0; symlog would show an empty negative half
     ax.set_xlabel("mean KL to the source (nats)")
     ax.set_ylabel({"tg": "generation t/s", "pp": "prompt t/s", "ttft": "time to first token (ms)"}[obj])
     ax.set_title(f"edge tune: {Path(profile['model']).name} on {profile['device']}")
