@@ -44,7 +44,8 @@ MEASURE = (
 )
 
 
-def write_checkpoint(d: Path, seed: int = 0) -> None:
+def write_checkpoint(d: Path, seed: int = 0, config: dict | None = None, shards: int = 2) -> None:
+    """Random f16 weights with `config`'s shapes (TinyLlama's by default), in `shards` files."""
     from safetensors.numpy import save_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -52,8 +53,8 @@ def write_checkpoint(d: Path, seed: int = 0) -> None:
 
     d.mkdir(parents=True, exist_ok=True)
     train_spm(d, 512)
-    (d / "config.json").write_text(json.dumps(TINYLLAMA, indent=1))
-    c, rng = TINYLLAMA, np.random.default_rng(seed)
+    c, rng = config or TINYLLAMA, np.random.default_rng(seed)
+    (d / "config.json").write_text(json.dumps(c, indent=1))
     h, ff, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * h_dim(c)
 
     def rand(*shape: int) -> np.ndarray:
@@ -72,15 +73,15 @@ def write_checkpoint(d: Path, seed: int = 0) -> None:
         return out
 
     n = c["num_hidden_layers"]
-    bounds = [0, n // 2, n]
+    bounds = [n * k // shards for k in range(shards + 1)]
     weight_map = {}
-    for s in range(2):
+    for s in range(shards):
         part = layers(bounds[s], bounds[s + 1])
         if s == 0:
             part["model.embed_tokens.weight"] = rand(c["vocab_size"], h)
-        else:
+        if s == shards - 1:
             part |= {"model.norm.weight": np.ones(h, np.float16), "lm_head.weight": rand(c["vocab_size"], h)}
-        fname = f"model-{s + 1:05d}-of-00002.safetensors"
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         save_file(part, str(d / fname), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, fname)
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

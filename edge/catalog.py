@@ -44,6 +44,7 @@ class CatalogEntry:
     quant: str = ""
     template: str | None = None
     default: bool = False
+    shape: dict[str, int] | None = None  # Llama hyper-parameters: memory checks before a download
 
     @property
     def local_path(self) -> Path:

@@ -54,3 +54,7 @@ class SparseProfileError(EdgeError):
 
 class HostCheckError(EdgeError):
     """The installed llama.cpp crashed in its test inference on this host (e.g. SIGILL)."""
+
+
+class InsufficientMemoryError(EdgeError):
+    """The memory model says a model (at this context) would swap or not fit in RAM."""

@@ -135,6 +135,7 @@ class ModelInfo:
     chat_template: str | None
     fingerprint: str  # sha256 of the first 16 MiB and the size: cheap identity for big files
     tensors: tuple[TensorInfo, ...] = field(repr=False, default=())
+    n_merges: int | None = None  # BPE merge rules: llama.cpp's vocab memory grows with them
 
     @property
     def has_chat_template(self) -> bool:
@@ -270,6 +271,7 @@ def _model_info(path: Path, size: int, meta: dict[str, Any], tensors: list[Tenso
         chat_template=template if isinstance(template, str) else None,
         fingerprint=fingerprint(path),
         tensors=tuple(tensors),
+        n_merges=meta.get(Keys.Tokenizer.MERGES),
     )
 
 

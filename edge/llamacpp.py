@@ -8,8 +8,11 @@ all come through here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,20 +20,64 @@ import numpy as np
 from edge.errors import InvalidModelFileError
 
 FLASH_ATTN_AUTO = -1  # LLAMA_FLASH_ATTN_TYPE_AUTO
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 
 
-def open_llama(path: str | os.PathLike[str], **params: Any) -> Any:
-    """llama-cpp-python's Llama on `path`, once the host check says llama.cpp runs here."""
+def ggml_type(name: str) -> int:
+    """GGML_TYPE_* of a KV cache type name (one of KV_CACHE_TYPES)."""
+    import llama_cpp
+
+    return int(getattr(llama_cpp, f"GGML_TYPE_{name.upper()}"))
+
+
+def open_llama(path: str | os.PathLike[str], *, repack: bool = True, **params: Any) -> Any:
+    """llama-cpp-python's Llama on `path`, once the host check says llama.cpp runs here.
+
+    repack=False turns off llama.cpp's extra buffer types (the interleaved weight copies
+    that stay resident beside the mapped file): less memory, slower matmuls on some CPUs.
+    """
     import llama_cpp
 
     from edge.hostcheck import ensure_llama_works
 
     ensure_llama_works()  # a library that traps on this CPU fails here, in one line
-    return llama_cpp.Llama(model_path=str(path), verbose=False, **params)
+    with model_params(use_extra_bufts=repack):
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **params)
 
 
-def load_model(path: str | os.PathLike[str], *, vocab_only: bool = False) -> Any:
-    """A bare llama_model (no context): another file of a loaded model, or a vocabulary."""
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_params(**fields: Any) -> Iterator[None]:
+    """Set llama_model_params fields llama-cpp-python's Llama() has no argument for: the
+    default params it starts from are patched while the model loads (as edge.rpc does for
+    devices; that patch, when active, is the one wrapped here)."""
+    import llama_cpp.llama_cpp as C
+
+    if all(getattr(C.llama_model_default_params(), k) == v for k, v in fields.items()):
+        yield
+        return
+    with _params_lock:
+        original = C.llama_model_default_params
+
+        def params() -> Any:
+            p = original()
+            for k, v in fields.items():
+                setattr(p, k, v)
+            return p
+
+        C.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            C.llama_model_default_params = original
+
+
+def load_model(path: str | os.PathLike[str], *, vocab_only: bool = False, use_mmap: bool = True,
+               use_mlock: bool = False, repack: bool = True) -> Any:
+    """A bare llama_model (no context): another file of a loaded model, or a vocabulary.
+    repack as in open_llama (llama.cpp's extra buffer types)."""
     import llama_cpp
 
     if not vocab_only:
@@ -39,6 +86,7 @@ def load_model(path: str | os.PathLike[str], *, vocab_only: bool = False) -> Any
         ensure_llama_works()
     mp = llama_cpp.llama_model_default_params()
     mp.vocab_only = vocab_only
+    mp.use_mmap, mp.use_mlock, mp.use_extra_bufts = use_mmap, use_mlock, repack
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise InvalidModelFileError(f"llama.cpp could not load {path}; check it is a GGUF this "
@@ -55,7 +103,7 @@ def free_model(model: Any) -> None:
 
 def new_context(model: Any, *, n_ctx: int, threads: int, n_batch: int = 512,
                 n_ubatch: int | None = None, n_seq: int = 1, kv_unified: bool = False,
-                flash_attn: int = 0, perf: bool = False) -> Any:
+                flash_attn: int = 0, perf: bool = False, type_k: str = "f16", type_v: str = "f16") -> Any:
     """A context on a loaded model, or None when llama.cpp cannot make it (memory).
 
     flash_attn 0 (off) is what the Runtime and the scorer use: on the CPU, flash attention
@@ -70,6 +118,7 @@ def new_context(model: Any, *, n_ctx: int, threads: int, n_batch: int = 512,
     p.n_seq_max = n_seq
     p.kv_unified = kv_unified  # one cell stream: a cell can belong to many sequences
     p.flash_attn_type = flash_attn
+    p.type_k, p.type_v = ggml_type(type_k), ggml_type(type_v)
     p.n_threads = p.n_threads_batch = threads
     p.no_perf = not perf
     ctx = llama_cpp.llama_init_from_model(model, p)

@@ -35,12 +35,23 @@ class RuntimeConfig:
     use_mlock: bool = False
     rpc: list[str] | None = None  # HOST:PORT of `edge worker`s that get the layers (edge.rpc)
     tensor_split: list[float] | None = None  # share of the layers per RPC device (with rpc)
+    n_ubatch: int = 512  # llama.cpp's physical batch (capped at n_batch)
+    type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0, ... (a quantized V needs flash_attn)
+    type_v: str = "f16"
+    flash_attn: bool = False
+    repack: bool = True  # llama.cpp's interleaved weight copies (extra buffer types); off saves RAM
+    check_memory: bool = True  # open_runtime refuses a session edge.memory says would swap or OOM
 
     def validate(self) -> None:
         if self.n_ctx < 16:
             raise BadOptionError(f"--ctx {self.n_ctx} is too small; use at least 16 (e.g. 2048)")
         if self.threads is not None and not 1 <= self.threads <= 256:
             raise BadOptionError(f"--threads {self.threads} is out of range; use 1 to 256")
+        for name in (self.type_k, self.type_v):
+            if name not in llamacpp.KV_CACHE_TYPES:
+                raise BadOptionError(f"KV cache type {name!r} is not one of {', '.join(llamacpp.KV_CACHE_TYPES)}")
+        if self.type_v not in ("f32", "f16", "bf16") and not self.flash_attn:
+            raise BadOptionError(f"a {self.type_v} V cache needs flash attention; turn it on or keep V at f16")
 
 
 class Runtime:
@@ -235,10 +246,15 @@ def _load(path: Path, config: RuntimeConfig, threads: int) -> Any:
         extra["n_gpu_layers"] = -1  # every layer to the RPC devices
         if config.tensor_split:
             extra["tensor_split"] = config.tensor_split
+    if config.type_k != "f16" or config.type_v != "f16":
+        extra["type_k"] = llamacpp.ggml_type(config.type_k)
+        extra["type_v"] = llamacpp.ggml_type(config.type_v)
+    n_batch = min(config.n_batch, config.n_ctx)
     try:
         with devices:
             return llamacpp.open_llama(
-                path, n_ctx=config.n_ctx, n_batch=min(config.n_batch, config.n_ctx),
+                path, repack=config.repack, n_ctx=config.n_ctx, n_batch=n_batch,
+                n_ubatch=min(config.n_ubatch, n_batch), flash_attn=config.flash_attn,
                 n_threads=threads, n_threads_batch=threads, use_mmap=config.use_mmap,
                 use_mlock=config.use_mlock, **extra)
     except (ValueError, RuntimeError, OSError) as e:

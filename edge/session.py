@@ -18,8 +18,18 @@ from edge.runtime import Runtime, RuntimeConfig
 def open_runtime(model: str | os.PathLike[str] | None, config: RuntimeConfig | None = None, *,
                  correction: str | os.PathLike[str] | None = None,
                  correction_scale: float = 1.0) -> Runtime:
-    """The llama.cpp session on MODEL, with the correction vector applied if given."""
-    rt = Runtime(resolve_model(None if model is None else str(model)), config or RuntimeConfig())
+    """The llama.cpp session on MODEL, with the correction vector applied if given.
+
+    Before llama.cpp loads anything, edge.memory checks that the session fits this device
+    (InsufficientMemoryError otherwise; config.check_memory=False skips it, and sessions
+    whose layers go to RPC workers are not checked here)."""
+    config = config or RuntimeConfig()
+    path = resolve_model(None if model is None else str(model))
+    if config.check_memory and not config.rpc:
+        from edge.memory.checks import check_load
+
+        check_load(path, config)
+    rt = Runtime(path, config)
     if correction:
         from edge.cvec import load_correction
 

@@ -163,3 +163,29 @@ def test_models_list_and_info(bundled_model: Path) -> None:
     assert info["arch"] == "llama" and info["n_layers"] == 30 and info["chat_template"] is True
     text = CliRunner().invoke(cli, ["models", "info"]).output
     assert "Q4_1" in text and "49152" in text and "9 / 3" in text
+
+
+def test_pull_refuses_a_model_too_big_before_any_byte(edge_home: Path, server: str) -> None:
+    """A catalog entry whose (fake) size is beyond this machine's RAM: one line with the
+    numbers, exit 2, nothing fetched; --force downloads anyway."""
+    _user_catalog(edge_home, f"{server}/model", GOOD_SHA, size=1 << 50)  # 1 PiB
+    (edge_home / "catalog.toml").write_text((edge_home / "catalog.toml").read_text() + 'quant = "Q4_0"\n')
+    res = CliRunner().invoke(cli, ["models", "pull", "tiny"])
+    assert res.exit_code == 2
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("Error: tiny needs") and "GiB" in line and "--force" in line
+    assert _RangeHandler.sent == []  # the server saw no request
+    assert not (edge_home / "models").exists() or not any((edge_home / "models").iterdir())
+    res = CliRunner().invoke(cli, ["models", "pull", "tiny", "--force"])
+    assert res.exit_code == 2 and _RangeHandler.sent  # bytes came; the size check then fails
+    assert "tiny needs" not in res.output
+
+
+def test_models_list_says_what_fits(edge_home: Path, bundled_model: Path) -> None:
+    (edge_home / "catalog.toml").write_text(
+        '[models.huge]\nurl = "http://127.0.0.1:9/huge.gguf"\nfile = "huge.gguf"\nquant = "Q4_K_M"\n'
+        "shape = { n_layers = 80, n_embd = 8192, n_head = 64, n_head_kv = 8, n_ff = 28672, "
+        "n_vocab = 128256, context_length = 8192 }\n")
+    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["models", "list", "--json"]).output)}
+    assert rows["smollm2-135m"]["fits"] == "fits" and rows["smollm2-135m"]["needs_bytes"] < 1 << 30
+    assert rows["huge"]["fits"] in ("swap", "oom") and rows["huge"]["needs_bytes"] > 40 << 30

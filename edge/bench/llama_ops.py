@@ -43,7 +43,8 @@ class BenchContext:
     """A fresh llama.cpp context on an already-loaded model, for one model × threads test."""
 
     def __init__(self, model: Any, *, n_ctx: int, threads: int, n_batch: int = DEFAULT_N_BATCH,
-                 n_ubatch: int = DEFAULT_N_UBATCH, flash_attn: int | None = None, seed: int = 0):
+                 n_ubatch: int = DEFAULT_N_UBATCH, flash_attn: int | None = None, seed: int = 0,
+                 type_k: str = "f16", type_v: str = "f16"):
         import llama_cpp
 
         from edge.llamacpp import FLASH_ATTN_AUTO, new_context
@@ -51,7 +52,7 @@ class BenchContext:
         self._ll = llama_cpp
         self.ctx = new_context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, threads=threads,
                                flash_attn=FLASH_ATTN_AUTO if flash_attn is None else flash_attn,
-                               perf=True)
+                               perf=True, type_k=type_k, type_v=type_v)
         if not self.ctx:
             raise BenchRunError(
                 f"llama.cpp could not create a {n_ctx}-token context; lower --ctx or free memory"

@@ -79,10 +79,11 @@ def _register() -> None:
         run,
         serve,
         sparsify,
+        tune,
         worker,
     )
 
-    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias, worker, doctor):
+    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias, worker, doctor, tune):
         mod.register(cli)
 
 

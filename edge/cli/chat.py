@@ -16,6 +16,7 @@ from edge.cli.options import (
     runtime_options,
     sampling,
     sampling_options,
+    tuned,
 )
 from edge.session import open_session
 
@@ -50,6 +51,7 @@ def chat_cmd(model: str | None, system: str | None, max_tokens: int, correction:
       edge chat --sparse-profile smol-50.json   # native engine, R-Sparse decode
     """
     cfg = runtime_config(kw)
+    model, cfg = tuned(model, cfg, kw, sparse_profile=sparse_profile)
     smp = sampling(kw)
     gen = open_session(model, cfg, sparse_profile=sparse_profile, correction=correction,
                        correction_scale=correction_scale)

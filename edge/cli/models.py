@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from edge.catalog import load_catalog, pull, resolve_model
+from edge.catalog import load_catalog, resolve_model
 from edge.gguf_file import inspect
 
 
@@ -34,20 +34,37 @@ def list_cmd(as_json: bool) -> None:
 
     Add your own entries in $EDGE_HOME/catalog.toml (same format as models/catalog.toml).
     """
+    from edge.memory.checks import catalog_fits
+
     entries = load_catalog()
+    fits = catalog_fits()
     rows = [{"name": e.name, "params": e.params, "quant": e.quant, "size": e.size,
              "available": e.available, "default": e.default, "path": str(e.local_path),
+             "fits": fits[e.name].status, "needs_bytes": fits[e.name].needed,
+             "max_ctx": fits[e.name].max_ctx,
              "license": e.license, "description": e.description} for e in entries.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="edge models", title_justify="left")
-    for col in ("name", "params", "quant", "size", "here", "description"):
+    table = Table(title="edge models (fits: RAM needed at --ctx 2048 against what is available here)",
+                  title_justify="left")
+    for col in ("name", "params", "quant", "size", "here", "fits", "description"):
         table.add_column(col, no_wrap=col != "description")
     for r in rows:
         here = "bundled" if r["default"] else ("yes" if r["available"] else "pull")
-        table.add_row(r["name"], r["params"], r["quant"], _size(r["size"]), here, r["description"])
+        table.add_row(r["name"], r["params"], r["quant"], _size(r["size"]), here, _fits_cell(r),
+                      r["description"])
     Console().print(table)
+
+
+def _fits_cell(r: dict) -> str:
+    need = f"{r['needs_bytes'] / (1 << 30):.1f}G"
+    if r["fits"] == "fits":
+        return f"yes {need}"
+    if r["fits"] == "unknown":
+        return "?"
+    ctx = f" ctx≤{r['max_ctx']}" if r["max_ctx"] else ""
+    return f"no ({r['fits']}) {need}{ctx}"
 
 
 @models.command("info")
@@ -81,16 +98,23 @@ def info_cmd(model: str | None, as_json: bool) -> None:
 
 @models.command("pull")
 @click.argument("name")
-def pull_cmd(name: str) -> None:
+@click.option("--force", is_flag=True, help="Download even if the memory check says it will not fit here.")
+def pull_cmd(name: str, force: bool) -> None:
     """Download catalog model NAME into $EDGE_HOME/models/, checking size and sha256.
 
-    An interrupted pull resumes where it stopped when run again.
+    First checks, from the catalog's shape and quant type, that the model fits this
+    device's available RAM at --ctx 2048; one that cannot is refused before any byte is
+    fetched (exit 2), with the largest context that would fit. An interrupted pull
+    resumes where it stopped when run again.
 
     \b
     Example:
       edge models pull llama2-7b-chat-q4km
+      edge models pull llama2-7b-chat-q8_0 --force   # try it even though it will swap
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from edge.memory.checks import pull_checked
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), disable=not Console(stderr=True).is_terminal,
@@ -100,8 +124,10 @@ def pull_cmd(name: str) -> None:
         def progress(done: int, total: int | None) -> None:
             bar.update(task, completed=done, total=total)
 
-        path, digest = pull(name, progress=progress)
-    click.echo(f"{path}\nsha256 {digest}")
+        r = pull_checked(name, force=force, progress=progress)
+    if not r.verdict.fits:
+        click.echo(f"warning (--force): {r.verdict.message(name)}", err=True)
+    click.echo(f"{r.path}\nsha256 {r.digest}")
 
 
 def register(cli: click.Group) -> None:

@@ -24,6 +24,9 @@ def runtime_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="CPU threads [default: physical cores]."),
         click.option("--mlock", is_flag=True, help="Lock the model in RAM (no swapping out)."),
         click.option("--no-mmap", is_flag=True, help="Read the model into RAM instead of mapping it."),
+        click.option("--force", "force_memory", is_flag=True,
+                     help="Load even if the memory check says the model would swap or run out of memory."),
+        click.option("--no-tune", is_flag=True, help="Ignore this device's `edge tune` profile for the model."),
     ]
     for d in reversed(decorators):
         f = d(f)
@@ -82,10 +85,27 @@ def rpc_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def runtime_config(kw: dict[str, Any]) -> RuntimeConfig:
     cfg = RuntimeConfig(n_ctx=kw.pop("n_ctx"), threads=kw.pop("threads"),
                         use_mlock=kw.pop("mlock"), use_mmap=not kw.pop("no_mmap"),
-                        rpc=kw.pop("rpc", None), tensor_split=kw.pop("tensor_split", None))
+                        rpc=kw.pop("rpc", None), tensor_split=kw.pop("tensor_split", None),
+                        check_memory=not kw.pop("force_memory"))
     if cfg.tensor_split and not cfg.rpc:
         raise click.UsageError("--tensor-split splits the layers between --rpc workers; give --rpc too")
     return cfg
+
+
+def tuned(model: str | None, cfg: RuntimeConfig, kw: dict[str, Any], *,
+          sparse_profile: str | None = None) -> tuple[str | None, RuntimeConfig]:
+    """This device's `edge tune` profile for MODEL, unless --no-tune (or a setting it cannot
+    apply to: RPC workers, the native engine): the file and settings to run, and one line."""
+    if kw.pop("no_tune", False) or cfg.rpc or sparse_profile:
+        return model, cfg
+    from edge.catalog import resolve_model
+    from edge.tune.profile import apply_profile
+
+    path, cfg, prof = apply_profile(resolve_model(model), cfg)
+    if prof is None:
+        return model, cfg
+    click.echo(prof.notice(), err=True)
+    return str(path), cfg
 
 
 def sampling(kw: dict[str, Any]) -> Sampling:

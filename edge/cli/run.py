@@ -16,6 +16,7 @@ from edge.cli.options import (
     runtime_options,
     sampling,
     sampling_options,
+    tuned,
 )
 from edge.generate import run_prompt
 
@@ -59,6 +60,7 @@ def run_cmd(model: str | None, prompt: str | None, max_tokens: int, system: str 
             raise click.UsageError("give a prompt with -p TEXT (or pipe it on stdin)")
         prompt = sys.stdin.read()
     cfg = runtime_config(kw)
+    model, cfg = tuned(model, cfg, kw, sparse_profile=sparse_profile)
     smp = sampling(kw)
 
     def echo(piece: str) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from edge.cli.options import model_argument, rpc_option, runtime_config, runtime_options
+from edge.cli.options import model_argument, rpc_option, runtime_config, runtime_options, tuned
 
 
 @click.command("serve")
@@ -52,9 +52,11 @@ def serve_cmd(model: str | None, host: str, port: int, api_key: str | None, allo
     from edge.serve import ServeOptions, serve
 
     cfg = runtime_config(kw)
+    model_file, cfg = tuned(model, cfg, kw)
     opts = ServeOptions(host=host, port=port, api_key=api_key, allow_no_key=allow_no_key,
                         max_queue=max_queue, correction=correction,
-                        correction_scale=correction_scale, log_level=log_level, seed=seed)
+                        correction_scale=correction_scale, log_level=log_level, seed=seed,
+                        model_file=model_file if model_file != model else None)
 
     def ready(engine: Any) -> None:
         click.echo(f"edge serve: {engine.model_id} on http://{host}:{port}/v1 "

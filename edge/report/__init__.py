@@ -110,7 +110,8 @@ def build_report(out_dir: Path, *, bench: Sequence[dict[str, Any]] | None = None
     if latency is None:
         latency = read_records("latency", since).records
     bench, latency = list(bench), list(latency)
-    if not bench and not latency:
+    profiles = tune_profiles()
+    if not bench and not latency and not profiles:
         raise EmptyReportError("no bench or latency records to report; run `edge bench` or `edge run` "
                                "first, or pass bench files with --from")
     out_dir = Path(out_dir)
@@ -134,6 +135,10 @@ def build_report(out_dir: Path, *, bench: Sequence[dict[str, Any]] | None = None
                             "generation (tg) t/s over time", out_dir / "tg_over_time.png"), "tg t/s over time")
         add(plots.over_time(bench, lambda r: _temp(r, "after"), "°C", "SoC temperature after each test",
                             out_dir / "temperature.png"), "SoC temperature after each test")
+    for i, prof in enumerate(profiles):
+        add(plots.tune_frontier(prof, out_dir / f"tune_{i}.png"),
+            f"edge tune ({prof['objective']}, --max-kld {prof['max_kld']}): {Path(prof['model']).name}, "
+            f"chosen {prof['winner']['quant']} with {prof['winner']['threads']} threads")
     both = bench + latency
     add(plots.over_time(both, lambda r: r["metrics"].get("ttft_ms"), "ms", "time to first token",
                         out_dir / "ttft.png", group=_group), "Time to first token (bench and run/chat logs)")
@@ -147,6 +152,24 @@ def build_report(out_dir: Path, *, bench: Sequence[dict[str, Any]] | None = None
         f.write(html)
     _readable(out_dir, ["index.html", *(i["file"] for i in images)])
     return ReportResult(out_dir, index, [i["file"] for i in images], len(bench), len(latency))
+
+
+def tune_profiles() -> list[dict[str, Any]]:
+    """This device's `edge tune` profiles (raw dicts: the report only plots them)."""
+    import json
+
+    from edge.paths import edge_home
+    from edge.tune.profile import device_key
+
+    out = []
+    for path in sorted((edge_home() / "tune" / device_key()).glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and d.get("frontier"):
+            out.append(d)
+    return out
 
 
 def _readable(out_dir: Path, names: list[str]) -> None:

@@ -77,3 +77,30 @@ def over_time(records: list[dict[str, Any]], value: Callable[[dict[str, Any]], f
     ax.legend(fontsize=7, loc="best")
     fig.autofmt_xdate()
     return _save(fig, path)
+
+
+def tune_frontier(profile: dict[str, Any], path: Path) -> str:
+    """`edge tune`'s candidates: objective speed against KL to the source, marker area by
+    the RAM each needs; the Pareto frontier joined, the defaults and the choice marked."""
+    plt = _plt()
+    obj = profile["objective"]
+    pts = profile["frontier"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    mib = [p["required_bytes"] / 2**20 for p in pts]
+    scale = 300 / max(mib) if mib else 1
+    ax.scatter([p["kld"] for p in pts], [p[obj] for p in pts], s=[m * scale for m in mib], alpha=0.35,
+               color="#3b7dd8", label="measured (area: RAM needed)")
+    front = sorted((p for p in pts if p["pareto"]), key=lambda p: p["kld"])
+    ax.plot([p["kld"] for p in front], [p[obj] for p in front], color="#3b7dd8", lw=1, label="frontier")
+    for tag, e, style in (("defaults", profile["defaults"], dict(marker="X", color="#d62728")),
+                          ("chosen", profile["winner"], dict(marker="*", color="#2ca02c"))):
+        ax.scatter([e["kld"]], [e[obj]], s=220, zorder=3, label=f"{tag}: {e['quant']} t{e['threads']}", **style)
+    ax.axvline(profile["max_kld"], color="grey", ls="--", lw=1, label=f"--max-kld {profile['max_kld']}")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlim(left=0)  # KL ≥ 0; symlog would show an empty negative half
+    ax.set_xlabel("mean KL to the source (nats)")
+    ax.set_ylabel({"tg": "generation t/s", "pp": "prompt t/s", "ttft": "time to first token (ms)"}[obj])
+    ax.set_title(f"edge tune: {Path(profile['model']).name} on {profile['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)

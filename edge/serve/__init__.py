@@ -34,6 +34,7 @@ class ServeOptions:
     correction_scale: float = 1.0
     log_level: str = "warning"
     seed: int | None = None  # for requests that send no seed
+    model_file: str | None = None  # load this file (a tuned copy) but name the model as given
 
 
 def model_id_for(model: str | None, path: Path) -> tuple[str, tuple[str, ...]]:
@@ -61,7 +62,7 @@ def build_app(model: str | None, config: Any, opts: ServeOptions) -> Any:
     if opts.max_queue < 0:
         raise BadOptionError(f"--queue {opts.max_queue} must be ≥ 0")
     check_bind(opts.host, opts.api_key, opts.allow_no_key)
-    gen = open_session(model, config, correction=opts.correction, correction_scale=opts.correction_scale)
+    gen = open_session(opts.model_file or model, config, correction=opts.correction, correction_scale=opts.correction_scale)
     try:
         name, aliases = model_id_for(model, gen.path)
         engine = ServeEngine(gen, model_id=name, max_queue=opts.max_queue, seed=opts.seed)
