@@ -80,14 +80,15 @@ def _reference(engine: Engine, store: QStore) -> Engine:
     return ref
 
 
+@pytest.mark.parametrize("kernels", ["c", "numba"])
 @pytest.mark.parametrize("weights", ["q8", "q4"])
-def test_decode_equals_reference_formula(tiny, weights: str) -> None:
+def test_decode_equals_reference_formula(tiny, weights: str, kernels: str) -> None:
     from edge.sparse.qengine import QuantizedEngine
     from edge.sparse.rsparse import SparseBackend
 
     gguf, prof_path, engine = tiny
-    qe = QuantizedEngine.load(gguf, prof_path, weights=weights)
-    assert qe.sparse and qe.lowrank is not None
+    qe = QuantizedEngine.load(gguf, prof_path, weights=weights, kernels=kernels)
+    assert qe.sparse and qe.lowrank is not None and qe.kernels == kernels
     ref = _reference(engine, qe.store)
     specs = [m for m in SparseProfile.load(prof_path).modules if m.t >= 0]
     backend = SparseBackend(ref, specs, _Factors(qe.lowrank))

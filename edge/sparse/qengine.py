@@ -10,6 +10,7 @@ exactly as the reference engine (edge.engine.model.Engine) does it.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from edge.engine.model import Engine
 from edge.engine.weights import LINEAR_NAMES
 from edge.errors import BadOptionError, ContextOverflowError
 from edge.gguf_file import ModelInfo, inspect
-from edge.sparse import qkernels as K
-from edge.sparse.qdecode import decode_step
+from edge.sparse import qnative
+from edge.sparse import qstore as K
 from edge.sparse.qrows import Progress, build_qrows, check_profile_shape, load_profile
 from edge.sparse.qstore import QStore
 
@@ -74,7 +75,7 @@ class QuantizedEngine:
     is_eog = Engine.is_eog
 
     def __init__(self, info: ModelInfo, store: QStore, lowrank: QStore | None = None,
-                 profile: Any = None, profile_path: str | None = None) -> None:
+                 profile: Any = None, profile_path: str | None = None, kernels: str = "auto") -> None:
         self.info, self.path, self.store, self.lowrank = info, info.path, store, lowrank
         self.profile, self.profile_path = profile, profile_path
         self._vocab: Any = None
@@ -112,13 +113,20 @@ class QuantizedEngine:
         self._scratch: dict[str, np.ndarray] = {}
         self._scratch_key: tuple[int, int] | None = None
         self._scratch_ctx = 0
+        vocab_p = int(store.mats[self.glob[1], K.NCOLS])
+        self._logits = np.zeros(max(vocab_p, a.n_embd), np.float32)
+        if kernels not in ("auto", "c", "numba"):
+            raise BadOptionError(f"kernels={kernels!r}: use auto, c or numba")
+        self._lib = None if kernels == "numba" else qnative.library(required=kernels == "c")
+        self._cdec = qnative.CDecoder(self._lib, self) if self._lib is not None else None
+        self.kernels = "c" if self._lib is not None else "numba"  # numba: the portable fallback
         self.reset_counts()
 
     # ---- loading ----------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike[str], profile: str | os.PathLike[str] | None = None, *,
              weights: str = "q8", output_weights: str | None = None, threads: int | None = None,
-             progress: Progress | None = None) -> QuantizedEngine:
+             kernels: str = "auto", progress: Progress | None = None) -> QuantizedEngine:
         """Open (building on first use) the quantized rows of `model` in format `weights`
         (q8 | q4), with `profile`'s thresholds and low-rank factors when given."""
         info = inspect(model)
@@ -131,18 +139,18 @@ class QuantizedEngine:
         lowrank = QStore(res.lowrank_path) if res.lowrank_path else None
         if threads:
             set_threads(threads)
-        return cls(info, store, lowrank, prof, str(profile) if profile is not None else None)
+        return cls(info, store, lowrank, prof, str(profile) if profile is not None else None, kernels)
 
     def with_profile(self, profile: str | os.PathLike[str] | None) -> QuantizedEngine:
         """The same rows under another profile (or dense with None): only the thresholds and
         low-rank factors change, the memory-mapped rows are shared."""
         if profile is None:
-            return QuantizedEngine(self.info, self.store)
+            return QuantizedEngine(self.info, self.store, kernels=self.kernels)
         prof = load_profile(profile, self.info)
         check_profile_shape(prof, self.store)
         res = build_qrows(self.path, profile, weights=self.weights, output_weights=self.output_weights)
         lowrank = QStore(res.lowrank_path) if res.lowrank_path else None
-        return QuantizedEngine(self.info, self.store, lowrank, prof, str(profile))
+        return QuantizedEngine(self.info, self.store, lowrank, prof, str(profile), self.kernels)
 
     @property
     def sparse(self) -> bool:
@@ -153,8 +161,8 @@ class QuantizedEngine:
 
     # ---- decode -----------------------------------------------------------------------
     def _buffers(self, n_ctx: int) -> tuple:
-        """The decode step's scratch arrays (numba takes them as one tuple), remade when the
-        thread count or the largest context changes."""
+        """The numba decode step's scratch arrays (one tuple), remade when the thread count
+        or the largest context changes."""
         P = threads()
         key = (P, max(n_ctx, self._scratch_ctx))
         if self._scratch_key != key:
@@ -162,14 +170,13 @@ class QuantizedEngine:
             max_in = int(mats[:, K.NROWS].max())
             max_out = int(max(mats[self.lin.ravel(), K.NCOLS].max(), a.n_embd))
             max_r = int(max(32, self._lr[3][:, K.NCOLS].max()))
-            vocab_p = int(mats[self.glob[1], K.NCOLS])
             f32, i32, i64 = np.float32, np.int32, np.int64
             self._scratch_ctx = key[1]
             self._buf = (np.zeros(a.n_embd, f32), np.zeros(a.n_embd, f32), np.zeros((3, max_in), f32),
                          np.zeros((3, max_in), i32), np.zeros((3, max_in), i32), np.zeros((3, max_out), f32),
                          np.zeros((3, max_r), f32), np.zeros(a.n_embd, f32), np.zeros(key[1], f32),
                          np.arange(max_r, dtype=i32), np.zeros((P, 3, max_out), f32),
-                         np.zeros((1, max(vocab_p, a.n_embd)), f32), np.zeros(3, i64), np.zeros(3, i64),
+                         self._logits[None, :], np.zeros(3, i64), np.zeros(3, i64),
                          np.zeros(3, i64), np.zeros(3, i64))
             self._scratch_key = key
         return self._buf
@@ -181,12 +188,26 @@ class QuantizedEngine:
             raise ContextOverflowError(f"the {cache.n_ctx}-token KV cache is full; make a larger cache")
         if not 0 <= token < self.config.n_vocab:
             raise BadOptionError(f"token id {token} is outside [0, {self.config.n_vocab})")
-        buf = self._buffers(cache.n_ctx)
-        decode_step(token, cache.n_past, self._w, self._lr, self._model, self._eps,
-                    (cache.cos, cache.sin, cache.k, cache.v), buf, self.counts, self._scratch_key[0])
+        if self._cdec is not None:
+            self._cdec.decode(token, cache, self._logits, threads())
+        else:
+            from edge.sparse.qdecode import decode_step
+
+            decode_step(token, cache.n_past, self._w, self._lr, self._model, self._eps,
+                        (cache.cos, cache.sin, cache.k, cache.v), self._buffers(cache.n_ctx),
+                        self.counts, threads())
         cache.n_past += 1
         self.n_decoded += 1
-        return buf[11][0, : self.config.n_vocab]
+        return self._logits[: self.config.n_vocab]
+
+    def _dequant(self, mat: np.ndarray, r0: int, r1: int, b0: int, b1: int, out: np.ndarray) -> None:
+        st = self.store
+        if self._lib is not None:
+            self._lib.edge_dequant(st.u8.ctypes.data, mat.ctypes.data, r0, r1, b0, b1, out.ctypes.data)
+        else:
+            from edge.sparse.qkernels import dequant_rows
+
+            dequant_rows(st.u8, st.i8, st.u16, mat, r0, r1, b0, b1, out)
 
     # ---- what decode read -------------------------------------------------------------
     def reset_counts(self) -> None:
@@ -225,7 +246,7 @@ class QuantizedEngine:
         for b0 in range(0, nb, step):
             b1 = min(nb, b0 + step)
             w = buf[: n_in * (b1 - b0) * 32].reshape(n_in, (b1 - b0) * 32)
-            K.dequant_rows(st.u8, st.i8, st.u16, m, 0, n_in, b0, b1, w)
+            self._dequant(m, 0, n_in, b0, b1, w)
             if b1 - b0 == nb:
                 np.matmul(x, w, out=out)
             else:
@@ -250,7 +271,7 @@ class QuantizedEngine:
         emb = st.mats[self.glob[0]]
         x = np.empty((T, int(emb[K.NCOLS])), np.float32)
         for i, t in enumerate(toks):
-            K.dequant_rows(st.u8, st.i8, st.u16, emb, int(t), int(t) + 1, 0, int(emb[K.NBLK]), x[i : i + 1])
+            self._dequant(emb, int(t), int(t) + 1, 0, int(emb[K.NBLK]), x[i : i + 1])
         x = x[:, : a.n_embd].copy()
         pos = np.arange(start, start + T)
         cos, sin = cache.cos[pos][:, None, :], cache.sin[pos][:, None, :]
@@ -297,19 +318,28 @@ def _attention(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, start: int) ->
     return out.transpose(2, 0, 1, 3).reshape(T, n_head * hd).astype(np.float32, copy=False)
 
 
-def threads() -> int:
-    import numba
+_THREADS: int | None = None
 
-    return int(numba.get_num_threads())
+
+def threads() -> int:
+    """Threads of the decode kernels: set_threads()'s value, else the physical cores."""
+    if _THREADS is None:
+        from edge.runtime import default_threads  # moves to a base module with issue 13
+
+        return default_threads()
+    return _THREADS
 
 
 def set_threads(n: int) -> int:
-    """numba's pool for the decode kernels (capped by what the process allows); the value
-    in force is returned."""
-    import numba
+    """Threads for the decode kernels (C/OpenMP or numba); the value in force is returned."""
+    global _THREADS
+    _THREADS = max(1, int(n))
+    if "numba" in sys.modules:  # the numba fallback's pool (never imported by the C path)
+        import numba
 
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-    return threads()
+        _THREADS = max(1, min(_THREADS, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(_THREADS)
+    return _THREADS
 
 
 def model_path(model: str | os.PathLike[str] | None) -> Path:

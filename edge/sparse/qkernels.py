@@ -22,10 +22,10 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
+from edge.sparse.qstore import COFF, FMT, NBLK, NROWS, OFF, ROWB, STRIDE  # noqa: F401
+
 PREFETCH = True
 AHEAD = 8  # rows ahead: measured 4 < 8 ≈ 12 on the bundled model
-# columns of the matrix table
-FMT, NROWS, NCOLS, OFF, STRIDE, ROWB, NBLK, COFF = range(8)
 
 
 @intrinsic

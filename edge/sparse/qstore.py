@@ -26,6 +26,8 @@ from edge.sparse.qformat import BLOCK, FORMATS, RowFormat, padded
 
 MAGIC = b"EDGEQRW1"
 ALIGN = 64
+# columns of the matrix table the kernels read (QStore.mats)
+FMT, NROWS, NCOLS, OFF, STRIDE, ROWB, NBLK, COFF = range(8)
 
 
 class QRowsError(EdgeError):
