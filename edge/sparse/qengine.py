@@ -73,6 +73,8 @@ class QuantizedEngine:
     detokenize = Engine.detokenize
     token_piece = Engine.token_piece
     is_eog = Engine.is_eog
+    eos_token = Engine.eos_token
+    vocab = Engine.vocab
 
     def __init__(self, info: ModelInfo, store: QStore, lowrank: QStore | None = None,
                  profile: Any = None, profile_path: str | None = None, kernels: str = "auto") -> None:
@@ -324,7 +326,7 @@ _THREADS: int | None = None
 def threads() -> int:
     """Threads of the decode kernels: set_threads()'s value, else the physical cores."""
     if _THREADS is None:
-        from edge.runtime import default_threads  # moves to a base module with issue 13
+        from edge.system import default_threads
 
         return default_threads()
     return _THREADS

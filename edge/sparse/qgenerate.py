@@ -1,44 +1,51 @@
-"""Text generation on the quantized engine, with the llama.cpp runtime's stream contract:
-`stream(tokens, max_tokens=, sampling=, stop=)` yields text pieces and leaves the figures
-in `.last` (edge.runtime.GenerationStats), so both engines can sit behind one interface.
+"""The quantized engine (edge.sparse.qengine) behind edge's Generator interface.
 
-Prefill is dense (batched), decode sparse one token at a time. The KV cache is kept between
-calls: a prompt that starts with what the cache holds (a chat's earlier turns) reuses it.
-Drawing follows bias.sampler's chain (llama-cpp-python's order: repeat penalty, top-k,
-top-p, min-p, temperature); temp 0 is greedy after the penalty.
+Prefill is dense (batched over the quantized rows), decode sparse one token at a time,
+sampled and streamed by the same code as every other engine (edge.generation,
+edge.sampling). Unlike the f32 engine's generator, the KV cache is kept between calls: a
+prompt that starts with what the cache holds (a chat's earlier turns) reuses it.
 """
 
 from __future__ import annotations
 
-import codecs
+import os
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from edge.errors import BadOptionError, ContextOverflowError
-from edge.runtime import GenerationStats, Sampling, peak_rss_bytes
+from edge.engine.generate import NativeGenerator
+from edge.generation import GenerationStats, plan, stream_text, token_stream
+from edge.sampling import Sampling
 from edge.sparse.qengine import QCache, QuantizedEngine
+from edge.system import peak_rss_bytes
 
 
-class QuantizedGenerator:
-    """One engine and one KV cache of `n_ctx` tokens. Not thread-safe."""
+class QuantizedGenerator(NativeGenerator):
+    """One QuantizedEngine (`model`) and one KV cache of `n_ctx` tokens. Not thread-safe.
 
-    def __init__(self, engine: QuantizedEngine, n_ctx: int = 2048, load_ms: float = 0.0) -> None:
-        self.engine = engine
-        self.n_ctx = min(n_ctx, engine.config.context_length)
+    Tokens and chat templates are NativeGenerator's: the engine has the same tokenizer
+    methods (llama.cpp's vocabulary-only model)."""
+
+    def __init__(self, engine: QuantizedEngine, load_ms: float = 0.0, profile: str | None = None, *,
+                 n_ctx: int = 2048, threads: int | None = None) -> None:
+        super().__init__(engine, None, load_ms, profile, n_ctx=n_ctx, threads=threads)  # type: ignore[arg-type]
         self.cache: QCache = engine.new_cache(self.n_ctx)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
-        self.load_ms = load_ms
-        self.last: GenerationStats | None = None
 
-    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
-        return self.engine.tokenize(text, add_bos=add_bos, special=special)
+    @classmethod
+    def load(cls, model: str | os.PathLike[str] | None, sparse_profile: str | os.PathLike[str] | None = None,
+             *, threads: int | None = None, n_ctx: int = 2048, weights: str = "q8") -> QuantizedGenerator:
+        """MODEL's quantized rows in `weights` (built and cached on first use), with the
+        profile's thresholds and low-rank factors when given (its model sha is checked)."""
+        from edge.catalog import resolve_model
 
-    def _draw(self, logits: np.ndarray, s: Sampling, history: list[int], rng: np.random.Generator | None) -> int:
-        from bias.sampler import sample_rows  # moves to edge.sampling with issue 13
-
-        return int(sample_rows(logits[None, :], [history], [rng if s.temp > 0 else None], s)[0])
+        t0 = time.perf_counter()
+        path = resolve_model(None if model is None else str(model))
+        engine = QuantizedEngine.load(path, sparse_profile, weights=weights, threads=threads)
+        return cls(engine, (time.perf_counter() - t0) * 1000,
+                   str(sparse_profile) if sparse_profile else None, n_ctx=n_ctx, threads=threads)
 
     def _prefill(self, tokens: list[int]) -> tuple[np.ndarray, int]:
         """Logits after `tokens`, reusing the cached prefix; returns (logits, evaluated)."""
@@ -49,87 +56,46 @@ class QuantizedGenerator:
             keep += 1
         self.cache.truncate(keep)
         self.cached = self.cached[:keep]
-        logits = self.engine.prefill(tokens[keep:], self.cache)
+        logits = self.model.prefill(tokens[keep:], self.cache)
         self.cached = list(tokens)
         return logits, len(tokens) - keep
 
     def stream(self, tokens: Sequence[int], *, max_tokens: int = 256, sampling: Sampling | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
-        """Yield text pieces as they are generated; `self.last` holds the stats after.
-
-        Stops at an end-of-generation token, `max_tokens`, a full context, or a stop string.
-        """
-        s = sampling or Sampling()
-        s.validate()
-        if max_tokens < 1:
-            raise BadOptionError(f"-n {max_tokens}: the number of tokens to generate must be ≥ 1")
+        """Prefill `tokens` dense (after the reused prefix), then decode up to `max_tokens`."""
+        e: QuantizedEngine = self.model  # type: ignore[assignment]
         tokens = list(tokens)
-        if not tokens:
-            raise BadOptionError("the prompt has no tokens")
-        if len(tokens) >= self.n_ctx:
-            raise ContextOverflowError(f"the prompt is {len(tokens)} tokens but the context holds "
-                                       f"{self.n_ctx}; raise --ctx or shorten it")
-        budget = min(max_tokens, self.n_ctx - len(tokens))
-        rng = np.random.default_rng(s.seed) if s.temp > 0 else None
+        sampling, budget = plan(len(tokens), self.n_ctx, max_tokens, sampling, e.config.context_length)
         stats = GenerationStats(n_prompt_tokens=len(tokens), load_ms=self.load_ms)
         stats.stop_reason = "length" if budget == max_tokens else "context"
         self.last = stats
-        eng = self.engine
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        parts: list[str] = []
-        pending = ""
-        max_stop = max((len(x) for x in stop), default=0)
-        history = list(tokens)
-        t0 = time.perf_counter()
-        t_gen = 0.0
-        try:
+        steps = [0, 0.0]  # decode steps and their seconds: the first token came from prefill
+
+        def prefill() -> np.ndarray:
+            t = time.perf_counter()
             logits, stats.n_prompt_evaluated = self._prefill(tokens)
-            stats.prompt_ms = (time.perf_counter() - t0) * 1000
-            while True:
-                tok = self._draw(logits, s, history, rng)
-                if stats.n_gen_tokens == 0:
-                    stats.ttft_ms = (time.perf_counter() - t0) * 1000
-                if eng.is_eog(tok):
-                    stats.stop_reason = "eos"
-                    break
-                stats.n_gen_tokens += 1
-                stats.token_ids.append(tok)
-                history.append(tok)
-                pending += decoder.decode(eng.token_piece(tok))
-                hit = min((i for x in stop if (i := pending.find(x)) >= 0), default=-1) if stop else -1
-                if hit >= 0:
-                    parts.append(pending[:hit])
-                    pending = ""
-                    stats.stop_reason = "stop"
-                    yield parts[-1]
-                    break
-                safe = len(pending) - max(0, max_stop - 1)
-                if safe > 0:
-                    parts.append(pending[:safe])
-                    pending = pending[safe:]
-                    yield parts[-1]
-                if stats.n_gen_tokens >= budget:
-                    break
-                t1 = time.perf_counter()
-                logits = eng.decode(tok, self.cache)
-                self.cached.append(tok)
-                t_gen += time.perf_counter() - t1
-            tail = pending + decoder.decode(b"", final=True)
-            if tail and stats.stop_reason != "stop":
-                parts.append(tail)
-                yield tail
-        except (KeyboardInterrupt, GeneratorExit):
-            stats.stop_reason = "interrupted"
-            raise
+            stats.prompt_ms = (time.perf_counter() - t) * 1000
+            return logits
+
+        def advance(tok: int) -> np.ndarray:
+            t = time.perf_counter()
+            logits = e.decode(tok, self.cache)
+            self.cached.append(tok)
+            steps[0] += 1
+            steps[1] += time.perf_counter() - t
+            return logits
+
+        t0 = time.perf_counter()
+        try:
+            yield from stream_text(token_stream(prefill, advance, sampling, budget),
+                                   e.token_piece, e.is_eog, stats, t0, stop)
         finally:
-            stats.text = "".join(parts)
             stats.total_ms = (time.perf_counter() - t0) * 1000
-            stats.gen_ms = t_gen * 1000
+            stats.gen_ms = steps[1] * 1000
             if stats.prompt_ms > 0:
                 stats.prompt_tps = stats.n_prompt_evaluated / stats.prompt_ms * 1000
-            n_dec = max(0, stats.n_gen_tokens - 1)  # the first token came from the prefill
-            if n_dec and stats.gen_ms > 0:
-                stats.gen_tps = n_dec / stats.gen_ms * 1000
+            if steps[1] > 0:
+                stats.gen_tps = steps[0] / steps[1]
             stats.peak_rss_bytes = peak_rss_bytes()
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, sampling: Sampling | None = None,
@@ -139,3 +105,7 @@ class QuantizedGenerator:
             pass
         assert self.last is not None
         return self.last
+
+    def config_record(self, **extra: object) -> dict[str, Any]:
+        e: QuantizedEngine = self.model  # type: ignore[assignment]
+        return super().config_record(weights=e.weights, kernels=e.kernels, **extra)
