@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's edge, then texts.py
 from texts import CALIB_MODULES, EVAL_MODULES, doc_text  # noqa: E402
 
 LEVELS = (0.4, 0.5, 0.6)
@@ -250,10 +250,11 @@ def speed(args: argparse.Namespace, name: str, src: Path, lfiles: dict[str, Path
     n_ctx = args.prompt + args.gen + 16
     llamas = {q: load_model(p) for q, p in lfiles.items()}
     ctxs = {(q, t): BenchContext(m, n_ctx=n_ctx, threads=t) for q, m in llamas.items() for t in threads}
-    for r in range(args.rounds + 1):  # round 0 warms caches and pages in the files: not kept
+    for r in range(args.rounds + 1):  # round 0 pages the files in and warms up: not kept
+        n_gen = args.gen if r else min(4, args.gen)
         for t in threads:
             for bits, q in BITS:
-                pp, tg = llama_run(ctxs[(q, t)], prompt, args.gen)
+                pp, tg = llama_run(ctxs[(q, t)], prompt, n_gen)
                 row = rows.setdefault((name, t, "llama.cpp", bits, 0.0), Row(name, t, "llama.cpp", bits, 0.0))
                 if r:
                     row.decode_tps.append(tg)
@@ -262,7 +263,7 @@ def speed(args: argparse.Namespace, name: str, src: Path, lfiles: dict[str, Path
                 for (b, s), qe in engines.items():
                     if b != bits:
                         continue
-                    pp, tg = native_run(qe, prompt, args.gen, t)
+                    pp, tg = native_run(qe, prompt, n_gen, t)
                     row = rows.setdefault((name, t, "native", b, s), Row(name, t, "native", b, s))
                     if r:
                         rs = qe.read_stats()
@@ -489,6 +490,13 @@ def plot(rows: dict[tuple, Row], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save(out: Path, rows: dict[tuple, Row], extra: dict[str, Any]) -> None:
+    """table.md and results.json as they stand (a later stage failing keeps what ran)."""
+    (out / "table.md").write_text(table(rows) + "\n")
+    (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows.values()], **extra},
+                                                 indent=1, default=str))
+
+
 def main() -> None:
     args = parse()
     if args.rss_child is not None:
@@ -509,6 +517,7 @@ def main() -> None:
         print(f"{name}: sources ready in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
         info = speed(args, name, src, lfiles, profs, rows)
         print(f"{name}: speed done ({load()})", flush=True)
+        save(out, rows, {**extra, name: {k: v for k, v in info.items() if k != "prompt"}})
         rss(args, name, src, lfiles, profs, rows, info.pop("prompt"))
         if name == "bundled":
             info.update(ref)
@@ -516,10 +525,9 @@ def main() -> None:
         info["load_after"] = load()
         extra[name] = info
         print(json.dumps({name: info}, indent=1), flush=True)
+        save(out, rows, extra)
     md = table(rows)
     print(md)
-    (out / "table.md").write_text(md + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows.values()], **extra}, indent=1))
     plot(rows, out / "sparse_vs_llamacpp.png")
     print(f"end: {load()}; wrote {out}/table.md, results.json, sparse_vs_llamacpp.png")
 

@@ -198,3 +198,36 @@ def test_q8_rows_match_llamacpp_q8_0(bundled_model: Path, tmp_path: Path) -> Non
     assert top1 >= 0.93 and kl <= 0.01, (top1, kl)
     ours, theirs = agree(f16_logits, got), agree(f16_logits, q8_0_logits)
     assert ours[1] <= 1.25 * theirs[1] and ours[0] >= theirs[0] - 0.02, (ours, theirs)
+
+
+def test_sparsify_weights_then_run_and_bench(tiny, tmp_path: Path) -> None:
+    """`edge sparsify --weights q4` names the rows in the profile and builds them; run and
+    bench with that profile then use the quantized engine; a bad format is refused (exit 2)."""
+    from click.testing import CliRunner
+
+    from edge.cli import cli
+    from edge.session import open_session
+    from edge.sparse.qgenerate import QuantizedGenerator
+
+    gguf, _, _ = tiny
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(corpus(300, seed=2)))
+    out = tmp_path / "q4-50.json"
+    args = ["sparsify", str(gguf), "--sparsity", "0.5", "--calib", str(calib), "-o", str(out),
+            "--search", "uniform", "--calib-tokens", "128"]
+    r = CliRunner().invoke(cli, [*args, "--weights", "q3"])
+    assert r.exit_code == 2 and not out.exists()
+    r = CliRunner().invoke(cli, [*args, "--weights", "q4"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "q4 rows, 4.50 bits/weight" in r.output
+    assert SparseProfile.load(out).weights == "q4"
+    gen = open_session(gguf, sparse_profile=out)
+    assert isinstance(gen, QuantizedGenerator) and gen.model.weights == "q4" and gen.model.sparse
+    st = gen.generate(gen.tokenize("the quick brown fox"), max_tokens=4, sampling=Sampling(temp=0))
+    assert st.n_gen_tokens >= 1 and gen.config_record()["weights"] == "q4"
+    r = CliRunner().invoke(cli, ["bench", str(gguf), "--engine", "native", "--sparse-profile", str(out),
+                                 "--pp", "8", "--tg", "4", "--reps", "1", "-t", "1", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(r.output)["tests"][0]["config"]
+    assert cfg["native_weights"] == "q4" and cfg["native_threads"]["kernels"] == 1
