@@ -156,3 +156,36 @@ def test_dequant_rows_kernel_matches_numpy() -> None:
         out = np.zeros((4, 64), np.float32)
         K.dequant_rows(st.u8, st.i8, st.u16, st.mats[0], 3, 7, 1, 3, out)
         assert np.array_equal(out, _deq(st, "w")[3:7, 32:96])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("fmt", [Q8, Q4])
+def test_c_row_quantizer_equals_numpy(fmt, transposed: bool) -> None:
+    """The C quantizer that builds the stores (edge_quantize) writes the same bytes as the
+    numpy reference (qformat.quantize_rows), reading Wᵀ's rows straight out of W."""
+    from edge.sparse import qnative
+    from edge.sparse.qformat import padded
+
+    lib = qnative.library(required=True)
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((70, 45)) * rng.uniform(1e-3, 3, (70, 1))).astype(np.float32)
+    w[3, :] = 0  # all-zero blocks: scale 0
+    w[5, :] = 1e-9  # scales that would be subnormal
+    a = np.ascontiguousarray(w.T) if transposed else w  # the rows to quantize
+    n_rows, n_cols = a.shape
+    q, d = quantize_rows(a, fmt)
+    nb = padded(n_cols) // 32
+    rb = fmt.row_bytes(padded(n_cols))
+    stride = rb + 2 * nb + 6  # a gap after the scales, as a store could have
+    buf = np.zeros(n_rows * stride, np.uint8)
+    norms = np.zeros(n_rows, np.float32)
+    err = np.zeros(2)
+    rs, cs = (1, w.shape[1]) if transposed else (w.shape[1], 1)
+    lib.edge_quantize(w.ctypes.data, rs, cs, n_rows, n_cols, fmt.code, nb, rb, stride, buf.ctypes.data,
+                      norms.ctypes.data, err.ctypes.data, 2)
+    rows = buf.reshape(n_rows, stride)
+    assert np.array_equal(rows[:, :rb], q.view(np.uint8).reshape(n_rows, rb))
+    assert np.array_equal(rows[:, rb : rb + 2 * nb].copy().view(np.uint16), d)
+    np.testing.assert_allclose(norms, np.linalg.norm(a.astype(np.float64), axis=1), rtol=1e-5)
+    back = dequantize_rows(q, d, fmt)[:, :n_cols]
+    np.testing.assert_allclose(err, [np.sum((back - a) ** 2.0), np.sum(a.astype(np.float64) ** 2)], rtol=1e-5)

@@ -15,6 +15,10 @@
 - threads: numba's pool (numba.set_num_threads) and the BLAS pool (threadpoolctl) follow
   the test's thread count; both are capped by what the process allows, so the record
   carries the values actually in force (`config.native_threads`).
+- a profile made with `edge sparsify --weights q8|q4` opens the quantized-rows engine
+  (edge.sparse.qengine): pp is its batched dense prefill, tg its fused decode step with
+  the masks inside; the record says which rows and kernels ran (`config.native_weights`,
+  `native_kernels`) and the kernels' thread count (`native_threads.kernels`).
 """
 
 from __future__ import annotations

@@ -397,3 +397,74 @@ int edge_openmp(void) {
     return 0;
 #endif
 }
+
+/* ---- building the rows (edge/sparse/qrows.py; qformat.py is the numpy reference) ------ */
+/* float32 -> float16 bits, round to nearest even; nonzero values below 2^-14 become 2^-14
+ * (qformat._f16_scale: the store holds no subnormals). Scales never reach the f16 max. */
+static uint16_t f2h(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax == 0) return (uint16_t)sign;
+    if (ax < 0x38800000u) ax = 0x38800000u;
+    ax += 0xfffu + ((ax >> 13) & 1u);
+    uint32_t h = (ax - 0x38000000u) >> 13;
+    if (h > 0x7bffu) h = 0x7bffu;
+    return (uint16_t)(sign | h);
+}
+
+/* Row r of the matrix to quantize is src[r * rs + c * cs] for c < n_cols (rs = 1, cs = n_in
+ * reads Wᵀ's rows straight out of W). Writes values then scales at dst + r * stride
+ * (n_cols zero-padded to 32 * nb), the row's L2 norm to norms[r] when norms is not NULL,
+ * and adds Σ (dequantized − w)² and Σ w² to err[0], err[1]. fmt 0: q8, 1: q4. */
+void edge_quantize(const float *src, int64_t rs, int64_t cs, int64_t n_rows, int64_t n_cols,
+                   int fmt, int64_t nb, int64_t rb, int64_t stride, uint8_t *dst, float *norms,
+                   double *err, int P) {
+    double e_tot = 0, w_tot = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(P) schedule(static) reduction(+ : e_tot, w_tot)
+#endif
+    for (int64_t r = 0; r < n_rows; r++) {
+        float v[32];
+        uint8_t *row = dst + r * stride;
+        uint16_t *sc = (uint16_t *)(row + rb);
+        double nrm = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            float amax = 0, pick = 0;
+            for (int i = 0; i < 32; i++) {
+                const int64_t c = b * 32 + i;
+                v[i] = c < n_cols ? src[r * rs + c * cs] : 0.0f;
+                const float a = fabsf(v[i]);
+                if (a > amax) { amax = a; pick = v[i]; } /* the first of equal magnitudes */
+                nrm += (double)v[i] * v[i];
+            }
+            const uint16_t hd = f2h(fmt == 0 ? amax / 127.0f : pick / -8.0f);
+            sc[b] = hd;
+            const float d = h2f(hd), inv = d != 0 ? 1.0f / d : 0.0f;
+            for (int i = 0; i < 32; i++) {
+                float back;
+                if (fmt == 0) {
+                    float q = rintf(v[i] * inv);
+                    q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                    row[b * 32 + i] = (uint8_t)(int8_t)q;
+                    back = q * d;
+                } else {
+                    float q = floorf(v[i] * inv + 8.5f);
+                    q = q > 15 ? 15 : (q < 0 ? 0 : q);
+                    const uint8_t u = (uint8_t)q;
+                    if (i < 16) row[b * 16 + i] = u;
+                    else row[b * 16 + i - 16] |= (uint8_t)(u << 4);
+                    back = (q - 8) * d;
+                }
+                if (b * 32 + i < n_cols) {
+                    e_tot += (double)(back - v[i]) * (back - v[i]);
+                    w_tot += (double)v[i] * v[i];
+                }
+            }
+        }
+        if (norms) norms[r] = (float)sqrt(nrm);
+    }
+    err[0] += e_tot;
+    err[1] += w_tot;
+}

@@ -33,8 +33,10 @@ from edge.errors import EdgeError
 from edge.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("qkernels.c")
-BASE_FLAGS = ["-O3", "-std=c11", "-ffast-math", "-fno-finite-math-only", "-fno-strict-aliasing",
-              "-fPIC", "-shared"]
+# Reassociation lets the compiler vectorize the sums; no reciprocal math, no FMA contraction
+# (-std=c11 keeps it off): the row quantizer must round exactly as qformat's numpy does.
+BASE_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+              "-fno-signed-zeros", "-fno-strict-aliasing", "-fPIC", "-shared"]
 ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])  # first that compiles wins
 BUILD_ERROR: str | None = None
 _LIB: Any = None
@@ -110,7 +112,8 @@ def library(required: bool = False) -> Any:
         if cc is None:
             raise OSError("no C compiler found (cc, gcc or clang); set CC")
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        key = hashlib.sha256(b"|".join([SOURCE.read_bytes(), version.encode(), " ".join(BASE_FLAGS).encode(),
+        flags = " ".join(BASE_FLAGS + [" ".join(f) for f in ARCH_FLAGS])
+        key = hashlib.sha256(b"|".join([SOURCE.read_bytes(), version.encode(), flags.encode(),
                                         platform.machine().encode(), _cpu_features().encode()])).hexdigest()[:16]
         path = cache_dir() / "kernels" / f"qkernels-{key}.so"
         if not path.is_file():
@@ -128,6 +131,9 @@ def library(required: bool = False) -> Any:
     lib.edge_accum.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_void_p,
                                c_int64, c_int64, c_void_p]
     lib.edge_accum.restype = None
+    lib.edge_quantize.argtypes = [c_void_p, c_int64, c_int64, c_int64, c_int64, c_int, c_int64, c_int64,
+                                  c_int64, c_void_p, c_void_p, c_void_p, c_int]
+    lib.edge_quantize.restype = None
     lib.edge_openmp.restype = c_int
     _LIB = lib
     return lib

@@ -100,6 +100,13 @@ class Writer:
         if norms is not None:
             self._put(e["c_off"] + row0 * 4, norms.astype(np.float32))
 
+    def raw(self, name: str, row0: int, rows: np.ndarray, norms: np.ndarray | None = None) -> None:
+        """Rows already in the store's layout (values then scales, `stride` bytes each)."""
+        e = self.layout.tensors[name]
+        self._put(e["off"] + row0 * e["stride"], rows)
+        if norms is not None:
+            self._put(e["c_off"] + row0 * 4, norms.astype(np.float32))
+
     def f32(self, name: str, a: np.ndarray) -> None:
         self._put(self.layout.tensors[name]["off"], np.asarray(a, dtype=np.float32))
 
