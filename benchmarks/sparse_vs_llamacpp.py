@@ -284,6 +284,7 @@ def floor(qe: Any, prompt: list[int], threads: list[int], sparse: Any) -> dict[s
 
     from edge.sparse import qstore as K
     from edge.sparse.qengine import QuantizedEngine, set_threads
+    from edge.sparse.qengine import threads as threads_now
 
     fl = QuantizedEngine(qe.info, qe.store, kernels=qe.kernels)
     fl.thr[:] = np.float32(3e38)  # in place: the kernels hold a pointer to this table
@@ -308,10 +309,12 @@ def floor(qe: Any, prompt: list[int], threads: list[int], sparse: Any) -> dict[s
         kv = cache._ckv
         import ctypes
 
+        P = threads_now()
         t0 = time.perf_counter()
         for _ in range(n):
             lib.edge_decode(ctypes.byref(dec.model), ctypes.byref(kv), ctypes.byref(dec.ws), 1,
-                            cache.n_past, fl._logits.ctypes.data, fl.counts.ctypes.data, 1)
+                            cache.n_past, fl._logits.ctypes.data, fl.counts.ctypes.data, P)
+            cache.n_past += 1
         out["python_overhead_us"] = (t_api - (time.perf_counter() - t0)) / n * 1e6
         m = fl.store.mats[fl.glob[1]]
         n_in, nb = int(m[K.NROWS]), int(m[K.NBLK])
