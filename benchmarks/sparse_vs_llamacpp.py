@@ -220,12 +220,15 @@ def llama_run(bc: Any, prompt: list[int], n_gen: int) -> tuple[float, float]:
 
 
 def llama_weight_bytes(path: Path) -> float:
-    """What llama.cpp reads per decoded token: every weight tensor once, one embedding row."""
+    """What llama.cpp reads per decoded token: every weight tensor once, one embedding row
+    (all of it when the output layer is tied to it)."""
     from gguf import GGUFReader
 
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    tied = "output.weight" not in tensors
     total = 0.0
-    for t in GGUFReader(path).tensors:
-        if t.name == "token_embd.weight":
+    for name, t in tensors.items():
+        if name == "token_embd.weight" and not tied:
             total += t.n_bytes / int(t.shape[-1])
         else:
             total += t.n_bytes
