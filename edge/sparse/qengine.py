@@ -9,6 +9,7 @@ exactly as the reference engine (edge.engine.model.Engine) does it.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -326,10 +327,16 @@ _THREADS: int | None = None
 def threads() -> int:
     """Threads of the decode kernels: set_threads()'s value, else the physical cores."""
     if _THREADS is None:
-        from edge.system import default_threads
-
-        return default_threads()
+        return _default_threads()
     return _THREADS
+
+
+@functools.lru_cache(maxsize=1)
+def _default_threads() -> int:
+    # psutil reads sysfs on every call (~0.8 ms): once per process, not once per token
+    from edge.system import default_threads
+
+    return default_threads()
 
 
 def set_threads(n: int) -> int:
