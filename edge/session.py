@@ -46,7 +46,9 @@ def open_session(model: str | os.PathLike[str] | None, config: RuntimeConfig | N
                  correction: str | os.PathLike[str] | None = None,
                  correction_scale: float = 1.0) -> Generator:
     """A Generator on MODEL: `engine` "llama" (llama.cpp) or "native" (edge's numpy engine);
-    by default the native engine when a sparsity profile is given, llama.cpp otherwise."""
+    by default the native engine when a sparsity profile is given, llama.cpp otherwise. A
+    profile made with `edge sparsify --weights q8|q4` runs on those quantized rows
+    (edge.sparse.qgenerate), any other on the f32 engine (edge.engine.generate)."""
     config = config or RuntimeConfig()
     engine = engine or ("native" if sparse_profile is not None else "llama")
     if engine == "llama":
@@ -56,6 +58,15 @@ def open_session(model: str | os.PathLike[str] | None, config: RuntimeConfig | N
     for flag, used in (("--rpc", config.rpc), ("--correction", correction)):
         if used:
             raise BadOptionError(f"edge's native engine (--sparse-profile) cannot use {flag}; drop one")
+    if sparse_profile is not None:
+        from edge.sparse.profile import SparseProfile
+
+        weights = SparseProfile.load(sparse_profile).weights
+        if weights is not None:
+            from edge.sparse.qgenerate import QuantizedGenerator
+
+            return QuantizedGenerator.load(model, sparse_profile, threads=config.threads,
+                                           n_ctx=config.n_ctx, weights=weights)
     from edge.engine.generate import NativeGenerator
 
     return NativeGenerator.load(model, sparse_profile, threads=config.threads, n_ctx=config.n_ctx)

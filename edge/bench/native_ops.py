@@ -15,6 +15,10 @@
 - threads: numba's pool (numba.set_num_threads) and the BLAS pool (threadpoolctl) follow
   the test's thread count; both are capped by what the process allows, so the record
   carries the values actually in force (`config.native_threads`).
+- a profile made with `edge sparsify --weights q8|q4` opens the quantized-rows engine
+  (edge.sparse.qengine): pp is its batched dense prefill, tg its fused decode step with
+  the masks inside; the record says which rows and kernels ran (`config.native_weights`,
+  `native_kernels`) and the kernels' thread count (`native_threads.kernels`).
 """
 
 from __future__ import annotations
@@ -72,7 +76,9 @@ class NativeBenchContext:
                  profile: dict[str, Any] | None = None) -> None:
         self.gen, self.profile = gen, profile  # profile: {path, sparsity, ...} for the record
         self.engine = gen.model
-        self.backend = gen.backend  # None: dense decode
+        self.backend = gen.backend  # None: dense decode (or the quantized engine's own masks)
+        # the quantized rows engine (edge.sparse.qengine): prefill and decode, its masks inside
+        self.quantized = hasattr(self.engine, "decode")
         self.n_ctx = min(n_ctx, self.engine.config.context_length)
         self.n_batch = self.n_ubatch = self.n_ctx  # the whole prompt is one forward
         self.threads = threads
@@ -82,6 +88,10 @@ class NativeBenchContext:
         self.cache = self.engine.new_cache(self.n_ctx)
         self._rng = random.Random(seed)
         self._limiter, self.threads_in_force = _set_threads(threads)
+        if self.quantized:
+            from edge.sparse.qengine import set_threads
+
+            self.threads_in_force["kernels"] = set_threads(threads)
         self.logits: np.ndarray | None = None  # last logits (tests compare dense and sparse)
         self.interrupt_check: Callable[[], None] | None = None
         self.perf_reset()
@@ -94,6 +104,10 @@ class NativeBenchContext:
     def _forward(self, tokens: list[int], backend: Any) -> None:
         if self.interrupt_check is not None:
             self.interrupt_check()
+        if self.quantized:
+            e = self.engine
+            self.logits = e.decode(tokens[0], self.cache) if len(tokens) == 1 else e.prefill(tokens, self.cache)
+            return
         self.logits = self.engine.forward(tokens, cache=self.cache, backend=backend,
                                           last_only=True).logits[-1]
 
@@ -141,6 +155,8 @@ class NativeBenchContext:
         figures["llama_perf_pp_tps"] = figures["llama_perf_tg_tps"] = None
         config.update(engine="native", flash_attn=None, sparse_profile=self.profile,
                       native_threads=dict(self.threads_in_force))
+        if self.quantized:  # which rows and kernels ran (q8 | q4; c | numba)
+            config.update(native_weights=self.engine.weights, native_kernels=self.engine.kernels)
 
     def close(self) -> None:
         if self._limiter is not None:

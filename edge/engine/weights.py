@@ -59,49 +59,23 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return v
 
 
-def load_weights(path: str | os.PathLike[str]) -> Weights:
-    """Validate with inspect(), then dequantize every tensor to float32."""
-    from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader, Keys
-    from gguf.quants import dequantize
+def read_args(reader: Any, info: ModelInfo) -> tuple[ModelArgs, float]:
+    """Hyper-parameters and the linear rope scale from a GGUFReader's metadata (no tensor
+    data is read, so a quantized engine can use it without dequantizing anything)."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES, Keys
 
-    info = inspect(path)  # a corrupt file is explained here, before GGUFReader trusts it
-    if info.arch != "llama":
-        raise InvalidModelFileError(
-            f"{path} is a '{info.arch}' model; the native engine runs Llama-architecture GGUFs only"
-        )
-    reader = GGUFReader(info.path)
-    arch = info.arch
+    arch, path = info.arch, info.path
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, key.format(arch=arch), default)
 
     n_head = int(meta(Keys.Attention.HEAD_COUNT))
     n_embd = int(meta(Keys.LLM.EMBEDDING_LENGTH))
-    tensors = {t.name: t for t in reader.tensors}
-
-    def get(name: str) -> np.ndarray:
-        t = tensors.get(name)
-        if t is None:
-            raise InvalidModelFileError(f"{path} has no tensor '{name}'; is it a complete Llama GGUF?")
-        a = dequantize(t.data, t.tensor_type)
-        return np.ascontiguousarray(a.reshape([int(d) for d in reversed(t.shape)]), dtype=np.float32)
-
-    tok_embd = get(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
-    out_name = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
-    output = get(out_name) if out_name in tensors else tok_embd
-    n_layers = int(meta(Keys.LLM.BLOCK_COUNT))
-    keys = _tensor_keys()
-    layers = []
-    for il in range(n_layers):
-        def g(k: str, il: int = il) -> np.ndarray:
-            return get(keys[k].format(bid=il) + ".weight")
-
-        wt = {m: np.ascontiguousarray(g(m).T) for m in LINEAR_NAMES}
-        layers.append(LayerWeights(attn_norm=g("attn_norm"), ffn_norm=g("ffn_norm"), wt=wt))
+    embd = next(t for t in reader.tensors if t.name == TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
     args = ModelArgs(
-        n_layers=n_layers, n_embd=n_embd, n_head=n_head,
+        n_layers=int(meta(Keys.LLM.BLOCK_COUNT)), n_embd=n_embd, n_head=n_head,
         n_head_kv=int(meta(Keys.Attention.HEAD_COUNT_KV, n_head)),
-        n_ff=int(meta(Keys.LLM.FEED_FORWARD_LENGTH)), n_vocab=int(tok_embd.shape[0]),
+        n_ff=int(meta(Keys.LLM.FEED_FORWARD_LENGTH)), n_vocab=int(embd.shape[-1]),
         rope_theta=float(meta(Keys.Rope.FREQ_BASE, 10000.0)),
         rms_eps=float(meta(Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
         n_rot=int(meta(Keys.Rope.DIMENSION_COUNT, n_embd // n_head)),
@@ -116,6 +90,41 @@ def load_weights(path: str | os.PathLike[str]) -> Weights:
             f"{path} uses rope scaling '{scaling}', which the native engine does not implement; "
             "use the llama.cpp runtime for this model"
         )
+    return args, scale
+
+
+def load_weights(path: str | os.PathLike[str]) -> Weights:
+    """Validate with inspect(), then dequantize every tensor to float32."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader
+    from gguf.quants import dequantize
+
+    info = inspect(path)  # a corrupt file is explained here, before GGUFReader trusts it
+    if info.arch != "llama":
+        raise InvalidModelFileError(
+            f"{path} is a '{info.arch}' model; the native engine runs Llama-architecture GGUFs only"
+        )
+    reader = GGUFReader(info.path)
+    args, scale = read_args(reader, info)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> np.ndarray:
+        t = tensors.get(name)
+        if t is None:
+            raise InvalidModelFileError(f"{path} has no tensor '{name}'; is it a complete Llama GGUF?")
+        a = dequantize(t.data, t.tensor_type)
+        return np.ascontiguousarray(a.reshape([int(d) for d in reversed(t.shape)]), dtype=np.float32)
+
+    tok_embd = get(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
+    out_name = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
+    output = get(out_name) if out_name in tensors else tok_embd
+    keys = _tensor_keys()
+    layers = []
+    for il in range(args.n_layers):
+        def g(k: str, il: int = il) -> np.ndarray:
+            return get(keys[k].format(bid=il) + ".weight")
+
+        wt = {m: np.ascontiguousarray(g(m).T) for m in LINEAR_NAMES}
+        layers.append(LayerWeights(attn_norm=g("attn_norm"), ffn_norm=g("ffn_norm"), wt=wt))
     freqs_name = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
     rope_freqs = get(freqs_name) if freqs_name in tensors else None
     return Weights(args=args, info=info, tok_embd=tok_embd, output=output,

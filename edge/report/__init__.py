@@ -36,13 +36,17 @@ class ReportResult:
 
 
 def _engine(rec: dict[str, Any]) -> str:
-    """llama, native, or native + the sparse profile's name and sparsity."""
+    """llama, native (+ its quantized rows' format), + the sparse profile's name and sparsity:
+    llama.cpp and the native sparse engine on the same model sit side by side."""
     c = rec.get("config") or {}
     sp = c.get("sparse_profile")
+    engine = c.get("engine") or ("native" if sp else "llama")
+    if c.get("native_weights"):
+        engine += f" {c['native_weights']}"
     if not sp:
-        return c.get("engine") or "llama"
+        return engine
     name = Path(str(sp.get("path", "profile"))).name
-    return f"{c.get('engine') or 'native'} sparse {100 * (sp.get('sparsity') or 0):.0f}% ({name})"
+    return f"{engine} sparse {100 * (sp.get('sparsity') or 0):.0f}% ({name})"
 
 
 def _key(rec: dict[str, Any]) -> tuple[Any, ...]:

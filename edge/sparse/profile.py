@@ -66,6 +66,13 @@ class SparseProfile:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def weights(self) -> str | None:
+        """The quantized rows format (q8 | q4) `edge sparsify --weights` built for this
+        profile; None: the f32 engine runs it."""
+        w = self.extra.get("weights")
+        return str(w) if w else None
+
+    @property
     def needs_svd(self) -> bool:
         return any(m.r > 0 for m in self.modules)
 

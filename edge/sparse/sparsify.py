@@ -31,6 +31,7 @@ class SparsifyResult:
     n_evals: int
     seconds: float
     imatrix: str | None = None
+    rows: dict | None = None  # edge.sparse.qrows.QRowsResult of --weights q8|q4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,13 +48,19 @@ def sparsify(model: str | os.PathLike[str] | Engine, *, sparsity: float, calib: 
              out: str | os.PathLike[str], method: str = "greedy", budget_minutes: float = 5.0,
              alpha: float = 1.0, lowrank: bool = True, groups: int = 1, max_calib_tokens: int = 1024,
              imatrix: str | os.PathLike[str] | None = None, force: bool = False,
-             progress: Progress | None = None) -> SparsifyResult:
+             weights: str | None = None, progress: Progress | None = None) -> SparsifyResult:
     """Calibrate MODEL on `calib`, search a per-module allocation at `sparsity`, save it to `out`.
 
     `alpha` is used by the uniform method (1 = TEAL-style); greedy and evolutionary choose
     α per unit among (1, 0.8) — or α = 1 only with lowrank=False, which needs no SVD.
+    `weights` (q8 | q4) also builds the quantized rows the profile then runs on
+    (edge.sparse.qrows, cached under EDGE_CACHE) and names the format in the profile.
     """
     validate_sparsity(sparsity)
+    if weights is not None:
+        from edge.sparse.qformat import row_format
+
+        row_format(weights)  # an unknown format fails before any work
     if method not in METHODS:
         raise SparseProfileError(f"--search {method!r} is unknown; use one of {', '.join(METHODS)}")
     if not 0.0 <= alpha <= 1.0:
@@ -84,16 +91,22 @@ def sparsify(model: str | os.PathLike[str] | Engine, *, sparsity: float, calib: 
         model_fingerprint=engine.info.fingerprint, model_name=engine.info.name,
         calib_sha256=cal.text_sha256, calib_tokens=len(cal.tokens), target_sparsity=sparsity,
         sparsity=round(model_sparsity(engine, res.alloc), 4), search=method, kl=res.kl,
-        modules=specs, extra={"uniform_teal_kl": base, "groups": groups, "n_evals": res.n_evals},
+        modules=specs, extra={"uniform_teal_kl": base, "groups": groups, "n_evals": res.n_evals,
+                              **({"weights": weights} if weights else {})},
     )
     prof.save(out)
+    rows = None
+    if weights is not None:
+        from edge.sparse.qrows import build_qrows
+
+        rows = build_qrows(engine.path, out, weights=weights, progress=progress).to_dict()
     if imatrix is not None:
         write_imatrix(cal, engine, imatrix, dataset=str(calib))
     return SparsifyResult(
         profile=str(out), target=sparsity, sparsity=prof.sparsity, search=method, kl=res.kl,
         uniform_kl=base, n_lowrank_modules=sum(m.r > 0 for m in specs), calib_tokens=len(cal.tokens),
         n_evals=res.n_evals + 1, seconds=time.perf_counter() - t0,
-        imatrix=str(imatrix) if imatrix is not None else None)
+        imatrix=str(imatrix) if imatrix is not None else None, rows=rows)
 
 
 def _resolve(model: str | os.PathLike[str]) -> Path:

@@ -39,10 +39,13 @@ def max_rank(n_in: int, n_out: int) -> int:
 
 
 def cache_path(engine: Engine) -> Path:
-    model = Path(engine.path)
+    return cache_path_for(engine.path, engine.info.fingerprint)
+
+
+def cache_path_for(model: str | Path, fingerprint: str) -> Path:
     # in the cache folder, never beside the model: that may be site-packages (the bundled
     # model) or a read-only share, and a package manager would not remove it
-    return cache_dir() / "svd" / f"{model.stem}.{engine.info.fingerprint[:12]}.svd.npz"
+    return cache_dir() / "svd" / f"{Path(model).stem}.{fingerprint[:12]}.svd.npz"
 
 
 class SvdCache:
