@@ -132,3 +132,14 @@ def test_no_function_over_80_lines():
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80:
                 long.append(f"{m}.{n.name} ({n.end_lineno - n.lineno + 1} lines)")
     assert long == []
+
+
+def test_non_python_files_ship_in_the_wheel():
+    # A Pi installs edge without -e: a source file the code reads at run time must be package data.
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {f"{pkg.replace('.', '/')}/{name}" for pkg, names in data.items() for name in names}
+    found = {str(p.relative_to(ROOT)) for d in ("edge", "bias") for p in (ROOT / d).rglob("*")
+             if p.is_file() and p.suffix not in {".py", ".pyc", ".so"} and "__pycache__" not in p.parts}
+    assert found <= shipped
