@@ -16,12 +16,13 @@ An oblique variant (`leace_edit`, LEACE-style) removes the class-mean difference
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from bias import metrics as M
 from edge.errors import BadOptionError
 from edge.fold import FoldPlan, ResidualEdit
 
@@ -224,3 +225,77 @@ class Trial:
         d["spec"] = self.spec.to_dict()
         d["describe"] = self.spec.describe()
         return d
+
+
+Measure = Callable[[AblationSpec, BiasDirections], tuple[np.ndarray, np.ndarray, float, float]]
+
+
+@dataclass
+class AblateResult:
+    best: Trial | None  # None: no trial lowered the objective within the PPL budget
+    trials: list[Trial]
+    base_objective: float
+    base_ppl: float
+    directions: dict[str, BiasDirections]
+
+    @property
+    def chosen_directions(self) -> BiasDirections | None:
+        return None if self.best is None else self.directions[self.best.directions]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best": None if self.best is None else self.best.to_dict(),
+                "trials": [t.to_dict() for t in self.trials], "base_objective": self.base_objective,
+                "base_ppl": self.base_ppl, "directions": {k: d.to_dict() for k, d in self.directions.items()}}
+
+
+def _layers(first: int, last: int, n_layers: int) -> tuple[int, ...]:
+    last = last % n_layers if last < 0 else last
+    return tuple(range(max(first, 0), min(last, n_layers - 1) + 1))
+
+
+def run_ablate_loop(directions: dict[str, BiasDirections], base: tuple[np.ndarray, np.ndarray],
+                    base_ppl: float, categories: Sequence[str], measure: Measure, cfg: AblateConfig,
+                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> AblateResult:
+    """Measure each candidate at full strength, then scale the most efficient one into the
+    PPL budget. The objective is category_rms on the calibration rows; efficiency is its
+    fall per PPL cost. PPL grows ~quadratically in λ (a projection is smooth in λ and the
+    uncorrected model is a minimum of the text's loss), so λ = √(0.95·budget / rise at λ=1)
+    is the first guess, refined by a secant step on the measured rises."""
+    cfg.validate()
+    emit = on_event or (lambda kind, data: None)
+    cats = list(categories)
+    obj0 = category_rms(*base, cats)
+    trials: list[Trial] = []
+
+    def trial(spec: AblationSpec, kind: str) -> Trial:
+        m, ls, ppl, kl = measure(spec, directions[kind])
+        t = Trial(spec, kind, category_rms(m, ls, cats), float(M.pct_stereotype(m, ls)),
+                  float(M.mean_ll_diff(m, ls)), ppl, ppl / base_ppl - 1, kl, pair_diagnostics(base, (m, ls)))
+        trials.append(t)
+        emit("trial", t.to_dict())
+        return t
+
+    n_layers = next(iter(directions.values())).n_layers
+    for kind, a, b in cfg.candidates:
+        trial(AblationSpec(_layers(a, b, n_layers), 1.0, cfg.embedding), kind)
+
+    def gain(t: Trial) -> float:  # objective fall per unit of PPL budget used
+        return (obj0 - t.objective) / max(t.ppl_increase, 0.05 * cfg.max_ppl_increase)
+
+    useful = [t for t in trials if t.objective < obj0]
+    if useful:
+        top = max(useful, key=gain)
+        lo, hi = 0.0, 1.0  # strengths known to be within / beyond the budget
+        cur = top
+        for _ in range(cfg.max_steps):
+            if cur.ppl_increase <= cfg.max_ppl_increase:
+                break
+            hi = cur.spec.strength
+            lam = cur.spec.strength * float(np.sqrt(0.95 * cfg.max_ppl_increase / cur.ppl_increase))
+            lam = min(max(lam, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
+            cur = trial(AblationSpec(top.spec.layers, round(lam, 4), top.spec.embedding), top.directions)
+            if cur.ppl_increase <= cfg.max_ppl_increase:
+                lo = lam
+    ok = [t for t in trials if t.ppl_increase <= cfg.max_ppl_increase and t.objective < obj0]
+    best = min(ok, key=lambda t: t.objective) if ok else None
+    return AblateResult(best, trials, obj0, base_ppl, directions)

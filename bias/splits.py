@@ -176,7 +176,7 @@ def summarize(splits: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[st
 
 
 def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Path,
-               on_event: Event | None = None) -> SplitsResult:
+               on_event: Event | None = None, info: dict[str, Any] | None = None) -> SplitsResult:
     """Calibrate and judge every method on cfg.n_splits splits; results.json after each."""
     cfg.validate()
     emit = on_event or (lambda kind, data: None)
@@ -184,7 +184,8 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     res = SplitsResult(asdict(cfg), shared={"base_ppl": sh.base_ppl, "pairs": len(sh.suite.items),
                                             "bbq_items": len(sh.bbq.items) if sh.bbq else 0,
-                                            "probes": len(sh.probes.items) if sh.probes else 0})
+                                            "probes": len(sh.probes.items) if sh.probes else 0,
+                                            **(info or {})})
     t0 = time.perf_counter()
 
     def save() -> None:
