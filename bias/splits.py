@@ -24,6 +24,7 @@ from bias.feedback import split
 from bias.judge import judge_bbq, judge_generation, judge_pairs
 from bias.repeat import RepeatConfig
 from bias.shared import Shared
+from bias.splits_report import report_md
 from edge.errors import BadOptionError
 from edge.paths import atomic_write
 
@@ -193,6 +194,8 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
         res.summary = summarize(res.splits, cfg.methods)
         with atomic_write(out / "results.json", "w") as f:
             json.dump(res.to_dict(), f, indent=1)
+        with atomic_write(out / "report.md", "w") as f:
+            f.write(report_md(res.to_dict()))
 
     for s in range(cfg.n_splits):
         seed = cfg.seed + s

@@ -57,12 +57,12 @@ class HiddenStates:
             raise InvalidModelFileError(f"llama.cpp could not load {model_path}")
         self.n_layers = int(llama_cpp.llama_model_n_layer(self.model))
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
-        self.n_batch, self.n_seq = n_batch, n_seq
+        self.n_batch, self.n_seq = n_batch, min(n_seq, n_batch)  # llama.cpp needs n_seq ≤ n_ctx
         self._rows: dict[int, np.ndarray] = {}
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept alive
         p = llama_cpp.llama_context_default_params()
         p.n_ctx = p.n_batch = p.n_ubatch = n_batch  # one ubatch per decode: one callback per layer
-        p.n_seq_max = n_seq
+        p.n_seq_max = self.n_seq
         p.kv_unified = True
         p.flash_attn_type = 0
         p.n_threads = p.n_threads_batch = threads

@@ -140,3 +140,17 @@ def test_bad_plans_and_outputs_are_refused(tiny: dict[str, Path]) -> None:
     with pytest.raises(OutputExistsError):
         fold_gguf(tiny["f32"], tiny["q8"], FoldPlan({0: e}))
     assert not (tiny["dir"] / "x.gguf").exists()
+
+
+def test_hidden_states_from_llama_cpp_equal_the_engine(tiny: dict[str, Path]) -> None:
+    from edge.hidden import HiddenStates
+
+    eng = Engine.from_gguf(tiny["f32"])
+    texts = [_tokens(n)[: n] for n in (5, 17, 9)]
+    texts = [[1, *t] for t in texts]
+    with HiddenStates(tiny["f32"], threads=1, n_batch=32) as hs:  # 32 rows: two decodes
+        got = hs.token_means(texts)
+    for t, g in zip(texts, got, strict=True):
+        ref = eng.forward(t, return_hidden=True).hidden[:, 1:].mean(axis=1)
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+    assert np.abs(got[0] - got[1]).max() > 0.1  # texts do not leak into each other's rows
