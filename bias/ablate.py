@@ -50,10 +50,31 @@ class BiasDirections:
                 "snr": [[round(float(x), 4) for x in row] for row in self.snr]}
 
 
+def top_axes(x: np.ndarray, k: int) -> np.ndarray:
+    """The k leading axes (k, n_embd) of the uncentred second moment of states x (n, n_embd):
+    the stream's mean and its few massive dimensions."""
+    if k <= 0:
+        return np.zeros((0, x.shape[-1]))
+    _, vecs = np.linalg.eigh(x.T @ x / len(x))
+    return vecs[:, ::-1][:, :k].T
+
+
+def _orthogonal(v: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    return v - (v @ axes.T) @ axes if len(axes) else v
+
+
 def compute_directions(h_more: np.ndarray, h_less: np.ndarray, e_more: np.ndarray, e_less: np.ndarray,
-                       categories: Sequence[str] | None = None, *, min_pairs: int = 12) -> BiasDirections:
+                       categories: Sequence[str] | None = None, *, min_pairs: int = 12,
+                       protect: int = 3) -> BiasDirections:
     """Directions from pair states: h_* (n, n_layers, n_embd), e_* (n, n_embd) token-mean
-    embeddings. With `categories`, one direction per category (per layer), else one overall."""
+    embeddings. With `categories`, one direction per category (per layer), else one overall.
+
+    `protect`: each direction is made orthogonal to the layer's `protect` leading axes of
+    the stream (top_axes). Measured on SmolLM2-135M: the raw mean difference has cosine
+    0.1-0.26 with the stream's mean (norm 100-630 against a difference of 1-13), so
+    removing it took 4-7% of every token's squared norm and PPL rose ×10-270; without
+    those 3 axes it takes 0.02-0.15%, keeps 84-94% of the difference and its per-pair
+    signal-to-noise rises (0.14 → 0.71 at layer 5)."""
     diff = (np.asarray(h_more, np.float64) - np.asarray(h_less, np.float64))
     ediff = np.asarray(e_more, np.float64) - np.asarray(e_less, np.float64)
     n = len(diff)
@@ -66,13 +87,16 @@ def compute_directions(h_more: np.ndarray, h_less: np.ndarray, e_more: np.ndarra
     evecs = np.zeros((len(labels), d))
     snr = np.zeros((L, len(labels)))
     counts = []
+    states = np.concatenate([np.asarray(h_more, np.float64), np.asarray(h_less, np.float64)])
+    axes = [top_axes(states[:, il], protect) for il in range(L)]
+    eaxes = top_axes(np.concatenate([np.asarray(e_more, np.float64), np.asarray(e_less, np.float64)]), protect)
     for j, c in enumerate(labels):
         m = cats == c
         counts.append(int(m.sum()))
         if m.sum() < min_pairs and categories is not None:
             continue
-        vecs[:, j] = diff[m].mean(0)
-        evecs[j] = ediff[m].mean(0)
+        vecs[:, j] = [_orthogonal(diff[m, il].mean(0), axes[il]) for il in range(L)]
+        evecs[j] = _orthogonal(ediff[m].mean(0), eaxes)
         unit = vecs[:, j] / np.maximum(np.linalg.norm(vecs[:, j], axis=1), 1e-12)[:, None]
         proj = np.einsum("nld,ld->nl", diff[m], unit)
         snr[:, j] = np.abs(proj.mean(0)) / np.maximum(proj.std(0), 1e-12)

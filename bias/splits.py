@@ -60,7 +60,8 @@ class SplitsConfig:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
 
     def repeat_config(self) -> RepeatConfig | None:
-        return RepeatConfig(repeat=self.repeat, temp=self.temp) if self.repeat > 0 else None
+        # no greedy reference: the judgement compares sampled answers only (saves 1/(K+1) of the time)
+        return RepeatConfig(repeat=self.repeat, temp=self.temp, greedy_reference=False) if self.repeat > 0 else None
 
 
 @dataclass

@@ -42,13 +42,13 @@ def _states(n: int = 60, seed: int = 0) -> tuple[np.ndarray, ...]:
 def test_directions_per_category_and_overall() -> None:
     hm, hl, em, el = _states()
     cats = ["a"] * 30 + ["b"] * 30
-    over = compute_directions(hm, hl, em, el)
-    per = compute_directions(hm, hl, em, el, cats)
+    over = compute_directions(hm, hl, em, el, protect=0)
+    per = compute_directions(hm, hl, em, el, cats, protect=0)
     assert over.labels == ["all"] and per.labels == ["a", "b"] and per.counts == [30, 30]
     np.testing.assert_allclose(per.layers[2, 0], np.eye(D)[0], atol=1e-6)
     np.testing.assert_allclose(per.layers[2, 1], -2 * np.eye(D)[1], atol=1e-6)
     np.testing.assert_allclose(over.layers[2], [[0.5, -1, 0, 0, 0, 0, 0, 0]], atol=1e-6)
-    few = compute_directions(hm, hl, em, el, ["a"] * 55 + ["b"] * 5, min_pairs=12)
+    few = compute_directions(hm, hl, em, el, ["a"] * 55 + ["b"] * 5, min_pairs=12, protect=0)
     assert not few.layers[:, 1].any()  # 5 pairs make no direction
     # per category, λ = 1 removes both categories' differences at every edited layer
     plan = make_plan(per, AblationSpec((1, 2), 1.0, embedding=True))
@@ -63,6 +63,18 @@ def test_directions_per_category_and_overall() -> None:
     assert single.layers[0] is single.layers[3] and single.embedding is single.layers[0]
     with pytest.raises(Exception, match="strength"):
         make_plan(per, AblationSpec((1,), 1.5))
+
+
+def test_directions_avoid_the_streams_massive_axis() -> None:
+    hm, hl, em, el = _states()
+    hm, hl = hm.copy(), hl.copy()
+    hm[:, :, 7] += 300.0 + 3.0  # a massive dimension the stereotype also nudges
+    hl[:, :, 7] += 300.0
+    raw = compute_directions(hm, hl, em, el, protect=0)
+    prot = compute_directions(hm, hl, em, el, protect=1)
+    assert abs(raw.layers[2, 0, 7]) > 2.5
+    assert abs(prot.layers[2, 0, 7]) < 0.01  # from 3.0: the massive axis is left alone
+    np.testing.assert_allclose(prot.layers[2, 0, :2], raw.layers[2, 0, :2], atol=0.05)
 
 
 def test_leace_edit_equalises_class_means() -> None:
@@ -119,7 +131,8 @@ def test_judge_flags_and_power_line() -> None:
 def test_loop_picks_the_efficient_candidate_and_scales_it_into_budget() -> None:
     hm, hl, em, el = _states()
     cats = ["a"] * 30 + ["b"] * 30
-    dirs = {"overall": compute_directions(hm, hl, em, el), "category": compute_directions(hm, hl, em, el, cats)}
+    dirs = {"overall": compute_directions(hm, hl, em, el, protect=0),
+            "category": compute_directions(hm, hl, em, el, cats, protect=0)}
     rng = np.random.default_rng(5)
     less = rng.standard_normal(60)
     d0 = np.where(np.arange(60) < 30, 1.0, -2.0) + rng.standard_normal(60) * 0.1
