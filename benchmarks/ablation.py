@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="generation repeats per probe (0: no generation)")
     ap.add_argument("--temp", type=float, default=0.8)
     ap.add_argument("--max-ppl-increase", type=float, default=0.02)
+    ap.add_argument("--candidates", default="category:0:-1,overall:0:-1,category:15:-1",
+                    help="ablation candidates measured at full strength: SET:FIRST:LAST,...")
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("--agreement", type=int, default=0, metavar="ROWS",
                     help="after the run, check split 0's ablated GGUFs against the numpy engine on ROWS held-out rows")
@@ -108,6 +110,7 @@ def main() -> None:
                        methods=tuple(a.methods.split(",")), max_ppl_increase=a.max_ppl_increase,
                        bbq_spec=f"bbq:{DATA / 'bbq'}", bbq_per_condition=a.bbq_per_condition,
                        repeat=a.repeat, temp=a.temp, keep_models=a.keep_models or a.agreement > 0)
+    cands = tuple((k, int(f), int(t)) for k, f, t in (c.split(":") for c in a.candidates.split(",")))
     t0, c0 = time.perf_counter(), time.process_time()
 
     def show(kind: str, d: dict) -> None:
@@ -115,7 +118,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:7.0f}s] {kind} {json.dumps(keep, default=str)}", flush=True)
 
     res = mitigate_splits(None, f"crows_pairs:{DATA / 'crows_pairs' / 'crows_pairs_anonymized.csv'}", a.out,
-                          cfg=cfg, ablate=AblateConfig(max_ppl_increase=a.max_ppl_increase),
+                          cfg=cfg, ablate=AblateConfig(max_ppl_increase=a.max_ppl_increase, candidates=cands),
                           threads=a.threads, on_event=show)
     print(report_md(res.to_dict()))
     load = os.getloadavg()

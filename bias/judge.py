@@ -37,11 +37,15 @@ class Judged:
     power: float  # smallest |value − neutral| detectable at 95% with 80% power
 
     @property
-    def excluded_before(self) -> bool:
+    def excluded_before(self) -> bool | None:
+        if np.isnan(self.neutral):  # a figure without a neutral value (accuracy)
+            return None
         return not self.before.lo <= self.neutral <= self.before.hi
 
     @property
-    def contains_after(self) -> bool:
+    def contains_after(self) -> bool | None:
+        if np.isnan(self.neutral):
+            return None
         return self.after.lo <= self.neutral <= self.after.hi
 
     @property

@@ -29,7 +29,7 @@ from bias.ablate import (
 )
 from bias.audit import open_scorer, score_bbq, score_pairs
 from bias.cvec import write as write_cvec
-from bias.feedback import LoopConfig, run_loop
+from bias.feedback import LoopConfig, run_loop, split
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.shared import Shared, compute_shared
@@ -191,10 +191,13 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
     try:
         scorer = open_scorer(rt, precision)
         compute = Path(scorer.compute.get("path", rt.path))
+        # states only for rows some split calibrates on (all of them from ~5 splits on)
+        cal_rows = np.unique(np.concatenate([split(suite, cfg.calib_frac, cfg.seed + s, cfg.exclude_category)[0]
+                                             for s in range(cfg.n_splits)]))
         sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
                             bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
                             probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
-                            on_event=emit)
+                            state_rows=cal_rows, on_event=emit)
         info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate),
                 "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})

@@ -47,21 +47,28 @@ def pair_texts(rt: Runtime, suite: Suite) -> list[list[int]]:
 
 
 def read_states(rt: Runtime, suite: Suite, model_path: str, *, threads: int,
+                rows: np.ndarray | None = None,
                 on_progress: Callable[[int], None] | None = None) -> PairStates:
-    """Every pair's states from llama.cpp (edge.hidden), embeddings from the GGUF itself."""
+    """The pairs' states from llama.cpp (edge.hidden), embeddings from the GGUF itself.
+    `rows`: only these pairs (the others stay zero: a split calibrates only on its rows)."""
     import gguf
     from gguf.quants import dequantize
 
     from edge.hidden import HiddenStates
 
-    texts = pair_texts(rt, suite)
+    idx = np.arange(len(suite.items)) if rows is None else np.asarray(sorted(set(rows.tolist())))
+    texts = pair_texts(rt, suite.subset(idx.tolist()))
     with HiddenStates(model_path, threads=threads) as hs:
         h = hs.token_means(texts, on_progress=on_progress)
     reader = gguf.GGUFReader(model_path)
     t = next(t for t in reader.tensors if t.name == "token_embd.weight")
     emb = dequantize(t.data, t.tensor_type).reshape(-1, int(t.shape[0]))
     e = np.array([emb[tk[1:]].mean(0) for tk in texts], np.float32)
-    return PairStates(h[0::2], h[1::2], e[0::2], e[1::2])
+    n = len(suite.items)
+    full = [np.zeros((n, *a.shape[1:]), np.float32) for a in (h[0::2], h[1::2], e[0::2], e[1::2])]
+    for f, a in zip(full, (h[0::2], h[1::2], e[0::2], e[1::2]), strict=True):
+        f[idx] = a
+    return PairStates(*full)
 
 
 @dataclass
@@ -106,13 +113,13 @@ def bbq_sample(spec: str, per_condition: int, seed: int) -> Suite:
 def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_model: str,
                    threads: int, bbq_spec: str | None, bbq_per_condition: int,
                    probes_spec: str | None, repeat: RepeatConfig | None, seed: int = 0,
-                   on_event: Event | None = None) -> Shared:
+                   state_rows: np.ndarray | None = None, on_event: Event | None = None) -> Shared:
     """Score the uncorrected model once on everything the splits will need."""
     emit = on_event or (lambda kind, data: None)
     emit("stage", {"stage": "uncorrected scores", "pairs": len(suite.items)})
     base = score_pairs(scorer, suite)
-    emit("stage", {"stage": "pair states", "pairs": len(suite.items)})
-    states = read_states(rt, suite, states_model, threads=threads)
+    emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
+    states = read_states(rt, suite, states_model, threads=threads, rows=state_rows)
     neutral = neutral_chunks(rt)
     utility = Utility(scorer, neutral)
     base_ppl, _ = utility()
