@@ -272,6 +272,71 @@ def _names() -> tuple[str, str, str, str]:
             N[T.ATTN_OUT] + ".weight", N[T.FFN_DOWN] + ".weight")
 
 
+Job = tuple[str, Any, "ResidualEdit | None", Any]  # (name, source tensor or None for a bias, edit, type)
+
+
+def _jobs(reader: Any, plan: FoldPlan, weight_type: str, src: object) -> tuple[list[Job], list[str], bool]:
+    """What to write, in order: every source tensor (edited or not), the untied head after
+    the embedding, and the per-layer biases; plus the edited names and whether it unties."""
+    import gguf
+
+    emb_name, out_name, attn_out, ffn_down = _names()
+    edits = {attn_out.format(bid=il): e for il, e in plan.layers.items()}
+    edits |= {ffn_down.format(bid=il): e for il, e in plan.layers.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    if plan.embedding is not None:
+        edits[emb_name] = plan.embedding
+    missing = [n for n in edits if n not in tensors]
+    if missing:
+        raise InvalidModelFileError(f"{src} has no tensor {missing[0]!r}; is it a complete Llama GGUF?")
+    untie = plan.embedding is not None and plan.untie_output and out_name not in tensors
+    jobs: list[Job] = []
+    for t in reader.tensors:
+        jobs.append((t.name, t, edits.get(t.name), _target_type(t.tensor_type, weight_type, len(t.shape) >= 2)))
+        if untie and t.name == emb_name:  # the head keeps reading the unedited embedding
+            jobs.append((out_name, t, None, _target_type(t.tensor_type, weight_type, True)))
+    for il, e in sorted(plan.layers.items()):
+        if e.bias is not None:
+            jobs.append((ffn_down.format(bid=il).replace(".weight", ".bias"), None, None,
+                         gguf.GGMLQuantizationType.F32))
+    return jobs, sorted(edits), untie
+
+
+def _add_info(w: Any, job: Job, n_embd: int) -> None:
+    import gguf
+
+    name, t, e, qt = job
+    if t is None:
+        w.add_tensor_info(name, (n_embd,), np.dtype(np.float32), 4 * n_embd, qt)
+    elif e is None and qt == t.tensor_type:
+        w.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    else:
+        rows = int(np.prod([int(d) for d in t.shape[1:]]))
+        nb = row_bytes(int(qt), int(t.shape[0])) * rows
+        shape = [int(d) for d in reversed(t.shape)]
+        if qt in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            dt = np.dtype(np.float16 if qt == gguf.GGMLQuantizationType.F16 else np.float32)
+            w.add_tensor_info(name, shape, dt, nb, qt)
+        else:  # GGUFWriter takes quantized tensors by their byte shape
+            w.add_tensor_info(name, [*shape[:-1], nb // rows], np.dtype(np.uint8), nb, qt)
+
+
+def _write(w: Any, job: Job, plan: FoldPlan, endianess: Any) -> TensorCost | None:
+    name, t, e, qt = job
+    if t is None:
+        w.write_tensor_data(np.asarray(plan.layers[int(name.split(".")[1])].bias, dtype=np.float32))
+        return None
+    if e is None and qt == t.tensor_type:
+        w.write_tensor_data(t.data, tensor_endianess=endianess)
+        return None
+    x = _matrix(t)
+    if e is not None:
+        x = edit_embedding(x, e) if name == _names()[0] else edit_writer(x, e)
+    data, cost = _encode(x, qt)
+    w.write_tensor_data(data)
+    return replace(cost, name=name) if cost is not None and e is not None else None
+
+
 def fold_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan: FoldPlan, *,
               weight_type: str = "source", note: str = "", force: bool = False,
               on_tensor: Callable[[str], None] | None = None) -> FoldResult:
@@ -295,63 +360,22 @@ def fold_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan: Fo
         raise InvalidModelFileError(f"{src} is a '{info.arch}' model; folding supports Llama GGUFs")
     plan.check(info.n_layers or 0, info.n_embd or 0)
     reader = _reader(str(info.path), os.stat(info.path).st_mtime_ns)
-    emb_name, out_name, attn_out, ffn_down = _names()
-    edits = {attn_out.format(bid=il): e for il, e in plan.layers.items()}
-    edits |= {ffn_down.format(bid=il): e for il, e in plan.layers.items()}
-    tensors = {t.name: t for t in reader.tensors}
-    if plan.embedding is not None:
-        edits[emb_name] = plan.embedding
-    missing = [n for n in edits if n not in tensors]
-    if missing:
-        raise InvalidModelFileError(f"{src} has no tensor {missing[0]!r}; is it a complete Llama GGUF?")
-    untie = plan.embedding is not None and plan.untie_output and out_name not in tensors
-    # (name, source tensor, edit, target type); the untied head is the unedited embedding
-    jobs: list[tuple[str, Any, ResidualEdit | None, Any]] = []
-    for t in reader.tensors:
-        jobs.append((t.name, t, edits.get(t.name), _target_type(t.tensor_type, weight_type, len(t.shape) >= 2)))
-        if untie and t.name == emb_name:
-            jobs.append((out_name, t, None, _target_type(t.tensor_type, weight_type, True)))
-    for il, e in sorted(plan.layers.items()):
-        if e.bias is not None:
-            jobs.append((ffn_down.format(bid=il).replace(".weight", ".bias"), None, None, gguf.GGMLQuantizationType.F32))
-    result = FoldResult(str(dst), str(info.path), weight_type, sorted(edits), untie)
+    jobs, edited, untie = _jobs(reader, plan, weight_type, src)
+    result = FoldResult(str(dst), str(info.path), weight_type, edited, untie)
     with atomic_path(dst) as tmp:
         w = gguf.GGUFWriter(str(tmp), info.arch)
         _copy_metadata(reader, w, weight_type, note)
-        for name, t, e, qt in jobs:
-            if t is None:
-                w.add_tensor_info(name, (info.n_embd,), np.dtype(np.float32), 4 * (info.n_embd or 0), qt)
-            elif e is None and qt == t.tensor_type:
-                w.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-            else:
-                rows = int(np.prod([int(d) for d in t.shape[1:]]))
-                nb = row_bytes(int(qt), int(t.shape[0])) * rows
-                shape = [int(d) for d in reversed(t.shape)]
-                if qt in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
-                    dt = np.dtype(np.float16 if qt == gguf.GGMLQuantizationType.F16 else np.float32)
-                    w.add_tensor_info(name, shape, dt, nb, qt)
-                else:
-                    w.add_tensor_info(name, [*shape[:-1], nb // rows], np.dtype(np.uint8), nb, qt)
+        for job in jobs:
+            _add_info(w, job, info.n_embd or 0)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for name, t, e, qt in jobs:
+        for job in jobs:
             if on_tensor:
-                on_tensor(name)
-            if t is None:
-                il = int(name.split(".")[1])
-                w.write_tensor_data(np.asarray(plan.layers[il].bias, dtype=np.float32))
-                continue
-            if e is None and qt == t.tensor_type:
-                w.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-                continue
-            x = _matrix(t)
-            if e is not None:
-                x = edit_embedding(x, e) if name == emb_name else edit_writer(x, e)
-            data, cost = _encode(x, qt)
-            if cost is not None and e is not None:
-                result.tensors.append(replace(cost, name=name))
-            w.write_tensor_data(data)
+                on_tensor(job[0])
+            cost = _write(w, job, plan, reader.endianess)
+            if cost is not None:
+                result.tensors.append(cost)
         w.close()
     result.seconds = time.perf_counter() - t0
     result.size = dst.stat().st_size
