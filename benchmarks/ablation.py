@@ -62,8 +62,8 @@ def agreement(out: Path, n_rows: int, threads: int) -> dict:
     from bias.suites import load_suite
     from edge.engine import Engine
     from edge.fold import fold_weights
-    from edge.generate import load_runtime
     from edge.runtime import RuntimeConfig
+    from edge.session import open_runtime
 
     res = json.loads((out / "results.json").read_text())
     fit = res["splits"][0]["methods"]["ablate"]["fit"]["loop"]["best"]
@@ -74,7 +74,7 @@ def agreement(out: Path, n_rows: int, threads: int) -> dict:
     suite = load_suite(f"crows_pairs:{DATA / 'crows_pairs' / 'crows_pairs_anonymized.csv'}")
     rows = set(res["splits"][0]["heldout_rows"][:n_rows])
     held = suite.subset([i for i, it in enumerate(suite.items) if it.row in rows])
-    rt = load_runtime(None, RuntimeConfig(n_ctx=512, threads=threads))
+    rt = open_runtime(None, RuntimeConfig(n_ctx=512, threads=threads))
     eng = Engine.from_gguf(rt.path)
     eng = Engine(fold_weights(eng.weights, make_plan(d, spec)))
     em, el = engine_pair_scores(eng, held.items)

@@ -93,7 +93,7 @@ def judge(stat: M.Stat, before: Sequence[np.ndarray], after: Sequence[np.ndarray
 
 # ---- pairs (CrowS-Pairs) -------------------------------------------------------------------
 @dataclass
-class PairJudgement:
+class PairRowsJudged:
     pct: Judged
     mean_ll_diff: Judged
     diagnostics: PairDiagnostics
@@ -115,10 +115,10 @@ class PairJudgement:
                 "made_worse": [c for c, j in cats.items() if j.away_from_neutral]}
 
 
-def judge_pairs(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
-                categories: Sequence[str], *, n_boot: int = M.N_BOOT) -> PairJudgement:
+def judge_pair_rows(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
+                categories: Sequence[str], *, n_boot: int = M.N_BOOT) -> PairRowsJudged:
     cats = np.asarray(categories)
-    out = PairJudgement(judge(M.pct_stereotype, before, after, neutral=50.0, n_boot=n_boot),
+    out = PairRowsJudged(judge(M.pct_stereotype, before, after, neutral=50.0, n_boot=n_boot),
                         judge(M.mean_ll_diff, before, after, neutral=0.0, n_boot=n_boot),
                         pair_diagnostics(before, after))
     for c in sorted(set(cats.tolist())):
@@ -178,5 +178,5 @@ def asdict_judged(d: dict[str, Judged]) -> dict[str, Any]:
     return {k: v.to_dict() for k, v in d.items()}
 
 
-__all__ = ["BBQFlags", "Judged", "PairJudgement", "asdict", "asdict_judged", "judge", "judge_bbq",
-           "judge_generation", "judge_pairs", "label_counts"]
+__all__ = ["BBQFlags", "Judged", "PairRowsJudged", "asdict", "asdict_judged", "judge", "judge_bbq",
+           "judge_generation", "judge_pair_rows", "label_counts"]

@@ -28,7 +28,6 @@ from bias.ablate import (
     run_ablate_loop,
 )
 from bias.audit import open_scorer, score_bbq, score_pairs
-from bias.cvec import write as write_cvec
 from bias.feedback import LoopConfig, run_loop, split
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
@@ -36,6 +35,7 @@ from bias.shared import Shared, compute_shared
 from bias.splits import Correction, SplitsConfig, SplitsResult, run_splits
 from bias.steering import compute_directions as steering_directions
 from bias.suites import Suite, load_suite
+from edge.cvec import write as write_cvec
 from edge.errors import BadOptionError
 from edge.fold import fold_gguf, requant_cost
 from edge.runtime import Runtime, RuntimeConfig
@@ -65,7 +65,7 @@ def _utility(ctx: Context, scorer: BatchScorer) -> tuple[float, float]:
         u.scorer = old
 
 
-def fit_steer(ctx: Context, cal: np.ndarray, work: Path) -> Correction:
+def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
     sh, sc, rt = ctx.shared, ctx.scorer, ctx.rt
     st = sh.states.take(cal)
     dirs = steering_directions(st.h_more, st.h_less, "mean")
@@ -74,7 +74,8 @@ def fit_steer(ctx: Context, cal: np.ndarray, work: Path) -> Correction:
     loop = run_loop(sc, sh.suite.subset(cal.tolist()), dirs, loop_cfg, sh.neutral,
                     lambda kind, d: ctx.emit("steer", d))
     vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
-    path = write_cvec(work / "steer.gguf", vec, model_hint=rt.info.arch or "llama",
+    target = ctx.cfg.outputs().get("steer") if index == 0 else None
+    path = write_cvec(target or work / "steer.gguf", vec, model_hint=rt.info.arch or "llama",
                       coefficients=loop.coefficients, source="edge bias mitigate --method steer")
 
     def with_vec(fn: Callable[[], Any]) -> Any:
@@ -116,7 +117,7 @@ class _Folded:
             self.scorer = None
 
 
-def fit_ablate(ctx: Context, cal: np.ndarray, work: Path) -> Correction:
+def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
     sh = ctx.shared
     st = sh.states.take(cal)
     cats = sh.categories[cal]
@@ -142,15 +143,17 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path) -> Correction:
                           lambda: _utility(ctx, sc), lambda p, r: sample_suite(ctx.rt, p, r).items, fit)
     best, d = res.best, dirs[res.best.directions]
     sc = folded.load(d, best.spec)
-    deploy = work / "ablate.gguf"
-    fr = fold_gguf(ctx.source_path, deploy, make_plan(d, best.spec), weight_type="source", force=True,
-                   note=f"edge bias ablate: {best.spec.describe()}")
-    fr.requant_kl = requant_cost(folded.path, deploy, _neutral_text(ctx), threads=ctx.threads)
-    fit["fold"] = fr.to_dict()
     np.savez_compressed(work / "ablate_directions.npz", layers=d.layers, embedding=d.embedding,
                         labels=np.array(d.labels), spec=np.array(str(best.spec.to_dict())))
+    # The deployable file (what a device runs, and what generation is judged on) only where
+    # it is used: split 0 (-o) and the splits judged by generation.
+    target = ctx.cfg.outputs().get("ablate") if index == 0 else None
+    deploy = None
+    if target or index < ctx.cfg.gen_splits:
+        deploy = _deploy(ctx, folded.path, Path(target) if target else work / "ablate.gguf", d, best.spec, fit)
 
     def generate(probes: Suite, rep: RepeatConfig) -> list[dict[str, Any]]:
+        assert deploy is not None
         grt = Runtime(deploy, RuntimeConfig(n_ctx=512, threads=ctx.threads))
         try:
             return sample_suite(grt, probes, rep).items
@@ -161,10 +164,23 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path) -> Correction:
         folded.close()
         if not ctx.cfg.keep_models:
             for p in (folded.path, deploy):
-                p.unlink(missing_ok=True)
+                if p is not None and p != target:
+                    p.unlink(missing_ok=True)
 
     return Correction("ablate", lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
                       lambda: _utility(ctx, sc), generate, fit, close)
+
+
+def _deploy(ctx: Context, f16: Path, dst: Path, d: BiasDirections, spec: AblationSpec,
+            fit: dict[str, Any]) -> Path:
+    """Fold the chosen ablation into the model file itself (re-quantized to its own types,
+    or F16 on request) and measure what re-quantization cost against the F16 fold."""
+    fr = fold_gguf(ctx.source_path, dst, make_plan(d, spec), weight_type=ctx.cfg.weights, force=True,
+                   note=f"edge bias ablate: {spec.describe()}")
+    if ctx.cfg.weights == "source":
+        fr.requant_kl = requant_cost(f16, dst, _neutral_text(ctx), threads=ctx.threads)
+    fit["fold"] = fr.to_dict()
+    return dst
 
 
 def _neutral_text(ctx: Context) -> str:
@@ -176,7 +192,7 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
                     threads: int | None = None, precision: str = "auto",
                     on_event: Event | None = None) -> SplitsResult:
     """`edge bias mitigate --method … --splits N`: shared work once, then every split."""
-    from edge.generate import load_runtime
+    from edge.session import open_runtime
 
     cfg = cfg or SplitsConfig()
     cfg.validate()
@@ -186,7 +202,7 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
     if suite.kind != "pairs":
         raise BadOptionError("mitigate needs a pair suite (crows_pairs or probes) for --suite")
     t0 = time.perf_counter()
-    rt = load_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
+    rt = open_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
     scorer = None
     try:
         scorer = open_scorer(rt, precision)
@@ -203,7 +219,7 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
         ctx = Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit)
         fitters = {"steer": fit_steer, "ablate": fit_ablate}
-        return run_splits(sh, lambda m, cal, work: fitters[m](ctx, cal, work), cfg, out_dir, emit, info)
+        return run_splits(sh, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit, info)
     finally:
         if scorer is not None:
             scorer.close()

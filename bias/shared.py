@@ -42,7 +42,7 @@ class PairStates:
 
 def pair_texts(rt: Runtime, suite: Suite) -> list[list[int]]:
     """BOS + tokens of each sentence, more then less per pair (as the scorer reads them)."""
-    bos = rt.llm.token_bos()
+    bos = rt.bos
     return [[bos, *rt.tokenize(s, add_bos=False)] for it in suite.items for s in (it.more, it.less)]
 
 

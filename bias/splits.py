@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from bias.feedback import split
-from bias.judge import judge_bbq, judge_generation, judge_pairs
+from bias.judge import judge_bbq, judge_generation, judge_pair_rows
 from bias.repeat import RepeatConfig
 from bias.shared import Shared
 from bias.splits_report import report_md
@@ -49,6 +49,11 @@ class SplitsConfig:
     steer_blocks: int = 3  # the control-vector loop's probed blocks and gain steps
     steer_iter: int = 4
     keep_models: bool = False  # keep each split's corrected GGUFs (~1 file size each)
+    # Generation is the slowest instrument (~100 s per judgement here) and the probes do not
+    # depend on the split: judge it on the first `gen_splits` splits only.
+    gen_splits: int = 1
+    weights: str = "source"  # the deployed ablated GGUF: "source" (re-quantized) or "F16"
+    output: str | None = None  # -o: split 0's correction (the ablated GGUF; see outputs())
 
     def validate(self) -> None:
         if self.n_splits < 1:
@@ -58,6 +63,22 @@ class SplitsConfig:
             raise BadOptionError(f"--method {','.join(bad) or '(none)'}: use steer, ablate or both")
         if not 0 < self.calib_frac < 1:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
+        if self.weights not in ("source", "F16"):
+            raise BadOptionError(f"--weights {self.weights}: use source or f16")
+
+    def outputs(self) -> dict[str, Path]:
+        """Where split 0's corrections go: -o takes the ablated model (or the control
+        vector when steer is the only method); with both, the vector goes beside it as
+        STEM.steer.gguf."""
+        if not self.output:
+            return {}
+        out = Path(self.output)
+        if self.methods == ("steer",):
+            return {"steer": out}
+        res = {"ablate": out}
+        if "steer" in self.methods:
+            res["steer"] = out.with_name(out.stem + ".steer.gguf")
+        return res
 
     def repeat_config(self) -> RepeatConfig | None:
         # no greedy reference: the judgement compares sampled answers only (saves 1/(K+1) of the time)
@@ -77,7 +98,8 @@ class Correction:
     close: Callable[[], None] = lambda: None
 
 
-Fitter = Callable[[str, np.ndarray, Path], Correction]  # (method, calibration indices, work dir)
+# (method, calibration indices, work dir, split index): split 0 writes the -o files
+Fitter = Callable[[str, np.ndarray, Path, int], Correction]
 
 
 @dataclass
@@ -94,14 +116,14 @@ class SplitsResult:
 
 
 def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: SplitsConfig,
-                     on_event: Event | None = None) -> dict[str, Any]:
+                     on_event: Event | None = None, generation: bool = True) -> dict[str, Any]:
     """Every instrument before (shared) and after (this correction), paired."""
     emit = on_event or (lambda kind, data: None)
     cats = sh.categories
     emit("stage", {"stage": f"{corr.method}: held-out pairs", "pairs": len(held)})
     after = corr.score_pairs(sh.suite.subset(held.tolist()))
     before = (sh.base[0][held], sh.base[1][held])
-    pj = judge_pairs(before, after, cats[held], n_boot=cfg.n_boot)
+    pj = judge_pair_rows(before, after, cats[held], n_boot=cfg.n_boot)
     out: dict[str, Any] = {"fit": corr.fit, "heldout": pj.to_dict(),
                            "categories": pj.category_moves(cfg.exclude_category),
                            "heldout_scores": {"ll_more": after[0].tolist(), "ll_less": after[1].tolist()}}
@@ -114,7 +136,7 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
         emit("stage", {"stage": f"{corr.method}: BBQ", "items": len(sh.bbq.items)})
         bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(corr.score_bbq(sh.bbq)), n_boot=cfg.n_boot)
         out["bbq"] = {k: j.to_dict() for k, j in bj.items()}
-    if sh.probes is not None and sh.gen_base is not None and sh.repeat is not None:
+    if generation and sh.probes is not None and sh.gen_base is not None and sh.repeat is not None:
         emit("stage", {"stage": f"{corr.method}: generation", "prompts": len(sh.probes.items)})
         items = corr.generate(sh.probes, sh.repeat)
         out["generation"] = judge_generation(sh.gen_base, items, n_boot=cfg.n_boot).to_dict()
@@ -209,9 +231,9 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
             work = out / f"split{s}"
             work.mkdir(exist_ok=True)
             t1 = time.perf_counter()
-            corr = fitter(m, cal, work)
+            corr = fitter(m, cal, work, s)
             try:
-                rec["methods"][m] = judge_correction(sh, corr, held, cfg, on_event)
+                rec["methods"][m] = judge_correction(sh, corr, held, cfg, on_event, s < cfg.gen_splits)
             finally:
                 corr.close()
             rec["methods"][m]["seconds"] = time.perf_counter() - t1

@@ -47,6 +47,7 @@ def report_md(res: dict[str, Any]) -> str:
         figs = ", ".join(f"{k} {v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" for k, v in summ["figures"].items())
         checks = ", ".join(f"{k}: {v}" for k, v in summ["checks"].items())
         lines += [f"**{m}** ({summ['splits']} splits): {figs}.", "", f"Checks: {checks}.", ""]
+    lines += _deployed(res)
     if res["splits"]:
         first = next(iter(res["splits"][0]["methods"].values()), None)
         if first:
@@ -57,3 +58,46 @@ def report_md(res: dict[str, Any]) -> str:
                 pw.append(f"generation rate ±{first['generation']['power']:.3f}")
             lines.append("Power (smallest bias detectable at 95% with 80% power, split 0): " + "; ".join(pw) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _deployed(res: dict[str, Any]) -> list[str]:
+    """What split 0's corrections were written as, and what re-quantizing the fold cost."""
+    out = []
+    for s in res["splits"][:1]:
+        st = s["methods"].get("steer", {}).get("fit", {})
+        if st.get("vector"):
+            out.append(f"Split {s['seed']} control vector: {st['vector']}.")
+        fold = s["methods"].get("ablate", {}).get("fit", {}).get("fold")
+        if fold:
+            w = fold["worst"]
+            kind = ("re-quantized to the source's types" if fold["weight_type"] == "source"
+                    else f"kept at {fold['weight_type']}")
+            line = (f"Split {s['seed']} ablated GGUF: {fold['path']} ({kind}; "
+                    f"{len(fold['edited'])} tensors edited")
+            if w:
+                line += f", worst tensor {w['name']} max error {w['max_err']:.2g} of its range"
+            kl = fold.get("requant_kl")
+            if kl:
+                line += (f"; re-quantization cost against the F16 fold: KL {kl['kl_mean']:.4f} nats/token "
+                         f"(p99 {kl['kl_p99']:.3f}), PPL {kl['ppl_full']:.3f} → {kl['ppl_quantized']:.3f}, "
+                         f"top-1 agreement {100 * kl['top1_agreement']:.1f}%")
+            out.append(line + ").")
+    return out + [""] if out else out
+
+
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """The console summary of a split run: one line per split and method, then the checks."""
+    out = []
+    for s in res["splits"]:
+        for m, r in s["methods"].items():
+            p = r["heldout"]["pct_stereotype"]
+            dg = r["heldout"]["diagnostics"]
+            out.append(f"seed {s['seed']} {m:<6} held-out pct {_e(p['before'])} → {_e(p['after'])}, "
+                       f"change {_e(p['change'], '+.1f')}, pair slope {dg['slope']:+.2f}, "
+                       f"PPL {100 * r['ppl']['increase']:+.2f}%")
+    for m, summ in res.get("summary", {}).items():
+        out.append(f"{m}: " + ", ".join(f"{k} {v}" for k, v in summ["checks"].items()))
+    out += [line for line in _deployed(res) if line]
+    if not res.get("complete"):
+        out.append("interrupted: results.json holds the finished splits")
+    return out

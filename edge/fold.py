@@ -134,13 +134,9 @@ def fold_weights(weights: Any, plan: FoldPlan) -> Any:
 
 # ---- ggml's quantizer --------------------------------------------------------------------
 def _ggml() -> ctypes.CDLL:
-    import llama_cpp
+    from edge.llamacpp import ggml_base
 
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    names = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("ggml-base.*"))
-    if not names:
-        raise EdgeError(f"ggml's base library is not in {libdir}; reinstall llama-cpp-python")
-    lib = ctypes.CDLL(str(names[0]))
+    lib = ggml_base()
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

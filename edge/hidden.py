@@ -15,21 +15,16 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ContextOverflowError, EdgeError, InvalidModelFileError
+from edge.errors import ContextOverflowError, EdgeError
 
 
 def _ggml() -> ctypes.CDLL:
-    import llama_cpp
+    from edge.llamacpp import ggml_base
 
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    names = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("ggml-base.*"))
-    if not names:
-        raise EdgeError(f"ggml's base library is not in {libdir}; reinstall llama-cpp-python")
-    lib = ctypes.CDLL(str(names[0]))
+    lib = ggml_base()
     lib.ggml_get_name.restype = ctypes.c_char_p
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
     lib.ggml_nelements.restype = ctypes.c_int64
@@ -50,25 +45,18 @@ class HiddenStates:
                  n_seq: int = 64) -> None:
         import llama_cpp
 
+        from edge.llamacpp import load_model, new_context
+
         self._lib = _ggml()
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
-                                                          llama_cpp.llama_model_default_params())
-        if not self.model:
-            raise InvalidModelFileError(f"llama.cpp could not load {model_path}")
+        self.model = load_model(model_path)
         self.n_layers = int(llama_cpp.llama_model_n_layer(self.model))
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
         self.n_batch, self.n_seq = n_batch, min(n_seq, n_batch)  # llama.cpp needs n_seq ≤ n_ctx
         self._rows: dict[int, np.ndarray] = {}
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept alive
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx = p.n_batch = p.n_ubatch = n_batch  # one ubatch per decode: one callback per layer
-        p.n_seq_max = self.n_seq
-        p.kv_unified = True
-        p.flash_attn_type = 0
-        p.n_threads = p.n_threads_batch = threads
-        p.cb_eval = self._cb
-        p.cb_eval_user_data = None
-        self.ctx = llama_cpp.llama_init_from_model(self.model, p)
+        # one ubatch per decode (n_ubatch = n_batch): one callback per layer
+        self.ctx = new_context(self.model, n_ctx=n_batch, threads=threads, n_batch=n_batch,
+                               n_seq=self.n_seq, kv_unified=True, cb_eval=self._cb)
         if not self.ctx:
             self.close()
             raise EdgeError("llama.cpp could not create a context for hidden states; free some memory")
@@ -140,14 +128,16 @@ class HiddenStates:
     def close(self) -> None:
         import llama_cpp
 
+        from edge.llamacpp import free_context, free_model
+
         if getattr(self, "batch", None) is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
         if getattr(self, "ctx", None):
-            llama_cpp.llama_free(self.ctx)
+            free_context(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
-            llama_cpp.llama_model_free(self.model)
+            free_model(self.model)
             self.model = None
 
     def __enter__(self) -> HiddenStates:

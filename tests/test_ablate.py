@@ -21,7 +21,7 @@ from bias.ablate import (
     pair_diagnostics,
     run_ablate_loop,
 )
-from bias.judge import judge, judge_pairs
+from bias.judge import judge, judge_pair_rows
 from bias.splits import Correction, SplitsConfig, run_splits, summarize
 from bias.suites import PairItem, Suite
 
@@ -123,7 +123,7 @@ def test_judge_flags_and_power_line() -> None:
     worse = judge(M.mean_ll_diff, (more, less), (more + 0.5, less), neutral=0.0, n_boot=400)
     assert worse.away_from_neutral and not worse.toward_neutral
     cats = ["a"] * 200 + ["b"] * 200
-    pj = judge_pairs((more, less), (more * 0.2, less), cats, n_boot=200)
+    pj = judge_pair_rows((more, less), (more * 0.2, less), cats, n_boot=200)
     moves = pj.category_moves()
     assert set(moves["biased_before"]) == set(moves["moved_toward_neutral"]) and not moves["made_worse"]
 
@@ -172,7 +172,7 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     sh = Shared(suite, base, st, [], U(), 10.0)  # type: ignore[arg-type]
     seen: list[tuple[str, tuple[int, ...]]] = []
 
-    def fitter(method: str, cal: np.ndarray, work: Path) -> Correction:
+    def fitter(method: str, cal: np.ndarray, work: Path, index: int) -> Correction:
         seen.append((method, tuple(cal)))
         if len(seen) == 4:
             raise KeyboardInterrupt  # Ctrl-C in the second split
