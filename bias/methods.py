@@ -28,7 +28,7 @@ from bias.ablate import (
     run_ablate_loop,
 )
 from bias.audit import open_scorer, score_bbq, score_pairs
-from bias.feedback import LoopConfig, run_loop, split
+from bias.feedback import LoopConfig, run_loop
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.shared import Shared, compute_shared
@@ -207,13 +207,15 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
     try:
         scorer = open_scorer(rt, precision)
         compute = Path(scorer.compute.get("path", rt.path))
-        # states only for rows some split calibrates on (all of them from ~5 splits on)
-        cal_rows = np.unique(np.concatenate([split(suite, cfg.calib_frac, cfg.seed + s, cfg.exclude_category)[0]
-                                             for s in range(cfg.n_splits)]))
+        # states only for rows some split calibrates on, scores only for rows some split uses
+        rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
+        cal_rows = np.unique(np.concatenate([c for c, _ in rows]))
+        used = np.unique(np.concatenate([np.concatenate([c, h]) for c, h in rows]))
         sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
                             bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
                             probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
-                            state_rows=cal_rows, on_event=emit)
+                            state_rows=cal_rows, score_rows=used, on_event=emit,
+                            cache_dir=Path(out_dir))
         info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate),
                 "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})

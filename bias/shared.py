@@ -9,8 +9,10 @@ whole suite through llama.cpp (edge.hidden) on the scoring weights.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from bias.judge import BBQFlags
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.suites import Suite, load_suite
+from edge.paths import atomic_path, atomic_write
 from edge.runtime import Runtime
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -113,16 +116,33 @@ def bbq_sample(spec: str, per_condition: int, seed: int) -> Suite:
 def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_model: str,
                    threads: int, bbq_spec: str | None, bbq_per_condition: int,
                    probes_spec: str | None, repeat: RepeatConfig | None, seed: int = 0,
-                   state_rows: np.ndarray | None = None, on_event: Event | None = None) -> Shared:
-    """Score the uncorrected model once on everything the splits will need."""
+                   state_rows: np.ndarray | None = None, score_rows: np.ndarray | None = None,
+                   on_event: Event | None = None, cache_dir: Path | None = None) -> Shared:
+    """Score the uncorrected model once on everything the splits will need. With
+    `cache_dir`, what was computed is kept there (shared.npz, shared.json) and reused by a
+    rerun with the same model, suite and settings: a run stopped or crashed after the
+    shared work restarts at its splits."""
     emit = on_event or (lambda kind, data: None)
-    emit("stage", {"stage": "uncorrected scores", "pairs": len(suite.items)})
-    base = score_pairs(scorer, suite)
-    emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
-    states = read_states(rt, suite, states_model, threads=threads, rows=state_rows)
+    key = {"model": str(rt.path), "states_model": states_model, "suite": suite.source,
+           "rows": [it.row for it in suite.items], "bbq": bbq_spec, "bbq_per_condition": bbq_per_condition,
+           "probes": probes_spec, "repeat": None if repeat is None else asdict(repeat), "seed": seed,
+           "state_rows": None if state_rows is None else sorted(int(i) for i in state_rows),
+           "score_rows": None if score_rows is None else sorted(int(i) for i in score_rows)}
     neutral = neutral_chunks(rt)
     utility = Utility(scorer, neutral)
-    base_ppl, _ = utility()
+    base_ppl, _ = utility()  # also fixes the uncorrected distributions the KL compares with
+    cached = _load_cache(cache_dir, key) if cache_dir else None
+    if cached is not None:
+        emit("stage", {"stage": "shared work from cache", "path": str(cache_dir)})
+        sh = Shared(suite, cached["base"], cached["states"], neutral, utility, base_ppl)
+        if bbq_spec:
+            sh.bbq, sh.bbq_base = bbq_sample(bbq_spec, bbq_per_condition, seed), cached["bbq_base"]
+        if probes_spec and repeat is not None:
+            sh.probes, sh.repeat, sh.gen_base = load_suite(probes_spec), repeat, cached["gen_base"]
+        return sh
+    base = _base_scores(scorer, suite, score_rows, emit)
+    emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
+    states = read_states(rt, suite, states_model, threads=threads, rows=state_rows)
     sh = Shared(suite, base, states, neutral, utility, base_ppl)
     if bbq_spec:
         sh.bbq = bbq_sample(bbq_spec, bbq_per_condition, seed)
@@ -132,4 +152,42 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
         sh.probes, sh.repeat = load_suite(probes_spec), repeat
         emit("stage", {"stage": "uncorrected generation", "prompts": len(sh.probes.items)})
         sh.gen_base = sample_suite(rt, sh.probes, repeat).items
+    if cache_dir:
+        _save_cache(cache_dir, key, sh)
     return sh
+
+
+def _base_scores(scorer: BatchScorer, suite: Suite, rows: np.ndarray | None,
+                 emit: Event) -> tuple[np.ndarray, np.ndarray]:
+    """The uncorrected scores of `rows` (NaN elsewhere: no split reads them)."""
+    idx = np.arange(len(suite.items)) if rows is None else np.asarray(rows, dtype=int)
+    emit("stage", {"stage": "uncorrected scores", "pairs": len(idx)})
+    m, ls = score_pairs(scorer, suite.subset(idx.tolist()))
+    more, less = np.full(len(suite.items), np.nan), np.full(len(suite.items), np.nan)
+    more[idx], less[idx] = m, ls
+    return more, less
+
+
+def _save_cache(d: Path, key: dict[str, Any], sh: Shared) -> None:
+    st = sh.states
+    arrays = {"more": sh.base[0], "less": sh.base[1], "h_more": st.h_more, "h_less": st.h_less,
+              "e_more": st.e_more, "e_less": st.e_less}
+    if sh.bbq_base is not None:
+        arrays["bbq_base"] = sh.bbq_base
+    with atomic_path(d / "shared.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    with atomic_write(d / "shared.json", "w") as f:
+        json.dump({"key": key, "gen_base": sh.gen_base}, f)
+
+
+def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((d / "shared.json").read_text())
+        if meta["key"] != key:
+            return None
+        z = np.load(d / "shared.npz")
+        return {"base": (z["more"], z["less"]),
+                "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"]),
+                "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "gen_base": meta["gen_base"]}
+    except (OSError, ValueError, KeyError):  # absent, partial or from an older version: recompute
+        return None

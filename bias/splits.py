@@ -54,6 +54,11 @@ class SplitsConfig:
     gen_splits: int = 1
     weights: str = "source"  # the deployed ablated GGUF: "source" (re-quantized) or "F16"
     output: str | None = None  # -o: split 0's correction (the ablated GGUF; see outputs())
+    # Caps for a busy or small machine: a random share of each split's calibration rows
+    # (what the loops score and the directions average) and of its held-out rows (the
+    # kept-out category's rows are always all judged).
+    calib_limit: int | None = None
+    heldout_limit: int | None = None
 
     def validate(self) -> None:
         if self.n_splits < 1:
@@ -65,6 +70,21 @@ class SplitsConfig:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
         if self.weights not in ("source", "F16"):
             raise BadOptionError(f"--weights {self.weights}: use source or f16")
+
+    def rows(self, suite: Any, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Split s's (calibration, held-out) item indices, after the caps."""
+        cal, held = (np.asarray(x, dtype=int) for x in split(suite, self.calib_frac, self.seed + s,
+                                                             self.exclude_category))
+        rng = np.random.default_rng(self.seed + s + 10_000)
+        if self.calib_limit and len(cal) > self.calib_limit:
+            cal = np.sort(rng.choice(cal, self.calib_limit, replace=False))
+        if self.heldout_limit:
+            kept = np.array([suite.items[i].category == self.exclude_category for i in held], dtype=bool)
+            rest = held[~kept]
+            if len(rest) > self.heldout_limit:
+                rest = rng.choice(rest, self.heldout_limit, replace=False)
+            held = np.sort(np.concatenate([rest, held[kept]]))
+        return cal, held
 
     def outputs(self) -> dict[str, Path]:
         """Where split 0's corrections go: -o takes the ablated model (or the control
@@ -222,7 +242,7 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
 
     for s in range(cfg.n_splits):
         seed = cfg.seed + s
-        cal, held = (np.asarray(x) for x in split(sh.suite, cfg.calib_frac, seed, cfg.exclude_category))
+        cal, held = cfg.rows(sh.suite, s)
         rec: dict[str, Any] = {"seed": seed, "calibration_rows": [sh.suite.items[i].row for i in cal],
                                "heldout_rows": [sh.suite.items[i].row for i in held], "methods": {}}
         res.splits.append(rec)

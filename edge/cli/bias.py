@@ -218,7 +218,8 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, max_pp
                      max_iter: int | None, n_blocks: int | None, as_json: bool, *, model: str | None,
                      suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
                      bbq_spec: str | None, repeat: int, temp: float, seed: int, out_dir: str,
-                     precision: str, threads: int | None, **unused: Any) -> None:
+                     calib_limit: int | None, heldout_limit: int | None, precision: str,
+                     threads: int | None, **unused: Any) -> None:
     from bias.methods import mitigate_splits
     from bias.splits import SplitsConfig
     from bias.splits_report import summary_lines
@@ -228,7 +229,8 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, max_pp
                        methods=methods, max_ppl_increase=0.02 if max_ppl_increase is None else max_ppl_increase,
                        bbq_spec=bbq_spec, repeat=repeat, temp=temp,
                        steer_blocks=3 if n_blocks is None else n_blocks, steer_iter=max_iter or 4,
-                       weights="F16" if weights == "f16" else "source", output=out_path)
+                       weights="F16" if weights == "f16" else "source", output=out_path,
+                       calib_limit=calib_limit, heldout_limit=heldout_limit)
     res = mitigate_splits(model, suite_spec, out_dir, cfg=cfg, threads=threads, precision=precision,
                           on_event=None if as_json else _split_event)
     if as_json:
