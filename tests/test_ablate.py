@@ -201,3 +201,38 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     assert summ["checks"]["ppl_within_budget"] == "2/2"
     again = summarize(saved["splits"], ("steer", "ablate"))
     assert again["ablate"]["splits"] == 1
+
+
+def test_split_caps_keep_every_kept_out_row_and_stay_disjoint() -> None:
+    suite = _suite(300)
+    cfg = SplitsConfig(n_splits=2, exclude_category="z", calib_limit=20, heldout_limit=50)
+    cal, held = cfg.rows(suite, 0)
+    cats = np.array([it.category for it in suite.items])
+    assert len(cal) == 20 and not set(cal) & set(held)
+    assert (cats[held] == "z").sum() == 100 and (cats[held] != "z").sum() == 50  # all of z, 50 others
+    assert "z" not in set(cats[cal])
+    again = cfg.rows(suite, 0)
+    assert np.array_equal(again[0], cal) and np.array_equal(again[1], held)  # seeded
+    assert not np.array_equal(cfg.rows(suite, 1)[0], cal)
+
+
+def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> None:
+    from bias.shared import PairStates, Shared, _load_cache, _save_cache
+
+    rng = np.random.default_rng(0)
+    st = PairStates(*(rng.standard_normal((6, 2, 4)).astype(np.float32),) * 2,
+                    *(rng.standard_normal((6, 4)).astype(np.float32),) * 2)
+    base = (rng.standard_normal(6), np.full(6, np.nan))
+    sh = Shared(_suite(6), base, st, [], None, 10.0, bbq_base=np.ones((3, 3)),  # type: ignore[arg-type]
+                gen_base=[{"row": 1, "answers": []}])
+    key = {"model": "m", "rows": [0, 1]}
+    _save_cache(tmp_path, key, sh)
+    got = _load_cache(tmp_path, key)
+    assert got is not None and got["gen_base"] == sh.gen_base
+    np.testing.assert_array_equal(got["base"][0], base[0])
+    assert np.isnan(got["base"][1]).all()
+    np.testing.assert_array_equal(got["states"].h_more, st.h_more)
+    np.testing.assert_array_equal(got["bbq_base"], np.ones((3, 3)))
+    assert _load_cache(tmp_path, {**key, "model": "other"}) is None
+    (tmp_path / "shared.npz").write_bytes(b"partial")
+    assert _load_cache(tmp_path, key) is None  # a damaged cache is recomputed, not trusted
