@@ -44,6 +44,8 @@ def report_md(res: dict[str, Any]) -> str:
             lines.append(_row(s["seed"], m, r))
     lines += ["", "## Over splits (median [min, max])", ""]
     for m, summ in res.get("summary", {}).items():
+        if not summ["splits"]:  # interrupted before this method's first split
+            continue
         figs = ", ".join(f"{k} {v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" for k, v in summ["figures"].items())
         checks = ", ".join(f"{k}: {v}" for k, v in summ["checks"].items())
         lines += [f"**{m}** ({summ['splits']} splits): {figs}.", "", f"Checks: {checks}.", ""]

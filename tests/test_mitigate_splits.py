@@ -48,7 +48,8 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
         tmp_path: Path, env: dict[str, str]) -> None:
     out, rep = tmp_path / "fair.gguf", tmp_path / "rep"
     p = _run(["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
-              "--method", "both", "--splits", "2", "--repeat", "0", "--blocks", "1", "--max-iter", "1",
+              "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
+              "--repeat", "0", "--blocks", "1", "--max-iter", "1",
               "--max-ppl-increase", "0.05", "-t", "2"], env)
     seen = []
     assert p.stderr is not None
@@ -63,6 +64,8 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     assert "pair states" in log and "split 1/2 (seed 0): steer" in log and "split 1 ablate done" in log
     res = json.loads((rep / "results.json").read_text())
     assert not res["complete"] and len(res["splits"]) == 1
+    assert len(res["splits"][0]["calibration_rows"]) == 24 and len(res["splits"][0]["heldout_rows"]) == 40
+    assert (rep / "shared.npz").exists()  # a rerun would start at the splits
     s0 = res["splits"][0]["methods"]
     for m in ("steer", "ablate"):
         d = s0[m]["heldout"]["diagnostics"]
