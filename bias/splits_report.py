@@ -69,7 +69,11 @@ def _deployed(res: dict[str, Any]) -> list[str]:
         st = s["methods"].get("steer", {}).get("fit", {})
         if st.get("vector"):
             out.append(f"Split {s['seed']} control vector: {st['vector']}.")
-        fold = s["methods"].get("ablate", {}).get("fit", {}).get("fold")
+        abl = s["methods"].get("ablate", {}).get("fit", {})
+        if abl and not abl.get("fold") and abl.get("loop", {}).get("best") is None:
+            out.append(f"Split {s['seed']} ablate: no candidate lowered the calibration bias within the "
+                       "PPL budget; the uncorrected model was judged and no ablated GGUF was written.")
+        fold = abl.get("fold")
         if fold:
             w = fold["worst"]
             kind = ("re-quantized to the source's types" if fold["weight_type"] == "source"
