@@ -138,6 +138,8 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
     fit: dict[str, Any] = {"loop": res.to_dict()}
     if res.best is None:  # nothing helped within budget: judge the uncorrected model
         folded.close()
+        if not ctx.cfg.keep_models:
+            folded.path.unlink(missing_ok=True)
         sc = ctx.scorer
         return Correction("ablate", lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
                           lambda: _utility(ctx, sc), lambda p, r: sample_suite(ctx.rt, p, r).items, fit)
