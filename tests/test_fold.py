@@ -154,3 +154,18 @@ def test_hidden_states_from_llama_cpp_equal_the_engine(tiny: dict[str, Path]) ->
         ref = eng.forward(t, return_hidden=True).hidden[:, 1:].mean(axis=1)
         np.testing.assert_allclose(g, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
     assert np.abs(got[0] - got[1]).max() > 0.1  # texts do not leak into each other's rows
+
+
+def test_requant_cost_is_zero_against_itself_and_positive_against_q8(tiny: dict[str, Path]) -> None:
+    from edge.fold import requant_cost
+
+    plan = _plan(seed=4, strength=0.8)
+    full, q8 = tiny["dir"] / "cost.f32.gguf", tiny["dir"] / "cost.q8.gguf"
+    fold_gguf(tiny["f32"], full, plan, weight_type="F32", force=True)
+    fold_gguf(tiny["q8"], q8, plan, weight_type="source", force=True)
+    text = " ".join(f"word{i % 97} and more text {i}" for i in range(300))
+    same = requant_cost(full, full, text, n_ctx=64, max_chunks=2, threads=1)
+    cost = requant_cost(full, q8, text, n_ctx=64, max_chunks=2, threads=1)
+    assert same["tokens"] > 0 and same["kl_mean"] == pytest.approx(0, abs=1e-6)
+    assert same["ppl_full"] == pytest.approx(same["ppl_quantized"])
+    assert 0 < cost["kl_mean"] < 0.05 and cost["top1_agreement"] > 0.8
