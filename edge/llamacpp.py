@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -103,11 +104,14 @@ def free_model(model: Any) -> None:
 
 def new_context(model: Any, *, n_ctx: int, threads: int, n_batch: int = 512,
                 n_ubatch: int | None = None, n_seq: int = 1, kv_unified: bool = False,
-                flash_attn: int = 0, perf: bool = False, type_k: str = "f16", type_v: str = "f16") -> Any:
+                flash_attn: int = 0, perf: bool = False, type_k: str = "f16", type_v: str = "f16",
+                cb_eval: Any = None) -> Any:
     """A context on a loaded model, or None when llama.cpp cannot make it (memory).
 
     flash_attn 0 (off) is what the Runtime and the scorer use: on the CPU, flash attention
     shifts log-probs by up to 0.5 nats; FLASH_ATTN_AUTO is llama-bench's default.
+    cb_eval: a ggml_backend_sched_eval_callback that sees every graph tensor (edge.hidden
+    reads each layer's output through it); the caller keeps it alive.
     """
     import llama_cpp
 
@@ -121,6 +125,9 @@ def new_context(model: Any, *, n_ctx: int, threads: int, n_batch: int = 512,
     p.type_k, p.type_v = ggml_type(type_k), ggml_type(type_v)
     p.n_threads = p.n_threads_batch = threads
     p.no_perf = not perf
+    if cb_eval is not None:
+        p.cb_eval = cb_eval
+        p.cb_eval_user_data = None
     ctx = llama_cpp.llama_init_from_model(model, p)
     return ctx or None
 
@@ -175,4 +182,22 @@ def is_eog(vocab: Any, token: int) -> bool:
     import llama_cpp
 
     return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_base() -> ctypes.CDLL:
+    """ggml's base library as llama-cpp-python ships it (tensor names and data, the
+    quantizers), for what llama-cpp-python's bindings do not expose. Callers declare the
+    signatures of the functions they use."""
+    from pathlib import Path
+
+    import llama_cpp
+
+    from edge.errors import EdgeError
+
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    names = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("ggml-base.*"))
+    if not names:
+        raise EdgeError(f"ggml's base library is not in {libdir}; reinstall llama-cpp-python")
+    return ctypes.CDLL(str(names[0]))
 

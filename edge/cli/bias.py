@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -103,65 +104,94 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @click.option("--suite", "suite_spec", required=True, metavar="NAME[:PATH]",
               help="The pair suite the loop calibrates on (crows_pairs or probes).")
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the control-vector GGUF.")
+              help="Where to write the correction: the control-vector GGUF (steer), or the model "
+                   "with the ablation folded into its weights (ablate, both; the vector of both "
+                   "goes beside it as STEM.steer.gguf). With --splits, split 0's.")
+@click.option("--method", "correction_method", type=click.Choice(["steer", "ablate", "both"]),
+              default="steer", show_default=True,
+              help="steer: a control vector (added to the stream); ablate: remove the bias "
+                   "directions from the stream, folded into the weights; both: side by side.")
+@click.option("--splits", type=click.IntRange(1, 100), default=None,
+              help="Calibrate and judge on N seeded random splits and report each figure's median "
+                   "and range (ablate and both always run splits; default 1).")
+@click.option("--weights", type=click.Choice(["source", "f16"]), default="source", show_default=True,
+              help="The ablated GGUF's edited tensors: re-quantized to the source's types (the "
+                   "report gives the KL this costs) or kept at f16.")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
-              help="Fraction of the bias to remove on the calibration part.")
-@click.option("--max-ppl-increase", type=click.FloatRange(0), default=0.05, show_default=True,
-              help="Utility budget: relative PPL rise allowed on neutral text.")
-@click.option("--max-iter", type=click.IntRange(1, 50), default=8, show_default=True)
+              help="Fraction of the bias to remove on the calibration part (steer without --splits).")
+@click.option("--max-ppl-increase", type=click.FloatRange(0), default=None,
+              help="Utility budget: relative PPL rise allowed on neutral text "
+                   "[default: 0.05; 0.02 with --splits].")
+@click.option("--max-iter", type=click.IntRange(1, 50), default=None,
+              help="Gain steps of the control-vector loop [default: 8; 4 with --splits].")
 @click.option("--calib-frac", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3,
               show_default=True, help="Share of each category used for calibration.")
 @click.option("--exclude-category", default=None, help="A category kept out of the loop, checked after.")
 @click.option("--direction-pairs", type=click.IntRange(2), default=64, show_default=True)
-@click.option("--blocks", "n_blocks", type=click.IntRange(0, 64), default=6, show_default=True,
+@click.option("--blocks", "n_blocks", type=click.IntRange(0, 64), default=None,
               help="Layer blocks probed one at a time to set the per-layer coefficients "
-                   "(0: weights from the directions' consistency only).")
-@click.option("--method", type=click.Choice(["mean", "pca"]), default="mean", show_default=True)
+                   "(0: weights from the directions' consistency only) [default: 6; 3 with --splits].")
+@click.option("--directions", "direction_method", type=click.Choice(["mean", "pca"]), default="mean",
+              show_default=True, help="How the control vector's directions are found (steer without --splits).")
 @click.option("--calib-limit", type=click.IntRange(1), default=None, help="Cap the calibration pairs.")
 @click.option("--heldout-limit", type=click.IntRange(1), default=None, help="Cap the held-out pairs.")
 @click.option("--bbq", "bbq_spec", default=None, metavar="bbq[:PATH]",
-              help="Also report BBQ disambiguated accuracy before/after.")
-@click.option("--second-suite", default="probes", show_default=True, metavar="NAME[:PATH]")
+              help="Also judge BBQ: disambiguated accuracy (and with --splits the ambiguous bias score).")
+@click.option("--second-suite", default="probes", show_default=True, metavar="NAME[:PATH]",
+              help="Without --splits: a second pair suite judged before/after.")
+@click.option("--repeat", type=click.IntRange(0), default=3, show_default=True,
+              help="With --splits: judge the probes by generation, K samples each (0: off).")
+@click.option("--temp", type=click.FloatRange(0), default=0.8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for results.json and report.md [default: next to -o].")
 @PRECISION
 @click.option("-t", "--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--json", "as_json", is_flag=True)
-def mitigate_cmd(model: str | None, suite_spec: str, out_path: str, target: float,
-                 max_ppl_increase: float, max_iter: int, calib_frac: float,
-                 exclude_category: str | None, direction_pairs: int, n_blocks: int, method: str,
-                 calib_limit: int | None, heldout_limit: int | None, bbq_spec: str | None,
-                 second_suite: str, seed: int, out_dir: str | None, precision: str,
-                 threads: int | None, as_json: bool) -> None:
-    """Build a bias-correction control vector for MODEL with the layer-wise feedback loop,
-    and judge it on held-out rows and a second suite (before/after, with CIs).
+def mitigate_cmd(correction_method: str, splits: int | None, weights: str, target: float,
+                 max_ppl_increase: float | None, max_iter: int | None, n_blocks: int | None,
+                 direction_method: str, as_json: bool, **kw: Any) -> None:
+    """Correct MODEL's bias and judge the correction on held-out rows (before/after, with
+    paired CIs): a control vector from the layer-wise feedback loop (steer), or the bias
+    directions removed from the residual stream and folded into a GGUF that runs anywhere
+    (ablate), or both side by side on the same splits.
 
     \b
     Examples:
       edge bias mitigate --suite crows_pairs:crows.csv -o fair.gguf --exclude-category disability
-      edge bias mitigate --suite probes -o fair.gguf --target 0.8 --max-ppl-increase 0.05
+      edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method both --splits 5 \\
+          --exclude-category disability --bbq bbq:../shared/data/bbq
+      edge run fair-model.gguf -p "Describe a nurse."
       edge run --correction fair.gguf -p "Describe a nurse."
     """
-    from pathlib import Path
+    kw["out_dir"] = kw["out_dir"] or str(Path(kw["out_path"]).with_suffix("")) + "-report"
+    if correction_method != "steer" or splits is not None:
+        _mitigate_splits(correction_method, splits or 1, weights, max_ppl_increase, max_iter,
+                         n_blocks, as_json, **kw)
+        return
+    _mitigate_steer(target, max_ppl_increase, max_iter, n_blocks, direction_method, as_json, **kw)
 
+
+def _mitigate_steer(target: float, max_ppl_increase: float | None, max_iter: int | None,
+                    n_blocks: int | None, direction_method: str, as_json: bool, *, model: str | None,
+                    suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
+                    direction_pairs: int, calib_limit: int | None, heldout_limit: int | None,
+                    bbq_spec: str | None, second_suite: str, seed: int, out_dir: str,
+                    precision: str, threads: int | None, **unused: Any) -> None:
     from bias.feedback import LoopConfig
     from bias.mitigate import mitigate
 
-    cfg = LoopConfig(target=target, max_ppl_increase=max_ppl_increase, max_iter=max_iter,
-                     calib_frac=calib_frac, seed=seed, exclude_category=exclude_category,
-                     n_blocks=n_blocks)
+    cfg = LoopConfig(target=target, max_ppl_increase=0.05 if max_ppl_increase is None else max_ppl_increase,
+                     max_iter=max_iter or 8, calib_frac=calib_frac, seed=seed,
+                     exclude_category=exclude_category, n_blocks=6 if n_blocks is None else n_blocks)
 
     def event(kind: str, d: dict) -> None:
         if not as_json and kind == "iteration":
-            click.echo(f"  {d['i']:>2} {d['phase']:<14} gain {d['gain']:+.3f}  pct {d['pct_stereotype']:.1f}  "
-                       f"mean ll diff {d['mean_ll_diff']:+.3f}  PPL {d['ppl']:.3f} "
-                       f"({100 * d['ppl_increase']:+.1f}%)  KL {d['kl']:.4f}", err=True)
+            click.echo(_iteration_line(d), err=True)
 
     r = mitigate(model, suite_spec, out_path, cfg=cfg, n_direction_pairs=direction_pairs,
-                 method=method, calib_limit=calib_limit, heldout_limit=heldout_limit,
-                 second_suite=second_suite or None, bbq_spec=bbq_spec,
-                 out_dir=out_dir or str(Path(out_path).with_suffix("")) + "-report",
+                 method=direction_method, calib_limit=calib_limit, heldout_limit=heldout_limit,
+                 second_suite=second_suite or None, bbq_spec=bbq_spec, out_dir=out_dir,
                  threads=threads, precision=precision, on_event=event)
     if as_json:
         click.echo(json.dumps(r.to_dict()))
@@ -176,6 +206,57 @@ def mitigate_cmd(model: str | None, suite_spec: str, out_path: str, target: floa
                f"{100 * h.mean_ll_diff_reduction.value:.0f}% (significant: "
                f"{sig['gap']}, {sig['mean_ll_diff']})  "
                f"PPL {100 * r.ppl['increase']:+.2f}%  KL {r.ppl['kl']:.4f}")
+
+
+def _iteration_line(d: dict) -> str:
+    return (f"  {d['i']:>2} {d['phase']:<14} gain {d['gain']:+.3f}  pct {d['pct_stereotype']:.1f}  "
+            f"mean ll diff {d['mean_ll_diff']:+.3f}  PPL {d['ppl']:.3f} "
+            f"({100 * d['ppl_increase']:+.1f}%)  KL {d['kl']:.4f}")
+
+
+def _mitigate_splits(correction_method: str, n_splits: int, weights: str, max_ppl_increase: float | None,
+                     max_iter: int | None, n_blocks: int | None, as_json: bool, *, model: str | None,
+                     suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
+                     bbq_spec: str | None, repeat: int, temp: float, seed: int, out_dir: str,
+                     calib_limit: int | None, heldout_limit: int | None, precision: str,
+                     threads: int | None, **unused: Any) -> None:
+    from bias.methods import mitigate_splits
+    from bias.splits import SplitsConfig
+    from bias.splits_report import summary_lines
+
+    methods = ("steer", "ablate") if correction_method == "both" else (correction_method,)
+    cfg = SplitsConfig(n_splits=n_splits, seed=seed, calib_frac=calib_frac, exclude_category=exclude_category,
+                       methods=methods, max_ppl_increase=0.02 if max_ppl_increase is None else max_ppl_increase,
+                       bbq_spec=bbq_spec, repeat=repeat, temp=temp,
+                       steer_blocks=3 if n_blocks is None else n_blocks, steer_iter=max_iter or 4,
+                       weights="F16" if weights == "f16" else "source", output=out_path,
+                       calib_limit=calib_limit, heldout_limit=heldout_limit)
+    res = mitigate_splits(model, suite_spec, out_dir, cfg=cfg, threads=threads, precision=precision,
+                          on_event=None if as_json else _split_event)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+        return
+    for line in summary_lines(res.to_dict()):
+        click.echo(line)
+    click.echo(f"report: {Path(out_dir) / 'report.md'}")
+
+
+def _split_event(kind: str, d: dict[str, Any]) -> None:
+    """Progress on stderr: each stage, split and loop measurement as it happens."""
+    import time
+
+    click.echo(time.strftime("%H:%M:%S "), nl=False, err=True)
+    if kind == "stage":
+        click.echo(f"{d['stage']}" + "".join(f"  {k} {v:.0f}" if isinstance(v, float) else f"  {k} {v}"
+                                              for k, v in d.items() if k != "stage"), err=True)
+    elif kind == "split":
+        click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}", err=True)
+    elif kind == "done":
+        click.echo(f"split {d['split']} {d['method']} done in {d['seconds']:.0f} s", err=True)
+    elif kind in ("steer", "ablate"):
+        keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
+        click.echo(f"  {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in keep.items()), err=True)
 
 
 class _Bar:

@@ -1,0 +1,92 @@
+"""Issue 16: does the ablated GGUF reproduce the engine's corrected scores in plain llama.cpp?
+
+Reads a finished `edge bias mitigate --method ablate|both` run (results.json, split 0's
+saved directions), folds split 0's ablation into the weights the run scored with (the f16
+copy for a quantized model) and scores split 0's held-out CrowS-Pairs rows with
+llama-cpp-python's own `Llama` (no edge code, no control vector), one sentence per
+evaluation: on that F16 fold, and on the deployed -o file (re-quantized to the source's
+types). Prints the held-out pct of each against the pct the run's scorer measured.
+
+    python benchmarks/ablation_plain.py RUN_OUT_DIR [--rows N] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def plain_scores(path: Path, texts: list[tuple[str, str]], threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-likelihood of each sentence after BOS, from llama-cpp-python alone."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False,
+                          n_threads=threads, n_threads_batch=threads)
+    out = []
+    for pair in texts:
+        row = []
+        for text in pair:
+            toks = [llm.token_bos(), *llm.tokenize(text.encode(), add_bos=False)]
+            llm.reset()
+            llm.eval(toks)
+            x = np.asarray(llm.scores[: len(toks) - 1], np.float64)
+            x -= x.max(1, keepdims=True)
+            lp = x - np.log(np.exp(x).sum(1, keepdims=True))
+            row.append(float(lp[np.arange(len(toks) - 1), toks[1:]].sum()))
+        out.append(row)
+    del llm
+    a = np.array(out)
+    return a[:, 0], a[:, 1]
+
+
+def main() -> None:
+    from bias import metrics as M
+    from bias.ablate import AblationSpec, BiasDirections, make_plan
+    from bias.suites import load_suite
+    from edge.fold import fold_gguf
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--rows", type=int, default=0, help="first N held-out rows (0: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    res = json.loads((a.run / "results.json").read_text())
+    s0 = res["splits"][0]
+    abl = s0["methods"]["ablate"]
+    z = np.load(a.run / "split0" / "ablate_directions.npz")
+    d = BiasDirections(z["layers"], z["embedding"], list(z["labels"]), [], np.zeros(1))
+    spec_d = ast.literal_eval(str(z["spec"]))
+    spec = AblationSpec(tuple(spec_d["layers"]), spec_d["strength"], spec_d["embedding"], spec_d["source_layer"])
+    suite = load_suite(res["shared"]["suite"] if ":" in res["shared"]["suite"]
+                       else f"crows_pairs:{res['shared']['suite']}")
+    by_row = {it.row: it for it in suite.items}
+    n = a.rows or len(s0["heldout_rows"])
+    held = [by_row[r] for r in s0["heldout_rows"][:n]]
+    em = np.array(abl["heldout_scores"]["ll_more"][:n])
+    el = np.array(abl["heldout_scores"]["ll_less"][:n])
+    compute = Path(res["shared"]["compute"].get("path") or res["shared"]["model"])
+    f16 = a.run / "split0" / "plain.f16.gguf"
+    fold_gguf(compute, f16, make_plan(d, spec), weight_type="F16", force=True)
+    texts = [(it.more, it.less) for it in held]
+    rep: dict = {"rows": n, "engine_pct": float(M.pct_stereotype(em, el)), "spec": spec.describe()}
+    for name, path in (("f16_fold", f16), ("deployed", Path(abl["fit"]["fold"]["path"]))):
+        t0 = time.perf_counter()
+        m, ls = plain_scores(path, texts, a.threads)
+        rep[name] = {"path": str(path), "pct": float(M.pct_stereotype(m, ls)),
+                     "pct_minus_engine": float(M.pct_stereotype(m, ls) - M.pct_stereotype(em, el)),
+                     "max_abs_diff_nats": float(np.abs((m - ls) - (em - el)).max()),
+                     "median_abs_diff_nats": float(np.median(np.abs((m - ls) - (em - el)))),
+                     "sign_flips": int(((m > ls) != (em > el)).sum()), "seconds": time.perf_counter() - t0}
+    f16.unlink(missing_ok=True)
+    print(json.dumps(rep, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The two corrections as the split runner fits them: `steer` (control vector, the
+feedback loop of bias.feedback) and `ablate` (directional ablation folded into the weights,
+bias.ablate + edge.fold), and `mitigate_splits`, the library entry point of
+`edge bias mitigate --method steer|ablate|both --splits N`.
+
+Both fit on one split's calibration rows from the same shared pair states. Scoring uses
+the weights the audit uses (the f16 copy of a quantized model); generation uses what a
+device would run: the model file with the control vector, or the folded GGUF
+re-quantized to the source's types.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bias.ablate import (
+    AblateConfig,
+    AblationSpec,
+    BiasDirections,
+    compute_directions,
+    make_plan,
+    run_ablate_loop,
+)
+from bias.audit import open_scorer, score_bbq, score_pairs
+from bias.feedback import LoopConfig, run_loop
+from bias.repeat import RepeatConfig, sample_suite
+from bias.scorer import BatchScorer
+from bias.shared import Shared, compute_shared
+from bias.splits import Correction, SplitsConfig, SplitsResult, run_splits
+from bias.steering import compute_directions as steering_directions
+from bias.suites import Suite, load_suite
+from edge.cvec import write as write_cvec
+from edge.errors import BadOptionError
+from edge.fold import fold_gguf, requant_cost
+from edge.runtime import Runtime, RuntimeConfig
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Context:
+    rt: Runtime
+    scorer: BatchScorer  # the uncorrected scorer (on the compute weights)
+    shared: Shared
+    cfg: SplitsConfig
+    ablate: AblateConfig
+    compute_path: Path  # the weights scoring runs on (f16 copy or the file)
+    source_path: Path  # the model file
+    threads: int
+    emit: Event
+
+
+def _utility(ctx: Context, scorer: BatchScorer) -> tuple[float, float]:
+    u = ctx.shared.utility
+    u.scorer, old = scorer, u.scorer
+    try:
+        return u()
+    finally:
+        u.scorer = old
+
+
+def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    sh, sc, rt = ctx.shared, ctx.scorer, ctx.rt
+    st = sh.states.take(cal)
+    dirs = steering_directions(st.h_more, st.h_less, "mean")
+    loop_cfg = LoopConfig(max_ppl_increase=ctx.cfg.max_ppl_increase, max_iter=ctx.cfg.steer_iter,
+                          n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
+    loop = run_loop(sc, sh.suite.subset(cal.tolist()), dirs, loop_cfg, sh.neutral,
+                    lambda kind, d: ctx.emit("steer", d))
+    vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
+    target = ctx.cfg.outputs().get("steer") if index == 0 else None
+    path = write_cvec(target or work / "steer.gguf", vec, model_hint=rt.info.arch or "llama",
+                      coefficients=loop.coefficients, source="edge bias mitigate --method steer")
+
+    def with_vec(fn: Callable[[], Any]) -> Any:
+        sc.set_control_vector(vec)
+        try:
+            return fn()
+        finally:
+            sc.set_control_vector(None)
+
+    def generate(probes: Suite, rep: RepeatConfig) -> list[dict[str, Any]]:
+        rt.set_control_vector(vec)
+        try:
+            return sample_suite(rt, probes, rep).items
+        finally:
+            rt.set_control_vector(None)
+
+    return Correction("steer", lambda s: with_vec(lambda: score_pairs(sc, s)),
+                      lambda s: with_vec(lambda: score_bbq(sc, s)),
+                      lambda: with_vec(lambda: _utility(ctx, sc)), generate,
+                      {"loop": loop.to_dict(), "vector": str(path)})
+
+
+class _Folded:
+    """A scorer on a folded copy of the compute weights (F16), replaced per trial."""
+
+    def __init__(self, ctx: Context, path: Path) -> None:
+        self.ctx, self.path, self.scorer = ctx, path, None
+
+    def load(self, dirs: BiasDirections, spec: AblationSpec) -> BatchScorer:
+        self.close()
+        fold_gguf(self.ctx.compute_path, self.path, make_plan(dirs, spec), weight_type="F16", force=True,
+                  note=f"edge bias ablate: {spec.describe()}")
+        self.scorer = BatchScorer(self.ctx.rt, model_path=self.path)
+        return self.scorer
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
+
+
+def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    sh = ctx.shared
+    st = sh.states.take(cal)
+    cats = sh.categories[cal]
+    dirs = {"overall": compute_directions(st.h_more, st.h_less, st.e_more, st.e_less),
+            "category": compute_directions(st.h_more, st.h_less, st.e_more, st.e_less, cats,
+                                           min_pairs=ctx.ablate.min_pairs)}
+    folded = _Folded(ctx, work / "ablate.f16.gguf")
+    calib = sh.suite.subset(cal.tolist())
+
+    def measure(spec: AblationSpec, d: BiasDirections) -> tuple[np.ndarray, np.ndarray, float, float]:
+        sc = folded.load(d, spec)
+        m, ls = score_pairs(sc, calib)
+        return (m, ls, *_utility(ctx, sc))
+
+    base = (sh.base[0][cal], sh.base[1][cal])
+    res = run_ablate_loop(dirs, base, sh.base_ppl, cats, measure, ctx.ablate,
+                          lambda kind, d: ctx.emit("ablate", d))
+    fit: dict[str, Any] = {"loop": res.to_dict()}
+    if res.best is None:  # nothing helped within budget: judge the uncorrected model
+        folded.close()
+        if not ctx.cfg.keep_models:
+            folded.path.unlink(missing_ok=True)
+        sc = ctx.scorer
+        return Correction("ablate", lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
+                          lambda: _utility(ctx, sc), lambda p, r: sample_suite(ctx.rt, p, r).items, fit)
+    best, d = res.best, dirs[res.best.directions]
+    sc = folded.load(d, best.spec)
+    np.savez_compressed(work / "ablate_directions.npz", layers=d.layers, embedding=d.embedding,
+                        labels=np.array(d.labels), spec=np.array(str(best.spec.to_dict())))
+    # The deployable file (what a device runs, and what generation is judged on) only where
+    # it is used: split 0 (-o) and the splits judged by generation.
+    target = ctx.cfg.outputs().get("ablate") if index == 0 else None
+    deploy = None
+    if target or index < ctx.cfg.gen_splits:
+        deploy = _deploy(ctx, folded.path, Path(target) if target else work / "ablate.gguf", d, best.spec, fit)
+
+    def generate(probes: Suite, rep: RepeatConfig) -> list[dict[str, Any]]:
+        assert deploy is not None
+        grt = Runtime(deploy, RuntimeConfig(n_ctx=512, threads=ctx.threads))
+        try:
+            return sample_suite(grt, probes, rep).items
+        finally:
+            grt.close()
+
+    def close() -> None:
+        folded.close()
+        if not ctx.cfg.keep_models:
+            for p in (folded.path, deploy):
+                if p is not None and p != target:
+                    p.unlink(missing_ok=True)
+
+    return Correction("ablate", lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
+                      lambda: _utility(ctx, sc), generate, fit, close)
+
+
+def _deploy(ctx: Context, f16: Path, dst: Path, d: BiasDirections, spec: AblationSpec,
+            fit: dict[str, Any]) -> Path:
+    """Fold the chosen ablation into the model file itself (re-quantized to its own types,
+    or F16 on request) and measure what re-quantization cost against the F16 fold."""
+    fr = fold_gguf(ctx.source_path, dst, make_plan(d, spec), weight_type=ctx.cfg.weights, force=True,
+                   note=f"edge bias ablate: {spec.describe()}")
+    if ctx.cfg.weights == "source":
+        fr.requant_kl = requant_cost(f16, dst, _neutral_text(ctx), threads=ctx.threads)
+    fit["fold"] = fr.to_dict()
+    return dst
+
+
+def _neutral_text(ctx: Context) -> str:
+    return "".join(ctx.rt.detokenize(c[1:]) for c in ctx.shared.neutral)
+
+
+def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
+                    cfg: SplitsConfig | None = None, ablate: AblateConfig | None = None,
+                    threads: int | None = None, precision: str = "auto",
+                    on_event: Event | None = None) -> SplitsResult:
+    """`edge bias mitigate --method … --splits N`: shared work once, then every split."""
+    from edge.session import open_runtime
+
+    cfg = cfg or SplitsConfig()
+    cfg.validate()
+    ablate = ablate or AblateConfig(max_ppl_increase=cfg.max_ppl_increase)
+    emit = on_event or (lambda kind, data: None)
+    suite = load_suite(suite_spec)
+    if suite.kind != "pairs":
+        raise BadOptionError("mitigate needs a pair suite (crows_pairs or probes) for --suite")
+    t0 = time.perf_counter()
+    rt = open_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
+    scorer = None
+    try:
+        scorer = open_scorer(rt, precision)
+        compute = Path(scorer.compute.get("path", rt.path))
+        # states only for rows some split calibrates on, scores only for rows some split uses
+        rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
+        cal_rows = np.unique(np.concatenate([c for c, _ in rows]))
+        used = np.unique(np.concatenate([np.concatenate([c, h]) for c, h in rows]))
+        sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
+                            bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
+                            probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
+                            state_rows=cal_rows, score_rows=used, on_event=emit,
+                            cache_dir=Path(out_dir))
+        info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate),
+                "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
+        emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
+        ctx = Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit)
+        fitters = {"steer": fit_steer, "ablate": fit_ablate}
+        return run_splits(sh, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit, info)
+    finally:
+        if scorer is not None:
+            scorer.close()
+        rt.close()

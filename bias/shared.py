@@ -1,0 +1,193 @@
+"""What every split of a mitigation run shares, computed once: the uncorrected model's
+scores on every instrument, the residual-stream states of every pair, the neutral text.
+
+A split only chooses rows, so the uncorrected CrowS-Pairs scores of all rows serve every
+split's calibration base and held-out "before"; BBQ and generation do not depend on the
+split at all; and directions need only each pair's token-mean states, read once for the
+whole suite through llama.cpp (edge.hidden) on the scoring weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bias.audit import score_bbq, score_pairs
+from bias.feedback import Utility, neutral_chunks
+from bias.judge import BBQFlags
+from bias.repeat import RepeatConfig, sample_suite
+from bias.scorer import BatchScorer
+from bias.suites import Suite, load_suite
+from edge.paths import atomic_path, atomic_write
+from edge.runtime import Runtime
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class PairStates:
+    """Token-mean states per pair: h (n, n_layers, n_embd) per side, e (n, n_embd) embeddings."""
+
+    h_more: np.ndarray
+    h_less: np.ndarray
+    e_more: np.ndarray
+    e_less: np.ndarray
+
+    def take(self, idx: np.ndarray | list[int]) -> PairStates:
+        i = np.asarray(idx)
+        return PairStates(self.h_more[i], self.h_less[i], self.e_more[i], self.e_less[i])
+
+
+def pair_texts(rt: Runtime, suite: Suite) -> list[list[int]]:
+    """BOS + tokens of each sentence, more then less per pair (as the scorer reads them)."""
+    bos = rt.bos
+    return [[bos, *rt.tokenize(s, add_bos=False)] for it in suite.items for s in (it.more, it.less)]
+
+
+def read_states(rt: Runtime, suite: Suite, model_path: str, *, threads: int,
+                rows: np.ndarray | None = None,
+                on_progress: Callable[[int], None] | None = None) -> PairStates:
+    """The pairs' states from llama.cpp (edge.hidden), embeddings from the GGUF itself.
+    `rows`: only these pairs (the others stay zero: a split calibrates only on its rows)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from edge.hidden import HiddenStates
+
+    idx = np.arange(len(suite.items)) if rows is None else np.asarray(sorted(set(rows.tolist())))
+    texts = pair_texts(rt, suite.subset(idx.tolist()))
+    with HiddenStates(model_path, threads=threads) as hs:
+        h = hs.token_means(texts, on_progress=on_progress)
+    reader = gguf.GGUFReader(model_path)
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    emb = dequantize(t.data, t.tensor_type).reshape(-1, int(t.shape[0]))
+    e = np.array([emb[tk[1:]].mean(0) for tk in texts], np.float32)
+    n = len(suite.items)
+    full = [np.zeros((n, *a.shape[1:]), np.float32) for a in (h[0::2], h[1::2], e[0::2], e[1::2])]
+    for f, a in zip(full, (h[0::2], h[1::2], e[0::2], e[1::2]), strict=True):
+        f[idx] = a
+    return PairStates(*full)
+
+
+@dataclass
+class Shared:
+    suite: Suite
+    base: tuple[np.ndarray, np.ndarray]  # uncorrected (ll_more, ll_less) of every row
+    states: PairStates
+    neutral: list[list[int]]
+    utility: Utility  # its first call's distributions are the uncorrected model's
+    base_ppl: float
+    bbq: Suite | None = None
+    bbq_base: np.ndarray | None = None  # (n_items, 3) answer log-likelihoods
+    probes: Suite | None = None
+    gen_base: list[dict[str, Any]] | None = None  # RepeatResult.items of the uncorrected model
+    repeat: RepeatConfig | None = None
+
+    @property
+    def categories(self) -> np.ndarray:
+        return np.array([it.category for it in self.suite.items])
+
+    def bbq_flags(self, lls: np.ndarray) -> BBQFlags:
+        assert self.bbq is not None
+        return BBQFlags.from_scores(lls, self.bbq.items)
+
+
+def bbq_sample(spec: str, per_condition: int, seed: int) -> Suite:
+    """A fixed random sample of BBQ items: `per_condition` ambiguous and as many
+    disambiguated, stratified by category file so every file a user points at is judged."""
+    bbq = load_suite(spec)
+    rng = np.random.default_rng(seed)
+    cats = np.array([it.category for it in bbq.items])
+    amb = np.array([it.ambiguous for it in bbq.items])
+    keep: list[int] = []
+    per_cat = max(1, per_condition // max(len(set(cats.tolist())), 1))
+    for c in sorted(set(cats.tolist())):
+        for cond in (True, False):
+            idx = np.flatnonzero((cats == c) & (amb == cond))
+            keep += rng.choice(idx, min(per_cat, len(idx)), replace=False).tolist()
+    return bbq.subset(sorted(keep))
+
+
+def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_model: str,
+                   threads: int, bbq_spec: str | None, bbq_per_condition: int,
+                   probes_spec: str | None, repeat: RepeatConfig | None, seed: int = 0,
+                   state_rows: np.ndarray | None = None, score_rows: np.ndarray | None = None,
+                   on_event: Event | None = None, cache_dir: Path | None = None) -> Shared:
+    """Score the uncorrected model once on everything the splits will need. With
+    `cache_dir`, what was computed is kept there (shared.npz, shared.json) and reused by a
+    rerun with the same model, suite and settings: a run stopped or crashed after the
+    shared work restarts at its splits."""
+    emit = on_event or (lambda kind, data: None)
+    key = {"model": str(rt.path), "states_model": states_model, "suite": suite.source,
+           "rows": [it.row for it in suite.items], "bbq": bbq_spec, "bbq_per_condition": bbq_per_condition,
+           "probes": probes_spec, "repeat": None if repeat is None else asdict(repeat), "seed": seed,
+           "state_rows": None if state_rows is None else sorted(int(i) for i in state_rows),
+           "score_rows": None if score_rows is None else sorted(int(i) for i in score_rows)}
+    neutral = neutral_chunks(rt)
+    utility = Utility(scorer, neutral)
+    base_ppl, _ = utility()  # also fixes the uncorrected distributions the KL compares with
+    cached = _load_cache(cache_dir, key) if cache_dir else None
+    if cached is not None:
+        emit("stage", {"stage": "shared work from cache", "path": str(cache_dir)})
+        sh = Shared(suite, cached["base"], cached["states"], neutral, utility, base_ppl)
+        if bbq_spec:
+            sh.bbq, sh.bbq_base = bbq_sample(bbq_spec, bbq_per_condition, seed), cached["bbq_base"]
+        if probes_spec and repeat is not None:
+            sh.probes, sh.repeat, sh.gen_base = load_suite(probes_spec), repeat, cached["gen_base"]
+        return sh
+    base = _base_scores(scorer, suite, score_rows, emit)
+    emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
+    states = read_states(rt, suite, states_model, threads=threads, rows=state_rows)
+    sh = Shared(suite, base, states, neutral, utility, base_ppl)
+    if bbq_spec:
+        sh.bbq = bbq_sample(bbq_spec, bbq_per_condition, seed)
+        emit("stage", {"stage": "uncorrected BBQ", "items": len(sh.bbq.items)})
+        sh.bbq_base = score_bbq(scorer, sh.bbq)
+    if probes_spec and repeat is not None:
+        sh.probes, sh.repeat = load_suite(probes_spec), repeat
+        emit("stage", {"stage": "uncorrected generation", "prompts": len(sh.probes.items)})
+        sh.gen_base = sample_suite(rt, sh.probes, repeat).items
+    if cache_dir:
+        _save_cache(cache_dir, key, sh)
+    return sh
+
+
+def _base_scores(scorer: BatchScorer, suite: Suite, rows: np.ndarray | None,
+                 emit: Event) -> tuple[np.ndarray, np.ndarray]:
+    """The uncorrected scores of `rows` (NaN elsewhere: no split reads them)."""
+    idx = np.arange(len(suite.items)) if rows is None else np.asarray(rows, dtype=int)
+    emit("stage", {"stage": "uncorrected scores", "pairs": len(idx)})
+    m, ls = score_pairs(scorer, suite.subset(idx.tolist()))
+    more, less = np.full(len(suite.items), np.nan), np.full(len(suite.items), np.nan)
+    more[idx], less[idx] = m, ls
+    return more, less
+
+
+def _save_cache(d: Path, key: dict[str, Any], sh: Shared) -> None:
+    st = sh.states
+    arrays = {"more": sh.base[0], "less": sh.base[1], "h_more": st.h_more, "h_less": st.h_less,
+              "e_more": st.e_more, "e_less": st.e_less}
+    if sh.bbq_base is not None:
+        arrays["bbq_base"] = sh.bbq_base
+    with atomic_path(d / "shared.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    with atomic_write(d / "shared.json", "w") as f:
+        json.dump({"key": key, "gen_base": sh.gen_base}, f)
+
+
+def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((d / "shared.json").read_text())
+        if meta["key"] != key:
+            return None
+        z = np.load(d / "shared.npz")
+        return {"base": (z["more"], z["less"]),
+                "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"]),
+                "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "gen_base": meta["gen_base"]}
+    except (OSError, ValueError, KeyError):  # absent, partial or from an older version: recompute
+        return None

@@ -1,0 +1,109 @@
+"""report.md of a split run (bias.splits): the acceptance table, per split and method,
+then the median and range of each figure and how many splits pass each check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _e(x: dict[str, Any], f: str = ".1f") -> str:
+    return f"{x['value']:{f}} [{x['lo']:{f}}, {x['hi']:{f}}]"
+
+
+def _row(seed: int, method: str, r: dict[str, Any]) -> str:
+    p = r["heldout"]["pct_stereotype"]
+    dg = r["heldout"]["diagnostics"]
+    cm = r["categories"]
+    cells = [str(seed), method, _e(p["before"]), _e(p["after"]), _e(p["change"], "+.1f"),
+             f"{dg['slope']:+.2f} / {dg['corr']:+.2f}", f"{100 * r['ppl']['increase']:+.2f}%"]
+    b = r.get("bbq")
+    cells.append(f"{100 * b['acc_dis']['change']['value']:+.1f} [{100 * b['acc_dis']['change']['lo']:+.1f}, "
+                 f"{100 * b['acc_dis']['change']['hi']:+.1f}]" if b else "–")
+    cells.append(_e(b["s_amb"]["after"], ".3f") if b else "–")
+    moved = f"{len(cm['moved_toward_neutral'])}/{len(cm['biased_before'])}"
+    cells.append(f"{moved}; worse: {', '.join(cm['made_worse']) or 'none'}")
+    k = r.get("kept_out")
+    cells.append(_e(k["pct_stereotype"]["change"], "+.1f") if k else "–")
+    g = r.get("generation")
+    cells.append(f"{_e(g['before'], '.3f')} → {_e(g['after'], '.3f')}" if g else "–")
+    return "| " + " | ".join(cells) + " |"
+
+
+def report_md(res: dict[str, Any]) -> str:
+    cfg = res["config"]
+    sh = res.get("shared", {})
+    lines = [f"# Bias mitigation on {cfg['n_splits']} seeded splits ({', '.join(cfg['methods'])})", "",
+             f"Calibration fraction {cfg['calib_frac']}, kept out: {cfg['exclude_category'] or 'none'}, "
+             f"PPL budget {100 * cfg['max_ppl_increase']:.0f}%; shared work {sh.get('seconds', 0):.0f} s, "
+             f"splits {res.get('elapsed_s', 0):.0f} s{'' if res.get('complete') else ' (interrupted)'}.", "",
+             "| seed | method | held-out pct before | after | paired change | pair slope / corr | ΔPPL | "
+             "BBQ acc_dis Δ (pts) | BBQ s_amb after | categories moved; worse | kept-out Δpct | generation rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in res["splits"]:
+        for m, r in s["methods"].items():
+            lines.append(_row(s["seed"], m, r))
+    lines += ["", "## Over splits (median [min, max])", ""]
+    for m, summ in res.get("summary", {}).items():
+        if not summ["splits"]:  # interrupted before this method's first split
+            continue
+        figs = ", ".join(f"{k} {v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" for k, v in summ["figures"].items())
+        checks = ", ".join(f"{k}: {v}" for k, v in summ["checks"].items())
+        lines += [f"**{m}** ({summ['splits']} splits): {figs}.", "", f"Checks: {checks}.", ""]
+    lines += _deployed(res)
+    if res["splits"]:
+        first = next(iter(res["splits"][0]["methods"].values()), None)
+        if first:
+            pw = [f"CrowS pct ±{first['heldout']['pct_stereotype']['power']:.2f} points"]
+            if "bbq" in first:
+                pw.append(f"BBQ s_amb ±{first['bbq']['s_amb']['power']:.3f}")
+            if "generation" in first:
+                pw.append(f"generation rate ±{first['generation']['power']:.3f}")
+            lines.append("Power (smallest bias detectable at 95% with 80% power, split 0): " + "; ".join(pw) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _deployed(res: dict[str, Any]) -> list[str]:
+    """What split 0's corrections were written as, and what re-quantizing the fold cost."""
+    out = []
+    for s in res["splits"][:1]:
+        st = s["methods"].get("steer", {}).get("fit", {})
+        if st.get("vector"):
+            out.append(f"Split {s['seed']} control vector: {st['vector']}.")
+        abl = s["methods"].get("ablate", {}).get("fit", {})
+        if abl and not abl.get("fold") and abl.get("loop", {}).get("best") is None:
+            out.append(f"Split {s['seed']} ablate: no candidate lowered the calibration bias within the "
+                       "PPL budget; the uncorrected model was judged and no ablated GGUF was written.")
+        fold = abl.get("fold")
+        if fold:
+            w = fold["worst"]
+            kind = ("re-quantized to the source's types" if fold["weight_type"] == "source"
+                    else f"kept at {fold['weight_type']}")
+            line = (f"Split {s['seed']} ablated GGUF: {fold['path']} ({kind}; "
+                    f"{len(fold['edited'])} tensors edited")
+            if w:
+                line += f", worst tensor {w['name']} max error {w['max_err']:.2g} of its range"
+            kl = fold.get("requant_kl")
+            if kl:
+                line += (f"; re-quantization cost against the F16 fold: KL {kl['kl_mean']:.4f} nats/token "
+                         f"(p99 {kl['kl_p99']:.3f}), PPL {kl['ppl_full']:.3f} → {kl['ppl_quantized']:.3f}, "
+                         f"top-1 agreement {100 * kl['top1_agreement']:.1f}%")
+            out.append(line + ").")
+    return out + [""] if out else out
+
+
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """The console summary of a split run: one line per split and method, then the checks."""
+    out = []
+    for s in res["splits"]:
+        for m, r in s["methods"].items():
+            p = r["heldout"]["pct_stereotype"]
+            dg = r["heldout"]["diagnostics"]
+            out.append(f"seed {s['seed']} {m:<6} held-out pct {_e(p['before'])} → {_e(p['after'])}, "
+                       f"change {_e(p['change'], '+.1f')}, pair slope {dg['slope']:+.2f}, "
+                       f"PPL {100 * r['ppl']['increase']:+.2f}%")
+    for m, summ in res.get("summary", {}).items():
+        out.append(f"{m}: " + ", ".join(f"{k} {v}" for k, v in summ["checks"].items()))
+    out += [line for line in _deployed(res) if line]
+    if not res.get("complete"):
+        out.append("interrupted: results.json holds the finished splits")
+    return out

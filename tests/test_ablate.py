@@ -1,0 +1,238 @@
+"""bias.ablate / bias.judge / bias.splits: direction and projection math, per-pair
+diagnostics, the LEACE eraser, the loop's choices, the split machinery and its summary —
+on hand-built numbers (the folded model itself is tested in test_fold.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bias import metrics as M
+from bias.ablate import (
+    AblateConfig,
+    AblationSpec,
+    category_rms,
+    compute_directions,
+    leace_edit,
+    make_plan,
+    pair_diagnostics,
+    run_ablate_loop,
+)
+from bias.judge import judge, judge_pair_rows
+from bias.splits import Correction, SplitsConfig, run_splits, summarize
+from bias.suites import PairItem, Suite
+
+L, D = 4, 8
+
+
+def _states(n: int = 60, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    hm = rng.standard_normal((n, L, D))
+    hl = hm.copy()
+    hm[:, :, 0] += 1.0  # category a: the stereotype adds +1 along axis 0
+    hm[n // 2:, :, 0] -= 1.0
+    hm[n // 2:, :, 1] -= 2.0  # category b: −2 along axis 1 instead
+    em, el = hm[:, 0] * 0.5, hl[:, 0] * 0.5
+    return hm, hl, em, el
+
+
+def test_directions_per_category_and_overall() -> None:
+    hm, hl, em, el = _states()
+    cats = ["a"] * 30 + ["b"] * 30
+    over = compute_directions(hm, hl, em, el, protect=0)
+    per = compute_directions(hm, hl, em, el, cats, protect=0)
+    assert over.labels == ["all"] and per.labels == ["a", "b"] and per.counts == [30, 30]
+    np.testing.assert_allclose(per.layers[2, 0], np.eye(D)[0], atol=1e-6)
+    np.testing.assert_allclose(per.layers[2, 1], -2 * np.eye(D)[1], atol=1e-6)
+    np.testing.assert_allclose(over.layers[2], [[0.5, -1, 0, 0, 0, 0, 0, 0]], atol=1e-6)
+    few = compute_directions(hm, hl, em, el, ["a"] * 55 + ["b"] * 5, min_pairs=12, protect=0)
+    assert not few.layers[:, 1].any()  # 5 pairs make no direction
+    # per category, λ = 1 removes both categories' differences at every edited layer
+    plan = make_plan(per, AblationSpec((1, 2), 1.0, embedding=True))
+    assert set(plan.layers) == {1, 2} and plan.embedding is not None
+    diff = hm[:, 2] - hl[:, 2]
+    np.testing.assert_allclose(plan.layers[2].apply(diff), 0, atol=1e-9)
+    # the overall direction leaves what the categories disagree on
+    left = make_plan(over, AblationSpec((2,), 1.0)).layers[2].apply(diff)
+    assert np.abs(left).max() > 0.5
+    # one layer's directions on every writer (the stream never carries them)
+    single = make_plan(per, AblationSpec((0, 1, 2, 3), 0.5, source_layer=3))
+    assert single.layers[0] is single.layers[3] and single.embedding is single.layers[0]
+    with pytest.raises(Exception, match="strength"):
+        make_plan(per, AblationSpec((1,), 1.5))
+
+
+def test_directions_avoid_the_streams_massive_axis() -> None:
+    hm, hl, em, el = _states()
+    hm, hl = hm.copy(), hl.copy()
+    hm[:, :, 7] += 300.0 + 3.0  # a massive dimension the stereotype also nudges
+    hl[:, :, 7] += 300.0
+    raw = compute_directions(hm, hl, em, el, protect=0)
+    prot = compute_directions(hm, hl, em, el, protect=1)
+    assert abs(raw.layers[2, 0, 7]) > 2.5
+    assert abs(prot.layers[2, 0, 7]) < 0.01  # from 3.0: the massive axis is left alone
+    np.testing.assert_allclose(prot.layers[2, 0, :2], raw.layers[2, 0, :2], atol=0.05)
+
+
+def test_leace_edit_equalises_class_means() -> None:
+    rng = np.random.default_rng(2)
+    cov = rng.standard_normal((D, D))
+    a = rng.standard_normal((200, D)) @ cov + 0.7
+    b = rng.standard_normal((200, D)) @ cov
+    e = leace_edit(a, b, shrink=0.0)
+    np.testing.assert_allclose(e.apply(a).mean(0), e.apply(b).mean(0), atol=1e-9)
+    # oblique: it moves x along δ only
+    delta = a.mean(0) - b.mean(0)
+    moved = e.apply(a) - a
+    cos = np.abs(moved @ delta) / (np.linalg.norm(moved, axis=1) * np.linalg.norm(delta))
+    np.testing.assert_allclose(cos, 1, atol=1e-9)
+
+
+def test_pair_diagnostics_tell_shrink_from_shift() -> None:
+    rng = np.random.default_rng(3)
+    less = rng.standard_normal(500) * 3
+    more = less + rng.standard_normal(500) * 5 + 0.5
+    d0 = more - less
+    shift = pair_diagnostics((more, less), (more - 0.3, less))
+    assert abs(shift.slope) < 1e-9 and abs(shift.mean_change + 0.3) < 1e-9 and shift.sd_change < 1e-9
+    shrink = pair_diagnostics((more, less), (less + 0.6 * d0, less))
+    assert shrink.slope == pytest.approx(-0.4) and shrink.corr == pytest.approx(-1.0)
+    assert shrink.flips_to_anti == shrink.flips_to_stereo == 0
+    flip = pair_diagnostics((np.array([1.0, -1.0]), np.zeros(2)), (np.array([-1.0, 1.0]), np.zeros(2)))
+    assert (flip.flips_to_anti, flip.flips_to_stereo) == (1, 1)
+
+
+def test_category_rms_does_not_let_categories_cancel() -> None:
+    more = np.array([1.0, 1.0, -1.0, -1.0])
+    less = np.zeros(4)
+    assert M.mean_ll_diff(more, less) == 0
+    assert category_rms(more, less, ["a", "a", "b", "b"]) == pytest.approx(1.0)
+    assert category_rms(more, less, ["a"] * 4) == 0
+
+
+def test_judge_flags_and_power_line() -> None:
+    rng = np.random.default_rng(4)
+    less = np.zeros(400)
+    more = rng.standard_normal(400) + 0.3  # biased: mean 0.3, SD 1 → SE 0.05
+    j = judge(M.mean_ll_diff, (more, less), (more - 0.3, less), neutral=0.0, n_boot=400)
+    assert j.excluded_before and j.contains_after and j.toward_neutral and not j.away_from_neutral
+    assert j.power == pytest.approx(2.8 * 0.05, rel=0.2)
+    worse = judge(M.mean_ll_diff, (more, less), (more + 0.5, less), neutral=0.0, n_boot=400)
+    assert worse.away_from_neutral and not worse.toward_neutral
+    cats = ["a"] * 200 + ["b"] * 200
+    pj = judge_pair_rows((more, less), (more * 0.2, less), cats, n_boot=200)
+    moves = pj.category_moves()
+    assert set(moves["biased_before"]) == set(moves["moved_toward_neutral"]) and not moves["made_worse"]
+
+
+def test_loop_picks_the_efficient_candidate_and_scales_it_into_budget() -> None:
+    hm, hl, em, el = _states()
+    cats = ["a"] * 30 + ["b"] * 30
+    dirs = {"overall": compute_directions(hm, hl, em, el, protect=0),
+            "category": compute_directions(hm, hl, em, el, cats, protect=0)}
+    rng = np.random.default_rng(5)
+    less = rng.standard_normal(60)
+    d0 = np.where(np.arange(60) < 30, 1.0, -2.0) + rng.standard_normal(60) * 0.1
+    calls = []
+
+    def measure(spec: AblationSpec, d: object) -> tuple[np.ndarray, np.ndarray, float, float]:
+        calls.append(spec)
+        keep = 1 - spec.strength * (0.9 if d is dirs["category"] else 0.3)  # category shrinks more
+        return less + keep * d0, less, 10 * (1 + 0.04 * spec.strength ** 2), 0.01  # PPL +4% at λ=1
+
+    res = run_ablate_loop(dirs, (less + d0, less), 10.0, cats, measure, AblateConfig(max_ppl_increase=0.02))
+    assert [t.directions for t in res.trials[:2]] == ["category", "overall"]
+    assert res.best is not None and res.best.directions == "category"
+    assert res.best.ppl_increase <= 0.02 and 0.5 < res.best.spec.strength < 0.75  # √(0.95·0.02/0.04) ≈ 0.69
+    assert len(calls) == 3
+
+
+def _suite(n: int = 90) -> Suite:
+    items = [PairItem(str(i), i, ["x", "y", "z"][i % 3], f"m{i}", f"l{i}") for i in range(n)]
+    return Suite("toy", "pairs", items, "toy")
+
+
+def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Path) -> None:
+    from bias.shared import PairStates, Shared
+
+    suite = _suite()
+    rng = np.random.default_rng(6)
+    base = (rng.standard_normal(90) + 0.4, np.zeros(90))
+    st = PairStates(*(np.zeros((90, 2, 4)),) * 2, *(np.zeros((90, 4)),) * 2)
+
+    class U:
+        scorer = None
+
+        def __call__(self) -> tuple[float, float]:
+            return 10.0, 0.0
+
+    sh = Shared(suite, base, st, [], U(), 10.0)  # type: ignore[arg-type]
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def fitter(method: str, cal: np.ndarray, work: Path, index: int) -> Correction:
+        seen.append((method, tuple(cal)))
+        if len(seen) == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the second split
+
+        def score(s: Suite) -> tuple[np.ndarray, np.ndarray]:
+            rows = np.array([it.row for it in s.items])
+            return base[0][rows] * 0.1, base[1][rows]
+
+        return Correction(method, score, lambda s: None, lambda: (10.1, 0.01), lambda p, r: [])
+
+    cfg = SplitsConfig(n_splits=3, exclude_category="z", probes_spec=None, n_boot=100)
+    with pytest.raises(KeyboardInterrupt):
+        run_splits(sh, fitter, cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert not saved["complete"] and len(saved["splits"]) == 2
+    assert set(saved["splits"][0]["methods"]) == {"steer", "ablate"}
+    assert saved["splits"][1]["methods"] == {"steer": saved["splits"][1]["methods"]["steer"]}
+    # the two methods of a split calibrate on the same rows; splits differ; z is never calibrated on
+    assert seen[0][1] == seen[1][1] and seen[0][1] != seen[2][1]
+    assert all(suite.items[i].category != "z" for _, cal in seen for i in cal)
+    s0 = saved["splits"][0]
+    assert set(s0["calibration_rows"]).isdisjoint(s0["heldout_rows"])
+    assert "kept_out" in s0["methods"]["steer"] and s0["methods"]["steer"]["heldout"]["diagnostics"]["slope"] == pytest.approx(-0.9)
+    summ = saved["summary"]["steer"]
+    assert summ["splits"] == 2 and summ["figures"]["pair_slope"]["median"] == pytest.approx(-0.9)
+    assert summ["checks"]["ppl_within_budget"] == "2/2"
+    again = summarize(saved["splits"], ("steer", "ablate"))
+    assert again["ablate"]["splits"] == 1
+
+
+def test_split_caps_keep_every_kept_out_row_and_stay_disjoint() -> None:
+    suite = _suite(300)
+    cfg = SplitsConfig(n_splits=2, exclude_category="z", calib_limit=20, heldout_limit=50)
+    cal, held = cfg.rows(suite, 0)
+    cats = np.array([it.category for it in suite.items])
+    assert len(cal) == 20 and not set(cal) & set(held)
+    assert (cats[held] == "z").sum() == 100 and (cats[held] != "z").sum() == 50  # all of z, 50 others
+    assert "z" not in set(cats[cal])
+    again = cfg.rows(suite, 0)
+    assert np.array_equal(again[0], cal) and np.array_equal(again[1], held)  # seeded
+    assert not np.array_equal(cfg.rows(suite, 1)[0], cal)
+
+
+def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> None:
+    from bias.shared import PairStates, Shared, _load_cache, _save_cache
+
+    rng = np.random.default_rng(0)
+    st = PairStates(*(rng.standard_normal((6, 2, 4)).astype(np.float32),) * 2,
+                    *(rng.standard_normal((6, 4)).astype(np.float32),) * 2)
+    base = (rng.standard_normal(6), np.full(6, np.nan))
+    sh = Shared(_suite(6), base, st, [], None, 10.0, bbq_base=np.ones((3, 3)),  # type: ignore[arg-type]
+                gen_base=[{"row": 1, "answers": []}])
+    key = {"model": "m", "rows": [0, 1]}
+    _save_cache(tmp_path, key, sh)
+    got = _load_cache(tmp_path, key)
+    assert got is not None and got["gen_base"] == sh.gen_base
+    np.testing.assert_array_equal(got["base"][0], base[0])
+    assert np.isnan(got["base"][1]).all()
+    np.testing.assert_array_equal(got["states"].h_more, st.h_more)
+    np.testing.assert_array_equal(got["bbq_base"], np.ones((3, 3)))
+    assert _load_cache(tmp_path, {**key, "model": "other"}) is None
+    (tmp_path / "shared.npz").write_bytes(b"partial")
+    assert _load_cache(tmp_path, key) is None  # a damaged cache is recomputed, not trusted

@@ -1,0 +1,171 @@
+"""edge.fold: a residual-stream edit folded into the weights, judged by llama.cpp itself.
+
+A tiny random Llama is converted to GGUF inside the test; the folded file, run by plain
+llama.cpp (no control vector), must give the logits of the numpy engine with the same edit
+applied to the float32 weights, and those must equal applying the edit to what each
+writer adds to the stream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from convert_helpers import TinySpec, llama_logits, make_checkpoint
+
+from edge.engine import Engine
+from edge.errors import BadOptionError, OutputExistsError
+from edge.fold import (
+    FoldPlan,
+    ResidualEdit,
+    edit_embedding,
+    edit_writer,
+    fold_gguf,
+    fold_weights,
+    quantize_rows,
+)
+
+SPEC = TinySpec("bpe", n_embd=64, n_layers=3, n_head=4, n_head_kv=2, n_ff=128, tied=True, seed=11)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from edge.convert import convert
+    from edge.quantize import quantize
+
+    d = tmp_path_factory.mktemp("fold")
+    make_checkpoint(d / "hf", SPEC)
+    f32 = d / "tiny.f32.gguf"
+    convert(d / "hf", f32, outtype="f32")
+    q8 = d / "tiny.q8.gguf"
+    quantize(f32, q8, qtype="Q8_0", pure=True)
+    return {"f32": f32, "q8": q8, "dir": d}
+
+
+def _plan(seed: int = 0, strength: float = 1.0, bias: bool = False) -> FoldPlan:
+    rng = np.random.default_rng(seed)
+    d = SPEC.n_embd
+    layers = {il: ResidualEdit.projection(rng.standard_normal((2, d)), strength) for il in (1, 2)}
+    if bias:
+        layers[2] = ResidualEdit(layers[2].u, layers[2].v, rng.standard_normal(d).astype(np.float32))
+    return FoldPlan(layers, embedding=ResidualEdit.projection(rng.standard_normal(d), strength))
+
+
+def _tokens(n: int = 40) -> list[int]:
+    return [int(t) for t in np.random.default_rng(3).integers(3, 300, n)]
+
+
+def test_projection_math() -> None:
+    rng = np.random.default_rng(0)
+    dirs = rng.standard_normal((3, 16))
+    dirs[2] = dirs[0] + 2 * dirs[1]  # dependent: the span is 2-d
+    e = ResidualEdit.projection(dirs, 1.0)
+    assert e.rank == 2
+    x = rng.standard_normal((5, 16))
+    y = e.apply(x)
+    np.testing.assert_allclose(y @ dirs.T, 0, atol=1e-10)  # nothing left along the span
+    np.testing.assert_allclose(e.apply(y), y, atol=1e-12)  # a projection: idempotent
+    half = ResidualEdit.projection(dirs[:1], 0.3).apply(x)
+    u = dirs[0] / np.linalg.norm(dirs[0])
+    np.testing.assert_allclose(half @ u, 0.7 * (x @ u), atol=1e-10)  # x − λ(dᵀx)d
+    np.testing.assert_allclose(half - (half @ u)[:, None] * u, x - (x @ u)[:, None] * u, atol=1e-10)
+    # folding into a writer equals editing what it writes; the embedding row by row
+    w = rng.standard_normal((16, 7))
+    v = rng.standard_normal(7)
+    np.testing.assert_allclose(edit_writer(w, e) @ v, e.apply(w @ v), atol=1e-5)
+    emb = rng.standard_normal((9, 16)).astype(np.float32)
+    np.testing.assert_allclose(edit_embedding(emb, e), e.apply(emb), atol=1e-5)
+
+
+def test_ggml_quantizer_matches_gguf_py_bit_for_bit() -> None:
+    from gguf.quants import quantize
+
+    x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32) * 3
+    ours = quantize_rows(x, int(gguf.GGMLQuantizationType.Q8_0))
+    ref = quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    assert ours.shape == ref.shape
+    assert (ours != ref).sum() == 0
+
+
+def test_folded_f32_gguf_in_llama_cpp_equals_engine_with_the_edit(tiny: dict[str, Path]) -> None:
+    plan = _plan(bias=True)
+    out = tiny["dir"] / "folded.f32.gguf"
+    r = fold_gguf(tiny["f32"], out, plan, weight_type="F32", force=True)
+    assert r.untied_output  # the tiny model is tied: the head keeps the unedited embedding
+    assert set(r.edited) == {"token_embd.weight", *(f"blk.{i}.{n}.weight" for i in (1, 2)
+                                                   for n in ("attn_output", "ffn_down"))}
+    base = Engine.from_gguf(tiny["f32"])
+    eng = Engine(fold_weights(base.weights, plan))
+    toks = _tokens()
+    ctrl = plan.bias_matrix(SPEC.n_layers, SPEC.n_embd)
+    ours = eng.forward(toks, control=ctrl).logits
+    ref = llama_logits(out, toks)
+    unedited = base.forward(toks).logits
+    scale = np.abs(ref).max()
+    assert np.abs(unedited - ref).max() > 0.05 * scale  # the edit matters, so agreement means something
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 * scale)
+
+
+def test_requantized_fold_keeps_types_and_copies_the_rest(tiny: dict[str, Path]) -> None:
+    plan = _plan(seed=2, strength=0.8)
+    out = tiny["dir"] / "folded.q8.gguf"
+    r = fold_gguf(tiny["q8"], out, plan, weight_type="source", force=True)
+    src = {t.name: t for t in gguf.GGUFReader(str(tiny["q8"])).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert set(got) == set(src) | {"output.weight"}
+    for name, t in src.items():
+        assert got[name].tensor_type == t.tensor_type, name
+        if name not in r.edited:
+            assert np.array_equal(np.asarray(got[name].data), np.asarray(t.data)), name
+    assert np.array_equal(np.asarray(got["output.weight"].data), np.asarray(src["token_embd.weight"].data))
+    assert r.worst is not None and 0 < r.worst.max_err < 0.01  # Q8_0: ≤ 1/255 of the range, plus rounding
+    # llama.cpp runs it; it is the f32 fold up to Q8_0 rounding, and far from the unedited model
+    full = tiny["dir"] / "folded.ref.gguf"
+    fold_gguf(tiny["f32"], full, plan, weight_type="F32", force=True)
+    toks = _tokens()
+    q, f, u = llama_logits(out, toks), llama_logits(full, toks), llama_logits(tiny["q8"], toks)
+    assert np.abs(q - f).mean() < 0.25 * np.abs(u - f).mean()
+
+
+def test_bad_plans_and_outputs_are_refused(tiny: dict[str, Path]) -> None:
+    e = ResidualEdit.projection(np.ones(SPEC.n_embd))
+    with pytest.raises(BadOptionError, match="layer 7"):
+        fold_gguf(tiny["f32"], tiny["dir"] / "x.gguf", FoldPlan({7: e}))
+    with pytest.raises(BadOptionError, match="n_embd"):
+        fold_gguf(tiny["f32"], tiny["dir"] / "x.gguf", FoldPlan({0: ResidualEdit.projection(np.ones(8))}))
+    with pytest.raises(BadOptionError, match="bias"):
+        FoldPlan(embedding=ResidualEdit(e.u, e.v, np.ones(SPEC.n_embd, np.float32))).check(3, SPEC.n_embd)
+    with pytest.raises(OutputExistsError):
+        fold_gguf(tiny["f32"], tiny["q8"], FoldPlan({0: e}))
+    assert not (tiny["dir"] / "x.gguf").exists()
+
+
+def test_hidden_states_from_llama_cpp_equal_the_engine(tiny: dict[str, Path]) -> None:
+    from edge.hidden import HiddenStates
+
+    eng = Engine.from_gguf(tiny["f32"])
+    texts = [_tokens(n)[: n] for n in (5, 17, 9)]
+    texts = [[1, *t] for t in texts]
+    with HiddenStates(tiny["f32"], threads=1, n_batch=32) as hs:  # 32 rows: two decodes
+        got = hs.token_means(texts)
+    for t, g in zip(texts, got, strict=True):
+        ref = eng.forward(t, return_hidden=True).hidden[:, 1:].mean(axis=1)
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+    assert np.abs(got[0] - got[1]).max() > 0.1  # texts do not leak into each other's rows
+
+
+def test_requant_cost_is_zero_against_itself_and_positive_against_q8(tiny: dict[str, Path]) -> None:
+    from edge.fold import requant_cost
+
+    plan = _plan(seed=4, strength=0.8)
+    full, q8 = tiny["dir"] / "cost.f32.gguf", tiny["dir"] / "cost.q8.gguf"
+    fold_gguf(tiny["f32"], full, plan, weight_type="F32", force=True)
+    fold_gguf(tiny["q8"], q8, plan, weight_type="source", force=True)
+    text = " ".join(f"word{i % 97} and more text {i}" for i in range(300))
+    same = requant_cost(full, full, text, n_ctx=64, max_chunks=2, threads=1)
+    cost = requant_cost(full, q8, text, n_ctx=64, max_chunks=2, threads=1)
+    assert same["tokens"] > 0 and same["kl_mean"] == pytest.approx(0, abs=1e-6)
+    assert same["ppl_full"] == pytest.approx(same["ppl_quantized"])
+    assert 0 < cost["kl_mean"] < 0.05 and cost["top1_agreement"] > 0.8

@@ -1,0 +1,142 @@
+"""`edge bias mitigate --method steer|ablate|both --splits N`: option errors, and one run on
+the bundled model (probe suite) that is interrupted after its first split."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge.cli import cli
+from tests.conftest import ROOT, SHARED_DATA
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--method", "erase"], "--method"),
+    (["--method", "ablate", "--splits", "0"], "--splits"),
+    (["--method", "ablate", "--weights", "q2"], "--weights"),
+    (["--method", "ablate", "--suite", f"bbq:{SHARED_DATA / 'bbq'}"], "pair suite"),
+    (["--method", "both", "--calib-frac", "1"], "--calib-frac"),
+])
+def test_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "fair.gguf"
+    base = ["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(tmp_path / "rep")]
+    # a later --suite wins in click, so the table can swap the suite
+    res = CliRunner().invoke(cli, base + args)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("Error: ") and res.output.count("\n") == 1, res.output
+    assert needle in res.output
+    assert not out.exists() and not (tmp_path / "rep" / "results.json").exists()
+
+
+def _run(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen[str]:
+    # `python -m edge` from the repository root runs this checkout's code
+    return subprocess.Popen([sys.executable, "-m", "edge", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+
+
+@pytest.mark.slow
+def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    out, rep = tmp_path / "fair.gguf", tmp_path / "rep"
+    p = _run(["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
+              "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
+              "--repeat", "0", "--blocks", "1", "--max-iter", "1",
+              "--max-ppl-increase", "0.05", "-t", "2"], env)
+    seen = []
+    assert p.stderr is not None
+    for line in p.stderr:
+        seen.append(line)
+        if line.startswith("split 2/2") and "steer" in line:
+            p.send_signal(signal.SIGINT)  # Ctrl-C while split 2 calibrates
+            break
+    _, err = p.communicate(timeout=600)
+    log = "".join(seen) + err
+    assert p.returncode != 0, log[-2000:]
+    assert "pair states" in log and "split 1/2 (seed 0): steer" in log and "split 1 ablate done" in log
+    res = json.loads((rep / "results.json").read_text())
+    assert not res["complete"] and len(res["splits"]) == 1
+    assert len(res["splits"][0]["calibration_rows"]) == 24 and len(res["splits"][0]["heldout_rows"]) == 40
+    assert (rep / "shared.npz").exists()  # a rerun would start at the splits
+    s0 = res["splits"][0]["methods"]
+    for m in ("steer", "ablate"):
+        d = s0[m]["heldout"]["diagnostics"]
+        assert -5 < d["slope"] < 5 and -1 <= d["corr"] <= 1
+        ch = s0[m]["heldout"]["pct_stereotype"]["change"]
+        assert ch["lo"] <= ch["value"] <= ch["hi"]
+    # -o: the model with the ablation folded in, re-quantized to the source's type, and its KL cost
+    fold = s0["ablate"]["fit"]["fold"]
+    assert fold["path"] == str(out) and fold["weight_type"] == "source"
+    assert fold["requant_kl"]["kl_mean"] >= 0 and fold["requant_kl"]["tokens"] > 0
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.architecture"].contents() == "llama"
+    vec = out.with_name("fair.steer.gguf")
+    assert gguf.GGUFReader(str(vec)).fields["general.architecture"].contents() == "controlvector"
+    assert "re-quantized to the source's types" in (rep / "report.md").read_text()
+    assert not list(rep.glob("split0/*.gguf"))  # work copies are removed
+
+    # the corrected GGUF is a model like any other, and the vector a correction
+    a = subprocess.run([sys.executable, "-m", "edge", "bias", "audit", str(out), "--suite", "probes",
+                        "--limit", "16", "--json", "-t", "2", "--out", str(tmp_path / "audit")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert a.returncode == 0, a.stderr[-2000:]
+    assert json.loads(a.stdout)["n_items"] == 16
+    b = subprocess.run([sys.executable, "-m", "edge", "bias", "audit", "--suite", "probes", "--limit", "16",
+                        "--correction", str(vec), "--json", "-t", "2", "--out", str(tmp_path / "audit2")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert b.returncode == 0, b.stderr[-2000:]
+    assert json.loads(b.stdout)["correction"] == str(vec)
+
+
+@pytest.mark.slow
+def test_ablated_gguf_in_plain_llama_cpp_scores_as_the_scorer(tmp_path: Path, bundled_model: Path) -> None:
+    """The folded model, F16, needs nothing of edge: plain llama-cpp-python on it gives the
+    log-likelihoods the batch scorer gives (a shrink of a real direction at full strength)."""
+    import llama_cpp
+
+    from bias.ablate import AblationSpec, compute_directions, make_plan
+    from bias.audit import score_pairs
+    from bias.scorer import BatchScorer
+    from bias.shared import read_states
+    from bias.suites import load_suite
+    from edge.fold import fold_gguf
+    from edge.runtime import Runtime, RuntimeConfig
+
+    suite = load_suite("probes").subset(list(range(24)))
+    rt = Runtime(bundled_model, RuntimeConfig(n_ctx=512, threads=2))
+    try:
+        st = read_states(rt, suite, str(bundled_model), threads=2)
+        d = compute_directions(st.h_more, st.h_less, st.e_more, st.e_less)
+        out = tmp_path / "abl.gguf"
+        fold_gguf(bundled_model, out, make_plan(d, AblationSpec(tuple(range(d.n_layers)))),
+                  weight_type="F16")
+        with BatchScorer(rt, model_path=out) as sc:
+            more, less = score_pairs(sc, suite)
+    finally:
+        rt.close()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    plain = []
+    for it in suite.items:
+        row = []
+        for text in (it.more, it.less):
+            toks = [llm.token_bos(), *llm.tokenize(text.encode(), add_bos=False)]
+            llm.reset()
+            llm.eval(toks)
+            x = np.asarray(llm.scores[: len(toks) - 1], np.float64)
+            x -= x.max(1, keepdims=True)
+            lp = x - np.log(np.exp(x).sum(1, keepdims=True))
+            row.append(lp[np.arange(len(toks) - 1), toks[1:]].sum())
+        plain.append(row)
+    a = np.array(plain)
+    assert not np.allclose(a[:, 0] - a[:, 1], 0)
+    np.testing.assert_allclose(a[:, 0], more, atol=0.15)
+    np.testing.assert_allclose(a[:, 1], less, atol=0.15)
+    assert os.path.getsize(out) > 0
