@@ -38,6 +38,7 @@ from bias.suites import Suite, load_suite
 from edge.cvec import write as write_cvec
 from edge.errors import BadOptionError
 from edge.fold import fold_gguf, requant_cost
+from edge.interrupt import InterruptGuard
 from edge.runtime import Runtime, RuntimeConfig
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -194,15 +195,27 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
                     threads: int | None = None, precision: str = "auto",
                     on_event: Event | None = None) -> SplitsResult:
     """`edge bias mitigate --method … --splits N`: shared work once, then every split."""
-    from edge.session import open_runtime
-
     cfg = cfg or SplitsConfig()
     cfg.validate()
     ablate = ablate or AblateConfig(max_ppl_increase=cfg.max_ppl_increase)
-    emit = on_event or (lambda kind, data: None)
     suite = load_suite(suite_spec)
     if suite.kind != "pairs":
         raise BadOptionError("mitigate needs a pair suite (crows_pairs or probes) for --suite")
+    # Ctrl-C inside llama.cpp's ctypes callbacks (logging, cb_eval) would be dropped: SIGINT
+    # sets a flag instead, and every progress event is a point where it stops the run.
+    with InterruptGuard() as guard:
+        def emit(kind: str, data: dict[str, Any]) -> None:
+            guard.check()
+            if on_event is not None:
+                on_event(kind, data)
+
+        return _mitigate_splits(model, suite, out_dir, cfg, ablate, threads, precision, emit)
+
+
+def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
+                     ablate: AblateConfig, threads: int | None, precision: str, emit: Event) -> SplitsResult:
+    from edge.session import open_runtime
+
     t0 = time.perf_counter()
     rt = open_runtime(model, RuntimeConfig(n_ctx=512, threads=threads))
     scorer = None

@@ -15,7 +15,7 @@ PACKAGES = ("edge", "bias")
 # Base modules: the bottom layer, importing only each other (and no llama.cpp session).
 BASE = {"edge", "edge.errors", "edge.paths", "edge.system", "edge.device", "edge.gguf_file",
         "edge.catalog", "edge.telemetry", "edge.cvec", "edge.sampling", "edge.netaddr",
-        "edge.hostcheck", "edge.logprobs"}
+        "edge.hostcheck", "edge.logprobs", "edge.interrupt"}
 
 
 def _modules() -> dict[str, Path]:

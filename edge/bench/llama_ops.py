@@ -79,7 +79,7 @@ class BenchContext:
 
     def _decode(self, tokens: list[int]) -> None:
         if self.interrupt_check is not None:
-            self.interrupt_check()  # a pending Ctrl-C stops between decodes (see bench.interrupt)
+            self.interrupt_check()  # a pending Ctrl-C stops between decodes (see edge.interrupt)
         arr = (ctypes.c_int32 * len(tokens))(*tokens)
         rc = self._ll.llama_decode(self.ctx, self._ll.llama_batch_get_one(arr, len(tokens)))
         if rc != 0:

@@ -17,12 +17,12 @@ from typing import Any
 
 from edge import telemetry
 from edge.bench import cooldown as cooldown_mod
-from edge.bench.interrupt import InterruptGuard
 from edge.bench.llama_ops import BenchContext
 from edge.bench.output import check_out_path, write_records
 from edge.catalog import resolve_model
 from edge.device import DeviceState, probe_state
 from edge.errors import BadOptionError
+from edge.interrupt import InterruptGuard
 from edge.runtime import RuntimeConfig
 from edge.session import open_session
 from edge.system import peak_rss_bytes

@@ -75,7 +75,7 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
       edge tune llama2-7b.f16.gguf --budget-minutes 60 --cooldown 60
       edge tune --objective ttft --quant Q8_0,Q4_0 -t 2,4
     """
-    from edge.bench.interrupt import InterruptGuard
+    from edge.interrupt import InterruptGuard
     from edge.tune import TuneOptions, tune
 
     opts = TuneOptions(objective=objective, max_kld=max_kld, budget_minutes=budget_minutes, n_ctx=n_ctx,
