@@ -289,3 +289,15 @@ def test_catalog_entry_too_big_refused_without_download(tmp_path: Path, monkeypa
     assert not models_dir().exists() or not any(models_dir().iterdir())  # nothing downloaded
     small = fit(get_entry("huge"), memory=MemorySnapshot(512 * GiB, 500 * GiB), cpu=PRESETS["pi5"])
     assert small.status == "fits"
+
+
+def test_unreadable_meminfo_is_unknown_not_out_of_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          bundled_model: Path) -> None:
+    # A device tree whose meminfo has only MemTotal (a container, the bench's Pi fixture):
+    # no verdict, so nothing is refused on a reading of "0 bytes available".
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal:  8000000 kB\n")
+    monkeypatch.setenv("EDGE_SYSFS_ROOT", str(tmp_path))
+    v = fit(bundled_model)
+    assert v.status == "unknown" and v.fits and "could not be read" in v.message()
+    v.require()  # does not raise

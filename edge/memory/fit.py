@@ -45,6 +45,11 @@ class MemorySnapshot:
         return self.swap_free - self.zram_free + int(self.zram_free * ZRAM_GAIN)
 
     @property
+    def readable(self) -> bool:
+        # /proc/meminfo without MemAvailable or MemFree (a container, a fixture tree): no verdict
+        return self.available > 0
+
+    @property
     def margin(self) -> int:
         return max(MIN_MARGIN, int(self.total * MARGIN_SHARE))
 
@@ -169,6 +174,11 @@ def fit(target: ModelInfo | MemoryEstimate | str | os.PathLike[str] | CatalogEnt
     est = target if isinstance(target, MemoryEstimate) else estimate(info, params, cpu)
     p = est.params
     room = mem.available - mem.margin
+    if not mem.readable:
+        return FitVerdict(status="unknown", needed=est.required, peak_rss=est.peak_rss, available=0,
+                          swap=0, margin=mem.margin, n_ctx=p.n_ctx, type_k=p.type_k, max_ctx=None,
+                          estimate=est, approximate=approximate,
+                          note="this device's free memory could not be read, so it was not checked")
     status = _status(est.required, mem)
     saves = 0
     if status != "fits" and p.repack and est.weights_repacked:
@@ -190,9 +200,9 @@ def _size_only(entry: CatalogEntry, params: SessionParams, cpu: CpuFeatures, mem
     q = QUANT_TYPES.get(entry.quant.upper()) if entry.quant else None
     repacks = bool(q and params.repack and repack_layout(q.base, 4096, cpu))
     floor = size * (2 if repacks else 1) + sum(PROCESS[params.process])
-    status = _status(floor, mem) if size else "unknown"
+    status = _status(floor, mem) if size and mem.readable else "unknown"
     note = ("the catalog gives no shape or size for it, so its memory cannot be checked before the download"
-            if not size else "")
+            if not size else "" if mem.readable else "this device's free memory could not be read")
     if status == "fits":  # the weights fit, but KV cache and compute are unknown without a shape
         status, note = "unknown", (f"its weights need {_gib(floor)} of {_gib(mem.available - mem.margin)} "
                                    "available; the context's share is unknown until it is downloaded")
