@@ -38,11 +38,16 @@ def test_logprobs_prefer_natural_text(runtime: Runtime) -> None:
 
 def test_logprobs_agree_with_greedy_generation(runtime: Runtime) -> None:
     prompt = runtime.tokenize("One, two, three, four,", add_bos=True)
-    runtime.generate("One, two, three, four,", max_tokens=6, sampling=Sampling(temp=0))
+    # no repeat penalty: greedy is then the argmax (with it, a second "," loses to a rarer token)
+    runtime.generate("One, two, three, four,", max_tokens=6, sampling=Sampling(temp=0, repeat_penalty=1.0))
     gen = runtime.last.token_ids
     lp = runtime.token_logprobs(prompt + gen)[len(prompt) - 1 :]
-    # Greedy picks the most likely token, so each must be more likely than an even split.
-    assert len(lp) == len(gen) == 6 and np.all(lp > np.log(0.05))
+    from edge.logprobs import log_softmax
+
+    best = log_softmax(runtime.logits(prompt + gen, first=len(prompt) - 1)[: len(gen)]).max(axis=1)
+    # Greedy picked each token as the most likely one, token by token; scored in one batch the
+    # log-probs move by the kernels' row effect (≤ 0.2 nats, bias/scorer.py), never by more.
+    assert len(lp) == len(gen) == 6 and np.all(lp >= best - 0.2)
 
 
 def test_control_vector_changes_and_restores_logits(runtime: Runtime) -> None:
