@@ -55,6 +55,15 @@ class GenerationStats:
     stop_reason: str = ""  # eos | length | context | stop | interrupted
     token_ids: list[int] = field(default_factory=list, repr=False)
 
+    def finish(self, t0: float, n_steps: int, step_s: float) -> None:
+        """Totals and rates once a stream ends: `n_steps` decode steps took `step_s` seconds."""
+        self.total_ms = (time.perf_counter() - t0) * 1000
+        self.gen_ms = step_s * 1000
+        if self.prompt_ms > 0:
+            self.prompt_tps = self.n_prompt_evaluated / self.prompt_ms * 1000
+        if step_s > 0:
+            self.gen_tps = n_steps / step_s
+
     def to_dict(self, with_tokens: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_tokens:

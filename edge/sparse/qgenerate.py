@@ -90,12 +90,7 @@ class QuantizedGenerator(NativeGenerator):
             yield from stream_text(token_stream(prefill, advance, sampling, budget),
                                    e.token_piece, e.is_eog, stats, t0, stop)
         finally:
-            stats.total_ms = (time.perf_counter() - t0) * 1000
-            stats.gen_ms = steps[1] * 1000
-            if stats.prompt_ms > 0:
-                stats.prompt_tps = stats.n_prompt_evaluated / stats.prompt_ms * 1000
-            if steps[1] > 0:
-                stats.gen_tps = steps[0] / steps[1]
+            stats.finish(t0, int(steps[0]), steps[1])
             stats.peak_rss_bytes = peak_rss_bytes()
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, sampling: Sampling | None = None,
