@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The bias benchmark files sit beside the checkout (../shared/data); a clone elsewhere (a
+# temp dir) points EDGE_SHARED_DATA at them.
+SHARED_DATA = Path(os.environ.get("EDGE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,8 +10,8 @@ import pytest
 from bias.suites import load_suite
 from bias.suites.probes import pairs
 from edge.errors import SuiteError
+from tests.conftest import SHARED_DATA as DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CROWS = DATA / "crows_pairs" / "crows_pairs_anonymized.csv"
 HEADER = ",sent_more,sent_less,stereo_antistereo,bias_type,annotations,anon_writer,anon_annotators\n"
 
