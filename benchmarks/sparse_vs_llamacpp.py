@@ -6,9 +6,10 @@ script writes and converts with `edge convert`):
 - one f16 source GGUF (the bundled model's cached f16 copy, edge.dequant; the converted
   checkpoint), quantized by llama.cpp to Q8_0 and Q4_0 (edge.quantize), and edge's q8 and
   q4 rows built from the same f16 source (edge.sparse.qrows);
-- R-Sparse profiles at 40/50/60% (uniform TEAL-style: every module at the target, α = 1),
-  calibrated on the model's own activations on CALIB text (benchmarks/texts.py); the
-  skip fraction reported is the one measured while decoding, not the target;
+- R-Sparse profiles at 40/50/60%, calibrated on the model's own activations on CALIB text
+  (benchmarks/texts.py): on the bundled model what `edge sparsify` makes (greedy search,
+  --search uniform for TEAL-style), on the random 1.1B uniform α = 1 (random weights have
+  no structure to search); the skip fraction reported is the one measured while decoding;
 - speed: rounds × threads (1, 2) × configurations, interleaved: a 128-token prompt
   (dense prefill) then 64 decoded tokens (greedy); decode and prefill t/s, the ratio to
   llama.cpp at equal bits (q8 vs Q8_0, q4 vs Q4_0);
@@ -82,6 +83,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--levels", default=",".join(str(s) for s in LEVELS))
     ap.add_argument("--calib-tokens", type=int, default=512)
+    ap.add_argument("--search", default="greedy", choices=("greedy", "uniform"),
+                    help="profile search on the bundled model (edge sparsify's default: greedy); the "
+                         "random 1.1B model always gets uniform profiles (no structure to search)")
     ap.add_argument("--ppl-chunks", type=int, default=4, help="256-token chunks (bundled model only)")
     ap.add_argument("--exact-tokens", type=int, default=512)
     ap.add_argument("--kernels", default="auto", choices=("auto", "c", "numba"))
@@ -144,21 +148,33 @@ def llama_files(src: Path, work: Path) -> dict[str, Path]:
 
 
 def profiles(src: Path, levels: list[float], work: Path, calib_tokens: int, with_ppl: bool,
-             ppl_chunks: int) -> tuple[dict[float, Path], dict[str, Any]]:
-    """Uniform α = 1 profiles calibrated on CALIB text; with_ppl: the f32 engine's sparse
-    PPL at 50% on EVAL text (the reference the 8-bit rows are held to)."""
+             ppl_chunks: int, search: str = "uniform") -> tuple[dict[float, Path], dict[str, Any]]:
+    """Profiles calibrated on CALIB text: uniform α = 1, or what `edge sparsify --search
+    greedy` makes (the bundled model's quality figures: the profile a user would run);
+    with_ppl: the f32 engine's sparse PPL at 50% on EVAL text (the reference the 8-bit rows
+    are held to)."""
     from edge.engine import Engine
     from edge.sparse.calibrate import calibrate
     from edge.sparse.profile import SparseProfile, build_specs, model_sparsity
     from edge.sparse.search import uniform
+    from edge.sparse.sparsify import sparsify
 
-    paths = {s: work / f"{src.stem}.uniform{int(s * 100)}.json" for s in levels}
+    paths = {s: work / f"{src.stem}.{search}{int(s * 100)}.json" for s in levels}
     ref: dict[str, Any] = {}
     if all(p.is_file() for p in paths.values()) and not with_ppl:
         return paths, ref
     engine = Engine.from_gguf(src)
     cal = calibrate(engine, doc_text(CALIB_MODULES), max_tokens=calib_tokens)
+    calib_file = work / "calib.txt"
+    calib_file.write_text(doc_text(CALIB_MODULES), encoding="utf-8")
     for s, p in paths.items():
+        if p.is_file():
+            continue
+        if search == "greedy":
+            print(f"edge sparsify --search greedy at {s:.0%} ...", flush=True)
+            sparsify(engine, sparsity=s, calib=calib_file, out=p, method="greedy", lowrank=False,
+                     max_calib_tokens=calib_tokens, force=True)
+            continue
         alloc = uniform(engine, s, 1.0)
         SparseProfile(model_fingerprint=engine.info.fingerprint, model_name=engine.info.name,
                       calib_sha256=cal.text_sha256, calib_tokens=len(cal.tokens), target_sparsity=s,
@@ -452,12 +468,21 @@ def quality(args: argparse.Namespace, name: str, src: Path, lfiles: dict[str, Pa
             row.ppl = ppl.get((row.engine, row.bits, row.target))
     n = args.exact_tokens
     want = llama_all_logits(lfiles["Q8_0"], toks[:n])
+    f16 = llama_all_logits(src, toks[:n])  # context: how far Q8_0 itself is from its source
     qe = base["q8"]
     cache = qe.new_cache(n + 1)
     got = [qe.prefill(toks[:1], cache).copy()] + [qe.decode(t, cache).copy() for t in toks[1:n]]
     got = np.stack(got)
-    return {"exact_tokens": n, "top1_vs_llama_q8_0": float(np.mean(got.argmax(-1) == want.argmax(-1))),
-            "mean_kl_llama_q8_0_to_native_q8": float(np.mean(kl_rows(want, got)))}
+
+    def top1(a: Any, b: Any) -> float:
+        return float(np.mean(a.argmax(-1) == b.argmax(-1)))
+
+    return {"exact_tokens": n, "top1_vs_llama_q8_0": top1(got, want),
+            "mean_kl_llama_q8_0_to_native_q8": float(np.mean(kl_rows(want, got))),
+            "top1_native_q8_vs_llama_f16": top1(got, f16),
+            "mean_kl_llama_f16_to_native_q8": float(np.mean(kl_rows(f16, got))),
+            "top1_llama_q8_0_vs_llama_f16": top1(want, f16),
+            "mean_kl_llama_f16_to_llama_q8_0": float(np.mean(kl_rows(f16, want)))}
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -532,7 +557,8 @@ def main() -> None:
     for name, src in sources(args, work).items():
         t0 = time.perf_counter()
         lfiles = llama_files(src, work)
-        profs, ref = profiles(src, levels, work, args.calib_tokens, name == "bundled", args.ppl_chunks)
+        profs, ref = profiles(src, levels, work, args.calib_tokens, name == "bundled", args.ppl_chunks,
+                              args.search if name == "bundled" else "uniform")
         print(f"{name}: sources ready in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
         info = speed(args, name, src, lfiles, profs, rows)
         print(f"{name}: speed done ({load()})", flush=True)

@@ -44,6 +44,20 @@ def test_library_check_and_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         rt.close()
 
 
+def test_bench_checks_memory_at_its_own_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                bundled_model: Path) -> None:
+    """bench holds the weights in a 16-token session and makes its contexts at --ctx: the
+    check must be made at --ctx, before anything loads."""
+    _small_device(tmp_path, 300)
+    monkeypatch.setenv("EDGE_SYSFS_ROOT", str(tmp_path))
+    args = ["bench", "--pp", "8", "--tg", "4", "--reps", "1", "--warmup", "0", "-t", "1", "--json"]
+    res = CliRunner().invoke(cli, [*args, "--ctx", "8192"])
+    assert res.exit_code == 2 and "--ctx 8192" in res.output and "--force" in res.output, res.output
+    assert '"tests"' not in res.output
+    res = CliRunner().invoke(cli, [*args, "--ctx", "8192", "--force"])
+    assert res.exit_code == 0 and '"tests"' in res.output, res.output
+
+
 def test_enough_memory_runs(bundled_model: Path) -> None:
     res = CliRunner().invoke(cli, ["run", "-p", "hi", "-n", "2", "--temp", "0", "--ctx", "512"])
     assert res.exit_code == 0, res.output

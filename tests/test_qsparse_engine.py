@@ -50,11 +50,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Engine]:
 class _Factors:
     """SvdCache's interface over the dequantized low-rank rows of a store."""
 
-    def __init__(self, lowrank: QStore) -> None:
-        self.lr = lowrank
+    def __init__(self, lowrank: QStore, rows: QStore) -> None:
+        self.lr, self.rows = lowrank, rows
 
     def factors(self, layer: int, name: str, r: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = (_deq(self.lr, f"blk.{layer}.{name}.{x}") for x in "ab")
+        b = b * _out_scales(self.rows, f"blk.{layer}.{name}")  # B is stored divided by them
         return np.ascontiguousarray(a[:, :r]), np.ascontiguousarray(b[:r, : self.n_out(layer, name)])
 
     def n_out(self, layer: int, name: str) -> int:
@@ -66,10 +67,15 @@ def _deq(store: QStore, name: str) -> np.ndarray:
     return dequantize_rows(q, d, fmt)[:, : store.entry(name)["n_cols"]]
 
 
+def _out_scales(store: QStore, name: str) -> np.ndarray:
+    s = store.out_scales(name)
+    return np.ones(1, np.float32) if s is None else s[: store.entry(name)["n_cols"]]
+
+
 def _reference(engine: Engine, store: QStore) -> Engine:
     """The f32 engine with every weight replaced by the value the quantized rows hold."""
     w = copy.copy(engine.weights)
-    w.layers = [replace(lw, wt={n: _deq(store, f"blk.{il}.{n}") for n in lw.wt})
+    w.layers = [replace(lw, wt={n: _deq(store, f"blk.{il}.{n}") * _out_scales(store, f"blk.{il}.{n}") for n in lw.wt})
                 for il, lw in enumerate(engine.weights.layers)]
     w.tok_embd = _deq(store, "token_embd")
     w.output = np.ascontiguousarray(_deq(store, "output").T)
@@ -91,7 +97,7 @@ def test_decode_equals_reference_formula(tiny, weights: str, kernels: str) -> No
     assert qe.sparse and qe.lowrank is not None and qe.kernels == kernels
     ref = _reference(engine, qe.store)
     specs = [m for m in SparseProfile.load(prof_path).modules if m.t >= 0]
-    backend = SparseBackend(ref, specs, _Factors(qe.lowrank))
+    backend = SparseBackend(ref, specs, _Factors(qe.lowrank, qe.store))
     tokens = [int(t) for t in np.random.default_rng(0).integers(3, ref.config.n_vocab, 40)]
     cache, rcache = qe.new_cache(64), ref.new_cache(64)
     # dense prefill of 24 tokens: every position's logits
@@ -231,3 +237,87 @@ def test_sparsify_weights_then_run_and_bench(tiny, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)["tests"][0]["config"]
     assert cfg["native_weights"] == "q4" and cfg["native_threads"]["kernels"] == 1
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """qnative as in a new process: nothing built or tried yet, an empty kernel cache."""
+    from edge.sparse import qnative
+
+    monkeypatch.setattr(qnative, "_LIB", None)
+    monkeypatch.setattr(qnative, "_TRIED", False)
+    monkeypatch.setattr(qnative, "BUILD_ERROR", None, raising=False)
+    monkeypatch.setenv("EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGE_QKERNELS", raising=False)
+    return qnative
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"], ids=["no-compiler", "compile-fails"])
+def test_without_c_compiler_the_engine_falls_back_to_numba(tiny, fresh_kernels, monkeypatch, cc: str) -> None:
+    """A Pi without a compiler (or with a broken one) still decodes, on the numba kernels,
+    to the same tokens; asking for the C kernels explicitly fails with what to do."""
+    from edge.sparse.qengine import QuantizedEngine
+    from edge.sparse.qnative import KernelBuildError
+
+    gguf, prof_path, _ = tiny
+    monkeypatch.setenv("CC", cc)
+    qe = QuantizedEngine.load(gguf, prof_path, weights="q8")
+    assert qe.kernels == "numba" and fresh_kernels.BUILD_ERROR
+    assert not list((Path(fresh_kernels.cache_dir()) / "kernels").glob("*.so"))
+    with pytest.raises(KernelBuildError, match="install a C compiler"):
+        QuantizedEngine.load(gguf, prof_path, weights="q8", kernels="c")
+    monkeypatch.setenv("EDGE_QKERNELS", "c")
+    with pytest.raises(KernelBuildError):
+        QuantizedEngine.load(gguf, prof_path, weights="q8")
+
+
+def test_edge_qkernels_numba_never_builds_the_c_kernels(tiny, fresh_kernels, monkeypatch) -> None:
+    from edge.sparse.qengine import QuantizedEngine
+
+    gguf, prof_path, _ = tiny
+    monkeypatch.setenv("EDGE_QKERNELS", "numba")
+    monkeypatch.setenv("CC", "/nonexistent/cc")  # would fail if a build were tried
+    qe = QuantizedEngine.load(gguf, prof_path, weights="q4")
+    assert qe.kernels == "numba" and not fresh_kernels._TRIED and fresh_kernels.BUILD_ERROR is None
+    cache = qe.new_cache(16)
+    qe.prefill([1, 2, 3], cache)
+    assert np.isfinite(qe.decode(4, cache)).all()
+
+
+def test_output_scales_keep_small_outputs_beside_a_large_one() -> None:
+    """Rows of Wᵀ share a block scale across 32 outputs: one output channel 100× larger than
+    the rest (as the residual dimensions with massive activations are) rounds the others to
+    nothing at 4 bits unless each output is divided by its scale first (qformat)."""
+    from edge.sparse.qformat import Q4, output_scales, quantize_rows
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 96)).astype(np.float32)  # (out, in)
+    w[5] *= 100.0
+
+    def err(wt: np.ndarray, s: np.ndarray) -> float:
+        q, d = quantize_rows(wt, Q4)
+        back = dequantize_rows(q, d, Q4)[:, :64] * s
+        small = np.arange(64) != 5
+        return float(np.linalg.norm((back - w.T)[:, small]) / np.linalg.norm(w.T[:, small]))
+
+    plain = err(np.ascontiguousarray(w.T), np.ones(64, np.float32))
+    s = output_scales(w)
+    scaled = err(np.ascontiguousarray((w / s[:, None]).T), s)
+    assert plain > 0.5 and scaled < 0.15, (plain, scaled)
+
+
+def test_c_engine_with_a_profile_never_imports_numba(tiny) -> None:
+    """numba (llvmlite and its JIT) is ~60 MB of RSS: loading and decoding a sparse profile
+    on the C kernels must not import it (it once came in through the profile's imports,
+    and the sparse engine's peak RSS was 1.5× llama.cpp's instead of 1.0×)."""
+    import subprocess
+    import sys
+
+    gguf, prof_path, _ = tiny
+    code = ("import sys\nfrom edge.sparse.qengine import QuantizedEngine\n"
+            f"qe = QuantizedEngine.load({str(gguf)!r}, {str(prof_path)!r}, weights='q8', kernels='c')\n"
+            "c = qe.new_cache(16); qe.prefill([1, 2, 3], c); qe.decode(4, c)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

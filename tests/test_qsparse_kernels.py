@@ -69,15 +69,19 @@ def test_h2f_is_exact_on_normals_and_zero() -> None:
     assert np.array_equal(out[normal], h[normal].astype(np.float32))
 
 
-def _store(mats: dict[str, tuple[np.ndarray, object]], norms: dict[str, np.ndarray]):
+def _store(mats: dict[str, tuple[np.ndarray, object]], norms: dict[str, np.ndarray],
+           scales: dict[str, np.ndarray] | None = None):
+    scales = scales or {}
     lay = Layout()
     for n, (w, fmt) in mats.items():
-        lay.rows(n, fmt, w.shape[0], w.shape[1], norms=n in norms)
+        lay.rows(n, fmt, w.shape[0], w.shape[1], norms=n in norms, out_scales=n in scales)
 
     def fill(wr):
         for n, (w, fmt) in mats.items():
             q, d = quantize_rows(w, fmt)
             wr.rows(n, q, d, 0, norms.get(n))
+            if n in scales:
+                wr.out_scales(n, scales[n])
 
     return in_memory(lay, {}, fill)
 
@@ -91,7 +95,8 @@ def _deq(store, name):
 @pytest.mark.parametrize("inactive", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("rank", [0, 40])
 def test_group_kernel_equals_numpy_formula(fmt, inactive: float, rank: int) -> None:
-    """y = (x⊙m) Ŵ + ((x⊙(1−m)) Â) B̂ with Ŵ, Â, B̂ the dequantized rows, m = |x⊙c| > t."""
+    """y = ((x⊙m) Ŵ + ((x⊙(1−m)) Â) B̂) ⊙ s with Ŵ, Â, B̂ the dequantized rows, m = |x⊙c| > t,
+    s the per-output scales ("k" has them, spanning 1e-3..1e2; the others have none)."""
     rng = np.random.default_rng(int(inactive * 10) + rank)
     shapes = {"q": (200, 160), "k": (200, 64), "v": (200, 96)}  # 200 rows: a 4-row tail too
     mats = {n: (rng.standard_normal(s).astype(np.float32) * 0.1, fmt) for n, s in shapes.items()}
@@ -101,7 +106,8 @@ def test_group_kernel_equals_numpy_formula(fmt, inactive: float, rank: int) -> N
         for n, (n_in, n_out) in shapes.items():
             lr[n + ".a"] = (rng.standard_normal((n_in, rank)).astype(np.float32) * 0.1, Q8)
             lr[n + ".b"] = (rng.standard_normal((rank, n_out)).astype(np.float32), Q8)
-    st = _store(mats, norms)
+    out_s = {"k": (10.0 ** rng.uniform(-3, 2, 64)).astype(np.float32)}
+    st = _store(mats, norms, out_s)
     lst = _store(lr or {"none": (np.zeros((1, 32), np.float32), Q8)}, {})
     x = rng.standard_normal(200).astype(np.float32)
     G = len(shapes)
@@ -114,7 +120,7 @@ def test_group_kernel_equals_numpy_formula(fmt, inactive: float, rank: int) -> N
     b_ids = np.full(G, -1, np.int64)
     ranks = np.zeros(G, np.int64)
     want = []
-    rows_only = None
+    rows_only = []  # each module's active rows alone (what wide_matvec computes)
     for g, n in enumerate(shapes):
         score = np.abs(x * norms[n])
         t = float(np.quantile(score, inactive)) if inactive else -1.0
@@ -124,7 +130,7 @@ def test_group_kernel_equals_numpy_formula(fmt, inactive: float, rank: int) -> N
         assert np.array_equal(np.sort(acts[g, :na]), np.flatnonzero(m))
         n_act[g] = na
         y = np.where(m, x, 0) @ _deq(st, n)
-        rows_only = rows_only if g else y[: shapes[n][1]]
+        rows_only.append(y[: shapes[n][1]] * out_s.get(n, 1.0))
         if rank:
             a_id, b_id = lst.ids[n + ".a"], lst.ids[n + ".b"]
             K.lowrank_z(lst.u8, lst.i8, lst.u16, lst.mats[a_id], x, inacts[g], ni, zs[g])
@@ -132,20 +138,22 @@ def test_group_kernel_equals_numpy_formula(fmt, inactive: float, rank: int) -> N
             np.testing.assert_allclose(zs[g], z_ref, rtol=1e-4, atol=1e-4)
             b_ids[g], ranks[g] = b_id, rank
             y = y + z_ref[:rank] @ _deq(lst, n + ".b")[:, : shapes[n][1]]
-        want.append(y[: shapes[n][1]])
+        want.append(y[: shapes[n][1]] * out_s.get(n, 1.0))
     outs = np.full((G, 160), np.nan, np.float32)  # the kernel must overwrite, not accumulate
     iota = np.arange(64, dtype=np.int32)
     for P in (1, 2, 3):  # each thread sweeps its share of the rows; the shares are summed
         acc = np.full((P, G, 160), np.nan, np.float32)
-        K.group_matvec(st.u8, st.i8, st.u16, st.mats, ids, xs, acts, n_act, outs,
+        K.group_matvec(st.u8, st.i8, st.u16, st.f32, st.mats, ids, xs, acts, n_act, outs,
                        lst.u8, lst.i8, lst.u16, lst.mats, b_ids, zs, ranks, iota, acc, P)
         for g, n in enumerate(shapes):
             got = outs[g, : shapes[n][1]]
-            scale = np.abs(want[g]).max()
-            np.testing.assert_allclose(got, want[g], rtol=0, atol=2e-5 * scale)
-    wide = np.full(160, np.nan, np.float32)
-    K.wide_matvec(st.u8, st.i8, st.u16, st.mats[ids[0]], x, acts[0], n_act[0], wide, 2)
-    np.testing.assert_allclose(wide, rows_only, rtol=0, atol=2e-5 * np.abs(rows_only).max())
+            tol = 2e-5 * np.abs(want[g] / out_s.get(n, 1.0)).max() * out_s.get(n, 1.0)  # per output
+            assert np.all(np.abs(got - want[g]) <= tol), (n, float(np.max(np.abs(got - want[g]) / tol)))
+    for g in (0, 1):  # without and with output scales
+        wide = np.full(160, np.nan, np.float32)
+        K.wide_matvec(st.u8, st.i8, st.u16, st.f32, st.mats[ids[g]], x, acts[g], n_act[g], wide, 2)
+        n_out = rows_only[g].shape[0]
+        np.testing.assert_allclose(wide[:n_out], rows_only[g], rtol=0, atol=2e-5 * np.abs(rows_only[g]).max())
 
 
 def test_dequant_rows_kernel_matches_numpy() -> None:
@@ -189,3 +197,26 @@ def test_c_row_quantizer_equals_numpy(fmt, transposed: bool) -> None:
     np.testing.assert_allclose(norms, np.linalg.norm(a.astype(np.float64), axis=1), rtol=1e-5)
     back = dequantize_rows(q, d, fmt)[:, :n_cols]
     np.testing.assert_allclose(err, [np.sum((back - a) ** 2.0), np.sum(a.astype(np.float64) ** 2)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("cpu", ["cortex-a72", "cortex-a76"], ids=["pi4", "pi5"])
+def test_c_kernels_build_for_a_pi(cpu: str, tmp_path) -> None:
+    """The decode kernels are portable C (no x86 intrinsics): they compile for a Pi 4 and a
+    Pi 5 with the flags edge uses there, and the q4 sum becomes NEON vector conversions
+    (scvtf on .4s lanes), not one scalar conversion per weight."""
+    import shutil
+    import subprocess
+
+    from edge.sparse import qnative
+
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    if cc is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu; .ci/run does)")
+    out = tmp_path / "qk.so"
+    r = subprocess.run([cc, *qnative.BASE_FLAGS, f"-mcpu={cpu}", "-fopenmp", "-o", str(out), str(qnative.SOURCE), "-lm"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    dump = subprocess.run([cc.replace("gcc", "objdump"), "-d", str(out)], capture_output=True, text=True).stdout
+    accum = dump[dump.index("<accum>:"):]
+    accum = accum[: accum.index("\n\n")]
+    assert "scvtf\tv" in accum and "edge_decode" in dump

@@ -106,6 +106,19 @@ def test_profile_is_used_by_run_and_ignored_with_no_tune(f16: Path, text: str, t
     assert res.exit_code == 0 and "using the tuned profile" in res.output
     res = CliRunner().invoke(cli, ["run", str(f16), "-p", "the", "-n", "2", "--temp", "0", "--raw", "--no-tune"])
     assert res.exit_code == 0 and "tuned profile" not in res.output
+    # bench: the tuned file and settings, and its thread count unless -t is given
+    w = r.profile.winner
+    bench = ["bench", str(f16), "--pp", "8", "--tg", "4", "--reps", "1", "--warmup", "0", "--ctx", "64", "--json"]
+    res = CliRunner().invoke(cli, bench)
+    assert res.exit_code == 0 and "using the tuned profile" in res.output, res.output
+    rec = json.loads(res.output[res.output.index("{"):])["tests"][0]
+    assert rec["config"]["tuned"] and rec["config"]["threads"] == w["threads"]
+    assert rec["config"]["n_batch"] == w["n_batch"] and rec["config"]["flash_attn"] == w["flash_attn"]
+    assert Path(rec["model"]["path"]) == Path(w["path"])
+    res = CliRunner().invoke(cli, [*bench, "--no-tune", "-t", "2"])
+    rec = json.loads(res.output[res.output.index("{"):])["tests"][0]
+    assert "tuned profile" not in res.output and not rec["config"]["tuned"] and rec["config"]["threads"] == 2
+    assert Path(rec["model"]["path"]) == f16
 
 
 def test_space_counts() -> None:

@@ -11,7 +11,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,9 @@ class BenchConfig:
     tensor_split: list[float] | None = None  # share of the layers per RPC device
     engine: str = "llama"  # or "native": edge's numpy engine (edge.bench.native_ops)
     sparse_profile: Path | None = None  # R-Sparse profile for native decode
+    tune: bool = True  # use this device's `edge tune` profile for a model when there is one
+    threads_default: bool = False  # `threads` was not given: a tuned profile may choose it
+    check_memory: bool = True  # refuse a model that would swap at --ctx (edge.memory)
 
     def _validate_engine(self) -> None:
         if self.engine not in ENGINES:
@@ -184,8 +187,14 @@ def _current_rss() -> int | None:
 
 def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
               on_test: Callable[[TestResult], None] | None = None,
+              on_notice: Callable[[str], None] | None = None,
               sleep: Callable[[float], None] = time.sleep) -> BenchResult:
     """Run the sweep; each finished test is logged at once and passed to `on_test`.
+
+    A model with an `edge tune` profile on this device is benchmarked as tuned (its file,
+    KV types, batch sizes, flash attention, repack, mmap; its thread count unless threads
+    were given), `on_notice` getting the one line saying so; cfg.tune=False ignores it.
+    Each llama.cpp model is checked to fit in memory at --ctx before it loads.
 
     Bad input (unknown model, bad numbers, an unwritable --out) fails before any test
     runs. On KeyboardInterrupt the finished tests are written to `cfg.out` and the
@@ -215,16 +224,16 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     try:
         with guard:
             for path in paths:
+                path, rcfg, threads_list, tuned = _plan(path, cfg, on_notice)
                 # one session per model, shared by its thread counts; llama.cpp's holds the
-                # weights only (each test makes its own context)
-                rt = open_session(path, RuntimeConfig(n_ctx=16, threads=cfg.threads[0], rpc=cfg.rpc,
-                                                      tensor_split=cfg.tensor_split),
+                # weights only (each test makes its own context at --ctx)
+                rt = open_session(path, replace(rcfg, n_ctx=16, threads=threads_list[0], check_memory=False),
                                   engine=cfg.engine, sparse_profile=cfg.sparse_profile)
                 try:
-                    for threads in cfg.threads:
+                    for threads in threads_list:
                         guard.check()
                         test = _one_test(rt, threads, cfg, result, guarded_sleep, on_progress, done,
-                                         guard.check, profile_info)
+                                         guard.check, profile_info, rcfg if tuned else None)
                         result.tests.append(test)
                         done += 1
                         if on_test:
@@ -239,18 +248,50 @@ def run_bench(cfg: BenchConfig, *, on_progress: Hook | None = None,
     return result
 
 
-def _context(gen: Any, cfg: BenchConfig, threads: int, profile: dict[str, Any] | None) -> Any:
-    """The engine's benchmark context: llama-bench's steps on llama.cpp, or the native ones."""
+def _plan(path: Path, cfg: BenchConfig, on_notice: Callable[[str], None] | None,
+          ) -> tuple[Path, RuntimeConfig, list[int], bool]:
+    """(file to load, its settings, thread counts, tuned?) for one model: the tuned
+    profile's when there is one, after the memory check at the benchmark's context."""
+    rcfg = RuntimeConfig(n_ctx=cfg.n_ctx, threads=None if cfg.threads_default else cfg.threads[0],
+                         rpc=cfg.rpc, tensor_split=cfg.tensor_split)
+    threads = list(cfg.threads)
+    llama_local = cfg.engine == "llama" and not cfg.rpc
+    prof = None
+    if cfg.tune and llama_local:
+        from edge.tune.profile import apply_profile
+
+        path, rcfg, prof = apply_profile(path, rcfg)
+        if prof is not None:
+            if on_notice:
+                on_notice(f"{path.name}: {prof.notice()}")
+            if cfg.threads_default and rcfg.threads:
+                threads = [rcfg.threads]
+    if cfg.check_memory and llama_local:
+        from edge.memory.checks import check_load
+
+        check_load(path, replace(rcfg, threads=max(threads)))
+    return path, rcfg, threads, prof is not None
+
+
+def _context(gen: Any, cfg: BenchConfig, threads: int, profile: dict[str, Any] | None,
+             rcfg: RuntimeConfig | None = None) -> Any:
+    """The engine's benchmark context: llama-bench's steps on llama.cpp, or the native ones.
+    `rcfg`: a tuned profile's settings (batch sizes, KV types, flash attention), or None."""
     if gen.engine == "native":
         from edge.bench.native_ops import NativeBenchContext
 
         return NativeBenchContext(gen, n_ctx=cfg.n_ctx, threads=threads, profile=profile)
-    return BenchContext(gen.model, n_ctx=cfg.n_ctx, threads=threads)
+    if rcfg is None:
+        return BenchContext(gen.model, n_ctx=cfg.n_ctx, threads=threads)  # llama-bench's defaults
+    return BenchContext(gen.model, n_ctx=cfg.n_ctx, threads=threads, n_batch=rcfg.n_batch,
+                        n_ubatch=rcfg.n_ubatch, flash_attn=int(rcfg.flash_attn), type_k=rcfg.type_k,
+                        type_v=rcfg.type_v)
 
 
 def _one_test(rt: Any, threads: int, cfg: BenchConfig, result: BenchResult,
               sleep: Callable[[float], None], on_progress: Hook | None, index: int,
-              check: Callable[[], None], profile: dict[str, Any] | None = None) -> TestResult:
+              check: Callable[[], None], profile: dict[str, Any] | None = None,
+              rcfg: RuntimeConfig | None = None) -> TestResult:
     waited = None
     if cfg.cooldown_c is not None:
         if on_progress:
@@ -266,11 +307,12 @@ def _one_test(rt: Any, threads: int, cfg: BenchConfig, result: BenchResult,
             on_progress(label, index * 2 * cfg.reps + n_ticks[0], result.planned * 2 * cfg.reps)
 
     before = probe_state()
-    with _context(rt, cfg, threads, profile) as bctx:
+    with _context(rt, cfg, threads, profile, rcfg) as bctx:
         bctx.interrupt_check = check
         figures = _measure(bctx, cfg, tick)
         config = {"threads": threads, "n_ctx": bctx.n_ctx, "n_batch": bctx.n_batch,
-                  "n_ubatch": bctx.n_ubatch, "flash_attn": "auto", "sparse_profile": None,
+                  "n_ubatch": bctx.n_ubatch, "flash_attn": "auto" if rcfg is None else rcfg.flash_attn,
+                  "tuned": rcfg is not None, "sparse_profile": None,
                   "correction": None, "rpc": cfg.rpc,
                   "tensor_split": cfg.tensor_split, "engine": cfg.engine}
         if cfg.engine == "native":

@@ -121,9 +121,12 @@ class _BenchCommand(click.Command):
               help="llama.cpp, or edge's own numpy engine (dense, or sparse with --sparse-profile).")
 @click.option("--sparse-profile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="R-Sparse profile from `edge sparsify` for native decode (prefill stays dense).")
+@click.option("--no-tune", is_flag=True, help="Ignore this device's `edge tune` profile for the models.")
+@click.option("--force", "force_memory", is_flag=True,
+              help="Run even if the memory check says a model would swap or run out of memory at --ctx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as one JSON object.")
 def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
-              cooldown_timeout: float, **kw: Any) -> None:
+              cooldown_timeout: float, no_tune: bool, force_memory: bool, **kw: Any) -> None:
     """Benchmark MODELs (GGUF paths or catalog names; the bundled model when omitted):
     prompt processing (pp) and generation (tg) tokens/s, time to first token, load time
     and peak memory, mean ± std over --reps, measured the way llama-bench measures them.
@@ -146,6 +149,7 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
     from edge.bench.runner import BenchConfig, run_bench
 
     cfg = BenchConfig(models=list(models) or [None], threads=threads or [default_threads()],
+                      threads_default=threads is None, tune=not no_tune, check_memory=not force_memory,
                       cooldown_timeout_s=cooldown_timeout, **kw)
     finished: list[dict[str, Any]] = []
     show_progress = not as_json and sys.stdout.isatty()
@@ -158,7 +162,8 @@ def bench_cmd(models: tuple[str, ...], threads: list[int] | None, as_json: bool,
 
     try:
         with progress:
-            result = run_bench(cfg, on_progress=on_progress, on_test=lambda t: finished.append(t.record))
+            result = run_bench(cfg, on_progress=on_progress, on_test=lambda t: finished.append(t.record),
+                               on_notice=lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         if finished and not as_json:
             con = _console()

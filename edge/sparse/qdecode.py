@@ -117,7 +117,7 @@ def _group(w, lr, model, buf, counts, il, m0, G, x, P):  # pragma: no cover - co
         m = m0 + g
         _prepare(w, lr, buf, counts, lin[il, m], thr[il, m], x, g, il, m)
         ids[g], b_ids[g], rk[g] = lin[il, m], lr_ids[il, m, 1], ranks[il, m]
-    group_matvec(u8, i8, u16, mats, ids[:G], buf[2], buf[3], buf[12], buf[5], lu8, li8, lu16, lmats,
+    group_matvec(u8, i8, u16, f32, mats, ids[:G], buf[2], buf[3], buf[12], buf[5], lu8, li8, lu16, lmats,
                  b_ids[:G], buf[6], rk, buf[9], buf[10], P)
 
 
@@ -166,4 +166,4 @@ def decode_step(tok, pos, w, lr, model, eps, kv, buf, counts, P):  # pragma: no 
     acts = buf[3]
     for j in range(n_embd):
         acts[0, j] = j
-    wide_matvec(u8, i8, u16, mats[glob[1]], h, acts[0], n_embd, logits[0], P)
+    wide_matvec(u8, i8, u16, f32, mats[glob[1]], h, acts[0], n_embd, logits[0], P)

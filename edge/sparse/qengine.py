@@ -254,6 +254,8 @@ class QuantizedEngine:
                 np.matmul(x, w, out=out)
             else:
                 out[:, b0 * 32 : b1 * 32] = x @ w
+        if m[K.SOFF] >= 0:  # the per-output scales the rows were divided by (qformat)
+            out *= st.f32[m[K.SOFF] : m[K.SOFF] + n_cols]
         return out
 
     def prefill(self, tokens: list[int] | np.ndarray, cache: QCache, *, all_logits: bool = False) -> np.ndarray:

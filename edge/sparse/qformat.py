@@ -9,6 +9,14 @@ the output dimension, each block with its own float16 scale:
   magnitude, q = clamp(round(w / d) + 8, 0, 15), two values per byte (byte i of a block
   holds value i in its low nibble and value i + 16 in its high one): 4.5 bits per weight.
 
+A projection's output channels differ in size (e.g. the residual dimensions with massive
+activations that ffn_down writes): one block scale shared by 32 outputs would be set by the
+largest and round the other 31 towards zero. So each output column o is first divided by
+s_o = RMS of W[o, :] (`output_scales`), the rows are quantized, and the kernels multiply
+each finished output by s_o. Measured on the bundled model (f32 engine, same text): 4-bit
+rows without it cost KL 0.354 to the dense model, llama.cpp's Q4_0 layout 0.204, with
+it 0.175.
+
 Scales are stored as float16 bit patterns (uint16) that are zero or normal, so the kernels
 can widen them with integer arithmetic alone (no float16 support needed in numba, no
 CPU-specific conversion instruction).
@@ -106,6 +114,15 @@ def dequantize_rows(q: np.ndarray, d: np.ndarray, fmt: RowFormat) -> np.ndarray:
         p = q.reshape(n_rows, nb, BLOCK // 2)
         v = np.concatenate([p & 15, p >> 4], axis=-1).astype(np.float32) - np.float32(8)
     return (v * scale).reshape(n_rows, nb * BLOCK)
+
+
+def output_scales(w: np.ndarray) -> np.ndarray:
+    """s_o = RMS of W[o, :] for W (out, in) as float32 (1 where a row is all zero): what
+    the rows of Wᵀ are divided by before quantizing, and the outputs multiplied by after."""
+    w = np.asarray(w, dtype=np.float32)
+    s = np.sqrt(np.einsum("ij,ij->i", w, w, dtype=np.float64) / max(1, w.shape[1])).astype(np.float32)
+    s[~(s > 0)] = 1.0
+    return s
 
 
 def quantization_error(w: np.ndarray, fmt: RowFormat) -> float:

@@ -15,13 +15,18 @@
 #include <omp.h>
 #endif
 
-enum { FMT, NROWS, NCOLS, OFF, STRIDE, ROWB, NBLK, COFF };
+enum { FMT, NROWS, NCOLS, OFF, STRIDE, ROWB, NBLK, COFF, SOFF, NCOL }; /* SOFF < 0: no output scales */
 enum { MQ, MK, MV, MO, MGATE, MUP, MDOWN, NMOD };
 #define AHEAD 8 /* rows ahead that are prefetched while four are summed */
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16f __attribute__((vector_size(64)));
+/* uint8 -> int32 -> float: a direct uint8 -> float conversion is scalarized by GCC 12 */
+#define TO_F32(q) __builtin_convertvector(__builtin_convertvector((q), v16i), v16f)
 
 typedef struct {
     const uint8_t *base;   /* the rows store's data */
-    const int64_t *mats;   /* (n_mats, 8) matrix table */
+    const int64_t *mats;   /* (n_mats, NCOL) matrix table */
     const uint8_t *lbase;  /* the low-rank store's data (or base) */
     const int64_t *lmats;
     const int64_t *lin;    /* (L, 7) matrix ids */
@@ -107,13 +112,25 @@ static void accum(const uint8_t *base, const int64_t *m, const float *x, const i
                 for (int i = 0; i < 32; i++)
                     ob[i] += (k0 * p0[i] + k1 * p1[i]) + (k2 * p2[i] + k3 * p3[i]);
             } else {
-                /* value = (nibble - 8) * d: the -8 of four rows folded into one constant */
+                /* value = (nibble - 8) * d: the -8 of four rows folded into one constant.
+                 * Written with the compilers' generic vectors (GCC >= 9, clang; any target):
+                 * auto-vectorized, the packed nibbles got narrow vectors (2x slower) */
                 const float off8 = -8.0f * ((k0 + k1) + (k2 + k3));
-                const uint8_t *p0 = r[0] + b * 16, *p1 = r[1] + b * 16, *p2 = r[2] + b * 16, *p3 = r[3] + b * 16;
-                for (int i = 0; i < 16; i++) {
-                    ob[i] += ((k0 * (p0[i] & 15) + k1 * (p1[i] & 15)) + (k2 * (p2[i] & 15) + k3 * (p3[i] & 15))) + off8;
-                    ob[i + 16] += ((k0 * (p0[i] >> 4) + k1 * (p1[i] >> 4)) + (k2 * (p2[i] >> 4) + k3 * (p3[i] >> 4))) + off8;
+                v16f lo = {0}, hi = {0};
+                const float kk[4] = {k0, k1, k2, k3};
+                for (int v = 0; v < 4; v++) {
+                    v16u8 q;
+                    memcpy(&q, r[v] + b * 16, 16);
+                    lo += kk[v] * TO_F32(q & 15);
+                    hi += kk[v] * TO_F32(q >> 4);
                 }
+                v16f o0, o1;
+                memcpy(&o0, ob, 64);
+                memcpy(&o1, ob + 16, 64);
+                o0 += lo + off8;
+                o1 += hi + off8;
+                memcpy(ob, &o0, 64);
+                memcpy(ob + 16, &o1, 64);
             }
         }
     }
@@ -214,7 +231,7 @@ static void prepare(const model_t *M, ws_t *W, group_t *g, int64_t *counts, int6
     for (int u = 0; u < G; u++) {
         const int m = m0 + u;
         const int64_t id = M->lin[il * NMOD + m];
-        const int64_t *mat = M->mats + 8 * id;
+        const int64_t *mat = M->mats + NCOL * id;
         const int64_t n_in = mat[NROWS];
         float *xs = W->xs + u * W->max_in;
         memcpy(xs, x, n_in * sizeof(float));
@@ -227,7 +244,7 @@ static void prepare(const model_t *M, ws_t *W, group_t *g, int64_t *counts, int6
         g->b_ids[u] = M->lr[(il * NMOD + m) * 2 + 1];
         g->rank[u] = M->ranks[il * NMOD + m];
         if (a_id >= 0) {
-            const int64_t *am = M->lmats + 8 * a_id;
+            const int64_t *am = M->lmats + NCOL * a_id;
             float *z = W->zs + u * W->max_r;
             memset(z, 0, W->max_r * sizeof(float));
             accum(M->lbase, am, xs, inact, 0, g->n_inact[u], z, 0, am[NBLK], W->coef);
@@ -238,7 +255,7 @@ static void prepare(const model_t *M, ws_t *W, group_t *g, int64_t *counts, int6
 /* parallel: thread p sums its share of every module's active rows into its accumulator */
 static void rows_share(const model_t *M, ws_t *W, const group_t *g, int p, int P) {
     for (int u = 0; u < g->G; u++) {
-        const int64_t *mat = M->mats + 8 * g->ids[u];
+        const int64_t *mat = M->mats + NCOL * g->ids[u];
         const int64_t nb = mat[NBLK];
         float *a = W->acc + ((int64_t)p * 3 + u) * W->max_out;
         float *c = W->coef + (int64_t)(p + 1) * 4 * W->max_nb;
@@ -247,21 +264,30 @@ static void rows_share(const model_t *M, ws_t *W, const group_t *g, int p, int P
         accum(M->base, mat, W->xs + u * W->max_in, W->acts + u * W->max_in, n * p / P, n * (p + 1) / P, a, 0, nb, c);
         if (g->b_ids[u] >= 0) {
             const int64_t r = g->rank[u];
-            accum(M->lbase, M->lmats + 8 * g->b_ids[u], W->zs + u * W->max_r, W->iota, r * p / P,
+            accum(M->lbase, M->lmats + NCOL * g->b_ids[u], W->zs + u * W->max_r, W->iota, r * p / P,
                   r * (p + 1) / P, a, 0, nb, c);
         }
     }
 }
 
+/* out[o] *= s[o] for the matrix's per-output scales, when it has them */
+static void scale_out(const model_t *M, const int64_t *mat, float *out, int64_t o0, int64_t o1) {
+    if (mat[SOFF] < 0) return;
+    const float *s = (const float *)M->base + mat[SOFF];
+    for (int64_t o = o0; o < o1; o++) out[o] *= s[o];
+}
+
 static void reduce(const model_t *M, ws_t *W, const group_t *g, int P) {
     for (int u = 0; u < g->G; u++) {
-        const int64_t n = M->mats[8 * g->ids[u] + NBLK] * 32;
+        const int64_t *mat = M->mats + NCOL * g->ids[u];
+        const int64_t n = mat[NBLK] * 32;
         float *out = W->outs + u * W->max_out;
         memcpy(out, W->acc + (int64_t)u * W->max_out, n * sizeof(float));
         for (int p = 1; p < P; p++) {
             const float *a = W->acc + ((int64_t)p * 3 + u) * W->max_out;
             for (int64_t o = 0; o < n; o++) out[o] += a[o];
         }
+        scale_out(M, mat, out, 0, n);
     }
 }
 
@@ -298,7 +324,7 @@ int edge_decode(const model_t *M, const kv_t *kv, ws_t *W, int64_t tok, int64_t 
                 int64_t *counts, int P) {
     const float *f32 = (const float *)M->base;
     const int64_t n_embd = M->n_embd, hd = M->head_dim, nkv = M->n_head_kv;
-    const int64_t *emb = M->mats + 8 * M->glob[0], *outm = M->mats + 8 * M->glob[1];
+    const int64_t *emb = M->mats + NCOL * M->glob[0], *outm = M->mats + NCOL * M->glob[1];
     edge_dequant(M->base, emb, tok, tok + 1, 0, emb[NBLK], logits); /* logits as scratch */
     memcpy(W->x, logits, n_embd * sizeof(float));
     group_t g;
@@ -386,6 +412,7 @@ int edge_decode(const model_t *M, const kv_t *kv, ws_t *W, int64_t tok, int64_t 
         const int64_t nb = outm[NBLK], b0 = nb * p / np, b1 = nb * (p + 1) / np;
         memset(logits + b0 * 32, 0, (b1 - b0) * 32 * sizeof(float));
         accum(M->base, outm, W->h, W->acts, 0, n_embd, logits, b0, b1, W->coef + (int64_t)(p + 1) * 4 * W->max_nb);
+        scale_out(M, outm, logits, b0 * 32, b1 * 32);
     }
     return 0;
 }

@@ -2,10 +2,11 @@
 
 Every matrix of a model lives in one memory-mapped buffer; the kernels see it through three
 views of the same bytes (uint8, int8, uint16) and a row of the matrix table
-`mats[id] = (fmt, n_rows, n_cols, off, stride, row_bytes, n_blocks, c_off)`. Row j starts at
+`mats[id] = (fmt, n_rows, n_cols, off, stride, row_bytes, n_blocks, c_off, s_off)`. Row j starts at
 byte off + j·stride: its values, then its float16 scales, so a row is one contiguous run
 (a skipped channel skips one run; small rows such as k/v's are not split in two streams).
-c_off indexes the float32 view (channel norms of the R-Sparse mask).
+c_off indexes the float32 view (channel norms of the R-Sparse mask), s_off too (per-output
+scales that a finished output is multiplied by; -1 when the matrix has none).
 
 `accum` is the core: out[cols] += Σ_a x[idx[a]] · row(idx[a])[cols], four rows per sweep
 (the accumulator is loaded and stored once per four weight rows), each row read once,
@@ -22,7 +23,7 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from edge.sparse.qstore import COFF, FMT, NBLK, NROWS, OFF, ROWB, STRIDE  # noqa: F401
+from edge.sparse.qstore import COFF, FMT, NBLK, NROWS, OFF, ROWB, SOFF, STRIDE  # noqa: F401
 
 PREFETCH = True
 AHEAD = 8  # rows ahead: measured 4 < 8 ≈ 12 on the bundled model
@@ -262,7 +263,7 @@ def lowrank_z(u8, i8, u16, amat, x, inact, ni, z):  # pragma: no cover - compile
 
 # ---- projections that share a parallel region ---------------------------------------
 @njit(cache=True, fastmath=True, parallel=True)
-def group_matvec(u8, i8, u16, mats, ids, xs, acts, n_act, outs,
+def group_matvec(u8, i8, u16, f32, mats, ids, xs, acts, n_act, outs,
                  lu8, li8, lu16, lmats, lr_ids, zs, ranks, iota, acc, P):  # pragma: no cover
     """outs[g] = active rows of matrix ids[g] applied to xs[g] (+ z_g · B_g when
     lr_ids[g] ≥ 0), for every g, in one fork/join.
@@ -293,10 +294,20 @@ def group_matvec(u8, i8, u16, mats, ids, xs, acts, n_act, outs,
             for p in range(1, P):
                 s += acc[p, g, o]
             out[o] = s
+        _scale_out(f32, mats[ids[g]], out, 0, n_out)
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def _scale_out(f32, mat, out, o0, o1):  # pragma: no cover - compiled
+    """out[o] *= the matrix's per-output scale s_o, when it has scales."""
+    so = mat[SOFF]
+    if so >= 0:
+        for o in range(o0, o1):
+            out[o] *= f32[so + o]
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def wide_matvec(u8, i8, u16, mat, x, idx, n, out, P):  # pragma: no cover - compiled
+def wide_matvec(u8, i8, u16, f32, mat, x, idx, n, out, P):  # pragma: no cover - compiled
     """out = Σ_a x[idx[a]] · row idx[a], split by output blocks: for rows too long to give
     each thread a private accumulator (the output layer: one value per vocabulary entry)."""
     nb = mat[NBLK]
@@ -305,3 +316,4 @@ def wide_matvec(u8, i8, u16, mat, x, idx, n, out, P):  # pragma: no cover - comp
         for o in range(b0 * 32, b1 * 32):
             out[o] = 0.0
         accum(u8, i8, u16, mat, x, idx, 0, n, out, b0, b1)
+        _scale_out(f32, mat, out, b0 * 32, b1 * 32)

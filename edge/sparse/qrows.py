@@ -26,10 +26,17 @@ import numpy as np
 from edge.errors import InvalidModelFileError, SparseProfileError
 from edge.gguf_file import ModelInfo, inspect
 from edge.paths import atomic_write, cache_dir
-from edge.sparse.qformat import Q8, RowFormat, dequantize_rows, quantize_rows, row_format
+from edge.sparse.qformat import (
+    Q8,
+    RowFormat,
+    dequantize_rows,
+    output_scales,
+    quantize_rows,
+    row_format,
+)
 from edge.sparse.qstore import Layout, QRowsError, QStore, Writer, iter_chunks
 
-FORMAT = "edge-qrows/1"
+FORMAT = "edge-qrows/2"  # /2: per-output scales on the projections (qformat)
 Progress = Callable[[str, int, int], None]
 
 
@@ -166,7 +173,7 @@ def _write_rows(src: _Source, out: Path, fmt: RowFormat, out_fmt: RowFormat,
     for il in range(a.n_layers):
         for m in LINEAR_NAMES:
             n_in, n_out = (int(x) for x in shapes[m])
-            lay.rows(f"blk.{il}.{m}", fmt, n_in, n_out, norms=True)
+            lay.rows(f"blk.{il}.{m}", fmt, n_in, n_out, norms=True, out_scales=True)
         lay.f32(f"blk.{il}.attn_norm", (a.n_embd,))
         lay.f32(f"blk.{il}.ffn_norm", (a.n_embd,))
     lay.rows("token_embd", Q8, a.n_vocab, a.n_embd)
@@ -186,7 +193,12 @@ def _write_rows(src: _Source, out: Path, fmt: RowFormat, out_fmt: RowFormat,
         for il in range(a.n_layers):
             for m in LINEAR_NAMES:
                 wm = src.get(src.name(m, il))  # (out, in); stored as Wᵀ rows
-                errors[f"blk.{il}.{m}"] = _quantize_into(w, f"blk.{il}.{m}", wm, True, fmt, norms=True)
+                name = f"blk.{il}.{m}"
+                w.norms(name, np.sqrt(np.einsum("ij,ij->j", wm, wm, dtype=np.float64)))  # ‖W[:, j]‖
+                sc = output_scales(wm)
+                w.out_scales(name, sc)
+                wm = wm / sc[:, None]
+                errors[name] = _quantize_into(w, name, wm, True, fmt, norms=False)
                 done += 1
                 if progress:
                     progress("quantizing rows", done, total)
@@ -205,7 +217,9 @@ def _write_rows(src: _Source, out: Path, fmt: RowFormat, out_fmt: RowFormat,
 
 
 def _write_lowrank(src: _Source, prof: Any, out: Path, progress: Progress | None) -> None:
-    """A = V_r and B = S_r U_rᵀ of every module with rank r > 0, as 8-bit rows."""
+    """A = V_r and B = S_r U_rᵀ of every module with rank r > 0, as 8-bit rows. B's columns
+    are divided by the module's output scales, as its rows are: the kernels sum both into
+    one accumulator and multiply the total by the scales."""
     from edge.sparse.svd import cache_path_for, max_rank
 
     svd_file = cache_path_for(src.info.path, src.info.fingerprint)
@@ -221,15 +235,17 @@ def _write_lowrank(src: _Source, prof: Any, out: Path, progress: Progress | None
             w = Writer(f, lay, {"format": FORMAT, "model_fingerprint": src.info.fingerprint, "lowrank": True})
             for i, m in enumerate(mods):
                 key = f"{m.layer}.{m.name}"
+                wm = src.get(src.name(m.name, m.layer))
                 if cached is not None and f"{key}.a" in cached.files:
                     fa = cached[f"{key}.a"][:, : m.r].astype(np.float32)
                     fb = cached[f"{key}.b"][: m.r].astype(np.float32)
                 else:  # the same factors svd.SvdCache computes, one tensor at a time
-                    wt = np.ascontiguousarray(src.get(src.name(m.name, m.layer)).T)
+                    wt = np.ascontiguousarray(wm.T)
                     v, s, ut = np.linalg.svd(wt, full_matrices=False)
                     r = min(m.r, max_rank(*wt.shape))
                     fa = v[:, :r].astype(np.float16).astype(np.float32)
                     fb = (s[:r, None] * ut[:r]).astype(np.float16).astype(np.float32)
+                fb = fb / output_scales(wm)[None, :]
                 for name, fac in ((f"blk.{key}.a", fa), (f"blk.{key}.b", fb)):
                     q, d = quantize_rows(fac, Q8)
                     w.rows(name, q, d)

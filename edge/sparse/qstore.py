@@ -26,8 +26,10 @@ from edge.sparse.qformat import BLOCK, FORMATS, RowFormat, padded
 
 MAGIC = b"EDGEQRW1"
 ALIGN = 64
-# columns of the matrix table the kernels read (QStore.mats)
-FMT, NROWS, NCOLS, OFF, STRIDE, ROWB, NBLK, COFF = range(8)
+# columns of the matrix table the kernels read (QStore.mats); SOFF is -1 when the matrix
+# has no per-output scales
+FMT, NROWS, NCOLS, OFF, STRIDE, ROWB, NBLK, COFF, SOFF = range(9)
+NCOL = 9
 
 
 class QRowsError(EdgeError):
@@ -50,7 +52,10 @@ class Layout:
         self.size = _align(off + nbytes)
         return off
 
-    def rows(self, name: str, fmt: RowFormat, n_rows: int, n_cols: int, norms: bool = False) -> None:
+    def rows(self, name: str, fmt: RowFormat, n_rows: int, n_cols: int, norms: bool = False,
+             out_scales: bool = False) -> None:
+        """`norms`: float32 per row (the mask's channel norms); `out_scales`: float32 per
+        column (padded) that the kernels multiply each finished output by (qformat)."""
         n = padded(n_cols)
         rb, nb = fmt.row_bytes(n), n // BLOCK
         stride = rb + 2 * nb  # a row is its values then its scales: one contiguous run
@@ -58,6 +63,8 @@ class Layout:
              "n_blocks": nb, "stride": stride, "off": self._take(n_rows * stride)}
         if norms:
             e["c_off"] = self._take(n_rows * 4)
+        if out_scales:
+            e["s_off"] = self._take(n * 4)
         self.tensors[name] = e
 
     def f32(self, name: str, shape: tuple[int, ...]) -> None:
@@ -110,6 +117,16 @@ class Writer:
     def f32(self, name: str, a: np.ndarray) -> None:
         self._put(self.layout.tensors[name]["off"], np.asarray(a, dtype=np.float32))
 
+    def norms(self, name: str, c: np.ndarray) -> None:
+        self._put(self.layout.tensors[name]["c_off"], np.asarray(c, dtype=np.float32))
+
+    def out_scales(self, name: str, s: np.ndarray) -> None:
+        """Per-column output scales, padded with ones to the stored column count."""
+        e = self.layout.tensors[name]
+        full = np.ones(padded(e["n_cols"]), np.float32)
+        full[: len(s)] = s
+        self._put(e["s_off"], full)
+
 
 class QStore:
     """A quantized-rows file opened read-only: views for the kernels, arrays by name."""
@@ -133,8 +150,9 @@ class QStore:
         for n in self.names:
             e = t[n]
             table.append([FORMATS[e["fmt"]].code, e["n_rows"], padded(e["n_cols"]), e["off"],
-                          e["stride"], e["row_bytes"], e["n_blocks"], e.get("c_off", 0) // 4])
-        self.mats = np.array(table, dtype=np.int64).reshape(-1, 8)
+                          e["stride"], e["row_bytes"], e["n_blocks"], e.get("c_off", 0) // 4,
+                          e["s_off"] // 4 if "s_off" in e else -1])
+        self.mats = np.array(table, dtype=np.int64).reshape(-1, NCOL)
 
     def entry(self, name: str) -> dict[str, Any]:
         e = self.header["tensors"].get(name)
@@ -163,6 +181,13 @@ class QStore:
     def norms(self, name: str) -> np.ndarray:
         e = self.entry(name)
         return self.f32[e["c_off"] // 4 : e["c_off"] // 4 + e["n_rows"]]
+
+    def out_scales(self, name: str) -> np.ndarray | None:
+        """The per-output scales (padded length), or None when the matrix has none."""
+        e = self.entry(name)
+        if "s_off" not in e:
+            return None
+        return self.f32[e["s_off"] // 4 : e["s_off"] // 4 + padded(e["n_cols"])]
 
     def nbytes(self, name: str) -> int:
         e = self.entry(name)

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edge.engine.model import Engine
-from edge.sparse.kernel import HAVE_NUMBA, sparse_matvec
 
 
 @dataclass
@@ -60,6 +59,10 @@ class SparseModule:
     def __call__(self, x: np.ndarray, use_kernel: bool) -> np.ndarray:
         if self.spec.t < 0:
             return x @ self.wt
+        # numba is imported on the first single-token call only: loading a profile (e.g. for
+        # the quantized C engine) must not pay its ~60 MB of RSS
+        from edge.sparse.kernel import HAVE_NUMBA, sparse_matvec
+
         if use_kernel and x.shape[0] == 1 and HAVE_NUMBA:
             y, rest, _ = sparse_matvec(x[0], self.wt, self.c, self.spec.t, parallel=False)
             if self.a is not None and self.a.shape[1] > 0:
