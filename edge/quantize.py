@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +99,9 @@ class QuantizeResult:
     bpw: float
     seconds: float
     threads: int
+    # tensors llama.cpp stored in another type than asked (rows not a multiple of the
+    # type's block, e.g. 576 columns for the K-quants' 256): type → count
+    fallback: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,20 +158,52 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
     params.allow_requantize = True  # quantized inputs are accepted, as llama-quantize --allow-requantize
     set_verbose(verbose)  # llama.cpp logs every tensor; only errors unless asked
     t0 = time.perf_counter()
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, _llama_log(verbose) as log:
         rc = llama_cpp.llama_model_quantize(str(info.path).encode(), str(tmp).encode(), params)
         if rc != 0:
+            last = next((ln for ln in reversed(log) if ln.strip()), "")
             raise QuantizeError(
-                f"llama.cpp could not quantize {info.path} to {q.name} (code {rc}); rerun with "
-                "--verbose to see llama.cpp's reason (e.g. tensor rows not a multiple of the block size: try Q8_0 or Q4_0)"
-            )
+                f"llama.cpp could not quantize {info.path} to {q.name} (code {rc}: {last.strip()[:200]}); "
+                "e.g. tensor rows not a multiple of the block size: try Q8_0 or Q4_0")
     size = out.stat().st_size
     return QuantizeResult(
         path=str(out), type=q.name, input_path=str(info.path), input_size=info.file_size,
         output_size=size, n_params=info.params or 0,
         bpw=size * 8 / info.params if info.params else 0.0,
-        seconds=time.perf_counter() - t0, threads=params.nthread,
+        seconds=time.perf_counter() - t0, threads=params.nthread, fallback=_fallbacks(log),
     )
+
+
+@contextmanager
+def _llama_log(verbose: bool) -> Iterator[list[str]]:
+    """llama.cpp's log lines while quantizing, kept instead of printed (it reports every
+    tensor it stores in a fallback type at error level: hundreds of lines for a K-quant of
+    a model whose rows are not multiples of 256); printed too when verbose."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._logger import llama_log_callback as default
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: Any) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+        if verbose:
+            print(lines[-1], end="", file=sys.stderr, flush=True)
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(default, ctypes.c_void_p(0))
+
+
+def _fallbacks(log: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in re.finditer(r"falling back to\s+(\w+)", "".join(log)):
+        out[m.group(1)] = out.get(m.group(1), 0) + 1
+    return out
 
 
 def list_types() -> list[dict[str, Any]]:

@@ -99,3 +99,19 @@ def test_bad_input_and_existing_output(tmp_path: Path, f32_model: Path) -> None:
     res = CliRunner().invoke(cli, ["quantize", str(f32_model), "-o", str(out), "--type", "Q4_0", "--force", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["type"] == "Q4_0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "o.gguf"]  # no temp files
+
+
+def test_fallback_tensors_are_counted_not_printed(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Rows of 96 values are not a multiple of Q4_K's 256: llama.cpp stores those tensors in
+    another type and logs one line per tensor at error level. edge counts them and says so
+    in one line; nothing of llama.cpp's reaches the terminal."""
+    make_checkpoint(tmp_path / "hf", TinySpec("bpe", n_embd=96, n_ff=192, n_head=4, n_head_kv=2, seed=5))
+    src = tmp_path / "m.f32.gguf"
+    convert(tmp_path / "hf", src, outtype="f32")
+    capfd.readouterr()
+    r = quantize(src, tmp_path / "m.q4km.gguf", qtype="Q4_K_M")
+    err = capfd.readouterr().err
+    assert "falling back" not in err and "warning" not in err.lower(), err[:300]
+    assert sum(r.fallback.values()) >= 2 * 7 and set(r.fallback) <= {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0"}
+    res = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "b.gguf"), "--type", "Q4_K_M"])
+    assert res.exit_code == 0 and "rows that are not a multiple of Q4_K_M's block size" in res.output

@@ -69,6 +69,10 @@ def quantize_cmd(inp: str | None, out: str | None, qtype: str, leave_output_tens
     click.echo(f"wrote {r.path}: {r.type}, {r.output_size / 1e6:.1f} MB "
                f"({r.output_size / r.input_size:.0%} of {r.input_size / 1e6:.1f} MB), "
                f"{r.bpw:.2f} bits/weight, {r.seconds:.1f} s on {r.threads} threads")
+    if r.fallback:
+        kinds = " and ".join(f"{t} ({n})" for t, n in sorted(r.fallback.items(), key=lambda kv: -kv[1]))
+        click.echo(f"note: {sum(r.fallback.values())} tensors have rows that are not a multiple of "
+                   f"{r.type}'s block size; llama.cpp stored them as {kinds}", err=True)
 
 
 def register(cli: click.Group) -> None:
