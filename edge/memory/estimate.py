@@ -34,9 +34,10 @@ KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_n
 
 # Measured on x86-64 (Python 3.11, numpy 2, llama-cpp-python 0.3.36 built with AVX512 and
 # OpenMP), benchmarks/memory_model.py. Process: RSS after the imports, anonymous and
-# file-backed (shared libraries, .pyc; numba's llvmlite alone maps ~60 MiB).
+# file-backed (shared libraries, .pyc). numba is no longer imported by edge.cli (it cost
+# 18 MiB anonymous and 96 MiB file-backed: llvmlite alone maps ~60 MiB).
 PROCESS = {
-    "cli": (47 * MiB, 123 * MiB),  # `edge run`: edge.cli imports every subcommand (numba included)
+    "cli": (33 * MiB, 18 * MiB),  # `edge run`: edge.cli imports every subcommand
     "library": (24 * MiB, 26 * MiB),  # a script importing edge.runtime
     "resident": (0, 0),  # checked from inside the running process: MemAvailable already counts it
 }
