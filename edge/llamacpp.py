@@ -201,3 +201,27 @@ def ggml_base() -> ctypes.CDLL:
         raise EdgeError(f"ggml's base library is not in {libdir}; reinstall llama-cpp-python")
     return ctypes.CDLL(str(names[0]))
 
+
+
+@contextlib.contextmanager
+def log_lines(echo: bool = False) -> Iterator[list[str]]:
+    """llama.cpp's log lines while the block runs, kept in the yielded list instead of
+    printed (echoed to stderr too with `echo`); llama-cpp-python's own logger is back after."""
+    import sys
+
+    import llama_cpp.llama_cpp as C
+    from llama_cpp._logger import llama_log_callback as default_log
+
+    lines: list[str] = []
+
+    @C.llama_log_callback
+    def collect(_level: int, text: bytes, _ud: Any) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+        if echo:
+            print(lines[-1], end="", file=sys.stderr, flush=True)
+
+    C.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        C.llama_log_set(default_log, ctypes.c_void_p(0))

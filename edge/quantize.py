@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ import gguf
 
 from edge.errors import BadOptionError, EdgeError, OutputExistsError
 from edge.gguf_file import inspect
+from edge.llamacpp import log_lines
 from edge.paths import atomic_path
 
 
@@ -158,7 +156,7 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
     params.allow_requantize = True  # quantized inputs are accepted, as llama-quantize --allow-requantize
     set_verbose(verbose)  # llama.cpp logs every tensor; only errors unless asked
     t0 = time.perf_counter()
-    with atomic_path(out) as tmp, _llama_log(verbose) as log:
+    with atomic_path(out) as tmp, log_lines(echo=verbose) as log:
         rc = llama_cpp.llama_model_quantize(str(info.path).encode(), str(tmp).encode(), params)
         if rc != 0:
             last = next((ln for ln in reversed(log) if ln.strip()), "")
@@ -172,31 +170,6 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
         bpw=size * 8 / info.params if info.params else 0.0,
         seconds=time.perf_counter() - t0, threads=params.nthread, fallback=_fallbacks(log),
     )
-
-
-@contextmanager
-def _llama_log(verbose: bool) -> Iterator[list[str]]:
-    """llama.cpp's log lines while quantizing, kept instead of printed (it reports every
-    tensor it stores in a fallback type at error level: hundreds of lines for a K-quant of
-    a model whose rows are not multiples of 256); printed too when verbose."""
-    import ctypes
-
-    import llama_cpp
-    from llama_cpp._logger import llama_log_callback as default
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def keep(level: int, text: bytes, user_data: Any) -> None:
-        lines.append(text.decode("utf-8", "replace"))
-        if verbose:
-            print(lines[-1], end="", file=sys.stderr, flush=True)
-
-    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(default, ctypes.c_void_p(0))
 
 
 def _fallbacks(log: list[str]) -> dict[str, int]:

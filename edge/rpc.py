@@ -274,7 +274,8 @@ def offload_to(endpoints: list[str] | str,
     log is read meanwhile for the split report (last_split())."""
     global _last_split
     import llama_cpp.llama_cpp as C
-    from llama_cpp._logger import llama_log_callback as default_log
+
+    from edge.llamacpp import log_lines
 
     eps = parse_endpoints(endpoints)
     devices = register(eps)
@@ -285,24 +286,17 @@ def offload_to(endpoints: list[str] | str,
             f"({', '.join(str(e) for e in eps)}), e.g. --tensor-split {','.join(['1'] * len(devices))}")
     arr = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
     original = C.llama_model_default_params
-    lines: list[str] = []
 
     def params() -> Any:
         p = original()
         p.devices = ctypes.cast(arr, ctypes.c_void_p)
         return p
 
-    @C.llama_log_callback
-    def collect(_level: int, text: bytes, _ud: Any) -> None:
-        lines.append(text.decode("utf-8", "replace"))
-
-    with _load_lock:
+    with _load_lock, log_lines() as lines:
         C.llama_model_default_params = params
-        C.llama_log_set(collect, ctypes.c_void_p(0))
         try:
             yield devices
         finally:
-            C.llama_log_set(default_log, ctypes.c_void_p(0))
             C.llama_model_default_params = original
         _last_split = _parse_split("".join(lines), devices)
         bound_waits(eps)  # the model's connections exist only now

@@ -3,14 +3,11 @@ a measured peak RSS; the fit verdicts with injected RAM; the catalog check befor
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from convert_helpers import TinySpec, make_checkpoint
 from edge.convert import convert
 from edge.errors import BadOptionError, CatalogError, InsufficientMemoryError
 from edge.gguf_file import inspect
+from edge.llamacpp import log_lines
 from edge.memory import (
     PRESETS,
     CpuFeatures,
@@ -52,25 +50,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@contextlib.contextmanager
-def llama_log() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines (its buffer sizes are the oracle here)."""
-    import llama_cpp.llama_cpp as C
-    from llama_cpp._logger import llama_log_callback as default_log
-
-    lines: list[str] = []
-
-    @C.llama_log_callback
-    def collect(_level: int, text: bytes, _ud: object) -> None:
-        lines.append(text.decode("utf-8", "replace"))
-
-    C.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        C.llama_log_set(default_log, ctypes.c_void_p(0))
-
-
 def buffer_sizes(lines: list[str]) -> dict[str, float]:
     sizes: dict[str, float] = {}
     for m in re.finditer(r"(\S+)\s+(model|KV|compute|output) buffer size\s*=\s*([\d.]+) MiB", "".join(lines)):
@@ -82,7 +61,7 @@ def llama_buffers(path: Path, **kw: object) -> dict[str, float]:
     """Load with llama.cpp and return the buffer sizes (MiB) it logs."""
     import llama_cpp
 
-    with llama_log() as lines:
+    with log_lines() as lines:
         llama_cpp.Llama(model_path=str(path), verbose=False, n_threads=2, **kw).close()
     return buffer_sizes(lines)
 
@@ -181,7 +160,7 @@ def test_runtime_kv_types_and_repack_switch(tiny: dict[str, Path]) -> None:
                                                                type_k="q8_0", type_v="q8_0", flash_attn=True)]
     seen = []
     for cfg in cfgs:
-        with llama_log() as lines:
+        with log_lines() as lines:
             rt = Runtime(tiny["Q4_0"], cfg)
         try:
             assert rt.generate("the small model", max_tokens=4, sampling=None).n_gen_tokens >= 1
