@@ -131,6 +131,7 @@ class Utility:
     def __init__(self, scorer: BatchScorer, chunks: list[list[int]]):
         self.scorer, self.chunks = scorer, chunks
         self.base: list[np.ndarray] | None = None  # the first call's distributions
+        self.base_ppl: float | None = None
 
     def __call__(self) -> tuple[float, float]:
         nll, kl, n = 0.0, 0.0, 0
@@ -143,9 +144,16 @@ class Utility:
                 b = self.base[i]
                 kl += float((np.exp(b.astype(np.float64)) * (b - lp)).sum())
             n += len(lp)
+        ppl = float(np.exp(nll / n))
         if self.base is None:
-            self.base = lps
-        return float(np.exp(nll / n)), kl / n
+            self.base, self.base_ppl = lps, ppl
+        return ppl, kl / n
+
+
+def _base_ppl(u: Utility) -> float:
+    if u.base_ppl is None:
+        raise ValueError("the loop's base Utility must have measured the uncorrected model")
+    return u.base_ppl
 
 
 def layer_weights(d: Directions) -> np.ndarray:
@@ -202,17 +210,25 @@ def _probe_blocks(measure: Callable[[str, float, np.ndarray], Iteration], base: 
 
 
 def run_loop(scorer: BatchScorer, calib: Suite, d: Directions, cfg: LoopConfig,
-             neutral: list[list[int]], on_event: Event | None = None) -> LoopResult:
+             neutral: list[list[int]], on_event: Event | None = None, *,
+             base: tuple[np.ndarray, np.ndarray, Utility] | None = None) -> LoopResult:
+    """`base`: the uncorrected (ll_more, ll_less) of `calib` and a Utility whose first call
+    was the uncorrected model on `neutral`, when the caller has them (the split runner
+    does): the loop then starts from them instead of scoring the uncorrected model again."""
     cfg.validate()
     w = layer_weights(d)
     emit = on_event or (lambda kind, data: None)
     log: list[Iteration] = []
-    utility = Utility(scorer, neutral)
+    utility = base[2] if base is not None else Utility(scorer, neutral)
 
     def measure(phase: str, g: float, coef: np.ndarray) -> Iteration:
-        scorer.set_control_vector(d.vectors * coef[:, None] if coef.any() else None)
-        more, less = score_pairs(scorer, calib)
-        ppl, kl = utility()
+        if base is not None and not coef.any():
+            more, less = base[0], base[1]
+            ppl, kl = _base_ppl(utility), 0.0
+        else:
+            scorer.set_control_vector(d.vectors * coef[:, None] if coef.any() else None)
+            more, less = score_pairs(scorer, calib)
+            ppl, kl = utility()
         it = Iteration(len(log), phase, g, float(M.pct_stereotype(more, less)),
                        float(M.stereotype_gap(more, less)), float(M.mean_ll_diff(more, less)), ppl,
                        ppl / log[0].ppl - 1.0 if log else 0.0, True, kl)
@@ -221,15 +237,15 @@ def run_loop(scorer: BatchScorer, calib: Suite, d: Directions, cfg: LoopConfig,
         emit("iteration", asdict(it))
         return it
 
-    base = measure("base", 0.0, np.zeros_like(w))
-    res = LoopResult(np.zeros_like(w), 0.0, log, base.ppl)
-    g = _probe_blocks(measure, base, w, cfg, res.probes) if cfg.n_blocks else cfg.first_gain
+    b0 = measure("base", 0.0, np.zeros_like(w))
+    res = LoopResult(np.zeros_like(w), 0.0, log, b0.ppl)
+    g = _probe_blocks(measure, b0, w, cfg, res.probes) if cfg.n_blocks else cfg.first_gain
     keep = 1.0 - cfg.target
 
     def score(it: Iteration) -> float:  # how far from the target, relative to the baseline
-        return max(it.gap / max(base.gap, 1e-9), abs(it.mean_ll_diff) / max(abs(base.mean_ll_diff), 1e-9))
+        return max(it.gap / max(b0.gap, 1e-9), abs(it.mean_ll_diff) / max(abs(b0.mean_ll_diff), 1e-9))
 
-    best, prev = base, base
+    best, prev = b0, b0
     safe_g, unsafe_g = 0.0, None  # largest gain within the PPL budget, smallest beyond it
 
     def inside_budget(it: Iteration) -> float:

@@ -73,7 +73,7 @@ def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     loop_cfg = LoopConfig(max_ppl_increase=ctx.cfg.max_ppl_increase, max_iter=ctx.cfg.steer_iter,
                           n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
     loop = run_loop(sc, sh.suite.subset(cal.tolist()), dirs, loop_cfg, sh.neutral,
-                    lambda kind, d: ctx.emit("steer", d))
+                    lambda kind, d: ctx.emit("steer", d), base=(sh.base[0][cal], sh.base[1][cal], sh.utility))
     vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
     target = ctx.cfg.outputs().get("steer") if index == 0 else None
     path = write_cvec(target or work / "steer.gguf", vec, model_hint=rt.info.arch or "llama",
@@ -122,9 +122,10 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
     sh = ctx.shared
     st = sh.states.take(cal)
     cats = sh.categories[cal]
-    dirs = {"overall": compute_directions(st.h_more, st.h_less, st.e_more, st.e_less),
-            "category": compute_directions(st.h_more, st.h_less, st.e_more, st.e_less, cats,
-                                           min_pairs=ctx.ablate.min_pairs)}
+    kinds = {kind for kind, _, _ in ctx.ablate.candidates}
+    dirs = {k: compute_directions(st.h_more, st.h_less, st.e_more, st.e_less,
+                                  cats if k == "category" else None, min_pairs=ctx.ablate.min_pairs)
+            for k in sorted(kinds)}
     folded = _Folded(ctx, work / "ablate.f16.gguf")
     calib = sh.suite.subset(cal.tolist())
 
@@ -137,13 +138,11 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
     res = run_ablate_loop(dirs, base, sh.base_ppl, cats, measure, ctx.ablate,
                           lambda kind, d: ctx.emit("ablate", d))
     fit: dict[str, Any] = {"loop": res.to_dict()}
-    if res.best is None:  # nothing helped within budget: judge the uncorrected model
+    if res.best is None:  # nothing helped within budget: the uncorrected model, as measured
         folded.close()
         if not ctx.cfg.keep_models:
             folded.path.unlink(missing_ok=True)
-        sc = ctx.scorer
-        return Correction("ablate", lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
-                          lambda: _utility(ctx, sc), lambda p, r: sample_suite(ctx.rt, p, r).items, fit)
+        return Correction.identity("ablate", fit)
     best, d = res.best, dirs[res.best.directions]
     sc = folded.load(d, best.spec)
     np.savez_compressed(work / "ablate_directions.npz", layers=d.layers, embedding=d.embedding,

@@ -116,6 +116,18 @@ class Correction:
     generate: Callable[[Any, RepeatConfig], list[dict[str, Any]]]  # probes → RepeatResult.items
     fit: dict[str, Any] = field(default_factory=dict)  # the loop's record
     close: Callable[[], None] = lambda: None
+    # No correction (a loop that found nothing within budget): judged by the shared
+    # uncorrected figures themselves. Rescoring would differ from them by the scorer's
+    # batch-layout jitter (~0.01 nats), which a paired bootstrap over 1,000 pairs calls
+    # significant: a correction that did nothing was reported as making a category worse.
+    is_identity: bool = False
+
+    @classmethod
+    def identity(cls, method: str, fit: dict[str, Any]) -> Correction:
+        def unused(*_: Any) -> Any:
+            raise AssertionError("an identity correction is judged by the shared scores")
+
+        return cls(method, unused, unused, unused, unused, fit, is_identity=True)
 
 
 # (method, calibration indices, work dir, split index): split 0 writes the -o files
@@ -140,25 +152,29 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
     """Every instrument before (shared) and after (this correction), paired."""
     emit = on_event or (lambda kind, data: None)
     cats = sh.categories
-    emit("stage", {"stage": f"{corr.method}: held-out pairs", "pairs": len(held)})
-    after = corr.score_pairs(sh.suite.subset(held.tolist()))
     before = (sh.base[0][held], sh.base[1][held])
+    if corr.is_identity:
+        after = before
+    else:
+        emit("stage", {"stage": f"{corr.method}: held-out pairs", "pairs": len(held)})
+        after = corr.score_pairs(sh.suite.subset(held.tolist()))
     pj = judge_pair_rows(before, after, cats[held], n_boot=cfg.n_boot)
     out: dict[str, Any] = {"fit": corr.fit, "heldout": pj.to_dict(),
                            "categories": pj.category_moves(cfg.exclude_category),
                            "heldout_scores": {"ll_more": after[0].tolist(), "ll_less": after[1].tolist()}}
-    ppl, kl = corr.utility()
+    ppl, kl = (sh.base_ppl, 0.0) if corr.is_identity else corr.utility()
     out["ppl"] = {"before": sh.base_ppl, "after": ppl, "increase": ppl / sh.base_ppl - 1, "kl": kl}
     if cfg.exclude_category and cfg.exclude_category in pj.per_category:
         out["kept_out"] = {"name": cfg.exclude_category,
                            **{k: j.to_dict() for k, j in pj.per_category[cfg.exclude_category].items()}}
     if sh.bbq is not None and sh.bbq_base is not None:
         emit("stage", {"stage": f"{corr.method}: BBQ", "items": len(sh.bbq.items)})
-        bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(corr.score_bbq(sh.bbq)), n_boot=cfg.n_boot)
+        bbq_after = sh.bbq_base if corr.is_identity else corr.score_bbq(sh.bbq)
+        bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(bbq_after), n_boot=cfg.n_boot)
         out["bbq"] = {k: j.to_dict() for k, j in bj.items()}
     if generation and sh.probes is not None and sh.gen_base is not None and sh.repeat is not None:
         emit("stage", {"stage": f"{corr.method}: generation", "prompts": len(sh.probes.items)})
-        items = corr.generate(sh.probes, sh.repeat)
+        items = sh.gen_base if corr.is_identity else corr.generate(sh.probes, sh.repeat)
         out["generation"] = judge_generation(sh.gen_base, items, n_boot=cfg.n_boot).to_dict()
         out["generation"]["answers_after"] = [[a["label"] for a in it["answers"]] for it in items]
     return out

@@ -143,7 +143,8 @@ def test_loop_picks_the_efficient_candidate_and_scales_it_into_budget() -> None:
         keep = 1 - spec.strength * (0.9 if d is dirs["category"] else 0.3)  # category shrinks more
         return less + keep * d0, less, 10 * (1 + 0.04 * spec.strength ** 2), 0.01  # PPL +4% at λ=1
 
-    res = run_ablate_loop(dirs, (less + d0, less), 10.0, cats, measure, AblateConfig(max_ppl_increase=0.02))
+    cfg = AblateConfig(max_ppl_increase=0.02, candidates=(("category", 0, -1), ("overall", 0, -1)))
+    res = run_ablate_loop(dirs, (less + d0, less), 10.0, cats, measure, cfg)
     assert [t.directions for t in res.trials[:2]] == ["category", "overall"]
     assert res.best is not None and res.best.directions == "category"
     assert res.best.ppl_increase <= 0.02 and 0.5 < res.best.spec.strength < 0.75  # √(0.95·0.02/0.04) ≈ 0.69
@@ -201,6 +202,28 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     assert summ["checks"]["ppl_within_budget"] == "2/2"
     again = summarize(saved["splits"], ("steer", "ablate"))
     assert again["ablate"]["splits"] == 1
+
+
+def test_a_correction_that_found_nothing_is_judged_by_the_shared_scores() -> None:
+    """Rescoring the uncorrected model moves scores by the batch layout's jitter, which a
+    paired bootstrap over many pairs calls significant; the identity must change nothing."""
+    from bias.shared import PairStates, Shared
+    from bias.splits import judge_correction
+
+    suite = _suite(600)
+    rng = np.random.default_rng(2)
+    base = (rng.standard_normal(600) + 0.4, rng.standard_normal(600))
+    st = PairStates(*(np.zeros((600, 2, 4)),) * 2, *(np.zeros((600, 4)),) * 2)
+    sh = Shared(suite, base, st, [], None, 10.0)  # type: ignore[arg-type]
+    held = np.arange(100, 600)
+    cfg = SplitsConfig(n_splits=1, probes_spec=None, n_boot=200)
+    out = judge_correction(sh, Correction.identity("ablate", {"loop": {}}), held, cfg)
+    assert out["heldout"]["pct_stereotype"]["change"]["value"] == 0
+    assert out["categories"]["made_worse"] == [] and out["ppl"]["increase"] == 0
+    # what a rescore with 0.01-nat jitter looks like: the same bootstrap flags it
+    jitter = (base[0][held] + 0.01 + rng.standard_normal(500) * 0.002, base[1][held])
+    pj = judge_pair_rows((base[0][held], base[1][held]), jitter, np.zeros(500), n_boot=200)
+    assert pj.mean_ll_diff.away_from_neutral
 
 
 def test_split_caps_keep_every_kept_out_row_and_stay_disjoint() -> None:

@@ -53,7 +53,27 @@ def test_loop_logs_iterations_and_respects_the_budget(runtime) -> None:
         res = run_loop(sc, suite, d, LoopConfig(max_iter=1, max_ppl_increase=0.02, n_blocks=2),
                        neutral, on_event=lambda k, e: events.append(e))
         assert sc._buf is None  # the loop leaves the scoring context clean
+        # Given the uncorrected scores and a Utility that has measured the uncorrected model
+        # (the split runner has both), the loop starts from them: one scoring fewer, and
+        # the same iterations.
+        import bias.feedback as fb
+
+        u = fb.Utility(sc, neutral)
+        u()
+        base = (*fb.score_pairs(sc, suite), u)
+        calls = []
+        real = fb.score_pairs
+        fb.score_pairs = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            again = run_loop(sc, suite, d, LoopConfig(max_iter=1, max_ppl_increase=0.02, n_blocks=2),
+                             neutral, base=base)
+        finally:
+            fb.score_pairs = real
     its = res.iterations
+    assert len(calls) == len(its) - 1 and [it.phase for it in again.iterations] == [it.phase for it in its]
+    for a, b in zip(again.iterations, its, strict=True):
+        assert a.mean_ll_diff == pytest.approx(b.mean_ll_diff, abs=0.02)
+        assert a.ppl == pytest.approx(b.ppl, rel=1e-3)
     assert [it.phase for it in its] == ["base", "probe L1-L15", "probe L16-L29", "gain"]
     assert len(events) == len(its) and its[0].kl == 0 and its[1].kl > 0
     assert its[0].gain == 0 and its[0].ppl_increase == 0
