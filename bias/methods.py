@@ -122,16 +122,18 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
     sh = ctx.shared
     st = sh.states.take(cal)
     cats = sh.categories[cal]
-    kinds = {kind for kind, _, _ in ctx.ablate.candidates}
+    kinds = {kind for kind, _ in ctx.ablate.candidates}
+    head = None if st.o_more is None else st.head
     dirs = {k: compute_directions(st.h_more, st.h_less, st.e_more, st.e_less,
-                                  cats if k == "category" else None, min_pairs=ctx.ablate.min_pairs)
+                                  cats if k == "category" else None, min_pairs=ctx.ablate.min_pairs, head=head)
             for k in sorted(kinds)}
     folded = _Folded(ctx, work / "ablate.f16.gguf")
     calib = sh.suite.subset(cal.tolist())
 
-    def measure(spec: AblationSpec, d: BiasDirections) -> tuple[np.ndarray, np.ndarray, float, float]:
+    def measure(spec: AblationSpec, d: BiasDirections,
+                pairs: bool) -> tuple[np.ndarray | None, np.ndarray | None, float, float]:
         sc = folded.load(d, spec)
-        m, ls = score_pairs(sc, calib)
+        m, ls = score_pairs(sc, calib) if pairs else (None, None)
         return (m, ls, *_utility(ctx, sc))
 
     base = (sh.base[0][cal], sh.base[1][cal])

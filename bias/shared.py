@@ -31,16 +31,26 @@ Event = Callable[[str, dict[str, Any]], None]
 
 @dataclass
 class PairStates:
-    """Token-mean states per pair: h (n, n_layers, n_embd) per side, e (n, n_embd) embeddings."""
+    """Token-mean states per pair: h (n, n_layers, n_embd) per side, e (n, n_embd) embeddings,
+    o (n, n_embd) rows of the output head (None: the head is tied, o = e)."""
 
     h_more: np.ndarray
     h_less: np.ndarray
     e_more: np.ndarray
     e_less: np.ndarray
+    o_more: np.ndarray | None = None
+    o_less: np.ndarray | None = None
 
     def take(self, idx: np.ndarray | list[int]) -> PairStates:
         i = np.asarray(idx)
-        return PairStates(self.h_more[i], self.h_less[i], self.e_more[i], self.e_less[i])
+        o = (None, None) if self.o_more is None or self.o_less is None else (self.o_more[i], self.o_less[i])
+        return PairStates(self.h_more[i], self.h_less[i], self.e_more[i], self.e_less[i], *o)
+
+    @property
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.o_more is None or self.o_less is None:
+            return self.e_more, self.e_less
+        return self.o_more, self.o_less
 
 
 def pair_texts(rt: Runtime, suite: Suite) -> list[list[int]]:
@@ -64,12 +74,21 @@ def read_states(rt: Runtime, suite: Suite, model_path: str, *, threads: int,
     with HiddenStates(model_path, threads=threads) as hs:
         h = hs.token_means(texts, on_progress=on_progress)
     reader = gguf.GGUFReader(model_path)
-    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    emb = dequantize(t.data, t.tensor_type).reshape(-1, int(t.shape[0]))
-    e = np.array([emb[tk[1:]].mean(0) for tk in texts], np.float32)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def token_means(name: str) -> np.ndarray:
+        t = tensors[name]
+        rows = dequantize(t.data, t.tensor_type).reshape(-1, int(t.shape[0]))
+        return np.array([rows[tk[1:]].mean(0) for tk in texts], np.float32)
+
+    e = token_means("token_embd.weight")
+    parts = [h[0::2], h[1::2], e[0::2], e[1::2]]
+    if "output.weight" in tensors:  # an untied head: its own rows (a tied one reads e)
+        o = token_means("output.weight")
+        parts += [o[0::2], o[1::2]]
     n = len(suite.items)
-    full = [np.zeros((n, *a.shape[1:]), np.float32) for a in (h[0::2], h[1::2], e[0::2], e[1::2])]
-    for f, a in zip(full, (h[0::2], h[1::2], e[0::2], e[1::2]), strict=True):
+    full = [np.zeros((n, *a.shape[1:]), np.float32) for a in parts]
+    for f, a in zip(full, parts, strict=True):
         f[idx] = a
     return PairStates(*full)
 
@@ -172,6 +191,8 @@ def _save_cache(d: Path, key: dict[str, Any], sh: Shared) -> None:
     st = sh.states
     arrays = {"more": sh.base[0], "less": sh.base[1], "h_more": st.h_more, "h_less": st.h_less,
               "e_more": st.e_more, "e_less": st.e_less}
+    if st.o_more is not None and st.o_less is not None:
+        arrays |= {"o_more": st.o_more, "o_less": st.o_less}
     if sh.bbq_base is not None:
         arrays["bbq_base"] = sh.bbq_base
     with atomic_path(d / "shared.npz") as tmp, open(tmp, "wb") as f:
@@ -187,7 +208,8 @@ def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
             return None
         z = np.load(d / "shared.npz")
         return {"base": (z["more"], z["less"]),
-                "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"]),
+                "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"],
+                                     *((z["o_more"], z["o_less"]) if "o_more" in z.files else ())),
                 "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "gen_base": meta["gen_base"]}
     except (OSError, ValueError, KeyError):  # absent, partial or from an older version: recompute
         return None

@@ -77,6 +77,11 @@ class FoldPlan:
     layers: dict[int, ResidualEdit] = field(default_factory=dict)
     embedding: ResidualEdit | None = None
     untie_output: bool = True  # keep the logits reading the unedited embedding
+    # The output head's rows (one per token) get this edit: the logits read P·h, so two
+    # tokens whose output rows differ only along the removed directions become equally
+    # likely. A tied head whose edit is the embedding's stays tied (no new tensor); any
+    # other edit of a tied head is written as its own output.weight.
+    output: ResidualEdit | None = None
 
     def check(self, n_layers: int, n_embd: int) -> None:
         for il, e in self.layers.items():
@@ -84,8 +89,15 @@ class FoldPlan:
                 raise BadOptionError(f"fold plan names layer {il}; the model has layers 0..{n_layers - 1}")
             if e.u.shape[0] != n_embd or e.v.shape != e.u.shape:
                 raise BadOptionError(f"fold plan layer {il}: vectors of {e.u.shape[0]} values, model n_embd {n_embd}")
-        if self.embedding is not None and self.embedding.bias is not None:
-            raise BadOptionError("the token embedding has no bias tensor; fold a constant at a layer instead")
+        for name, e in (("token embedding", self.embedding), ("output head", self.output)):
+            if e is not None and e.bias is not None:
+                raise BadOptionError(f"the {name} has no bias tensor; fold a constant at a layer instead")
+            if e is not None and e.u.shape[0] != n_embd:
+                raise BadOptionError(f"fold plan {name}: vectors of {e.u.shape[0]} values, model n_embd {n_embd}")
+
+    @property
+    def head_shares_embedding_edit(self) -> bool:
+        return self.output is not None and self.output is self.embedding
 
     def bias_matrix(self, n_layers: int, n_embd: int) -> np.ndarray | None:
         """(n_layers, n_embd) of the per-layer constants: the numpy engine's `control`."""
@@ -128,7 +140,11 @@ def fold_weights(weights: Any, plan: FoldPlan) -> Any:
     tok = weights.tok_embd
     if plan.embedding is not None:
         tok = edit_embedding(tok, plan.embedding)
-    out = weights.output if (plan.untie_output or weights.output is not weights.tok_embd) else tok
+    tied = weights.output is weights.tok_embd
+    if plan.output is not None:
+        out = tok if tied and plan.head_shares_embedding_edit else edit_embedding(weights.output, plan.output)
+    else:
+        out = weights.output if (plan.untie_output or not tied) else tok
     return replace(weights, tok_embd=tok, output=out, layers=layers)
 
 
@@ -282,20 +298,27 @@ def _jobs(reader: Any, plan: FoldPlan, weight_type: str, src: object) -> tuple[l
     tensors = {t.name: t for t in reader.tensors}
     if plan.embedding is not None:
         edits[emb_name] = plan.embedding
+    tied = out_name not in tensors
+    if plan.output is not None and not tied:
+        edits[out_name] = plan.output
     missing = [n for n in edits if n not in tensors]
     if missing:
         raise InvalidModelFileError(f"{src} has no tensor {missing[0]!r}; is it a complete Llama GGUF?")
-    untie = plan.embedding is not None and plan.untie_output and out_name not in tensors
+    if plan.output is not None:  # a tied head with the embedding's own edit stays tied
+        untie = tied and not plan.head_shares_embedding_edit
+    else:
+        untie = tied and plan.embedding is not None and plan.untie_output
     jobs: list[Job] = []
     for t in reader.tensors:
         jobs.append((t.name, t, edits.get(t.name), _target_type(t.tensor_type, weight_type, len(t.shape) >= 2)))
-        if untie and t.name == emb_name:  # the head keeps reading the unedited embedding
-            jobs.append((out_name, t, None, _target_type(t.tensor_type, weight_type, True)))
+        if untie and t.name == emb_name:  # the head: the unedited embedding, or its own edit
+            jobs.append((out_name, t, plan.output, _target_type(t.tensor_type, weight_type, True)))
     for il, e in sorted(plan.layers.items()):
         if e.bias is not None:
             jobs.append((ffn_down.format(bid=il).replace(".weight", ".bias"), None, None,
                          gguf.GGMLQuantizationType.F32))
-    return jobs, sorted(edits), untie
+    head = [out_name] if untie and plan.output is not None else []
+    return jobs, sorted(edits) + head, untie
 
 
 def _add_info(w: Any, job: Job, n_embd: int) -> None:
@@ -327,7 +350,7 @@ def _write(w: Any, job: Job, plan: FoldPlan, endianess: Any) -> TensorCost | Non
         return None
     x = _matrix(t)
     if e is not None:
-        x = edit_embedding(x, e) if name == _names()[0] else edit_writer(x, e)
+        x = edit_embedding(x, e) if name in _names()[:2] else edit_writer(x, e)
     data, cost = _encode(x, qt)
     w.write_tensor_data(data)
     return replace(cost, name=name) if cost is not None and e is not None else None

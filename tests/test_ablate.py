@@ -65,6 +65,26 @@ def test_directions_per_category_and_overall() -> None:
         make_plan(per, AblationSpec((1,), 1.5))
 
 
+def test_head_directions_come_from_the_head_rows_and_edit_only_the_head() -> None:
+    hm, hl, em, el = _states()
+    cats = ["a"] * 30 + ["b"] * 30
+    tied = compute_directions(hm, hl, em, el, cats, protect=0)
+    assert tied.head is not None
+    np.testing.assert_allclose(tied.head, tied.embedding)  # a tied head reads the embedding's rows
+    rng = np.random.default_rng(9)
+    om = rng.standard_normal(em.shape)
+    ol = om.copy()
+    ol[:30, 3] -= 1.5  # an untied head: category a's group words differ along axis 3 there
+    untied = compute_directions(hm, hl, em, el, cats, protect=0, head=(om, ol))
+    np.testing.assert_allclose(untied.head[0], 1.5 * np.eye(D)[3], atol=1e-9)
+    assert not untied.head[1].any()
+    plan = make_plan(untied, AblationSpec((), 1.0, embedding=False, head=True))
+    assert not plan.layers and plan.embedding is None and plan.output is not None
+    assert plan.output.rank == 1  # category b has no head contrast: only a's direction
+    np.testing.assert_allclose(plan.output.apply(om[:30] - ol[:30]), 0, atol=1e-9)
+    assert "output head" in AblationSpec((), 0.5, embedding=False, head=True).describe()
+
+
 def test_directions_avoid_the_streams_massive_axis() -> None:
     hm, hl, em, el = _states()
     hm, hl = hm.copy(), hl.copy()
@@ -128,7 +148,7 @@ def test_judge_flags_and_power_line() -> None:
     assert set(moves["biased_before"]) == set(moves["moved_toward_neutral"]) and not moves["made_worse"]
 
 
-def test_loop_picks_the_efficient_candidate_and_scales_it_into_budget() -> None:
+def test_loop_scales_each_candidate_into_budget_and_keeps_the_better() -> None:
     hm, hl, em, el = _states()
     cats = ["a"] * 30 + ["b"] * 30
     dirs = {"overall": compute_directions(hm, hl, em, el, protect=0),
@@ -136,19 +156,41 @@ def test_loop_picks_the_efficient_candidate_and_scales_it_into_budget() -> None:
     rng = np.random.default_rng(5)
     less = rng.standard_normal(60)
     d0 = np.where(np.arange(60) < 30, 1.0, -2.0) + rng.standard_normal(60) * 0.1
-    calls = []
+    calls: list[tuple[str, float, bool]] = []
 
-    def measure(spec: AblationSpec, d: object) -> tuple[np.ndarray, np.ndarray, float, float]:
-        calls.append(spec)
-        keep = 1 - spec.strength * (0.9 if d is dirs["category"] else 0.3)  # category shrinks more
-        return less + keep * d0, less, 10 * (1 + 0.04 * spec.strength ** 2), 0.01  # PPL +4% at λ=1
+    def measure(spec: AblationSpec, d: object, pairs: bool) -> tuple[np.ndarray | None, np.ndarray | None, float, float]:
+        cat = d is dirs["category"]
+        calls.append(("category" if cat else "overall", spec.strength, pairs))
+        keep = 1 - spec.strength * (0.9 if cat else 0.3)  # category shrinks more...
+        rise = (0.08 if cat else 0.01) * spec.strength ** 2  # ...but costs more PPL: +8% at λ = 1
+        m = less + keep * d0 if pairs else None
+        return m, less if pairs else None, 10 * (1 + rise), 0.01
 
-    cfg = AblateConfig(max_ppl_increase=0.02, candidates=(("category", 0, -1), ("overall", 0, -1)))
+    cfg = AblateConfig(max_ppl_increase=0.02, candidates=(("category", "stream"), ("overall", "stream")))
     res = run_ablate_loop(dirs, (less + d0, less), 10.0, cats, measure, cfg)
-    assert [t.directions for t in res.trials[:2]] == ["category", "overall"]
+    # a PPL probe at λ = 1, then the pairs at √(0.95·0.02/0.08) ≈ 0.49 for category;
+    # overall fits the budget at λ = 1 and is measured there
+    assert [c[2] for c in calls] == [False, True, False, True]
+    assert calls[1][1] == pytest.approx(np.sqrt(0.95 * 0.02 / 0.08), abs=1e-3) and calls[3][1] == 1.0
+    assert [p["directions"] for p in res.probes] == ["category", "overall"]
+    assert all(t.ppl_increase <= 0.02 for t in res.trials)
+    # at the strengths they can have, category (keeps 56%) still beats overall (keeps 70%)
     assert res.best is not None and res.best.directions == "category"
-    assert res.best.ppl_increase <= 0.02 and 0.5 < res.best.spec.strength < 0.75  # √(0.95·0.02/0.04) ≈ 0.69
-    assert len(calls) == 3
+    # a rise the quadratic rule underestimates takes another step
+    calls.clear()
+
+    def steep(spec: AblationSpec, d: object, pairs: bool) -> tuple[np.ndarray | None, np.ndarray | None, float, float]:
+        calls.append(("category", spec.strength, pairs))
+        rise = (0.08 if spec.strength == 1 else 0.12) * spec.strength ** 2  # the probe looks cheaper
+        m = less + (1 - 0.9 * spec.strength) * d0 if pairs else None
+        return m, less if pairs else None, 10 * (1 + rise), 0.01
+
+    res = run_ablate_loop(dirs, (less + d0, less), 10.0, cats, steep,
+                          AblateConfig(max_ppl_increase=0.02, candidates=(("category", "stream"),)))
+    lam1 = np.sqrt(0.95 * 0.02 / 0.08)
+    lam2 = lam1 * np.sqrt(0.95 * 0.02 / (0.12 * lam1 ** 2))
+    assert [c[1] for c in calls] == [1.0, pytest.approx(lam1, abs=1e-3), pytest.approx(lam2, abs=1e-3)]
+    assert res.best is not None and res.best.spec.strength == pytest.approx(lam2, abs=1e-3)
 
 
 def _suite(n: int = 90) -> Suite:

@@ -108,6 +108,27 @@ def test_folded_f32_gguf_in_llama_cpp_equals_engine_with_the_edit(tiny: dict[str
     np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 * scale)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_head_edit_in_llama_cpp_equals_engine(tiny: dict[str, Path], shared: bool) -> None:
+    """The output head's rows projected: a tied head gets its own output.weight (the
+    embedding unedited), or stays tied when the embedding takes the same edit."""
+    rng = np.random.default_rng(4)
+    e = ResidualEdit.projection(rng.standard_normal((3, SPEC.n_embd)))
+    plan = FoldPlan(embedding=e if shared else None, output=e)
+    out = tiny["dir"] / f"head{int(shared)}.gguf"
+    r = fold_gguf(tiny["f32"], out, plan, weight_type="F32", force=True)
+    names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert ("output.weight" in names) is (not shared) and r.untied_output is (not shared)
+    assert set(r.edited) == ({"token_embd.weight"} if shared else {"output.weight"})
+    base = Engine.from_gguf(tiny["f32"])
+    toks = _tokens()
+    ours = Engine(fold_weights(base.weights, plan)).forward(toks).logits
+    ref = llama_logits(out, toks)
+    scale = np.abs(ref).max()
+    assert np.abs(base.forward(toks).logits - ref).max() > 0.05 * scale
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 * scale)
+
+
 def test_requantized_fold_keeps_types_and_copies_the_rest(tiny: dict[str, Path]) -> None:
     plan = _plan(seed=2, strength=0.8)
     out = tiny["dir"] / "folded.q8.gguf"

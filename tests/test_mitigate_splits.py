@@ -49,7 +49,6 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     out, rep = tmp_path / "fair.gguf", tmp_path / "rep"
     p = _run(["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
               "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
-              "--ablate-directions", "both",
               "--repeat", "0", "--blocks", "1", "--max-iter", "1",
               "--max-ppl-increase", "0.05", "-t", "2"], env)
     seen = []

@@ -117,10 +117,12 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @click.option("--weights", type=click.Choice(["source", "f16"]), default="source", show_default=True,
               help="The ablated GGUF's edited tensors: re-quantized to the source's types (the "
                    "report gives the KL this costs) or kept at f16.")
-@click.option("--ablate-directions", type=click.Choice(["overall", "category", "both"]), default="overall",
+@click.option("--ablate-where", type=click.Choice(["head", "stream", "both"]), default="head",
               show_default=True,
-              help="Which directions ablate tries: one from all calibration pairs, one per category "
-                   "(removing all of them costs far more PPL on small models), or both.")
+              help="What ablate tries: the per-category directions removed from the output head "
+                   "(the logits stop telling the group words apart along them), the overall "
+                   "direction removed from every layer's output and the embedding, or both "
+                   "(the loop keeps the one that lowers the bias most per PPL).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="Fraction of the bias to remove on the calibration part (steer without --splits).")
 @click.option("--max-ppl-increase", type=click.FloatRange(0), default=None,
@@ -152,7 +154,7 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @PRECISION
 @click.option("-t", "--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--json", "as_json", is_flag=True)
-def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablate_directions: str, target: float,
+def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablate_where: str, target: float,
                  max_ppl_increase: float | None, max_iter: int | None, n_blocks: int | None,
                  direction_method: str, as_json: bool, **kw: Any) -> None:
     """Correct MODEL's bias and judge the correction on held-out rows (before/after, with
@@ -170,7 +172,7 @@ def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablat
     """
     kw["out_dir"] = kw["out_dir"] or str(Path(kw["out_path"]).with_suffix("")) + "-report"
     if correction_method != "steer" or splits is not None:
-        _mitigate_splits(correction_method, splits or 1, weights, ablate_directions, max_ppl_increase, max_iter,
+        _mitigate_splits(correction_method, splits or 1, weights, ablate_where, max_ppl_increase, max_iter,
                          n_blocks, as_json, **kw)
         return
     _mitigate_steer(target, max_ppl_increase, max_iter, n_blocks, direction_method, as_json, **kw)
@@ -218,7 +220,7 @@ def _iteration_line(d: dict) -> str:
             f"({100 * d['ppl_increase']:+.1f}%)  KL {d['kl']:.4f}")
 
 
-def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate_directions: str,
+def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate_where: str,
                      max_ppl_increase: float | None,
                      max_iter: int | None, n_blocks: int | None, as_json: bool, *, model: str | None,
                      suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
@@ -237,8 +239,9 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                        steer_blocks=3 if n_blocks is None else n_blocks, steer_iter=max_iter or 4,
                        weights="F16" if weights == "f16" else "source", output=out_path,
                        calib_limit=calib_limit, heldout_limit=heldout_limit)
-    sets = ("category", "overall") if ablate_directions == "both" else (ablate_directions,)
-    ablate = AblateConfig(max_ppl_increase=cfg.max_ppl_increase, candidates=tuple((k, 0, -1) for k in sets))
+    sets = {"head": ("category", "head"), "stream": ("overall", "stream")}
+    ablate = AblateConfig(max_ppl_increase=cfg.max_ppl_increase,
+                          candidates=tuple(v for k, v in sets.items() if ablate_where in (k, "both")))
     res = mitigate_splits(model, suite_spec, out_dir, cfg=cfg, ablate=ablate, threads=threads,
                           precision=precision, on_event=None if as_json else _split_event)
     if as_json:
