@@ -61,9 +61,13 @@ def main() -> None:
     s0 = res["splits"][0]
     abl = s0["methods"]["ablate"]
     z = np.load(a.run / "split0" / "ablate_directions.npz")
-    d = BiasDirections(z["layers"], z["embedding"], list(z["labels"]), [], np.zeros(1))
+    # a run that saved no head directions was of a tied model, whose head directions are
+    # the embedding's (bias.ablate.compute_directions with head=None)
+    head = z["head"] if "head" in z.files else z["embedding"]
+    d = BiasDirections(z["layers"], z["embedding"], list(z["labels"]), [], np.zeros(1), head)
     spec_d = ast.literal_eval(str(z["spec"]))
-    spec = AblationSpec(tuple(spec_d["layers"]), spec_d["strength"], spec_d["embedding"], spec_d["source_layer"])
+    spec = AblationSpec(tuple(spec_d["layers"]), spec_d["strength"], spec_d["embedding"], spec_d["source_layer"],
+                        spec_d.get("head", False))
     suite = load_suite(res["shared"]["suite"] if ":" in res["shared"]["suite"]
                        else f"crows_pairs:{res['shared']['suite']}")
     by_row = {it.row: it for it in suite.items}

@@ -148,6 +148,7 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
     best, d = res.best, dirs[res.best.directions]
     sc = folded.load(d, best.spec)
     np.savez_compressed(work / "ablate_directions.npz", layers=d.layers, embedding=d.embedding,
+                        head=d.head if d.head is not None else d.embedding,
                         labels=np.array(d.labels), spec=np.array(str(best.spec.to_dict())))
     # The deployable file (what a device runs, and what generation is judged on) only where
     # it is used: split 0 (-o) and the splits judged by generation.

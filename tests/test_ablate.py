@@ -298,6 +298,14 @@ def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> Non
     assert np.isnan(got["base"][1]).all()
     np.testing.assert_array_equal(got["states"].h_more, st.h_more)
     np.testing.assert_array_equal(got["bbq_base"], np.ones((3, 3)))
+    assert got["states"].o_more is None and got["states"].head[0] is got["states"].e_more  # tied: e
+    # an untied head's rows are kept and taken with the rows
+    o = rng.standard_normal((6, 4)).astype(np.float32)
+    sh.states = PairStates(st.h_more, st.h_less, st.e_more, st.e_less, o, -o)
+    _save_cache(tmp_path, key, sh)
+    got = _load_cache(tmp_path, key)
+    assert got is not None
+    np.testing.assert_array_equal(got["states"].take([4, 1]).head[1], -o[[4, 1]])
     assert _load_cache(tmp_path, {**key, "model": "other"}) is None
     (tmp_path / "shared.npz").write_bytes(b"partial")
     assert _load_cache(tmp_path, key) is None  # a damaged cache is recomputed, not trusted
