@@ -168,12 +168,14 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
         out["kept_out"] = {"name": cfg.exclude_category,
                            **{k: j.to_dict() for k, j in pj.per_category[cfg.exclude_category].items()}}
     if sh.bbq is not None and sh.bbq_base is not None:
-        emit("stage", {"stage": f"{corr.method}: BBQ", "items": len(sh.bbq.items)})
+        if not corr.is_identity:
+            emit("stage", {"stage": f"{corr.method}: BBQ", "items": len(sh.bbq.items)})
         bbq_after = sh.bbq_base if corr.is_identity else corr.score_bbq(sh.bbq)
         bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(bbq_after), n_boot=cfg.n_boot)
         out["bbq"] = {k: j.to_dict() for k, j in bj.items()}
     if generation and sh.probes is not None and sh.gen_base is not None and sh.repeat is not None:
-        emit("stage", {"stage": f"{corr.method}: generation", "prompts": len(sh.probes.items)})
+        if not corr.is_identity:
+            emit("stage", {"stage": f"{corr.method}: generation", "prompts": len(sh.probes.items)})
         items = sh.gen_base if corr.is_identity else corr.generate(sh.probes, sh.repeat)
         out["generation"] = judge_generation(sh.gen_base, items, n_boot=cfg.n_boot).to_dict()
         out["generation"]["answers_after"] = [[a["label"] for a in it["answers"]] for it in items]

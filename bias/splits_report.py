@@ -78,8 +78,12 @@ def _deployed(res: dict[str, Any]) -> list[str]:
             w = fold["worst"]
             kind = ("re-quantized to the source's types" if fold["weight_type"] == "source"
                     else f"kept at {fold['weight_type']}")
+            n = len(fold["edited"])
             line = (f"Split {s['seed']} ablated GGUF: {fold['path']} ({kind}; "
-                    f"{len(fold['edited'])} tensors edited")
+                    f"{n} tensor{'s' if n != 1 else ''} edited: {', '.join(fold['edited'][:3])}"
+                    f"{', …' if n > 3 else ''}")
+            if fold.get("untied_output"):
+                line += "; the tied output head became its own output.weight"
             if w:
                 line += f", worst tensor {w['name']} max error {w['max_err']:.2g} of its range"
             kl = fold.get("requant_kl")
