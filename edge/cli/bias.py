@@ -122,7 +122,7 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
               help="What ablate tries: the per-category directions removed from the output head "
                    "(the logits stop telling the group words apart along them), the overall "
                    "direction removed from every layer's output and the embedding, or both "
-                   "(the loop keeps the one that lowers the bias most per PPL).")
+                   "(the loop keeps the one with the least bias left within the PPL budget).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="Fraction of the bias to remove on the calibration part (steer without --splits).")
 @click.option("--max-ppl-increase", type=click.FloatRange(0), default=None,
