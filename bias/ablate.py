@@ -170,8 +170,8 @@ def make_plan(dirs: BiasDirections, spec: AblationSpec) -> FoldPlan:
     rows = _basis(dirs.embedding)
     if spec.embedding and len(rows):
         plan.embedding = ResidualEdit.projection(rows, spec.strength)
-    rows = _basis(dirs.head) if dirs.head is not None else rows[:0]
-    if spec.head and len(rows):
+    rows = _basis(dirs.head) if spec.head and dirs.head is not None else rows[:0]
+    if len(rows):
         plan.output = ResidualEdit.projection(rows, spec.strength)
     return plan
 
@@ -236,10 +236,16 @@ def category_rms(more: np.ndarray, less: np.ndarray, categories: Sequence[str]) 
     return float(np.sqrt(tot / max(len(d), 1)))
 
 
+# Where an ablation can act, with the direction set that goes there: the head takes one
+# direction per category (the group words' contrasts), the stream the overall one.
+TARGETS = {"head": ("category", "head"), "stream": ("overall", "stream")}
+
+
 @dataclass
 class AblateConfig:
     max_ppl_increase: float = 0.02
-    # Candidates measured at full strength: (direction set, where). "stream": every layer's
+    # Candidates, each scaled into the budget and then measured: (direction set, where),
+    # one of TARGETS' values. "stream": every layer's
     # writers and the embedding; "head": the output head's rows. Measured on SmolLM2-135M
     # (split 0, 436 calibration pairs, held-out change of the mean ll difference): per-
     # category directions in the head cost +3.1% PPL at λ = 1 and took sexual-orientation
@@ -247,7 +253,7 @@ class AblateConfig:
     # −0.06, corr −0.22); in the stream they cost +44% PPL, and the overall direction there
     # +3.2% for almost no fall of the per-category bias. So the head is the default, and the
     # stream a candidate on request (each candidate costs a probe and a trial per split).
-    candidates: tuple[tuple[str, str], ...] = (("category", "head"),)
+    candidates: tuple[tuple[str, str], ...] = (TARGETS["head"],)
     embedding: bool = True  # "stream" includes the token embedding
     min_pairs: int = 12  # a category needs this many calibration pairs for its own direction
     max_steps: int = 2  # strength steps after the candidates
@@ -261,10 +267,18 @@ class AblateConfig:
             if where not in ("head", "stream"):
                 raise BadOptionError(f"ablation target {where!r}: use head or stream")
 
-    def spec(self, where: str, n_layers: int, strength: float = 1.0) -> AblationSpec:
+    def spec(self, where: str, n_layers: int) -> AblationSpec:
+        """The candidate at full strength."""
         if where == "head":
-            return AblationSpec((), strength, embedding=False, head=True)
-        return AblationSpec(tuple(range(n_layers)), strength, self.embedding)
+            return AblationSpec((), 1.0, embedding=False, head=True)
+        return AblationSpec(tuple(range(n_layers)), 1.0, self.embedding)
+
+    @classmethod
+    def targets(cls, where: str, **kw: Any) -> AblateConfig:
+        """`--ablate-where head|stream|both` as a config."""
+        if where not in (*TARGETS, "both"):
+            raise BadOptionError(f"--ablate-where {where}: use head, stream or both")
+        return cls(candidates=tuple(v for k, v in TARGETS.items() if where in (k, "both")), **kw)
 
 
 @dataclass

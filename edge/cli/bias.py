@@ -239,9 +239,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                        steer_blocks=3 if n_blocks is None else n_blocks, steer_iter=max_iter or 4,
                        weights="F16" if weights == "f16" else "source", output=out_path,
                        calib_limit=calib_limit, heldout_limit=heldout_limit)
-    sets = {"head": ("category", "head"), "stream": ("overall", "stream")}
-    ablate = AblateConfig(max_ppl_increase=cfg.max_ppl_increase,
-                          candidates=tuple(v for k, v in sets.items() if ablate_where in (k, "both")))
+    ablate = AblateConfig.targets(ablate_where, max_ppl_increase=cfg.max_ppl_increase)
     res = mitigate_splits(model, suite_spec, out_dir, cfg=cfg, ablate=ablate, threads=threads,
                           precision=precision, on_event=None if as_json else _split_event)
     if as_json:
