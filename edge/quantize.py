@@ -100,6 +100,8 @@ class QuantizeResult:
     # tensors llama.cpp stored in another type than asked (rows not a multiple of the
     # type's block, e.g. 576 columns for the K-quants' 256): type → count
     fallback: dict[str, int] = field(default_factory=dict)
+    imatrix: str | None = None  # the importance matrix the quantizer weighed rounding by
+    imatrix_entries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,23 +129,31 @@ def _tensor_type(option: str, name: str | None) -> int:
 def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype: str,
              leave_output_tensor: bool = False, pure: bool = False, output_type: str | None = None,
              embedding_type: str | None = None, threads: int | None = None,
+             imatrix: str | os.PathLike[str] | None = None,
              force: bool = False, verbose: bool = False) -> QuantizeResult:
-    """Quantize `inp` into `out` (written beside it under a temp name, renamed on success)."""
+    """Quantize `inp` into `out` (written beside it under a temp name, renamed on success).
+    `imatrix`: an importance matrix (`edge imatrix`, or llama-imatrix's GGUF or .dat)."""
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
+    from edge.imatrix import QuantizeImatrix, read_imatrix
     from edge.system import default_threads
 
     q = quant_type(qtype)
-    if q.needs_imatrix:
+    if q.needs_imatrix and imatrix is None:
         raise BadOptionError(
-            f"{q.name} needs an importance matrix, which edge quantize does not take yet; "
-            "use Q2_K, IQ3_XXS or a 4-bit type"
+            f"{q.name} needs an importance matrix: make one with `edge imatrix IN.gguf -f TEXT -o imatrix.gguf` "
+            "and pass --imatrix imatrix.gguf (or use Q2_K, IQ3_XXS or a 4-bit type)"
         )
     params = llama_cpp.llama_model_quantize_default_params()
     params.output_tensor_type = _tensor_type("--output-type", output_type)
     params.token_embedding_type = _tensor_type("--embedding-type", embedding_type)
     info = inspect(inp)  # a bad input fails here, with the pre-flight's message
+    imx = None
+    if imatrix is not None:
+        imx = QuantizeImatrix(read_imatrix(imatrix))
+        imx.check({t.name: t.shape[0] for t in info.tensors if len(t.shape) >= 2})
+        params.imatrix = imx.array  # imx keeps the buffers alive until quantizing is done
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it or choose another -o")
@@ -169,6 +179,7 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
         output_size=size, n_params=info.params or 0,
         bpw=size * 8 / info.params if info.params else 0.0,
         seconds=time.perf_counter() - t0, threads=params.nthread, fallback=_fallbacks(log),
+        imatrix=str(imatrix) if imatrix is not None else None, imatrix_entries=imx.entries if imx else 0,
     )
 
 

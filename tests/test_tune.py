@@ -81,8 +81,8 @@ def test_interrupted_tune_resumes_without_remeasuring(f16: Path, text: str) -> N
 
 def test_quality_budget_and_memory_refusals(f16: Path, text: str, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    r = tune(str(f16), _opts(text, max_kld=1e-9, quants=["Q4_0"]))  # Q4_0 cannot be that close
-    assert "Q4_0" in r.dropped_quality
+    r = tune(str(f16), _opts(text, max_kld=1e-9, quants=["Q4_0"], imatrix=False))  # Q4_0 cannot be that close
+    assert "Q4_0" in r.dropped_quality and r.imatrix_choice == {}
     assert r.profile.winner["quant"] == "F16" and r.profile.winner["kld"] == 0.0
     # a device with ~no free RAM: every candidate refused by the memory model, none loaded
     (tmp_path / "proc").mkdir()
@@ -95,6 +95,9 @@ def test_quality_budget_and_memory_refusals(f16: Path, text: str, tmp_path: Path
 
 def test_profile_is_used_by_run_and_ignored_with_no_tune(f16: Path, text: str, tmp_path: Path) -> None:
     r = tune(str(f16), _opts(text))
+    # Q4_0 is made both ways (Q8_0's quantizer ignores an imatrix; F16 is the source)
+    assert set(r.imatrix_choice) == {"Q4_0"}
+    assert any(p["label"].startswith("Q4_0+imatrix") for p in r.profile.frontier) == (r.imatrix_choice["Q4_0"] != "plain")
     from edge.report import build_report
 
     rep = build_report(tmp_path / "report", bench=[], latency=[])  # the frontier plot alone

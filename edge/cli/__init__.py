@@ -72,6 +72,7 @@ def _register() -> None:
         convert,
         doctor,
         eval,
+        imatrix,
         logs,
         models,
         quantize,
@@ -83,7 +84,7 @@ def _register() -> None:
         worker,
     )
 
-    for mod in (run, chat, models, logs, bench, convert, quantize, eval, report, sparsify, serve, bias, worker, doctor, tune):
+    for mod in (run, chat, models, logs, bench, convert, quantize, imatrix, eval, report, sparsify, serve, bias, worker, doctor, tune):
         mod.register(cli)
 
 

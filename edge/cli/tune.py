@@ -54,16 +54,18 @@ def _table(result: Any) -> str:
               help="Wait until the SoC is below this °C before each measurement (Pi).")
 @click.option("--force", "force_memory", is_flag=True,
               help="Measure candidates even when the memory model says they would not fit.")
+@click.option("--no-imatrix", is_flag=True,
+              help="Do not also try each quant type made with an importance matrix of the search text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: float, n_ctx: int,
              quants: str | None, threads: str | None, text: str | None, kl_chunks: int,
-             cooldown: float | None, force_memory: bool, as_json: bool) -> None:
+             cooldown: float | None, force_memory: bool, no_imatrix: bool, as_json: bool) -> None:
     """Find the fastest configuration of MODEL on this device within a quality budget,
     and save it as this device's profile: `edge run/chat/serve` then use it (--no-tune
     ignores it).
 
-    Searches quant type (made from the model's f16/bf16/Q8_0 source, or its f16 copy),
-    threads, batch sizes (pp/ttft), KV cache type, flash attention, llama.cpp's weight
+    Searches quant type (made from the model's f16/bf16/Q8_0 source, or its f16 copy,
+    each with and without an importance matrix of the search text), threads, batch sizes (pp/ttft), KV cache type, flash attention, llama.cpp's weight
     repack and mmap/mlock. Quality is the KL divergence to the source on text the speed
     runs never see; speed is measured as llama-bench does. Candidates the memory model
     says would not fit at --ctx are never loaded. Ctrl-C keeps every finished
@@ -80,7 +82,8 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
 
     opts = TuneOptions(objective=objective, max_kld=max_kld, budget_minutes=budget_minutes, n_ctx=n_ctx,
                        quants=quants.split(",") if quants else None, text=text, cooldown=cooldown,
-                       threads=_ints(threads), force_memory=force_memory, kl_chunks=kl_chunks)
+                       threads=_ints(threads), force_memory=force_memory, kl_chunks=kl_chunks,
+                       imatrix=not no_imatrix)
     with InterruptGuard() as guard, _progress(as_json) as on_progress:
         try:
             result = tune(model, opts, progress=on_progress, check=guard.check)
@@ -97,6 +100,10 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
                f"--max-kld: {', '.join(result.dropped_quality) or 'none'}"
                + ("; stopped by the budget" if result.stopped_by_budget else "")
                + f"; {result.elapsed_s / 60:.1f} min")
+    if result.imatrix_choice:
+        with_im = sorted(q for q, v in result.imatrix_choice.items() if v != "plain")
+        click.echo(f"importance matrix: lower KL for {', '.join(with_im) or 'no type'} "
+                   f"(of {len(result.imatrix_choice)} made both ways)")
     click.echo(f"profile: {result.profile_path}")
 
 

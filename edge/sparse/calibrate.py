@@ -16,7 +16,6 @@ import numpy as np
 
 from edge.engine.model import Engine
 from edge.errors import SparseProfileError
-from edge.paths import atomic_path
 from edge.sparse.svd import norms_for
 
 MIN_TOKENS = 64
@@ -97,23 +96,12 @@ def calibrate(engine: Engine, text: str, *, chunk: int = 256, max_tokens: int = 
 
 def write_imatrix(cal: Calibration, engine: Engine, path: str | os.PathLike[str],
                   dataset: str = "") -> None:
-    """llama.cpp's GGUF importance matrix: `<tensor>.in_sum2` and `<tensor>.counts`."""
-    from gguf import GGUFWriter, Keys
-
+    """The calibration's Σx² as llama.cpp's GGUF importance matrix (edge.imatrix's writer)."""
     from edge.engine.weights import _tensor_keys
+    from edge.imatrix import Imatrix
+    from edge.imatrix import write_imatrix as write
 
     keys = _tensor_keys()
-    with atomic_path(path) as tmp:
-        w = GGUFWriter(str(tmp), arch="imatrix")
-        w.add_type("imatrix")
-        w.add_array(Keys.IMatrix.DATASETS, [dataset or cal.text_sha256])
-        w.add_uint32(Keys.IMatrix.CHUNK_COUNT, max(1, cal.n_rows // cal.chunk))
-        w.add_uint32(Keys.IMatrix.CHUNK_SIZE, cal.chunk)
-        for (il, n), sq in sorted(cal.sum_sq.items()):
-            name = keys[n].format(bid=il) + ".weight"
-            w.add_tensor(name + ".in_sum2", np.asarray(sq, dtype=np.float32)[None, :])
-            w.add_tensor(name + ".counts", np.array([[cal.n_rows]], dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    sums = {keys[n].format(bid=il) + ".weight": np.asarray(sq, dtype=np.float32) for (il, n), sq in cal.sum_sq.items()}
+    write(Imatrix(sums, dict.fromkeys(sums, cal.n_rows), [dataset or cal.text_sha256],
+                  max(1, cal.n_rows // cal.chunk), cal.chunk), path)

@@ -37,6 +37,9 @@ from edge.tune.profile import DeviceProfile, device_key
 from edge.tune.space import OBJECTIVES, QUANTS, Candidate, build_space, defaults, loader_variants
 
 SOURCE_TYPES = ("F32", "F16", "BF16", "Q8_0")
+IMATRIX = "+imatrix"  # suffix of a quant type made with the importance matrix
+IMATRIX_CTX = 512  # llama-imatrix's chunk
+NO_IMATRIX = ("Q8_0", "F16", "BF16", "F32")  # llama.cpp's quantizer ignores an imatrix for these
 
 
 @dataclass
@@ -55,6 +58,8 @@ class TuneOptions:
     final_rounds: int = 3
     cooldown: float | None = None  # °C to wait for before each measurement (Pi)
     force_memory: bool = False
+    imatrix: bool = True  # also try each quant type made with an importance matrix
+    imatrix_chunks: int = 16  # 512-token chunks of calibration text for it
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -70,7 +75,8 @@ class TuneOptions:
     def journal_key(self) -> dict[str, Any]:
         """The options whose change makes earlier figures answer another question."""
         return {"objective": self.objective, "n_ctx": self.n_ctx, "text": self.text, "kl_chunks": self.kl_chunks,
-                "kl_ctx": self.kl_ctx, "n_gen": self.n_gen, "n_prompt": self.prompt_tokens()}
+                "kl_ctx": self.kl_ctx, "n_gen": self.n_gen, "n_prompt": self.prompt_tokens(),
+                "imatrix_chunks": self.imatrix_chunks}
 
 
 @dataclass
@@ -96,6 +102,8 @@ class TuneResult:
     reused: int  # measurements read back from the journal
     skipped_memory: list[str] = field(default_factory=list)  # candidate keys the memory model refused
     dropped_quality: list[str] = field(default_factory=list)  # quant types over --max-kld
+    # quant type → "+imatrix" or "plain": the file of the two kept for the speed search (lower KL)
+    imatrix_choice: dict[str, str] = field(default_factory=dict)
     stopped_by_budget: bool = False
     elapsed_s: float = 0.0
 
@@ -129,6 +137,8 @@ class Tuner:
         self.durations: list[float] = []
         self.skipped: list[str] = []
         self.dropped: list[str] = []
+        self.imatrix_choice: dict[str, str] = {}
+        self._imatrix: Path | None | bool = False  # False: not made yet; None: cannot be made
         self.stopped_by_budget = False
         self.models = LoadedModels(self.files)
         self.base: BaseLogits | None = None
@@ -166,20 +176,53 @@ class Tuner:
 
     # ---- files ------------------------------------------------------------------------
     def quant_file(self, q: str) -> Path | None:
-        """The source quantized to q (cached); None when llama.cpp cannot make it."""
+        """The source quantized to q (cached); None when llama.cpp cannot make it. q ending in
+        IMATRIX is made with the importance matrix of the calibration tokens."""
         from edge.errors import EdgeError
         from edge.quantize import quantize
 
         if q in self.files:
             return self.files[q]
-        path = self.workdir / f"{q}.gguf"
+        imatrix = None
+        if q.endswith(IMATRIX):
+            imatrix = self.imatrix_file()
+            if imatrix is None:
+                return None
+        path = self.workdir / (f"{q[: -len(IMATRIX)]}.{imatrix.stem}.gguf" if imatrix else f"{q}.gguf")
         if not path.exists():
             try:
-                quantize(self.source, path, qtype=q)
+                quantize(self.source, path, qtype=q.removesuffix(IMATRIX), imatrix=imatrix)
             except EdgeError:
                 return None
         self.files[q] = path
         return path
+
+    def imatrix_file(self) -> Path | None:
+        """The source's importance matrix on the search text's tokens after those the KL
+        measurements read (so no KL figure is taken on text it was calibrated on); None
+        when the text has no room for a chunk."""
+        import hashlib
+
+        from edge.imatrix import collect_imatrix
+
+        if self._imatrix is not False:
+            return self._imatrix  # type: ignore[return-value]
+        toks, _ = self.tokens(0)
+        calib = toks[self.opts.kl_chunks * self.opts.kl_ctx :][: self.opts.imatrix_chunks * IMATRIX_CTX]
+        self._imatrix = None
+        if len(calib) >= IMATRIX_CTX:
+            h = hashlib.sha256(repr(calib).encode()).hexdigest()[:12]
+            path = self.workdir / f"imatrix.{h}.gguf"
+            if not path.exists():
+                self._tick("quality", "importance matrix of the calibration text", 0, 1)
+                r = collect_imatrix(self.source, calib, path, n_ctx=IMATRIX_CTX, max_chunks=self.opts.imatrix_chunks,
+                                    threads=self.default_threads, dataset="edge tune search text",
+                                    force=True, force_memory=True, check=self.check)  # fit: base_logits checked
+                if r.interrupted:  # a partial matrix must not be reused by the rerun
+                    path.unlink()
+                    raise KeyboardInterrupt
+            self._imatrix = path
+        return self._imatrix  # type: ignore[return-value]
 
     # ---- memory -----------------------------------------------------------------------
     def fits(self, c: Candidate) -> bool:
@@ -273,20 +316,35 @@ class Tuner:
         """Quantize the source to each type and keep those within --max-kld (f16 KV, no FA).
         The model's own type is kept regardless: the defaults are measured on it."""
         own = self.info.quant.upper()
+        src = inspect(self.source).quant.upper()
         wanted = [q.upper() for q in (self.opts.quants or QUANTS)]
-        order = list(dict.fromkeys([*wanted, inspect(self.source).quant.upper(), own]))
-        kept = []
-        for i, q in enumerate(order):
-            self._tick("quality", f"{q}: quantize and KL to the source", i, len(order))
-            if self.quant_file(q) is None:
-                continue  # llama.cpp cannot make this type from these rows
-            c = defaults(q, self.default_threads)
-            if not self.fits(c):
-                continue
-            if self.within_budget(c) or q == own:
-                kept.append(q)
-            else:
+        order = list(dict.fromkeys([*wanted, src, own]))
+        # each type also made with an importance matrix (not the source, nor a 16/32-bit copy)
+        variants = [(q, [q] + ([q + IMATRIX] if self.opts.imatrix and q not in (src, own, *NO_IMATRIX)
+                               else [])) for q in order]
+        total = sum(len(v) for _, v in variants)
+        kept: list[str] = []
+        done = 0
+        for q, names in variants:
+            ok: list[tuple[float, str]] = []
+            for name in names:
+                self._tick("quality", f"{name}: quantize and KL to the source", done, total)
+                done += 1
+                if self.quant_file(name) is None:
+                    continue  # llama.cpp cannot make this type from these rows
+                c = defaults(name, self.default_threads)
+                if not self.fits(c):
+                    continue
+                if self.within_budget(c) or name == own:
+                    ok.append((self.quality(c)["kld"], name))
+            if not ok:
                 self.dropped.append(q)
+                continue
+            # same type, same speed: only the file with the lower KL goes on to the speed runs
+            best = own if any(n == own for _, n in ok) else min(ok)[1]
+            kept.append(best)
+            if len(names) > 1:
+                self.imatrix_choice[q] = "+imatrix" if best.endswith(IMATRIX) else "plain"
         return kept
 
     def space(self, quants: list[str]) -> list[Candidate]:
@@ -467,4 +525,5 @@ def tune(model: str | None, options: TuneOptions | None = None, *, progress: Pro
     path = prof.save()
     return TuneResult(profile=prof, profile_path=path, journal=t.journal.path, measured=t.measured,
                       reused=t.reused, skipped_memory=sorted(set(t.skipped)), dropped_quality=t.dropped,
+                      imatrix_choice=t.imatrix_choice,
                       stopped_by_budget=t.stopped_by_budget, elapsed_s=time.perf_counter() - t.t0)
