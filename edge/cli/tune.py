@@ -100,10 +100,12 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
                f"--max-kld: {', '.join(result.dropped_quality) or 'none'}"
                + ("; stopped by the budget" if result.stopped_by_budget else "")
                + f"; {result.elapsed_s / 60:.1f} min")
-    if result.imatrix_choice:
-        with_im = sorted(q for q, v in result.imatrix_choice.items() if v != "plain")
-        click.echo(f"importance matrix: lower KL for {', '.join(with_im) or 'no type'} "
-                   f"(of {len(result.imatrix_choice)} made both ways)")
+    if result.imatrix_kl:
+        def kl(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3g}"
+
+        click.echo("KL without → with an importance matrix: "
+                   + ", ".join(f"{q} {kl(a)} → {kl(b)}" for q, (a, b) in result.imatrix_kl.items()))
     click.echo(f"profile: {result.profile_path}")
 
 

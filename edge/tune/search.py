@@ -104,6 +104,8 @@ class TuneResult:
     dropped_quality: list[str] = field(default_factory=list)  # quant types over --max-kld
     # quant type → "+imatrix" or "plain": the file of the two kept for the speed search (lower KL)
     imatrix_choice: dict[str, str] = field(default_factory=dict)
+    # quant type made both ways → [KL plain, KL with the importance matrix] (None: not made)
+    imatrix_kl: dict[str, list[float | None]] = field(default_factory=dict)
     stopped_by_budget: bool = False
     elapsed_s: float = 0.0
 
@@ -138,6 +140,7 @@ class Tuner:
         self.skipped: list[str] = []
         self.dropped: list[str] = []
         self.imatrix_choice: dict[str, str] = {}
+        self.imatrix_kl: dict[str, list[float | None]] = {}
         self._imatrix: Path | None | bool = False  # False: not made yet; None: cannot be made
         self.stopped_by_budget = False
         self.models = LoadedModels(self.files)
@@ -327,16 +330,21 @@ class Tuner:
         done = 0
         for q, names in variants:
             ok: list[tuple[float, str]] = []
+            kls: list[float | None] = []
             for name in names:
                 self._tick("quality", f"{name}: quantize and KL to the source", done, total)
                 done += 1
+                kls.append(None)
                 if self.quant_file(name) is None:
                     continue  # llama.cpp cannot make this type from these rows
                 c = defaults(name, self.default_threads)
                 if not self.fits(c):
                     continue
+                kls[-1] = self.quality(c)["kld"]
                 if self.within_budget(c) or name == own:
                     ok.append((self.quality(c)["kld"], name))
+            if len(names) > 1:
+                self.imatrix_kl[q] = kls
             if not ok:
                 self.dropped.append(q)
                 continue
@@ -525,5 +533,5 @@ def tune(model: str | None, options: TuneOptions | None = None, *, progress: Pro
     path = prof.save()
     return TuneResult(profile=prof, profile_path=path, journal=t.journal.path, measured=t.measured,
                       reused=t.reused, skipped_memory=sorted(set(t.skipped)), dropped_quality=t.dropped,
-                      imatrix_choice=t.imatrix_choice,
+                      imatrix_choice=t.imatrix_choice, imatrix_kl=t.imatrix_kl,
                       stopped_by_budget=t.stopped_by_budget, elapsed_s=time.perf_counter() - t.t0)
