@@ -32,8 +32,8 @@ def imatrix_cmd(model: str | None, text_file: str, out: str, n_ctx: int, chunks:
     """Compute MODEL's importance matrix on a text: the mean square of every weight
     matrix's inputs, per input channel, as llama.cpp's llama-imatrix does. Quantizing
     with it (`edge quantize --imatrix`) puts the rounding error where inputs are small;
-    the IQ1/IQ2 types and Q2_K_S need one. Calibrate on text unlike the one you will
-    measure quality on, or the measurement flatters it.
+    the IQ1/IQ2 types and Q2_K_S need one. Calibrate on other text than the text you
+    will measure quality on, or the measurement flatters it.
 
     \b
     Examples:
