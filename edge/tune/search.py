@@ -340,9 +340,9 @@ class Tuner:
                 c = defaults(name, self.default_threads)
                 if not self.fits(c):
                     continue
-                kls[-1] = self.quality(c)["kld"]
-                if self.within_budget(c) or name == own:
-                    ok.append((self.quality(c)["kld"], name))
+                kls[-1] = kld = self.quality(c)["kld"]
+                if kld <= self.opts.max_kld or name == own:
+                    ok.append((kld, name))
             if len(names) > 1:
                 self.imatrix_kl[q] = kls
             if not ok:
