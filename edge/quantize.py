@@ -136,7 +136,7 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
-    from edge.imatrix import QuantizeImatrix, read_imatrix
+    from edge.imatrix.files import QuantizeImatrix, read_imatrix
     from edge.system import default_threads
 
     q = quant_type(qtype)

@@ -98,8 +98,8 @@ def write_imatrix(cal: Calibration, engine: Engine, path: str | os.PathLike[str]
                   dataset: str = "") -> None:
     """The calibration's Σx² as llama.cpp's GGUF importance matrix (edge.imatrix's writer)."""
     from edge.engine.weights import _tensor_keys
-    from edge.imatrix import Imatrix
-    from edge.imatrix import write_imatrix as write
+    from edge.imatrix.files import Imatrix
+    from edge.imatrix.files import write_imatrix as write
 
     keys = _tensor_keys()
     sums = {keys[n].format(bid=il) + ".weight": np.asarray(sq, dtype=np.float32) for (il, n), sq in cal.sum_sq.items()}
