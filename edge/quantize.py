@@ -151,9 +151,10 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
     info = inspect(inp)  # a bad input fails here, with the pre-flight's message
     imx = None
     if imatrix is not None:
-        imx = QuantizeImatrix(read_imatrix(imatrix))
+        imx = QuantizeImatrix(read_imatrix(imatrix), file=Path(imatrix).name)
         imx.check({t.name: t.shape[0] for t in info.tensors if len(t.shape) >= 2})
         params.imatrix = imx.array  # imx keeps the buffers alive until quantizing is done
+        params.kv_overrides = imx.metadata
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it or choose another -o")

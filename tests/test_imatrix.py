@@ -8,6 +8,7 @@ import json
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -159,6 +160,11 @@ def test_quantizing_with_it_lowers_kl_on_text_it_never_saw(bundled_model: Path, 
         res = run(cli, ["quantize", str(src), "-o", str(out), "--type", "Q4_0", *extra])
         assert res.exit_code == 0, res.output
         assert ("importance matrix for 210 tensors" in res.output) == (tag == "imatrix")
+        fields = gguf.GGUFReader(out).fields  # llama-quantize's record of the imatrix, or none
+        rec = {k: fields[k].contents() for k in fields if k.startswith("quantize.imatrix.")}
+        assert rec == ({"quantize.imatrix.file": "im.gguf", "quantize.imatrix.dataset": "calib.txt",
+                        "quantize.imatrix.entries_count": 210, "quantize.imatrix.chunks_count": 8}
+                       if tag == "imatrix" else {})
         res = run(cli, ["eval", "ppl", str(out), "--text", str(tmp_path / "judge.txt"), "--base", str(src),
                         "--chunks", "6", "--json"])
         assert res.exit_code == 0, res.output

@@ -132,9 +132,10 @@ class QuantizeImatrix:
     """The NULL-terminated llama_model_imatrix_data array llama_model_quantize reads; the
     buffers it points into live as long as this object."""
 
-    def __init__(self, im: Imatrix) -> None:
+    def __init__(self, im: Imatrix, file: str = "") -> None:
         import llama_cpp
 
+        self.im, self.file = im, file
         vals = im.values()
         bad = [n for n, v in vals.items() if not np.all(np.isfinite(v))]
         if bad:
@@ -149,6 +150,29 @@ class QuantizeImatrix:
         arr[len(vals)].name = None  # the terminator
         self.array = arr
         self.entries = len(vals)
+        self.metadata = self._metadata()
+
+    def _metadata(self) -> ctypes.Array:
+        """llama-quantize's record of the imatrix in the output GGUF (`quantize.imatrix.*`),
+        as llama_model_kv_override entries ending with an empty key."""
+        import llama_cpp
+
+        kv: list[tuple[str, object]] = [("quantize.imatrix.file", self.file)]
+        if self.im.datasets:
+            kv.append(("quantize.imatrix.dataset", self.im.datasets[0]))
+        kv.append(("quantize.imatrix.entries_count", self.entries))
+        if self.im.chunk_count > 0:
+            kv.append(("quantize.imatrix.chunks_count", self.im.chunk_count))
+        arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+        for o, (key, val) in zip(arr, kv, strict=False):
+            o.key = key.encode()
+            if isinstance(val, str):
+                o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                o.value.val_str = val.encode()[:127]
+            else:
+                o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                o.value.val_i64 = int(val)  # type: ignore[call-overload]
+        return arr  # the last entry's key is empty: the terminator
 
     def check(self, shapes: dict[str, int]) -> None:
         """Each entry must match its tensor's input width (shapes: name → n_in)."""
