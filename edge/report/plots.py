@@ -100,7 +100,7 @@ def tune_frontier(profile: dict[str, Any], path: Path) -> str:
     ax.set_xlim(left=0)  # KL ≥ 0; symlog would show an empty negative half
     ax.set_xlabel("mean KL to the source (nats)")
     ax.set_ylabel({"tg": "generation t/s", "pp": "prompt t/s", "ttft": "time to first token (ms)"}[obj])
-    ax.set_title(f"edge tune: {Path(profile['model']).name} on {profile['device']}")
+    ax.set_title(f"edge tune: {Path(profile['model']).name}\non {profile['device']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
