@@ -136,6 +136,8 @@ class ModelInfo:
     fingerprint: str  # sha256 of the first 16 MiB and the size: cheap identity for big files
     tensors: tuple[TensorInfo, ...] = field(repr=False, default=())
     n_merges: int | None = None  # BPE merge rules: llama.cpp's vocab memory grows with them
+    # llama-quantize's record of an importance matrix (file, dataset, entries_count, chunks_count)
+    imatrix: dict[str, Any] | None = None
 
     @property
     def has_chat_template(self) -> bool:
@@ -241,6 +243,9 @@ def _tensors(w: _HeaderWalk, n_tensors: int, alignment: int, size: int) -> list[
     return tensors
 
 
+IMATRIX_PREFIX = "quantize.imatrix."
+
+
 def _model_info(path: Path, size: int, meta: dict[str, Any], tensors: list[TensorInfo]) -> ModelInfo:
     arch = meta.get(Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
@@ -272,6 +277,8 @@ def _model_info(path: Path, size: int, meta: dict[str, Any], tensors: list[Tenso
         fingerprint=fingerprint(path),
         tensors=tuple(tensors),
         n_merges=meta.get(Keys.Tokenizer.MERGES),
+        imatrix={k.removeprefix(IMATRIX_PREFIX): v for k, v in meta.items() if k.startswith(IMATRIX_PREFIX)}
+        or None,
     )
 
 

@@ -165,6 +165,8 @@ def test_quantizing_with_it_lowers_kl_on_text_it_never_saw(bundled_model: Path, 
         assert rec == ({"quantize.imatrix.file": "im.gguf", "quantize.imatrix.dataset": "calib.txt",
                         "quantize.imatrix.entries_count": 210, "quantize.imatrix.chunks_count": 8}
                        if tag == "imatrix" else {})
+        res = run(cli, ["models", "info", str(out)])
+        assert ("importance matrix     im.gguf (210 tensors, 8 chunks of calib.txt)" in res.output) == (tag == "imatrix")
         res = run(cli, ["eval", "ppl", str(out), "--text", str(tmp_path / "judge.txt"), "--base", str(src),
                         "--chunks", "6", "--json"])
         assert res.exit_code == 0, res.output

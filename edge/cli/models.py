@@ -91,6 +91,10 @@ def info_cmd(model: str | None, as_json: bool) -> None:
               ("chat template", "yes" if s["chat_template"] else "no (Llama-2 [INST] fallback)"),
               ("file size", f"{s['file_size']:,} bytes ({_size(s['file_size'])})"),
               ("sha256 (16 MiB+size)", s["fingerprint"])]
+    if s.get("imatrix"):
+        im = s["imatrix"]
+        labels.insert(5, ("importance matrix", f"{im.get('file', '?')} ({im.get('entries_count', '?')} tensors, "
+                                               f"{im.get('chunks_count', '?')} chunks of {im.get('dataset', '?')})"))
     width = max(len(k) for k, _ in labels)
     for k, v in labels:
         click.echo(f"{k:<{width}}  {v}")
