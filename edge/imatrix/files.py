@@ -185,5 +185,3 @@ class QuantizeImatrix:
         if not any(name.decode() in shapes for name in self._names):
             raise ImatrixError("no tensor of this model is in the importance matrix: it was made for "
                                "another model; make one with `edge imatrix`")
-
-
