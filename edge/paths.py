@@ -36,15 +36,36 @@ def models_dir() -> Path:
     return edge_home() / "models"
 
 
+def _file_mode() -> int:
+    """What open() gives a new file: 0o666 less the umask (mkstemp's temp files are 0o600,
+    which would leave a model or report unreadable to the other users of a shared board)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _file_mode())
+    return fd, tmp
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
     """Open a temp file beside `path`; rename it over `path` only if the block succeeds.
 
-    A crash, Ctrl-C or full disk leaves no partial file at `path`.
+    A crash, Ctrl-C or full disk leaves no partial file at `path`. The file gets the mode
+    open() would give it (the umask's), not the temp file's 0o600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -64,8 +85,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Yields a temp path beside `path`; renames it over `path` only if the block succeeds.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -44,9 +45,8 @@ def imatrix_cmd(model: str | None, text_file: str, out: str, n_ctx: int, chunks:
     from edge.catalog import resolve_model
     from edge.imatrix import collect_imatrix
     from edge.interrupt import InterruptGuard
-    from edge.sparse.sparsify import read_text
 
-    text = read_text(text_file)
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")  # click checked it exists
     with InterruptGuard() as guard, tensor_progress(not as_json and sys.stderr.isatty(), "chunk") as bar:
         progress = (lambda d, n: bar("", d, n)) if bar else None
         try:
@@ -57,7 +57,7 @@ def imatrix_cmd(model: str | None, text_file: str, out: str, n_ctx: int, chunks:
             click.echo("\nInterrupted before the first chunk finished: nothing written.", err=True)
             sys.exit(130)
     if as_json:
-        click.echo(json.dumps(r.__dict__))
+        click.echo(json.dumps(asdict(r)))
         return
     click.echo(f"wrote {r.path}: {r.entries} tensors, {r.chunks} chunks of {r.chunk_size} tokens "
                f"({r.tokens:,} tokens) in {r.seconds:.1f} s")
