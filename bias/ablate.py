@@ -264,8 +264,8 @@ class AblateConfig:
         for kind, where in self.candidates:
             if kind not in ("category", "overall"):
                 raise BadOptionError(f"direction set {kind!r}: use category or overall")
-            if where not in ("head", "stream"):
-                raise BadOptionError(f"ablation target {where!r}: use head or stream")
+            if where not in TARGETS:
+                raise BadOptionError(f"ablation target {where!r}: use {' or '.join(TARGETS)}")
 
     def spec(self, where: str, n_layers: int) -> AblationSpec:
         """The candidate at full strength."""

@@ -12,28 +12,12 @@ layer keeps all rows (llama.cpp otherwise drops rows nobody reads before the las
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from edge.errors import ContextOverflowError, EdgeError
-
-
-def _ggml() -> ctypes.CDLL:
-    from edge.llamacpp import ggml_base
-
-    lib = ggml_base()
-    lib.ggml_get_name.restype = ctypes.c_char_p
-    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_nelements.restype = ctypes.c_int64
-    lib.ggml_nelements.argtypes = [ctypes.c_void_p]
-    lib.ggml_get_data_f32.restype = ctypes.POINTER(ctypes.c_float)
-    lib.ggml_get_data_f32.argtypes = [ctypes.c_void_p]
-    lib.ggml_is_contiguous.restype = ctypes.c_bool
-    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
-    return lib
 
 
 class HiddenStates:
@@ -45,9 +29,9 @@ class HiddenStates:
                  n_seq: int = 64) -> None:
         import llama_cpp
 
-        from edge.llamacpp import load_model, new_context
+        from edge.llamacpp import ggml_tensor_lib, load_model, new_context
 
-        self._lib = _ggml()
+        self._lib = ggml_tensor_lib()
         self.model = load_model(model_path)
         self.n_layers = int(llama_cpp.llama_model_n_layer(self.model))
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))

@@ -202,6 +202,23 @@ def ggml_base() -> ctypes.CDLL:
     return ctypes.CDLL(str(names[0]))
 
 
+def ggml_tensor_lib() -> ctypes.CDLL:
+    """ggml_base with the tensor accessors graph callbacks use (edge.hidden, edge.imatrix)
+    declared: name, element count, f32 data, contiguity, an op's name."""
+    lib = ggml_base()
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_nelements.restype = ctypes.c_int64
+    lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_data_f32.restype = ctypes.POINTER(ctypes.c_float)
+    lib.ggml_get_data_f32.argtypes = [ctypes.c_void_p]
+    lib.ggml_is_contiguous.restype = ctypes.c_bool
+    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    lib.ggml_op_name.restype = ctypes.c_char_p
+    lib.ggml_op_name.argtypes = [ctypes.c_int]
+    return lib
+
+
 
 @contextlib.contextmanager
 def log_lines(echo: bool = False) -> Iterator[list[str]]:

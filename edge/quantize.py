@@ -149,17 +149,17 @@ def quantize(inp: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype:
     params.output_tensor_type = _tensor_type("--output-type", output_type)
     params.token_embedding_type = _tensor_type("--embedding-type", embedding_type)
     info = inspect(inp)  # a bad input fails here, with the pre-flight's message
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it or choose another -o")
+    if out.resolve() == Path(info.path).resolve():
+        raise BadOptionError("-o must differ from the input file")
     imx = None
     if imatrix is not None:
         imx = QuantizeImatrix(read_imatrix(imatrix), file=Path(imatrix).name)
         imx.check({t.name: t.shape[0] for t in info.tensors if len(t.shape) >= 2})
         params.imatrix = imx.array  # imx keeps the buffers alive until quantizing is done
         params.kv_overrides = imx.metadata
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it or choose another -o")
-    if out.resolve() == Path(info.path).resolve():
-        raise BadOptionError("-o must differ from the input file")
     params.ftype = int(getattr(llama_cpp, q.ftype))
     params.nthread = threads or default_threads()
     params.quantize_output_tensor = not leave_output_tensor

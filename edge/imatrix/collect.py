@@ -66,15 +66,9 @@ class _Collector:
     """The cb_eval callback: Σ x² of every weight product's input (src1), by weight name."""
 
     def __init__(self, include_output: bool) -> None:
-        from edge.llamacpp import ggml_base
+        from edge.llamacpp import ggml_tensor_lib
 
-        lib = ggml_base()
-        lib.ggml_op_name.restype = ctypes.c_char_p
-        lib.ggml_op_name.argtypes = [ctypes.c_int]
-        lib.ggml_get_name.restype = ctypes.c_char_p
-        lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-        lib.ggml_nelements.restype = ctypes.c_int64
-        lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+        lib = ggml_tensor_lib()
         self.lib, self.include_output = lib, include_output
         self.mul_mat = next(i for i in range(200) if lib.ggml_op_name(i) == b"MUL_MAT")
         self.sums: dict[str, np.ndarray] = {}
