@@ -21,7 +21,9 @@ script writes and converts with `edge convert`):
 - the floor: decode with every projection row skipped (output layer, attention, norms,
   the call), the output layer's share, and the per-token Python overhead;
 - exactness at s = 0: the q8 engine's decode logits against llama.cpp on the Q8_0 file
-  over 512 teacher-forced tokens (top-1 agreement, mean KL).
+  over 512 teacher-forced tokens (top-1 agreement, mean KL), against both of llama.cpp's
+  paths (one 512-token batch, and one token per call), and those two paths against each
+  other.
 
 Prints a Markdown table and writes table.md, results.json and sparse_vs_llamacpp.png to --out.
 
@@ -421,12 +423,14 @@ def native_halves(qe: Any, chunks: list[list[int]]) -> list[Any]:
     return out
 
 
-def llama_all_logits(path: Path, tokens: list[int]) -> Any:
+def llama_all_logits(path: Path, tokens: list[int], n_batch: int = 512) -> Any:
+    """Every position's logits; n_batch=1 takes llama.cpp's decode path token by token."""
     import numpy as np
 
     from edge.llamacpp import open_llama
 
-    llm = open_llama(path, n_ctx=max(256, len(tokens)), n_batch=512, logits_all=True, n_threads=2)
+    llm = open_llama(path, n_ctx=max(256, len(tokens)), n_batch=n_batch, n_ubatch=n_batch,
+                     logits_all=True, n_threads=2)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float32)
@@ -468,6 +472,9 @@ def quality(args: argparse.Namespace, name: str, src: Path, lfiles: dict[str, Pa
             row.ppl = ppl.get((row.engine, row.bits, row.target))
     n = args.exact_tokens
     want = llama_all_logits(lfiles["Q8_0"], toks[:n])
+    # llama.cpp against itself: its decode path (one token per call) on the same file, the
+    # yardstick for how closely two correct 8-bit code paths can agree
+    want_decode = llama_all_logits(lfiles["Q8_0"], toks[:n], n_batch=1)
     f16 = llama_all_logits(src, toks[:n])  # context: how far Q8_0 itself is from its source
     qe = base["q8"]
     cache = qe.new_cache(n + 1)
@@ -481,6 +488,10 @@ def quality(args: argparse.Namespace, name: str, src: Path, lfiles: dict[str, Pa
             "mean_kl_llama_q8_0_to_native_q8": float(np.mean(kl_rows(want, got))),
             "top1_native_q8_vs_llama_f16": top1(got, f16),
             "mean_kl_llama_f16_to_native_q8": float(np.mean(kl_rows(f16, got))),
+            "top1_vs_llama_q8_0_decode": top1(got, want_decode),
+            "mean_kl_llama_q8_0_decode_to_native_q8": float(np.mean(kl_rows(want_decode, got))),
+            "top1_llama_q8_0_decode_vs_prefill": top1(want_decode, want),
+            "mean_kl_llama_q8_0_prefill_to_decode": float(np.mean(kl_rows(want, want_decode))),
             "top1_llama_q8_0_vs_llama_f16": top1(want, f16),
             "mean_kl_llama_f16_to_llama_q8_0": float(np.mean(kl_rows(f16, want)))}
 
