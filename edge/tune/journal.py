@@ -23,11 +23,13 @@ class Journal:
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash: measured again
                 self.records.append(rec)
+        self._earlier = {id(r) for r in self.records}  # what a previous run measured
         head = next((r for r in self.records if r.get("kind") == "header"), None)
         if head is not None and head.get("options") != header.get("options"):
             # other options (objective, budget, text): earlier figures answer another question
             path.rename(path.with_suffix(".old.jsonl"))
             self.records = []
+            self._earlier = set()
             head = None
         if head is None:
             self.append({"kind": "header", **header})
@@ -48,6 +50,10 @@ class Journal:
             if r.get("kind") == kind and all(r.get(k) == v for k, v in match.items()):
                 return r
         return None
+
+    def from_earlier_run(self, record: dict[str, Any]) -> bool:
+        """Whether `record` was read from the file rather than measured by this run."""
+        return id(record) in self._earlier
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == kind]

@@ -136,6 +136,7 @@ class Tuner:
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + opts.budget_minutes * 60
         self.measured = self.reused = 0
+        self._reused_ids: set[int] = set()
         self.durations: list[float] = []
         self.skipped: list[str] = []
         self.dropped: list[str] = []
@@ -277,12 +278,19 @@ class Tuner:
             self.base = BaseLogits(self.source, n_ctx=self.opts.kl_ctx, threads=self.default_threads)
         return self.base
 
+    def _reuse(self, record: dict[str, Any]) -> None:
+        # counts what an earlier run measured, once each (candidates sharing weights and KV
+        # type share one quality record: finding it again in this run is not a reuse)
+        if self.journal.from_earlier_run(record) and id(record) not in self._reused_ids:
+            self._reused_ids.add(id(record))
+            self.reused += 1
+
     def quality(self, c: Candidate, *, held_out: bool = False) -> dict[str, Any]:
         """KL of c's weights and KV cache to the source (journal first)."""
         kind = "heldout" if held_out else "quality"
         found = self.journal.find(kind, qkey=c.quality_key)
         if found:
-            self.reused += 1
+            self._reuse(found)
             return found
         if Path(self.files[c.quant]) == self.source and (c.type_k, c.type_v, c.flash_attn) == ("f16", "f16", False):
             rec = {"qkey": c.quality_key, "kld": 0.0, "top1": 1.0, "kld_p99": 0.0, "seconds": 0.0, "reference": True}
@@ -300,7 +308,7 @@ class Tuner:
     def speed(self, c: Candidate, rung: str, n_gen: int, reps: int) -> Speed:
         found = self.journal.find("speed", key=c.key, rung=rung)
         if found:
-            self.reused += 1
+            self._reuse(found)
             return Speed(**found["speed"])
         if self.opts.cooldown is not None:
             from edge.bench.cooldown import wait_below
