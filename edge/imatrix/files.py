@@ -57,7 +57,8 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Either of llama.cpp's formats; raises ImatrixError with what to do."""
     p = Path(path)
     try:
-        head = p.open("rb").read(4)
+        with p.open("rb") as f:
+            head = f.read(4)
     except OSError as e:
         raise ImatrixError(f"cannot read the importance matrix {p} ({e.strerror})") from None
     return _read_gguf(p) if head == b"GGUF" else _read_legacy(p)
