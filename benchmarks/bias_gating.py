@@ -26,6 +26,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SUITE = f"crows_pairs:{DATA}/crows_pairs/crows_pairs_anonymized.csv"
 
 
+def suite_of(run: dict[str, Any]) -> str:
+    """The run's own CrowS file (its row indices are that file's), else ../shared's."""
+    src = run.get("shared", {}).get("suite")
+    return f"crows_pairs:{src}" if src and Path(src).is_file() else SUITE
+
+
 def checks(judged: Any, exclude: str | None) -> tuple[str, dict[str, Any]]:
     p = judged.pct
     moves = judged.category_moves(exclude=exclude)
@@ -81,7 +87,7 @@ def per_category(run: dict[str, Any], out: Path, split: int, threads: int, exclu
 
     sp = run["splits"][split]
     z = np.load(out / "shared.npz")
-    suite = load_suite(SUITE)
+    suite = load_suite(suite_of(run))
     cats = np.array([it.category for it in suite.items])
     more, less = z["more"], z["less"]
     cal, held = np.array(sp["calibration_rows"]), np.array(sp["heldout_rows"])
@@ -151,7 +157,9 @@ def main() -> None:
     run = json.loads((args.out / "results.json").read_text())
     exclude = run["config"].get("exclude_category")
     z = np.load(args.out / "shared.npz")
-    cats = np.array([it.category for it in load_suite(SUITE).items])
+    cats = np.array([it.category for it in load_suite(suite_of(run)).items])
+    if len(cats) != len(z["more"]):
+        raise SystemExit(f"{args.out}: its scores cover {len(z['more'])} rows but the suite has {len(cats)}")
     oracle(run, z["more"], z["less"], cats, exclude)
     if not args.skip_steering:
         per_category(run, args.out, args.split, args.threads, exclude)
