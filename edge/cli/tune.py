@@ -65,8 +65,9 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
     ignores it).
 
     Searches quant type (made from the model's f16/bf16/Q8_0 source, or its f16 copy,
-    each with and without an importance matrix of the search text), threads, batch sizes (pp/ttft), KV cache type, flash attention, llama.cpp's weight
-    repack and mmap/mlock. Quality is the KL divergence to the source on text the speed
+    each with and without an importance matrix of the search text), threads, batch
+    sizes (pp/ttft), KV cache type, flash attention, llama.cpp's weight repack and
+    mmap/mlock. Quality is the KL divergence to the source on text the speed
     runs never see; speed is measured as llama-bench does. Candidates the memory model
     says would not fit at --ctx are never loaded. Ctrl-C keeps every finished
     measurement: run the same command again to resume.
