@@ -19,7 +19,7 @@ def _table(result: Any) -> str:
     for tag, e in rows:
         held = f"{e['kld_heldout']:.4f}" if e.get("kld_heldout") is not None else "-"
         lines.append(f"{tag:<18} {e['tg']:>7.1f} {e['pp']:>7.1f} {e['ttft']:>8.1f} {e['kld']:>7.4f} {held:>9} "
-                     f"{e['required_bytes'] / (1 << 20):>6.0f}Mi  {e['path'].rsplit('/', 1)[-1]}: "
+                     f"{e['required_bytes'] / (1 << 20):>6.0f}Mi  {_weights(e)}: "
                      f"t{e['threads']} b{e['n_batch']}/{e['n_ubatch']} KV {e['type_k']} "
                      f"FA {'on' if e['flash_attn'] else 'off'} repack {'on' if e['repack'] else 'off'}"
                      + (" no-mmap" if not e["use_mmap"] else "") + (" mlock" if e["use_mlock"] else ""))
@@ -29,6 +29,13 @@ def _table(result: Any) -> str:
         ratio = 1 / ratio
     lines.append(f"chosen vs defaults on {obj}: {ratio:.2f}x (same run, final round medians)")
     return "\n".join(lines)
+
+
+def _weights(e: dict[str, Any]) -> str:
+    from edge.tune.mix import Mix
+
+    m = Mix.parse(e["quant"])
+    return m.describe() if m else e["path"].rsplit("/", 1)[-1]
 
 
 @click.command("tune")
@@ -56,16 +63,21 @@ def _table(result: Any) -> str:
               help="Measure candidates even when the memory model says they would not fit.")
 @click.option("--no-imatrix", is_flag=True,
               help="Do not also try each quant type made with an importance matrix of the search text.")
+@click.option("--no-mix", is_flag=True,
+              help="Do not try a fast type that is over --max-kld with its costliest tensors kept in a wider type.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: float, n_ctx: int,
              quants: str | None, threads: str | None, text: str | None, kl_chunks: int,
-             cooldown: float | None, force_memory: bool, no_imatrix: bool, as_json: bool) -> None:
+             cooldown: float | None, force_memory: bool, no_imatrix: bool, no_mix: bool,
+             as_json: bool) -> None:
     """Find the fastest configuration of MODEL on this device within a quality budget,
     and save it as this device's profile: `edge run/chat/serve` then use it (--no-tune
     ignores it).
 
     Searches quant type (made from the model's f16/bf16/Q8_0 source, or its f16 copy,
-    each with and without an importance matrix of the search text), threads, batch
+    each with and without an importance matrix of the search text; a type that decodes
+    fast but is over --max-kld is also tried with the tensor classes that cost it most
+    KL kept in the smallest type within it), threads, batch
     sizes (pp/ttft), KV cache type, flash attention, llama.cpp's weight repack and
     mmap/mlock. Quality is the KL divergence to the source on text the speed
     runs never see; speed is measured as llama-bench does. Candidates the memory model
@@ -84,7 +96,7 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
     opts = TuneOptions(objective=objective, max_kld=max_kld, budget_minutes=budget_minutes, n_ctx=n_ctx,
                        quants=quants.split(",") if quants else None, text=text, cooldown=cooldown,
                        threads=_ints(threads), force_memory=force_memory, kl_chunks=kl_chunks,
-                       imatrix=not no_imatrix)
+                       imatrix=not no_imatrix, mix=not no_mix)
     with InterruptGuard() as guard, _progress(as_json) as on_progress:
         try:
             result = tune(model, opts, progress=on_progress, check=guard.check)
@@ -107,6 +119,10 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
 
         click.echo("KL without → with an importance matrix: "
                    + ", ".join(f"{q} {kl(a)} → {kl(b)}" for q, (a, b) in result.imatrix_kl.items()))
+    for m in result.mixes:
+        chosen = f"{m['chosen']}: KL {m['kl'][m['chosen']]:.3g}" if m["chosen"] else "none within the target"
+        click.echo(f"mix of {m['fast']} (KL {m['kl'].get(m['fast'] + '~' + m['safe'] + '[]', float('nan')):.3g}) "
+                   f"and {m['safe']}, KL target {m['target']:.3g}: {chosen}")
     click.echo(f"profile: {result.profile_path}")
 
 

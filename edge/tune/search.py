@@ -5,6 +5,9 @@ round where the finalists and the untuned defaults are measured interleaved.
 - Quant types whose KL to the source exceeds --max-kld (with an f16 KV cache, no flash
   attention) are dropped before any speed run; KV/flash-attention variants have their own
   KL measured before they may reach a later rung.
+- A type over --max-kld that is smaller than every type within it is also tried as a mix
+  (edge.tune.mix): its file with the tensor classes that cost most KL per weight taken from
+  the smallest type within the budget, until the mix is within MIX_MARGIN of it.
 - Rung r measures n_gen·3^r tokens with 1 + r repetitions and keeps the best third.
 - Final round: each finalist and the defaults in turn, `final_rounds` times, medians: a
   setting that wins only while the board is cold meets the others at the same heat.
@@ -33,6 +36,7 @@ from edge.tune.measure import (
     measure_speed,
     tune_texts,
 )
+from edge.tune.mix import Mix, MixSearch, class_sizes, search_mix, write_mix
 from edge.tune.profile import DeviceProfile, device_key
 from edge.tune.space import OBJECTIVES, QUANTS, Candidate, build_space, defaults, loader_variants
 
@@ -40,6 +44,9 @@ SOURCE_TYPES = ("F32", "F16", "BF16", "Q8_0")
 IMATRIX = "+imatrix"  # suffix of a quant type made with the importance matrix
 IMATRIX_CTX = 512  # llama-imatrix's chunk
 NO_IMATRIX = ("Q8_0", "F16", "BF16", "F32")  # llama.cpp's quantizer ignores an imatrix for these
+# a mix aims below the budget: held-out text read 10-20% above the search text in the runs
+# measured (Q4_K_M+imatrix 0.0274 → 0.0321), and KV/flash-attention variants add their own
+MIX_MARGIN = 0.8
 
 
 @dataclass
@@ -55,11 +62,12 @@ class TuneOptions:
     kl_ctx: int = 512
     n_gen: int = 16  # rung 0's tokens; ×3 per rung
     n_prompt: int = 0  # 0: 64 for tg, 512 for pp, 256 for ttft
-    final_rounds: int = 3
+    final_rounds: int = 5
     cooldown: float | None = None  # °C to wait for before each measurement (Pi)
     force_memory: bool = False
     imatrix: bool = True  # also try each quant type made with an importance matrix
     imatrix_chunks: int = 16  # 512-token chunks of calibration text for it
+    mix: bool = True  # also try fast types over the budget with their costliest tensors kept wider
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -106,6 +114,7 @@ class TuneResult:
     imatrix_choice: dict[str, str] = field(default_factory=dict)
     # quant type made both ways → [KL plain, KL with the importance matrix] (None: not made)
     imatrix_kl: dict[str, list[float | None]] = field(default_factory=dict)
+    mixes: list[dict[str, Any]] = field(default_factory=list)  # MixSearch.to_dict() per type tried
     stopped_by_budget: bool = False
     elapsed_s: float = 0.0
 
@@ -143,6 +152,8 @@ class Tuner:
         self.imatrix_choice: dict[str, str] = {}
         self.imatrix_kl: dict[str, list[float | None]] = {}
         self._imatrix: Path | None | bool = False  # False: not made yet; None: cannot be made
+        self.over: dict[str, tuple[float, str]] = {}  # type over --max-kld → (KL, its lower-KL file's name)
+        self.mixes: list[MixSearch] = []
         self.stopped_by_budget = False
         self.models = LoadedModels(self.files)
         self.base: BaseLogits | None = None
@@ -187,6 +198,9 @@ class Tuner:
 
         if q in self.files:
             return self.files[q]
+        mix = Mix.parse(q)
+        if mix is not None:
+            return self._mix_file(mix)
         imatrix = None
         if q.endswith(IMATRIX):
             imatrix = self.imatrix_file()
@@ -200,6 +214,22 @@ class Tuner:
                 return None
         self.files[q] = path
         return path
+
+    def _mix_file(self, m: Mix) -> Path | None:
+        fast, safe = self.quant_file(m.fast), self.quant_file(m.safe)
+        if fast is None or safe is None:
+            return None
+        path = self.workdir / m.file_name()
+        if not path.exists():
+            write_mix(fast, safe, path, m.take, note=m.describe())
+        self.files[m.name] = path
+        return path
+
+    def _drop_file(self, q: str) -> None:
+        path = self.files.pop(q, None)
+        self._infos.pop(q, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def imatrix_file(self) -> Path | None:
         """The source's importance matrix on the search text's tokens after those the KL
@@ -355,6 +385,9 @@ class Tuner:
                 self.imatrix_kl[q] = kls
             if not ok:
                 self.dropped.append(q)
+                measured = [(k, n) for k, n in zip(kls, names, strict=True) if k is not None]
+                if measured:
+                    self.over[q] = min(measured)
                 continue
             # same type, same speed: only the file with the lower KL goes on to the speed runs
             best = own if any(n == own for _, n in ok) else min(ok)[1]
@@ -362,6 +395,43 @@ class Tuner:
             if len(names) > 1:
                 self.imatrix_choice[q] = "+imatrix" if best.endswith(IMATRIX) else "plain"
         return kept
+
+    def stage_mixes(self, kept: list[str]) -> list[str]:
+        """For each type over the budget whose file is smaller than the smallest kept type's
+        (not a 16/32-bit source): the mix search (edge.tune.mix) against that kept type."""
+        wide = [q for q in kept if q.removesuffix(IMATRIX) not in SOURCE_TYPES[:3]
+                and self.within_budget(defaults(q, self.default_threads))]
+        if not self.opts.mix or not wide or not self.over:
+            return []
+        safe = min(wide, key=lambda q: self.files[q].stat().st_size)
+        found: list[str] = []
+        for kld, fast in self.over.values():
+            if self.files[fast].stat().st_size >= self.files[safe].stat().st_size or self.over_budget():
+                continue
+            sizes = class_sizes(self.files[fast], self.files[safe])
+            total = len(sizes) + 2
+
+            def kl_of(m: Mix, kld: float = kld, total: int = total) -> float | None:
+                if not m.take:
+                    return kld
+                c = defaults(m.name, self.default_threads)
+                found = self.journal.find("quality", qkey=c.quality_key)
+                if found:  # measured by an earlier run: no need to write the file again
+                    self._reuse(found)
+                    return found["kld"]
+                self._tick("quality", f"mix: {m.describe()}", min(len(m.take), total - 1), total)
+                try:
+                    if self.quant_file(m.name) is None or not self.fits(c):
+                        return None
+                    return self.quality(c)["kld"]
+                finally:  # a 7B's mix is GBs: only the chosen one is written again, when measured
+                    self._drop_file(m.name)
+
+            s = search_mix(fast, safe, sizes, kl_of, target=MIX_MARGIN * self.opts.max_kld, stop=self.over_budget)
+            self.mixes.append(s)
+            if s.chosen is not None and s.kl[s.chosen.name] <= self.opts.max_kld:
+                found.append(s.chosen.name)
+        return found
 
     def space(self, quants: list[str]) -> list[Candidate]:
         from dataclasses import replace
@@ -534,6 +604,7 @@ def tune(model: str | None, options: TuneOptions | None = None, *, progress: Pro
     t = Tuner(model, opts, progress, check)
     try:
         quants = t.stage_quants()
+        quants += t.stage_mixes(quants)
         finalists = t.halving(t.space(quants))
         prof = t.finish(t.final_round(finalists))
     finally:
@@ -542,4 +613,5 @@ def tune(model: str | None, options: TuneOptions | None = None, *, progress: Pro
     return TuneResult(profile=prof, profile_path=path, journal=t.journal.path, measured=t.measured,
                       reused=t.reused, skipped_memory=sorted(set(t.skipped)), dropped_quality=t.dropped,
                       imatrix_choice=t.imatrix_choice, imatrix_kl=t.imatrix_kl,
+                      mixes=[m.to_dict() for m in t.mixes],
                       stopped_by_budget=t.stopped_by_budget, elapsed_s=time.perf_counter() - t.t0)
