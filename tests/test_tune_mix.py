@@ -102,13 +102,16 @@ def test_tune_tries_a_mix_of_a_type_over_the_budget(files: dict[str, Path]) -> N
         assert (s.fast, s.safe) == ("Q4_0", "Q8_0")
         assert s.chosen is not None and mixes == [s.chosen.name]
         assert s.kl[s.chosen.name] <= MIX_MARGIN * t.opts.max_kld
-        assert not list(t.workdir.glob("mix.*.gguf"))  # the files measured are gone
-        # the mix's file (written again) holds what its name says; its KL is its quality record's
-        m = t.quant_file(s.chosen.name)
-        assert m is not None and m.name == s.chosen.file_name()
+        # of the mix files measured only the chosen one is left, ready for the speed runs
+        m = t.files[s.chosen.name]
+        assert [p.name for p in t.workdir.glob("mix.*.gguf")] == [m.name] == [s.chosen.file_name()]
+        # it holds what its name says, and its KL is the one its quality record has
         taken = {tensor_class(x.name) for x in inspect(m).tensors if x.type == "Q8_0"}
         assert set(s.chosen.take) <= taken
         assert t.quality(_c(s.chosen.name))["kld"] == s.kl[s.chosen.name]
+        # and the speed search takes it like any file
+        mine = [c for c in t.space(kept + mixes) if c.quant == s.chosen.name]
+        assert mine and t.speed(mine[0], "r0", 4, 1).tg_tps > 0
     finally:
         t.close()
 

@@ -429,7 +429,8 @@ class Tuner:
 
             s = search_mix(fast, safe, sizes, kl_of, target=MIX_MARGIN * self.opts.max_kld, stop=self.over_budget)
             self.mixes.append(s)
-            if s.chosen is not None and s.kl[s.chosen.name] <= self.opts.max_kld:
+            if s.chosen is not None and s.kl[s.chosen.name] <= self.opts.max_kld \
+                    and self.quant_file(s.chosen.name) is not None:  # written again for the speed runs
                 found.append(s.chosen.name)
         return found
 
