@@ -38,6 +38,17 @@ def _weights(e: dict[str, Any]) -> str:
     return m.describe() if m else e["path"].rsplit("/", 1)[-1]
 
 
+def _mix_line(m: dict[str, Any]) -> str:
+    from edge.tune.mix import Mix
+
+    alone = m["kl"].get(Mix(m["fast"], m["safe"], ()).name)
+    head = f"{m['fast']} {alone:.3g}" if alone is not None else m["fast"]
+    if not m["chosen"]:
+        return f"{head} → none within it ({len(m['kl'])} measured)"
+    take = Mix.parse(m["chosen"]).take  # type: ignore[union-attr]
+    return f"{head} → {m['kl'][m['chosen']]:.3g} with {', '.join(take)} in {m['safe']}"
+
+
 @click.command("tune")
 @model_argument
 @click.option("--objective", type=click.Choice(["tg", "pp", "ttft"]), default="tg", show_default=True,
@@ -119,10 +130,8 @@ def tune_cmd(model: str | None, objective: str, max_kld: float, budget_minutes: 
 
         click.echo("KL without → with an importance matrix: "
                    + ", ".join(f"{q} {kl(a)} → {kl(b)}" for q, (a, b) in result.imatrix_kl.items()))
-    for m in result.mixes:
-        chosen = f"{m['chosen']}: KL {m['kl'][m['chosen']]:.3g}" if m["chosen"] else "none within the target"
-        click.echo(f"mix of {m['fast']} (KL {m['kl'].get(m['fast'] + '~' + m['safe'] + '[]', float('nan')):.3g}) "
-                   f"and {m['safe']}, KL target {m['target']:.3g}: {chosen}")
+    if result.mixes:
+        click.echo(f"mixes (KL target {result.mixes[0]['target']:.3g}): " + "; ".join(_mix_line(m) for m in result.mixes))
     click.echo(f"profile: {result.profile_path}")
 
 
