@@ -409,22 +409,23 @@ class Tuner:
             if self.files[fast].stat().st_size >= self.files[safe].stat().st_size or self.over_budget():
                 continue
             sizes = class_sizes(self.files[fast], self.files[safe])
-            total = len(sizes) + 2
+            asked = [0, len(sizes) + 2]  # mixes measured, and about how many there will be
 
-            def kl_of(m: Mix, kld: float = kld, total: int = total) -> float | None:
+            def kl_of(m: Mix, kld: float = kld, asked: list[int] = asked) -> float | None:
                 if not m.take:
                     return kld
                 c = defaults(m.name, self.default_threads)
-                found = self.journal.find("quality", qkey=c.quality_key)
-                if found:  # measured by an earlier run: no need to write the file again
-                    self._reuse(found)
-                    return found["kld"]
-                self._tick("quality", f"mix: {m.describe()}", min(len(m.take), total - 1), total)
+                rec = self.journal.find("quality", qkey=c.quality_key)
+                if rec:  # measured by an earlier run: no need to write the file again
+                    self._reuse(rec)
+                    return rec["kld"]
+                self._tick("quality", f"mix: {m.describe()}", asked[0], max(asked))
+                asked[0] += 1
                 try:
                     if self.quant_file(m.name) is None or not self.fits(c):
                         return None
                     return self.quality(c)["kld"]
-                finally:  # a 7B's mix is GBs: only the chosen one is written again, when measured
+                finally:  # a 7B's mix is GBs: each goes once measured, the chosen one is written again
                     self._drop_file(m.name)
 
             s = search_mix(fast, safe, sizes, kl_of, target=MIX_MARGIN * self.opts.max_kld, stop=self.over_budget)
