@@ -47,6 +47,16 @@ def checks(judged: Any, exclude: str | None) -> tuple[str, dict[str, Any]]:
     return line, {**{k: CHECKS[k](record) for k in CROWS_CHECKS}, "moves": record["categories"]}
 
 
+def category_lines(judged: Any) -> str:
+    """Each category's mean ll difference before → after, and the change's CI."""
+    out = []
+    for c, d in judged.per_category.items():
+        x = d["mean_ll_diff"]
+        out.append(f"  {c:20s} {x.before.value:+.2f} [{x.before.lo:+.2f}, {x.before.hi:+.2f}] → {x.after.value:+.2f}, "
+                   f"change {x.change.value:+.2f} [{x.change.lo:+.2f}, {x.change.hi:+.2f}]")
+    return "\n".join(out)
+
+
 def oracle(run: dict[str, Any], more: np.ndarray, less: np.ndarray, cats: np.ndarray, exclude: str | None) -> None:
     from bias.judge import judge_pair_rows
 
@@ -140,10 +150,7 @@ def per_category(run: dict[str, Any], out: Path, split: int, threads: int, exclu
     line, ok = checks(judged, exclude)
     print(line)
     print(ok["moves"])
-    for c, d in judged.per_category.items():
-        x = d["mean_ll_diff"]
-        print(f"  {c:20s} {x.before.value:+.2f} [{x.before.lo:+.2f}, {x.before.hi:+.2f}] → {x.after.value:+.2f}, "
-              f"change {x.change.value:+.2f} [{x.change.lo:+.2f}, {x.change.hi:+.2f}]")
+    print(category_lines(judged))
     sc.close()
     rt.close()
 

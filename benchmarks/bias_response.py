@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bias_gating import checks, suite_of
+from bias_gating import category_lines, checks, suite_of
 
 PPL_BUDGET = 0.019  # just under the acceptance's 2%
 
@@ -124,11 +124,8 @@ def main() -> None:
     line, ok = checks(judged, exclude)
     print("coefficients: " + ", ".join(f"{c} {x:+.2f}" for c, x in zip(dirs, a * g, strict=True)))
     print(f"held-out: {line}; PPL {100 * (ppl / base_ppl - 1):+.2f}%")
-    print({k: v for k, v in ok.items()})
-    for c, d in judged.per_category.items():
-        x = d["mean_ll_diff"]
-        print(f"  {c:20s} {x.before.value:+.2f} [{x.before.lo:+.2f}, {x.before.hi:+.2f}] → {x.after.value:+.2f}, "
-              f"change {x.change.value:+.2f} [{x.change.lo:+.2f}, {x.change.hi:+.2f}]")
+    print(ok)
+    print(category_lines(judged))
     sc.close()
     rt.close()
 
