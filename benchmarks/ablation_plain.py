@@ -1,13 +1,14 @@
-"""Issue 16: does the ablated GGUF reproduce the engine's corrected scores in plain llama.cpp?
+"""Issue 16: does the ablated (or gated) GGUF reproduce the engine's corrected scores in
+plain llama.cpp?
 
-Reads a finished `edge bias mitigate --method ablate|both` run (results.json, split 0's
-saved directions), folds split 0's ablation into the weights the run scored with (the f16
-copy for a quantized model) and scores split 0's held-out CrowS-Pairs rows with
+Reads a finished `edge bias mitigate --method ablate|gate|both|all` run (results.json, split
+0's saved directions or edits), folds split 0's edit into the weights the run scored with
+(the f16 copy for a quantized model) and scores split 0's held-out CrowS-Pairs rows with
 llama-cpp-python's own `Llama` (no edge code, no control vector), one sentence per
-evaluation: on that F16 fold, and on the deployed -o file (re-quantized to the source's
+evaluation: on that F16 fold, and on the deployed file (re-quantized to the source's
 types). Prints the held-out pct of each against the pct the run's scorer measured.
 
-    python benchmarks/ablation_plain.py RUN_OUT_DIR [--rows N] [--threads 2]
+    python benchmarks/ablation_plain.py RUN_OUT_DIR [--method ablate|gate] [--rows N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ast
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,21 +48,17 @@ def plain_scores(path: Path, texts: list[tuple[str, str]], threads: int) -> tupl
     return a[:, 0], a[:, 1]
 
 
-def main() -> None:
-    from bias import metrics as M
+def _plan(split0: Path, method: str) -> tuple[Any, str]:
+    """Split 0's fold plan, rebuilt from what the run saved."""
     from bias.ablate import AblationSpec, BiasDirections, make_plan
-    from bias.suites import load_suite
-    from edge.fold import fold_gguf
+    from bias.gate import GateEdits
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("run", type=Path)
-    ap.add_argument("--rows", type=int, default=0, help="first N held-out rows (0: all)")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    res = json.loads((a.run / "results.json").read_text())
-    s0 = res["splits"][0]
-    abl = s0["methods"]["ablate"]
-    z = np.load(a.run / "split0" / "ablate_directions.npz")
+    if method == "gate":
+        z = np.load(split0 / "gate_edits.npz")
+        k = len(z["names"])
+        edits = GateEdits(list(z["names"]), np.ones(k), [int(x) for x in z["layers"]], z["u"], z["v"])
+        return edits.plan(z["coefficients"]), f"gate: {k} categories ×{float(z['coefficients'][0]):.3g}"
+    z = np.load(split0 / "ablate_directions.npz")
     # a run that saved no head directions was of a tied model, whose head directions are
     # the embedding's (bias.ablate.compute_directions with head=None)
     head = z["head"] if "head" in z.files else z["embedding"]
@@ -68,6 +66,24 @@ def main() -> None:
     spec_d = ast.literal_eval(str(z["spec"]))
     spec = AblationSpec(tuple(spec_d["layers"]), spec_d["strength"], spec_d["embedding"], spec_d["source_layer"],
                         spec_d.get("head", False))
+    return make_plan(d, spec), spec.describe()
+
+
+def main() -> None:
+    from bias import metrics as M
+    from bias.suites import load_suite
+    from edge.fold import fold_gguf
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--method", choices=["ablate", "gate"], default="ablate")
+    ap.add_argument("--rows", type=int, default=0, help="first N held-out rows (0: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    res = json.loads((a.run / "results.json").read_text())
+    s0 = res["splits"][0]
+    abl = s0["methods"][a.method]
+    plan, describe = _plan(a.run / "split0", a.method)
     suite = load_suite(res["shared"]["suite"] if ":" in res["shared"]["suite"]
                        else f"crows_pairs:{res['shared']['suite']}")
     by_row = {it.row: it for it in suite.items}
@@ -77,9 +93,9 @@ def main() -> None:
     el = np.array(abl["heldout_scores"]["ll_less"][:n])
     compute = Path(res["shared"]["compute"].get("path") or res["shared"]["model"])
     f16 = a.run / "split0" / "plain.f16.gguf"
-    fold_gguf(compute, f16, make_plan(d, spec), weight_type="F16", force=True)
+    fold_gguf(compute, f16, plan, weight_type="F16", force=True)
     texts = [(it.more, it.less) for it in held]
-    rep: dict = {"rows": n, "engine_pct": float(M.pct_stereotype(em, el)), "spec": spec.describe()}
+    rep: dict = {"rows": n, "engine_pct": float(M.pct_stereotype(em, el)), "spec": describe}
     for name, path in (("f16_fold", f16), ("deployed", Path(abl["fit"]["fold"]["path"]))):
         t0 = time.perf_counter()
         m, ls = plain_scores(path, texts, a.threads)

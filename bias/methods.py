@@ -1,9 +1,9 @@
-"""The two corrections as the split runner fits them: `steer` (control vector, the
-feedback loop of bias.feedback) and `ablate` (directional ablation folded into the weights,
-bias.ablate + edge.fold), and `mitigate_splits`, the library entry point of
-`edge bias mitigate --method steer|ablate|both --splits N`.
+"""The corrections as the split runner fits them: `steer` (control vector, the feedback loop
+of bias.feedback), `ablate` (directional ablation folded into the weights, bias.ablate +
+edge.fold) and `gate` (gated per-category pushes folded into the weights, bias.gate), and
+`mitigate_splits`, the library entry point of `edge bias mitigate --method … --splits N`.
 
-Both fit on one split's calibration rows from the same shared pair states. Scoring uses
+All fit on one split's calibration rows from the same shared pair states. Scoring uses
 the weights the audit uses (the f16 copy of a quantized model); generation uses what a
 device would run: the model file with the control vector, or the folded GGUF
 re-quantized to the source's types.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,15 @@ from bias.ablate import (
 )
 from bias.audit import open_scorer, score_bbq, score_pairs
 from bias.feedback import LoopConfig, run_loop
+from bias.gate import (
+    GateConfig,
+    ScaleStep,
+    best_step,
+    gate_edits,
+    neutral_windows,
+    next_scale,
+    signed,
+)
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.shared import Shared, compute_shared
@@ -37,7 +46,7 @@ from bias.steering import compute_directions as steering_directions
 from bias.suites import Suite, load_suite
 from edge.cvec import write as write_cvec
 from edge.errors import BadOptionError
-from edge.fold import fold_gguf, requant_cost
+from edge.fold import FoldPlan, fold_gguf, requant_cost
 from edge.interrupt import InterruptGuard
 from edge.runtime import Runtime, RuntimeConfig
 
@@ -55,6 +64,8 @@ class Context:
     source_path: Path  # the model file
     threads: int
     emit: Event
+    gate: GateConfig = field(default_factory=GateConfig)
+    cache: dict[str, Any] = field(default_factory=dict)  # what every split reuses (neutral states)
 
 
 def _utility(ctx: Context, scorer: BatchScorer) -> tuple[float, float]:
@@ -106,9 +117,11 @@ class _Folded:
         self.ctx, self.path, self.scorer = ctx, path, None
 
     def load(self, dirs: BiasDirections, spec: AblationSpec) -> BatchScorer:
+        return self.load_plan(make_plan(dirs, spec), f"edge bias ablate: {spec.describe()}")
+
+    def load_plan(self, plan: FoldPlan, note: str) -> BatchScorer:
         self.close()
-        fold_gguf(self.ctx.compute_path, self.path, make_plan(dirs, spec), weight_type="F16", force=True,
-                  note=f"edge bias ablate: {spec.describe()}")
+        fold_gguf(self.ctx.compute_path, self.path, plan, weight_type="F16", force=True, note=note)
         self.scorer = BatchScorer(self.ctx.rt, model_path=self.path)
         return self.scorer
 
@@ -146,16 +159,23 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
             folded.path.unlink(missing_ok=True)
         return Correction.identity("ablate", fit)
     best, d = res.best, dirs[res.best.directions]
-    sc = folded.load(d, best.spec)
+    plan, note = make_plan(d, best.spec), f"edge bias ablate: {best.spec.describe()}"
+    sc = folded.load_plan(plan, note)
     np.savez_compressed(work / "ablate_directions.npz", layers=d.layers, embedding=d.embedding,
                         head=d.head if d.head is not None else d.embedding,
                         labels=np.array(d.labels), spec=np.array(str(best.spec.to_dict())))
-    # The deployable file (what a device runs, and what generation is judged on) only where
-    # it is used: split 0 (-o) and the splits judged by generation.
-    target = ctx.cfg.outputs().get("ablate") if index == 0 else None
+    return _folded_correction(ctx, "ablate", folded, sc, plan, note, work, index, fit)
+
+
+def _folded_correction(ctx: Context, method: str, folded: _Folded, sc: BatchScorer, plan: FoldPlan,
+                       note: str, work: Path, index: int, fit: dict[str, Any]) -> Correction:
+    """A correction folded into the weights: judged on the F16 fold the fit scored; the
+    deployable file (what a device runs, and what generation is judged on) is written only
+    where it is used: split 0 (-o) and the splits judged by generation."""
+    target = ctx.cfg.outputs().get(method) if index == 0 else None
     deploy = None
     if target or index < ctx.cfg.gen_splits:
-        deploy = _deploy(ctx, folded.path, Path(target) if target else work / "ablate.gguf", d, best.spec, fit)
+        deploy = _deploy(ctx, folded.path, Path(target) if target else work / f"{method}.gguf", plan, note, fit)
 
     def generate(probes: Suite, rep: RepeatConfig) -> list[dict[str, Any]]:
         assert deploy is not None
@@ -172,16 +192,63 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
                 if p is not None and p != target:
                     p.unlink(missing_ok=True)
 
-    return Correction("ablate", lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
+    return Correction(method, lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
                       lambda: _utility(ctx, sc), generate, fit, close)
 
 
-def _deploy(ctx: Context, f16: Path, dst: Path, d: BiasDirections, spec: AblationSpec,
-            fit: dict[str, Any]) -> Path:
-    """Fold the chosen ablation into the model file itself (re-quantized to its own types,
-    or F16 on request) and measure what re-quantization cost against the F16 fold."""
-    fr = fold_gguf(ctx.source_path, dst, make_plan(d, spec), weight_type=ctx.cfg.weights, force=True,
-                   note=f"edge bias ablate: {spec.describe()}")
+def _neutral_states(ctx: Context) -> np.ndarray:
+    """Token-mean states of short neutral windows on the scoring weights (once per run)."""
+    if "neutral_h" not in ctx.cache:
+        from edge.hidden import HiddenStates
+
+        with HiddenStates(ctx.compute_path, threads=ctx.threads) as hs:
+            ctx.cache["neutral_h"] = hs.token_means(neutral_windows(ctx.rt, ctx.gate.neutral_windows))
+    return ctx.cache["neutral_h"]
+
+
+def fit_gate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    sh, cfg = ctx.shared, ctx.gate
+    cats = sh.categories[cal]
+    d_cal = sh.base[0][cal] - sh.base[1][cal]
+    edits = signed(gate_edits(sh.states.take(cal), cats, _neutral_states(ctx), cfg, ctx.cfg.exclude_category),
+                   d_cal, cats)
+    if not edits.names:
+        return Correction.identity("gate", {"categories": []})
+    folded = _Folded(ctx, work / "gate.f16.gguf")
+    calib = sh.suite.subset(cal.tolist())
+    pct0 = float(100 * np.mean(d_cal > 0))
+    steps: list[ScaleStep] = []
+    scale: float | None = 1.0
+    while scale is not None and len(steps) < cfg.max_steps:
+        ctx.emit("gate", {"scale": scale})
+        sc = folded.load_plan(edits.plan(np.full(len(edits.names), scale)), f"edge bias gate ×{scale:.3g}")
+        m, ls = score_pairs(sc, calib)
+        ppl, kl = _utility(ctx, sc)
+        steps.append(ScaleStep(scale, float(100 * np.mean(m - ls > 0)), ppl / sh.base_ppl - 1, kl))
+        ctx.emit("gate", steps[-1].to_dict())
+        scale = next_scale(steps, pct0, cfg)
+    best = best_step(steps, cfg)
+    if best is None:  # nothing within budget: the uncorrected model, as measured
+        folded.close()
+        folded.path.unlink(missing_ok=True)
+        return Correction.identity("gate", {"categories": edits.names, "steps": [s.to_dict() for s in steps]})
+    a = np.full(len(edits.names), best.scale)
+    plan = edits.plan(a)
+    if best is not steps[-1]:
+        sc = folded.load_plan(plan, f"edge bias gate ×{best.scale:.3g}")
+    fit = {"categories": edits.names, "signs": edits.signs.tolist(), "layers": edits.layers,
+           "gate_on_own_sentences": edits.selectivity, "scale": best.scale, "coefficients": a.tolist(),
+           "steps": [s.to_dict() for s in steps]}
+    np.savez_compressed(work / "gate_edits.npz", u=edits.u, v=edits.v, layers=edits.layers,
+                        names=np.array(edits.names), coefficients=a)
+    return _folded_correction(ctx, "gate", folded, sc, plan, f"edge bias gate: {len(edits.names)} categories", work,
+                              index, fit)
+
+
+def _deploy(ctx: Context, f16: Path, dst: Path, plan: FoldPlan, note: str, fit: dict[str, Any]) -> Path:
+    """Fold the chosen edit into the model file itself (re-quantized to its own types, or
+    F16 on request) and measure what re-quantization cost against the F16 fold."""
+    fr = fold_gguf(ctx.source_path, dst, plan, weight_type=ctx.cfg.weights, force=True, note=note)
     if ctx.cfg.weights == "source":
         fr.requant_kl = requant_cost(f16, dst, _neutral_text(ctx), threads=ctx.threads)
     fit["fold"] = fr.to_dict()
@@ -194,7 +261,7 @@ def _neutral_text(ctx: Context) -> str:
 
 def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
                     cfg: SplitsConfig | None = None, ablate: AblateConfig | None = None,
-                    threads: int | None = None, precision: str = "auto",
+                    gate: GateConfig | None = None, threads: int | None = None, precision: str = "auto",
                     on_event: Event | None = None) -> SplitsResult:
     """`edge bias mitigate --method … --splits N`: shared work once, then every split."""
     cfg = cfg or SplitsConfig()
@@ -211,11 +278,13 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
             if on_event is not None:
                 on_event(kind, data)
 
-        return _mitigate_splits(model, suite, out_dir, cfg, ablate, threads, precision, emit)
+        gate = gate or GateConfig(max_ppl_increase=cfg.max_ppl_increase)
+        return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, threads, precision, emit)
 
 
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
-                     ablate: AblateConfig, threads: int | None, precision: str, emit: Event) -> SplitsResult:
+                     ablate: AblateConfig, gate: GateConfig, threads: int | None, precision: str,
+                     emit: Event) -> SplitsResult:
     from edge.session import open_runtime
 
     t0 = time.perf_counter()
@@ -233,11 +302,11 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
                             probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
                             state_rows=cal_rows, score_rows=used, on_event=emit,
                             cache_dir=Path(out_dir))
-        info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate),
+        info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate), "gate_config": asdict(gate),
                 "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
-        ctx = Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit)
-        fitters = {"steer": fit_steer, "ablate": fit_ablate}
+        ctx = Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit, gate)
+        fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate}
         return run_splits(sh, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit, info)
     finally:
         if scorer is not None:

@@ -73,26 +73,31 @@ def _deployed(res: dict[str, Any]) -> list[str]:
         if abl and not abl.get("fold") and abl.get("loop", {}).get("best") is None:
             out.append(f"Split {s['seed']} ablate: no candidate lowered the calibration bias within the "
                        "PPL budget; the uncorrected model was judged and no ablated GGUF was written.")
-        fold = abl.get("fold")
-        if fold:
-            w = fold["worst"]
-            kind = ("re-quantized to the source's types" if fold["weight_type"] == "source"
-                    else f"kept at {fold['weight_type']}")
-            n = len(fold["edited"])
-            line = (f"Split {s['seed']} ablated GGUF: {fold['path']} ({kind}; "
-                    f"{n} tensor{'s' if n != 1 else ''} edited: {', '.join(fold['edited'][:3])}"
-                    f"{', …' if n > 3 else ''}")
-            if fold.get("untied_output"):
-                line += "; the tied output head became its own output.weight"
-            if w:
-                line += f", worst tensor {w['name']} max error {w['max_err']:.2g} of its range"
-            kl = fold.get("requant_kl")
-            if kl:
-                line += (f"; re-quantization cost against the F16 fold: KL {kl['kl_mean']:.4f} nats/token "
-                         f"(p99 {kl['kl_p99']:.3f}), PPL {kl['ppl_full']:.3f} → {kl['ppl_quantized']:.3f}, "
-                         f"top-1 agreement {100 * kl['top1_agreement']:.1f}%")
-            out.append(line + ").")
+        for m in ("ablate", "gate"):
+            fold = s["methods"].get(m, {}).get("fit", {}).get("fold")
+            if fold:
+                out.append(_fold_line(s["seed"], "ablated" if m == "ablate" else "gated", fold))
     return out + [""] if out else out
+
+
+def _fold_line(seed: int, what: str, fold: dict[str, Any]) -> str:
+    w = fold["worst"]
+    kind = ("re-quantized to the source's types" if fold["weight_type"] == "source"
+            else f"kept at {fold['weight_type']}")
+    n = len(fold["edited"])
+    line = (f"Split {seed} {what} GGUF: {fold['path']} ({kind}; "
+            f"{n} tensor{'s' if n != 1 else ''} edited: {', '.join(fold['edited'][:3])}"
+            f"{', …' if n > 3 else ''}")
+    if fold.get("untied_output"):
+        line += "; the tied output head became its own output.weight"
+    if w:
+        line += f", worst tensor {w['name']} max error {w['max_err']:.2g} of its range"
+    kl = fold.get("requant_kl")
+    if kl:
+        line += (f"; re-quantization cost against the F16 fold: KL {kl['kl_mean']:.4f} nats/token "
+                 f"(p99 {kl['kl_p99']:.3f}), PPL {kl['ppl_full']:.3f} → {kl['ppl_quantized']:.3f}, "
+                 f"top-1 agreement {100 * kl['top1_agreement']:.1f}%")
+    return line + ")."
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:

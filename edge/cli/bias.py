@@ -104,13 +104,15 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @click.option("--suite", "suite_spec", required=True, metavar="NAME[:PATH]",
               help="The pair suite the loop calibrates on (crows_pairs or probes).")
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the correction: the control-vector GGUF (steer), or the model "
-                   "with the ablation folded into its weights (ablate, both; the vector of both "
-                   "goes beside it as STEM.steer.gguf). With --splits, split 0's.")
-@click.option("--method", "correction_method", type=click.Choice(["steer", "ablate", "both"]),
+              help="Where to write the correction: the model with the edit folded into its weights "
+                   "(gate, ablate), or the control-vector GGUF (steer alone). With several methods "
+                   "the others go beside it as STEM.<method>.gguf. With --splits, split 0's.")
+@click.option("--method", "correction_method", type=click.Choice(["steer", "ablate", "gate", "both", "all"]),
               default="steer", show_default=True,
               help="steer: a control vector (added to the stream); ablate: remove the bias "
-                   "directions from the stream, folded into the weights; both: side by side.")
+                   "directions, folded into the weights; gate: a push per category that opens only "
+                   "where a layer writes that category's content, folded into the weights; both: "
+                   "steer and ablate side by side; all: the three.")
 @click.option("--splits", type=click.IntRange(1, 100), default=None,
               help="Calibrate and judge on N seeded random splits and report each figure's median "
                    "and range (ablate and both always run splits; default 1).")
@@ -232,7 +234,8 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
     from bias.splits import SplitsConfig
     from bias.splits_report import summary_lines
 
-    methods = ("steer", "ablate") if correction_method == "both" else (correction_method,)
+    methods = {"both": ("steer", "ablate"), "all": ("steer", "ablate", "gate")}.get(correction_method,
+                                                                                   (correction_method,))
     cfg = SplitsConfig(n_splits=n_splits, seed=seed, calib_frac=calib_frac, exclude_category=exclude_category,
                        methods=methods, max_ppl_increase=0.02 if max_ppl_increase is None else max_ppl_increase,
                        bbq_spec=bbq_spec, repeat=repeat, temp=temp,
@@ -262,7 +265,7 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
         click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}", err=True)
     elif kind == "done":
         click.echo(f"split {d['split']} {d['method']} done in {d['seconds']:.0f} s", err=True)
-    elif kind in ("steer", "ablate"):
+    elif kind in ("steer", "ablate", "gate"):
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
         click.echo(f"  {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in keep.items()), err=True)
