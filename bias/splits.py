@@ -38,7 +38,7 @@ class SplitsConfig:
     seed: int = 0
     calib_frac: float = 0.3
     exclude_category: str | None = None  # never calibrated on; judged apart
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ("steer", "ablate")  # --method both
     max_ppl_increase: float = 0.02
     bbq_spec: str | None = None
     bbq_per_condition: int = 120  # ambiguous items, and as many disambiguated (all splits share them)
