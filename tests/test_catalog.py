@@ -40,8 +40,10 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         body = PAYLOAD[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        # counted before the write: a client that has read every byte may assert on `sent`
+        # before this thread gets to run again (seen once in CI on a loaded machine)
         self.sent.append(len(body))
+        self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
