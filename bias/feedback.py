@@ -112,13 +112,26 @@ def split(suite: Suite, frac: float, seed: int, exclude: str | None = None) -> t
     return sorted(cal), sorted(held)
 
 
-def neutral_chunks(rt: Any, n_chunks: int = 4, n_tokens: int = 512) -> list[list[int]]:
-    """Python documentation prose (pydoc_data, shipped with CPython): neutral text for the
-    utility, as BOS + (n_tokens − 1)-token chunks. Several chunks, because llama.cpp's
-    8-bit activations make PPL of one chunk jump by ~0.3% between nearly equal vectors."""
+CHARS_PER_TOKEN = 8  # generous: pydoc prose runs ~4 characters a token
+
+
+def pydoc_text() -> str:
+    """Python's documentation prose (pydoc_data, shipped with CPython): the neutral text."""
     from pydoc_data.topics import topics
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))[: n_chunks * n_tokens * 8]
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def neutral_chars(n_chunks: int = 4, n_tokens: int = 512) -> int:
+    """How much of pydoc_text() neutral_chunks reads: text past it is unseen by the utility."""
+    return n_chunks * n_tokens * CHARS_PER_TOKEN
+
+
+def neutral_chunks(rt: Any, n_chunks: int = 4, n_tokens: int = 512) -> list[list[int]]:
+    """Neutral text for the utility, as BOS + (n_tokens − 1)-token chunks. Several chunks,
+    because llama.cpp's 8-bit activations make PPL of one chunk jump by ~0.3% between
+    nearly equal vectors."""
+    text = pydoc_text()[: neutral_chars(n_chunks, n_tokens)]
     ids = rt.tokenize(text, add_bos=False)
     n = n_tokens - 1
     return [[rt.llm.token_bos(), *ids[i * n : (i + 1) * n]] for i in range(n_chunks) if len(ids) >= (i + 1) * n]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from bias.ablate import top_axes
+from bias.feedback import CHARS_PER_TOKEN, neutral_chars, pydoc_text
 from edge.fold import FoldPlan, ResidualEdit
 
 
@@ -169,11 +170,9 @@ def best_step(steps: Sequence[ScaleStep], cfg: GateConfig) -> ScaleStep | None:
     return min(ok, key=lambda s: abs(s.pct - cfg.pct_target) + (0.5 if s.pct < cfg.pct_target else 0.0))
 
 
-def neutral_windows(rt: Any, n: int, width: int = 16, skip_chars: int = 4 * 512 * 8 + 1000) -> list[list[int]]:
-    """Short windows of Python's documentation past the part the utility's PPL reads
-    (bias.feedback.neutral_chunks), so gates are not fitted on the text that judges PPL."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))[skip_chars:]
-    ids = rt.tokenize(text[: n * width * 8], add_bos=False)
+def neutral_windows(rt: Any, n: int, width: int = 16) -> list[list[int]]:
+    """Short windows of the neutral text past the part the utility's PPL reads, so gates
+    are not fitted on the text that judges PPL (a 1000-character margin past it)."""
+    text = pydoc_text()[neutral_chars() + 1000:]
+    ids = rt.tokenize(text[: n * width * CHARS_PER_TOKEN], add_bos=False)
     return [[rt.bos, *ids[i * width:(i + 1) * width]] for i in range(n) if len(ids) >= (i + 1) * width]

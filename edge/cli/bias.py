@@ -115,7 +115,7 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                    "steer and ablate side by side; all: the three.")
 @click.option("--splits", type=click.IntRange(1, 100), default=None,
               help="Calibrate and judge on N seeded random splits and report each figure's median "
-                   "and range (ablate and both always run splits; default 1).")
+                   "and range (every method but steer always runs splits; default 1).")
 @click.option("--weights", type=click.Choice(["source", "f16"]), default="source", show_default=True,
               help="The ablated GGUF's edited tensors: re-quantized to the source's types (the "
                    "report gives the KL this costs) or kept at f16.")
@@ -145,6 +145,10 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @click.option("--heldout-limit", type=click.IntRange(1), default=None, help="Cap the held-out pairs.")
 @click.option("--bbq", "bbq_spec", default=None, metavar="bbq[:PATH]",
               help="Also judge BBQ: disambiguated accuracy (and with --splits the ambiguous bias score).")
+@click.option("--bbq-items", type=click.IntRange(4), default=120, show_default=True,
+              help="With --splits: BBQ items per condition (as many ambiguous as disambiguated, "
+                   "spread over the category files). At 120 a change in disambiguated accuracy is "
+                   "resolved to about ±5 points; ~4× the items halves that.")
 @click.option("--second-suite", default="probes", show_default=True, metavar="NAME[:PATH]",
               help="Without --splits: a second pair suite judged before/after.")
 @click.option("--repeat", type=click.IntRange(0), default=3, show_default=True,
@@ -162,7 +166,8 @@ def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablat
     """Correct MODEL's bias and judge the correction on held-out rows (before/after, with
     paired CIs): a control vector from the layer-wise feedback loop (steer), or the bias
     directions removed from the residual stream and folded into a GGUF that runs anywhere
-    (ablate), or both side by side on the same splits.
+    (ablate), or a push per category that opens only on that category's content, folded
+    likewise (gate); several side by side on the same splits.
 
     \b
     Examples:
@@ -226,7 +231,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                      max_ppl_increase: float | None,
                      max_iter: int | None, n_blocks: int | None, as_json: bool, *, model: str | None,
                      suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
-                     bbq_spec: str | None, repeat: int, temp: float, seed: int, out_dir: str,
+                     bbq_spec: str | None, bbq_items: int, repeat: int, temp: float, seed: int, out_dir: str,
                      calib_limit: int | None, heldout_limit: int | None, precision: str,
                      threads: int | None, **unused: Any) -> None:
     from bias.ablate import AblateConfig
@@ -238,7 +243,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                                                                                    (correction_method,))
     cfg = SplitsConfig(n_splits=n_splits, seed=seed, calib_frac=calib_frac, exclude_category=exclude_category,
                        methods=methods, max_ppl_increase=0.02 if max_ppl_increase is None else max_ppl_increase,
-                       bbq_spec=bbq_spec, repeat=repeat, temp=temp,
+                       bbq_spec=bbq_spec, bbq_per_condition=bbq_items, repeat=repeat, temp=temp,
                        steer_blocks=3 if n_blocks is None else n_blocks, steer_iter=max_iter or 4,
                        weights="F16" if weights == "f16" else "source", output=out_path,
                        calib_limit=calib_limit, heldout_limit=heldout_limit)
