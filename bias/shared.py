@@ -143,21 +143,30 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
     shared work restarts at its splits."""
     emit = on_event or (lambda kind, data: None)
     key = {"model": str(rt.path), "states_model": states_model, "suite": suite.source,
-           "rows": [it.row for it in suite.items], "bbq": bbq_spec, "bbq_per_condition": bbq_per_condition,
+           "rows": [it.row for it in suite.items],
            "probes": probes_spec, "repeat": None if repeat is None else asdict(repeat), "seed": seed,
            "state_rows": None if state_rows is None else sorted(int(i) for i in state_rows),
            "score_rows": None if score_rows is None else sorted(int(i) for i in score_rows)}
     neutral = neutral_chunks(rt)
     utility = Utility(scorer, neutral)
     base_ppl, _ = utility()  # also fixes the uncorrected distributions the KL compares with
+    # BBQ has its own key: asking for more BBQ items rescores BBQ alone
+    bbq_key = {"bbq": bbq_spec, "bbq_per_condition": bbq_per_condition, "seed": seed}
     cached = _load_cache(cache_dir, key) if cache_dir else None
     if cached is not None:
         emit("stage", {"stage": "shared work from cache", "path": str(cache_dir)})
         sh = Shared(suite, cached["base"], cached["states"], neutral, utility, base_ppl)
-        if bbq_spec:
-            sh.bbq, sh.bbq_base = bbq_sample(bbq_spec, bbq_per_condition, seed), cached["bbq_base"]
         if probes_spec and repeat is not None:
             sh.probes, sh.repeat, sh.gen_base = load_suite(probes_spec), repeat, cached["gen_base"]
+        if bbq_spec:
+            sh.bbq = bbq_sample(bbq_spec, bbq_per_condition, seed)
+            if cached["bbq_key"] == bbq_key and cached["bbq_base"] is not None:
+                sh.bbq_base = cached["bbq_base"]
+            else:
+                emit("stage", {"stage": "uncorrected BBQ", "items": len(sh.bbq.items)})
+                sh.bbq_base = score_bbq(scorer, sh.bbq)
+                if cache_dir:
+                    _save_cache(cache_dir, key, bbq_key, sh)
         return sh
     base = _base_scores(scorer, suite, score_rows, emit)
     emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
@@ -172,7 +181,7 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
         emit("stage", {"stage": "uncorrected generation", "prompts": len(sh.probes.items)})
         sh.gen_base = sample_suite(rt, sh.probes, repeat).items
     if cache_dir:
-        _save_cache(cache_dir, key, sh)
+        _save_cache(cache_dir, key, bbq_key, sh)
     return sh
 
 
@@ -187,7 +196,7 @@ def _base_scores(scorer: BatchScorer, suite: Suite, rows: np.ndarray | None,
     return more, less
 
 
-def _save_cache(d: Path, key: dict[str, Any], sh: Shared) -> None:
+def _save_cache(d: Path, key: dict[str, Any], bbq_key: dict[str, Any], sh: Shared) -> None:
     st = sh.states
     arrays = {"more": sh.base[0], "less": sh.base[1], "h_more": st.h_more, "h_less": st.h_less,
               "e_more": st.e_more, "e_less": st.e_less}
@@ -198,7 +207,7 @@ def _save_cache(d: Path, key: dict[str, Any], sh: Shared) -> None:
     with atomic_path(d / "shared.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     with atomic_write(d / "shared.json", "w") as f:
-        json.dump({"key": key, "gen_base": sh.gen_base}, f)
+        json.dump({"key": key, "bbq_key": bbq_key, "gen_base": sh.gen_base}, f)
 
 
 def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -210,6 +219,7 @@ def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         return {"base": (z["more"], z["less"]),
                 "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"],
                                      *((z["o_more"], z["o_less"]) if "o_more" in z.files else ())),
-                "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "gen_base": meta["gen_base"]}
+                "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "bbq_key": meta.get("bbq_key"),
+                "gen_base": meta["gen_base"]}
     except (OSError, ValueError, KeyError):  # absent, partial or from an older version: recompute
         return None

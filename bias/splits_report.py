@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 def _e(x: dict[str, Any], f: str = ".1f") -> str:
     return f"{x['value']:{f}} [{x['lo']:{f}}, {x['hi']:{f}}]"
@@ -49,6 +51,7 @@ def report_md(res: dict[str, Any]) -> str:
         figs = ", ".join(f"{k} {v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" for k, v in summ["figures"].items())
         checks = ", ".join(f"{k}: {v}" for k, v in summ["checks"].items())
         lines += [f"**{m}** ({summ['splits']} splits): {figs}.", "", f"Checks: {checks}.", ""]
+    lines += _category_lines(res)
     lines += _deployed(res)
     if res["splits"]:
         first = next(iter(res["splits"][0]["methods"].values()), None)
@@ -59,7 +62,44 @@ def report_md(res: dict[str, Any]) -> str:
             if "generation" in first:
                 pw.append(f"generation rate ±{first['generation']['power']:.3f}")
             lines.append("Power (smallest bias detectable at 95% with 80% power, split 0): " + "; ".join(pw) + ".")
+            if "bbq" in first:
+                ch = first["bbq"]["acc_dis"]["change"]
+                lines += ["", f"BBQ disambiguated accuracy: the change is known to ±{50 * (ch['hi'] - ch['lo']):.1f} "
+                          "points (half its 95% CI, split 0), against the 1-point drop the check allows; "
+                          "--bbq-items sets the items."]
     return "\n".join(lines) + "\n"
+
+
+def _category_lines(res: dict[str, Any]) -> list[str]:
+    """Per method and held-out category, over splits: pct and mean ll difference before →
+    after (medians), and on how many splits the category was biased before, moved toward
+    neutral, made worse (mean ll difference, as the checks), or made biased by pct (its CI
+    held 50 before and not after): an overall pct can reach 50 by pushing a big category
+    past neutral."""
+    out: list[str] = []
+    for m in res["config"]["methods"]:
+        runs = [s["methods"][m] for s in res["splits"] if m in s.get("methods", {})]
+        if not runs:
+            continue
+        out += ["", f"## Categories, {m} (held-out; median over {len(runs)} splits)", "",
+                "| category | pairs | pct before → after | mean ll diff before → after | biased before | "
+                "moved | worse | made biased (pct) |", "|---|---|---|---|---|---|---|---|"]
+        for c in sorted(runs[0]["heldout"]["per_category"]):
+            js = [r["heldout"]["per_category"][c] for r in runs]
+            med = {k: {w: float(np.median([j[k][w]["value"] for j in js])) for w in ("before", "after")}
+                   for k in ("pct_stereotype", "mean_ll_diff")}
+            cm = [r["categories"] for r in runs]
+            made = sum(_made_biased(j["pct_stereotype"]) for j in js)
+            out.append(f"| {c} | {js[0]['pct_stereotype']['before']['n']} | "
+                       f"{med['pct_stereotype']['before']:.1f} → {med['pct_stereotype']['after']:.1f} | "
+                       f"{med['mean_ll_diff']['before']:+.2f} → {med['mean_ll_diff']['after']:+.2f} | "
+                       f"{sum(c in x['biased_before'] for x in cm)} | {sum(c in x['moved_toward_neutral'] for x in cm)}"
+                       f" | {sum(c in x['made_worse'] for x in cm)} | {made} |")
+    return out + [""]
+
+
+def _made_biased(j: dict[str, Any]) -> bool:
+    return bool(j["contains_after"] is False and j["excluded_before"] is False)
 
 
 def _deployed(res: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -290,10 +291,11 @@ def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> Non
     base = (rng.standard_normal(6), np.full(6, np.nan))
     sh = Shared(_suite(6), base, st, [], None, 10.0, bbq_base=np.ones((3, 3)),  # type: ignore[arg-type]
                 gen_base=[{"row": 1, "answers": []}])
-    key = {"model": "m", "rows": [0, 1]}
-    _save_cache(tmp_path, key, sh)
+    key, bbq_key = {"model": "m", "rows": [0, 1]}, {"bbq": "bbq", "bbq_per_condition": 3}
+    _save_cache(tmp_path, key, bbq_key, sh)
     got = _load_cache(tmp_path, key)
     assert got is not None and got["gen_base"] == sh.gen_base
+    assert got["bbq_key"] == bbq_key  # compute_shared rescores BBQ alone when this differs
     np.testing.assert_array_equal(got["base"][0], base[0])
     assert np.isnan(got["base"][1]).all()
     np.testing.assert_array_equal(got["states"].h_more, st.h_more)
@@ -302,10 +304,39 @@ def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> Non
     # an untied head's rows are kept and taken with the rows
     o = rng.standard_normal((6, 4)).astype(np.float32)
     sh.states = PairStates(st.h_more, st.h_less, st.e_more, st.e_less, o, -o)
-    _save_cache(tmp_path, key, sh)
+    _save_cache(tmp_path, key, bbq_key, sh)
     got = _load_cache(tmp_path, key)
     assert got is not None
     np.testing.assert_array_equal(got["states"].take([4, 1]).head[1], -o[[4, 1]])
     assert _load_cache(tmp_path, {**key, "model": "other"}) is None
     (tmp_path / "shared.npz").write_bytes(b"partial")
     assert _load_cache(tmp_path, key) is None  # a damaged cache is recomputed, not trusted
+
+
+def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
+    """The overall pct can reach 50 by pushing a big anti-stereotypical category further:
+    the per-category table shows it (biased by pct after, not before)."""
+    from bias.splits_report import _category_lines
+
+    def fig(b: float, a: float, half: float, neutral: float) -> dict[str, Any]:
+        e = {"before": {"value": b, "lo": b - half, "hi": b + half, "n": 300},
+             "after": {"value": a, "lo": a - half, "hi": a + half, "n": 300}}
+        e["excluded_before"] = not e["before"]["lo"] <= neutral <= e["before"]["hi"]
+        e["contains_after"] = e["after"]["lo"] <= neutral <= e["after"]["hi"]
+        return e
+
+    def run(race_after: float) -> dict[str, Any]:
+        return {"heldout": {"per_category": {
+                    "race": {"pct_stereotype": fig(48.0, race_after, 4.0, 50.0),
+                             "mean_ll_diff": fig(-1.0, -1.6, 0.5, 0.0)},
+                    "age": {"pct_stereotype": fig(64.0, 60.0, 6.0, 50.0), "mean_ll_diff": fig(1.4, 1.2, 1.0, 0.0)}}},
+                "categories": {"biased_before": ["race", "age"], "moved_toward_neutral": [], "made_worse": ["race"]}}
+
+    res = {"config": {"methods": ["gate"]},
+           "splits": [{"methods": {"gate": run(37.0)}}, {"methods": {"gate": run(47.0)}}]}
+    lines = _category_lines(res)
+    assert "## Categories, gate (held-out; median over 2 splits)" in lines
+    race = next(x for x in lines if x.startswith("| race |"))
+    # median pct after 42.0; worse on both splits; made biased by pct on one (37 ± 4 leaves 50)
+    assert race == "| race | 300 | 48.0 → 42.0 | -1.00 → -1.60 | 2 | 0 | 2 | 1 |"
+    assert next(x for x in lines if x.startswith("| age |")).endswith("| 2 | 0 | 0 | 0 |")
