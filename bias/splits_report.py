@@ -98,6 +98,17 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def made_biased(res: dict[str, Any], method: str) -> dict[str, int]:
+    """Per category, on how many splits `method` made it biased by pct."""
+    out: dict[str, int] = {}
+    for s in res["splits"]:
+        r = s.get("methods", {}).get(method)
+        for c, j in (r["heldout"]["per_category"].items() if r else ()):
+            if _made_biased(j["pct_stereotype"]):
+                out[c] = out.get(c, 0) + 1
+    return out
+
+
 def _made_biased(j: dict[str, Any]) -> bool:
     return bool(j["contains_after"] is False and j["excluded_before"] is False)
 
@@ -152,6 +163,10 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
                        f"PPL {100 * r['ppl']['increase']:+.2f}%")
     for m, summ in res.get("summary", {}).items():
         out.append(f"{m}: " + ", ".join(f"{k} {v}" for k, v in summ["checks"].items()))
+        made = made_biased(res, m)
+        if made:
+            out.append(f"{m}: made biased by pct (CI held 50 before, not after): "
+                       + ", ".join(f"{c} on {k}/{summ['splits']}" for c, k in made.items()))
     out += [line for line in _deployed(res) if line]
     if not res.get("complete"):
         out.append("interrupted: results.json holds the finished splits")

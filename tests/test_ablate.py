@@ -316,7 +316,7 @@ def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> Non
 def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
     """The overall pct can reach 50 by pushing a big anti-stereotypical category further:
     the per-category table shows it (biased by pct after, not before)."""
-    from bias.splits_report import _category_lines
+    from bias.splits_report import _category_lines, made_biased
 
     def fig(b: float, a: float, half: float, neutral: float) -> dict[str, Any]:
         e = {"before": {"value": b, "lo": b - half, "hi": b + half, "n": 300},
@@ -340,3 +340,4 @@ def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
     # median pct after 42.0; worse on both splits; made biased by pct on one (37 ± 4 leaves 50)
     assert race == "| race | 300 | 48.0 → 42.0 | -1.00 → -1.60 | 2 | 0 | 2 | 1 |"
     assert next(x for x in lines if x.startswith("| age |")).endswith("| 2 | 0 | 0 | 0 |")
+    assert made_biased(res, "gate") == {"race": 1}
