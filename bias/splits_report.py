@@ -84,17 +84,17 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
         out += ["", f"## Categories, {m} (held-out; median over {len(runs)} splits)", "",
                 "| category | pairs | pct before → after | mean ll diff before → after | biased before | "
                 "moved | worse | made biased (pct) |", "|---|---|---|---|---|---|---|---|"]
+        made = made_biased(res, m)
         for c in sorted(runs[0]["heldout"]["per_category"]):
             js = [r["heldout"]["per_category"][c] for r in runs]
             med = {k: {w: float(np.median([j[k][w]["value"] for j in js])) for w in ("before", "after")}
                    for k in ("pct_stereotype", "mean_ll_diff")}
             cm = [r["categories"] for r in runs]
-            made = sum(_made_biased(j["pct_stereotype"]) for j in js)
             out.append(f"| {c} | {js[0]['pct_stereotype']['before']['n']} | "
                        f"{med['pct_stereotype']['before']:.1f} → {med['pct_stereotype']['after']:.1f} | "
                        f"{med['mean_ll_diff']['before']:+.2f} → {med['mean_ll_diff']['after']:+.2f} | "
                        f"{sum(c in x['biased_before'] for x in cm)} | {sum(c in x['moved_toward_neutral'] for x in cm)}"
-                       f" | {sum(c in x['made_worse'] for x in cm)} | {made} |")
+                       f" | {sum(c in x['made_worse'] for x in cm)} | {made.get(c, 0)} |")
     return out + [""]
 
 
