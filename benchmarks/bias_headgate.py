@@ -32,10 +32,9 @@ from bias_gating import category_lines, checks
 def main() -> None:
     from bias.ablate import AblateConfig, AblationSpec, compute_directions, make_plan
     from bias.audit import open_scorer, score_pairs
-    from bias.gate import GateConfig, gate_edits, signed
+    from bias.gate import GateConfig
     from bias.judge import judge_pair_rows
-    from bias.methods import Context, _Folded, _neutral_states, _utility
-    from bias.shared import compute_shared
+    from bias.methods import _Folded, _utility, gate_edits_for, open_context
     from bias.splits import SplitsConfig
     from bias.suites import load_suite
     from edge.runtime import RuntimeConfig
@@ -49,27 +48,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     run = json.loads((args.out / "results.json").read_text())
-    conf = {k: tuple(v) if isinstance(v, list) else v for k, v in run["config"].items()}
-    cfg = SplitsConfig(**conf)
-    suite = load_suite(f"crows_pairs:{run['shared']['suite']}")
+
+    def tuples(d: dict[str, object]) -> dict[str, object]:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    cfg = SplitsConfig(**tuples(run["config"]))
+    gate_cfg = GateConfig(**tuples(run["shared"].get("gate_config", {})))
     rt = open_runtime(None, RuntimeConfig(n_ctx=512, threads=args.threads))
     scorer = open_scorer(rt, "auto")
-    compute = Path(scorer.compute.get("path", rt.path))
-    rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
-    sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads, bbq_spec=cfg.bbq_spec,
-                        bbq_per_condition=cfg.bbq_per_condition, probes_spec=cfg.probes_spec,
-                        repeat=cfg.repeat_config(), seed=cfg.seed,
-                        state_rows=np.unique(np.concatenate([c for c, _ in rows])),
-                        score_rows=np.unique(np.concatenate([np.concatenate(r) for r in rows])), cache_dir=args.out)
-    gate_cfg = GateConfig(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in run["shared"].get("gate_config", {}).items()})
-    ctx = Context(rt, scorer, sh, cfg, AblateConfig(), compute, Path(rt.path), rt.threads, lambda k, d: None, gate_cfg)
-    cal, held = rows[args.split]
-    st, cats, exclude = sh.states.take(cal), sh.categories[cal], cfg.exclude_category
-    d_cal = sh.base[0][cal] - sh.base[1][cal]
-    dirs = compute_directions(st.h_more, st.h_less, st.e_more, st.e_less, cats, min_pairs=AblateConfig().min_pairs,
+    # the run's own settings, so its cached shared work is reused
+    ctx = open_context(rt, scorer, load_suite(f"crows_pairs:{run['shared']['suite']}"), args.out, cfg,
+                       AblateConfig(), gate_cfg, lambda k, d: None)
+    sh = ctx.shared
+    cal, held = cfg.rows(sh.suite, args.split)
+    st, cats = sh.states.take(cal), sh.categories[cal]
+    dirs = compute_directions(st.h_more, st.h_less, st.e_more, st.e_less, cats, min_pairs=ctx.ablate.min_pairs,
                               head=None if st.o_more is None else st.head)
-    edits = signed(gate_edits(st, cats, _neutral_states(ctx), gate_cfg, exclude), d_cal, cats)
+    edits, d_cal = gate_edits_for(ctx, cal)
     stereo = np.array([d_cal[cats == c].mean() > 0 for c in edits.names])
     print(f"## split {args.split}: pushes for {edits.names}; stereotypical on calibration: "
           f"{[c for c, s in zip(edits.names, stereo, strict=True) if s]}")
@@ -86,7 +81,7 @@ def main() -> None:
         ppl, _ = _utility(ctx, sc)
         hm, hl = score_pairs(sc, heldout)
         judged = judge_pair_rows((sh.base[0][held], sh.base[1][held]), (hm, hl), sh.categories[held].tolist())
-        line, ok = checks(judged, exclude)
+        line, ok = checks(judged, cfg.exclude_category)
         print(f"\n### head λ {lam}, gate ×{a} ({which}): calibration pct {100 * np.mean(d_cal > 0):.1f} → "
               f"{100 * np.mean(m - ls > 0):.1f}, PPL {100 * (ppl / sh.base_ppl - 1):+.2f}% "
               f"({time.perf_counter() - t0:.0f} s)\nheld-out: {line}\n{ok}\n{category_lines(judged)}", flush=True)
@@ -94,7 +89,6 @@ def main() -> None:
     (args.out / "headgate.f16.gguf").unlink(missing_ok=True)
     scorer.close()
     rt.close()
-
 
 if __name__ == "__main__":
     main()

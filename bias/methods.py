@@ -31,6 +31,7 @@ from bias.audit import open_scorer, score_bbq, score_pairs
 from bias.feedback import LoopConfig, run_loop
 from bias.gate import (
     GateConfig,
+    GateEdits,
     ScaleStep,
     best_step,
     gate_edits,
@@ -117,7 +118,7 @@ class _Folded:
         self.ctx, self.path, self.scorer = ctx, path, None
 
     def load(self, dirs: BiasDirections, spec: AblationSpec) -> BatchScorer:
-        return self.load_plan(make_plan(dirs, spec), f"edge bias ablate: {spec.describe()}")
+        return self.load_plan(make_plan(dirs, spec), _ablate_note(spec))
 
     def load_plan(self, plan: FoldPlan, note: str) -> BatchScorer:
         self.close()
@@ -129,6 +130,10 @@ class _Folded:
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
+
+
+def _ablate_note(spec: AblationSpec) -> str:
+    return f"edge bias ablate: {spec.describe()}"
 
 
 def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
@@ -159,7 +164,7 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
             folded.path.unlink(missing_ok=True)
         return Correction.identity("ablate", fit)
     best, d = res.best, dirs[res.best.directions]
-    plan, note = make_plan(d, best.spec), f"edge bias ablate: {best.spec.describe()}"
+    plan, note = make_plan(d, best.spec), _ablate_note(best.spec)
     sc = folded.load_plan(plan, note)
     np.savez_compressed(work / "ablate_directions.npz", layers=d.layers, embedding=d.embedding,
                         head=d.head if d.head is not None else d.embedding,
@@ -206,12 +211,19 @@ def _neutral_states(ctx: Context) -> np.ndarray:
     return ctx.cache["neutral_h"]
 
 
-def fit_gate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
-    sh, cfg = ctx.shared, ctx.gate
+def gate_edits_for(ctx: Context, cal: np.ndarray) -> tuple[GateEdits, np.ndarray]:
+    """The split's per-category edits at unit scale, signed toward 0, and the calibration
+    rows' uncorrected ll differences they were signed from."""
+    sh = ctx.shared
     cats = sh.categories[cal]
     d_cal = sh.base[0][cal] - sh.base[1][cal]
-    edits = signed(gate_edits(sh.states.take(cal), cats, _neutral_states(ctx), cfg, ctx.cfg.exclude_category),
-                   d_cal, cats)
+    edits = gate_edits(sh.states.take(cal), cats, _neutral_states(ctx), ctx.gate, ctx.cfg.exclude_category)
+    return signed(edits, d_cal, cats), d_cal
+
+
+def fit_gate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    sh, cfg = ctx.shared, ctx.gate
+    edits, d_cal = gate_edits_for(ctx, cal)
     if not edits.names:
         return Correction.identity("gate", {"categories": []})
     folded = _Folded(ctx, work / "gate.f16.gguf")
@@ -282,6 +294,22 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
         return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, threads, precision, emit)
 
 
+def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
+                 ablate: AblateConfig, gate: GateConfig, emit: Event) -> Context:
+    """The shared work of a split run (from out_dir's cache when it holds it) and the
+    context every fitter reads: states only for rows some split calibrates on, scores only
+    for rows some split uses."""
+    compute = Path(scorer.compute.get("path", rt.path))
+    rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
+    cal_rows = np.unique(np.concatenate([c for c, _ in rows]))
+    used = np.unique(np.concatenate([np.concatenate([c, h]) for c, h in rows]))
+    sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
+                        bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
+                        probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
+                        state_rows=cal_rows, score_rows=used, on_event=emit, cache_dir=Path(out_dir))
+    return Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit, gate)
+
+
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
                      ablate: AblateConfig, gate: GateConfig, threads: int | None, precision: str,
                      emit: Event) -> SplitsResult:
@@ -292,22 +320,13 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
     scorer = None
     try:
         scorer = open_scorer(rt, precision)
-        compute = Path(scorer.compute.get("path", rt.path))
-        # states only for rows some split calibrates on, scores only for rows some split uses
-        rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
-        cal_rows = np.unique(np.concatenate([c for c, _ in rows]))
-        used = np.unique(np.concatenate([np.concatenate([c, h]) for c, h in rows]))
-        sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
-                            bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
-                            probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
-                            state_rows=cal_rows, score_rows=used, on_event=emit,
-                            cache_dir=Path(out_dir))
+        ctx = open_context(rt, scorer, suite, out_dir, cfg, ablate, gate, emit)
         info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate), "gate_config": asdict(gate),
                 "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
-        ctx = Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit, gate)
         fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate}
-        return run_splits(sh, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit, info)
+        return run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
+                          info)
     finally:
         if scorer is not None:
             scorer.close()
