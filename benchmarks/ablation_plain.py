@@ -14,7 +14,6 @@ types). Prints the held-out pct of each against the pct the run's scorer measure
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import time
 from pathlib import Path
@@ -50,22 +49,13 @@ def plain_scores(path: Path, texts: list[tuple[str, str]], threads: int) -> tupl
 
 def _plan(split0: Path, method: str) -> tuple[Any, str]:
     """Split 0's fold plan, rebuilt from what the run saved."""
-    from bias.ablate import AblationSpec, BiasDirections, make_plan
+    from bias.ablate import BiasDirections, make_plan
     from bias.gate import GateEdits
 
     if method == "gate":
-        z = np.load(split0 / "gate_edits.npz")
-        k = len(z["names"])
-        edits = GateEdits(list(z["names"]), np.ones(k), [int(x) for x in z["layers"]], z["u"], z["v"])
-        return edits.plan(z["coefficients"]), f"gate: {k} categories ×{float(z['coefficients'][0]):.3g}"
-    z = np.load(split0 / "ablate_directions.npz")
-    # a run that saved no head directions was of a tied model, whose head directions are
-    # the embedding's (bias.ablate.compute_directions with head=None)
-    head = z["head"] if "head" in z.files else z["embedding"]
-    d = BiasDirections(z["layers"], z["embedding"], list(z["labels"]), [], np.zeros(1), head)
-    spec_d = ast.literal_eval(str(z["spec"]))
-    spec = AblationSpec(tuple(spec_d["layers"]), spec_d["strength"], spec_d["embedding"], spec_d["source_layer"],
-                        spec_d.get("head", False))
+        edits, coef = GateEdits.load(split0 / "gate_edits.npz")
+        return edits.plan(coef), f"gate: {len(edits.names)} categories ×{float(coef[0]):.3g}"
+    d, spec = BiasDirections.load(split0 / "ablate_directions.npz")
     return make_plan(d, spec), spec.describe()
 
 

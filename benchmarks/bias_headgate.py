@@ -6,6 +6,8 @@ results.json and the shared cache) and, on one split, measures combinations of
   head at strength λ: a shrink of each pair's difference), and
 - gate's pushes at a common scale a, either for every category (gate as it runs) or only for
   the categories whose calibration mean is stereotypical (`stereo`: no push on race-color),
+and the head edit on the group words' rows only (`words`, λ up to 2: past 1 it reverses
+their contrast) or for the anti-stereotypical categories' directions only (`anti`),
 each folded into the F16 weights as the split runner does, scored on the split's
 calibration and held-out rows, with the held-out CrowS checks and each category's change.
 
@@ -13,7 +15,7 @@ calibration and held-out rows, with the held-out CrowS checks and each category'
         --try 0.56,1,stereo --try 0.56,2,stereo
 
 Measured on the bundled model (splits 0-2, 2026-12-01; the table is in DESIGN.md "Gated
-pushes"): without race-color's push, gate's held-out pct fall on split 0 shrinks from −4.8
+pushes"; the words rows in "Directional ablation"): without race-color's push, gate's held-out pct fall on split 0 shrinks from −4.8
 to −1.3 points (n.s.); with the head shrink at λ 0.56 no category is made worse, but the
 pct test passes only past the 2% PPL budget.
 """
@@ -21,6 +23,7 @@ pct test passes only past the 2% PPL budget.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,11 +33,11 @@ from bias_gating import category_lines, checks
 
 
 def main() -> None:
-    from bias.ablate import AblateConfig, AblationSpec, compute_directions, make_plan
+    from bias.ablate import AblateConfig, AblationSpec, make_plan
     from bias.audit import open_scorer, score_pairs
     from bias.gate import GateConfig
     from bias.judge import judge_pair_rows
-    from bias.methods import _Folded, _utility, gate_edits_for, open_context
+    from bias.methods import _directions, _Folded, _utility, gate_edits_for, open_context
     from bias.splits import SplitsConfig
     from bias.suites import load_suite
     from edge.runtime import RuntimeConfig
@@ -43,8 +46,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path, help="the --out folder of a finished mitigate --splits run")
     ap.add_argument("--split", type=int, default=0)
-    ap.add_argument("--try", dest="tries", action="append", metavar="λ,a,all|stereo",
-                    help="head strength, gate scale, which pushes (repeatable)")
+    ap.add_argument("--try", dest="tries", action="append", metavar="λ,a,all|stereo[,anti][,words]",
+                    help="head strength, gate scale, which pushes, which categories' head directions "
+                         "(anti: only those whose calibration mean is anti-stereotypical; words: only the group words' "
+                         "rows, where λ may go up to 2) (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     run = json.loads((args.out / "results.json").read_text())
@@ -61,9 +66,8 @@ def main() -> None:
                        AblateConfig(), gate_cfg, lambda k, d: None)
     sh = ctx.shared
     cal, held = cfg.rows(sh.suite, args.split)
-    st, cats = sh.states.take(cal), sh.categories[cal]
-    dirs = compute_directions(st.h_more, st.h_less, st.e_more, st.e_less, cats, min_pairs=ctx.ablate.min_pairs,
-                              head=None if st.o_more is None else st.head)
+    cats = sh.categories[cal]
+    dirs = _directions(ctx, cal, "category")
     edits, d_cal = gate_edits_for(ctx, cal)
     stereo = np.array([d_cal[cats == c].mean() > 0 for c in edits.names])
     print(f"## split {args.split}: pushes for {edits.names}; stereotypical on calibration: "
@@ -71,11 +75,17 @@ def main() -> None:
     folded = _Folded(ctx, args.out / "headgate.f16.gguf")
     calib, heldout = sh.suite.subset(cal.tolist()), sh.suite.subset(held.tolist())
     for t in args.tries or ["0,1,all"]:
-        lam, a, which = t.split(",")
+        lam, a, which, *rest = t.split(",")
+        hd = dirs
+        if "anti" in rest:
+            anti = [c for c in dirs.labels if c in edits.names and d_cal[cats == c].mean() < 0]
+            keep = np.array([c in anti for c in dirs.labels])[:, None]
+            hd = dataclasses.replace(dirs, head=dirs.head * keep)
+        words = "words" in rest
         t0 = time.perf_counter()
         plan = edits.plan(float(a) * (stereo if which == "stereo" else np.ones(len(stereo))))
         if float(lam) > 0:
-            plan.output = make_plan(dirs, AblationSpec((), float(lam), embedding=False, head=True)).output
+            plan.output = make_plan(hd, AblationSpec((), float(lam), embedding=False, head=True, words=words)).output
         sc = folded.load_plan(plan, f"headgate {t}")
         m, ls = score_pairs(sc, calib)
         ppl, _ = _utility(ctx, sc)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,18 @@ class GateEdits:
 
     def one(self, j: int) -> FoldPlan:
         return self.plan(np.eye(len(self.names))[j])
+
+    def save(self, path: Path, coef: Sequence[float] | np.ndarray) -> None:
+        np.savez_compressed(path, u=self.u, v=self.v, layers=self.layers, names=np.array(self.names),
+                            signs=self.signs, coefficients=np.asarray(coef, np.float64))
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[GateEdits, np.ndarray]:
+        """The saved edits and the coefficients the fit chose."""
+        z = np.load(path)
+        k = len(z["names"])
+        signs = z["signs"] if "signs" in z.files else np.ones(k)  # runs before 12-02 kept no signs
+        return cls([str(x) for x in z["names"]], signs, [int(x) for x in z["layers"]], z["u"], z["v"]), z["coefficients"]
 
 
 def writes(h: np.ndarray, e: np.ndarray) -> np.ndarray:

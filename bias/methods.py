@@ -1,7 +1,9 @@
 """The corrections as the split runner fits them: `steer` (control vector, the feedback loop
 of bias.feedback), `ablate` (directional ablation folded into the weights, bias.ablate +
-edge.fold) and `gate` (gated per-category pushes folded into the weights, bias.gate), and
-`mitigate_splits`, the library entry point of `edge bias mitigate --method … --splits N`.
+edge.fold), `gate` (gated per-category pushes folded into the weights, bias.gate), `combo`
+(the group words' head rows ablated, then a control vector fitted on that model, both
+folded into the weights), and `mitigate_splits`, the library entry point of
+`edge bias mitigate --method … --splits N`.
 
 All fit on one split's calibration rows from the same shared pair states. Scoring uses
 the weights the audit uses (the f16 copy of a quantized model); generation uses what a
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from bias.ablate import (
     AblationSpec,
     BiasDirections,
     compute_directions,
+    group_tokens,
     make_plan,
     run_ablate_loop,
 )
@@ -47,7 +50,7 @@ from bias.steering import compute_directions as steering_directions
 from bias.suites import Suite, load_suite
 from edge.cvec import write as write_cvec
 from edge.errors import BadOptionError
-from edge.fold import FoldPlan, fold_gguf, requant_cost
+from edge.fold import FoldPlan, ResidualEdit, fold_gguf, requant_cost
 from edge.interrupt import InterruptGuard
 from edge.runtime import Runtime, RuntimeConfig
 
@@ -136,17 +139,25 @@ def _ablate_note(spec: AblationSpec) -> str:
     return f"edge bias ablate: {spec.describe()}"
 
 
-def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+def _directions(ctx: Context, cal: np.ndarray, kind: str) -> BiasDirections:
+    """The split's ablation directions ("category" or "overall") with the group words of its
+    calibration pairs (the rows a words edit touches)."""
     sh = ctx.shared
     st = sh.states.take(cal)
+    items = sh.suite.subset(cal.tolist()).items
+    words = group_tokens(lambda t: ctx.rt.tokenize(t, add_bos=False), [(it.more, it.less) for it in items])
+    d = compute_directions(st.h_more, st.h_less, st.e_more, st.e_less,
+                           sh.categories[cal] if kind == "category" else None, min_pairs=ctx.ablate.min_pairs,
+                           head=None if st.o_more is None else st.head)
+    return replace(d, head_rows=words)
+
+
+def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    sh = ctx.shared
     cats = sh.categories[cal]
-    kinds = {kind for kind, _ in ctx.ablate.candidates}
-    head = None if st.o_more is None else st.head
-    dirs = {k: compute_directions(st.h_more, st.h_less, st.e_more, st.e_less,
-                                  cats if k == "category" else None, min_pairs=ctx.ablate.min_pairs, head=head)
-            for k in sorted(kinds)}
-    folded = _Folded(ctx, work / "ablate.f16.gguf")
     calib = sh.suite.subset(cal.tolist())
+    dirs = {k: _directions(ctx, cal, k) for k in sorted({kind for kind, _ in ctx.ablate.candidates})}
+    folded = _Folded(ctx, work / "ablate.f16.gguf")
 
     def measure(spec: AblationSpec, d: BiasDirections,
                 pairs: bool) -> tuple[np.ndarray | None, np.ndarray | None, float, float]:
@@ -166,9 +177,7 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
     best, d = res.best, dirs[res.best.directions]
     plan, note = make_plan(d, best.spec), _ablate_note(best.spec)
     sc = folded.load_plan(plan, note)
-    np.savez_compressed(work / "ablate_directions.npz", layers=d.layers, embedding=d.embedding,
-                        head=d.head if d.head is not None else d.embedding,
-                        labels=np.array(d.labels), spec=np.array(str(best.spec.to_dict())))
+    d.save(work / "ablate_directions.npz", best.spec)
     return _folded_correction(ctx, "ablate", folded, sc, plan, note, work, index, fit)
 
 
@@ -251,10 +260,43 @@ def fit_gate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correctio
     fit = {"categories": edits.names, "signs": edits.signs.tolist(), "layers": edits.layers,
            "gate_on_own_sentences": edits.selectivity, "scale": best.scale, "coefficients": a.tolist(),
            "steps": [s.to_dict() for s in steps]}
-    np.savez_compressed(work / "gate_edits.npz", u=edits.u, v=edits.v, layers=edits.layers,
-                        names=np.array(edits.names), coefficients=a)
+    edits.save(work / "gate_edits.npz", a)
     return _folded_correction(ctx, "gate", folded, sc, plan, f"edge bias gate: {len(edits.names)} categories", work,
                               index, fit)
+
+
+def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    """`combo`: the group words' head rows lose the per-category contrasts (λ = 1: removed,
+    not reversed, so almost no PPL), then the control-vector loop runs on that model in what
+    is left of the PPL budget. The words edit moves the anti-stereotypical category up and
+    the vector shifts the pct down; both go into one GGUF (the vector as each layer's
+    ffn_down bias), so a device runs it with no flag."""
+    sh = ctx.shared
+    st, calib = sh.states.take(cal), sh.suite.subset(cal.tolist())
+    d = _directions(ctx, cal, "category")
+    n_words = 0 if d.head_rows is None else len(d.head_rows)
+    spec = AblationSpec((), 1.0, embedding=False, head=True, words=True)
+    wplan = make_plan(d, spec)
+    folded = _Folded(ctx, work / "combo.f16.gguf")
+    sc = folded.load_plan(wplan, _ablate_note(spec))
+    ppl_w, kl_w = _utility(ctx, sc)
+    rise_w = ppl_w / sh.base_ppl - 1
+    ctx.emit("combo", {"words": spec.describe(), "group_tokens": n_words, "ppl_increase": rise_w, "kl": kl_w})
+    left = (1 + ctx.cfg.max_ppl_increase) / (1 + rise_w) - 1  # the vector's share of the budget
+    dirs = steering_directions(st.h_more, st.h_less, "mean")
+    loop_cfg = LoopConfig(max_ppl_increase=max(left, 0.0), max_iter=ctx.cfg.steer_iter,
+                          n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
+    loop = run_loop(sc, calib, dirs, loop_cfg, sh.neutral, lambda kind, dd: ctx.emit("combo", dd))
+    vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
+    plan = FoldPlan({il: ResidualEdit.constant(vec[il]) for il in range(1, len(vec)) if vec[il].any()},
+                    output=wplan.output)
+    note = f"edge bias combo: {spec.describe()} + control vector ×{loop.gain:.3g}"
+    sc = folded.load_plan(plan, note)
+    d.save(work / "combo_words.npz", spec)
+    fit = {"words": {"spec": spec.to_dict(), "group_tokens": n_words, "ppl_increase": rise_w, "kl": kl_w,
+                     "directions": d.to_dict()},
+           "loop": loop.to_dict(), "vector_budget": left}
+    return _folded_correction(ctx, "combo", folded, sc, plan, note, work, index, fit)
 
 
 def _deploy(ctx: Context, f16: Path, dst: Path, plan: FoldPlan, note: str, fit: dict[str, Any]) -> Path:
@@ -324,7 +366,7 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
         info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate), "gate_config": asdict(gate),
                 "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
-        fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate}
+        fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate, "combo": fit_combo}
         return run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
                           info)
     finally:

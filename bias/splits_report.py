@@ -124,10 +124,10 @@ def _deployed(res: dict[str, Any]) -> list[str]:
         if abl and not abl.get("fold") and abl.get("loop", {}).get("best") is None:
             out.append(f"Split {s['seed']} ablate: no candidate lowered the calibration bias within the "
                        "PPL budget; the uncorrected model was judged and no ablated GGUF was written.")
-        for m in ("ablate", "gate"):
+        for m, what in (("ablate", "ablated"), ("gate", "gated"), ("combo", "combined (words + vector)")):
             fold = s["methods"].get(m, {}).get("fit", {}).get("fold")
             if fold:
-                out.append(_fold_line(s["seed"], "ablated" if m == "ablate" else "gated", fold))
+                out.append(_fold_line(s["seed"], what, fold))
     return out + [""] if out else out
 
 

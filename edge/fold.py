@@ -44,6 +44,16 @@ class ResidualEdit:
     u: np.ndarray  # (n_embd, k)
     v: np.ndarray  # (n_embd, k)
     bias: np.ndarray | None = None  # (n_embd,), added once per layer (ffn_down's bias)
+    # token embedding / output head only: edit just these token rows (a word list's), so
+    # the rest of the vocabulary, and with it the text that does not use those words, keeps
+    # its logits
+    rows: np.ndarray | None = None
+
+    @classmethod
+    def constant(cls, bias: np.ndarray) -> ResidualEdit:
+        """Only a constant added to what the layer writes (a control vector's row)."""
+        z = np.zeros((len(bias), 0), np.float32)
+        return cls(z, z, np.asarray(bias, np.float32))
 
     @classmethod
     def projection(cls, directions: np.ndarray, strength: float = 1.0) -> ResidualEdit:
@@ -89,6 +99,8 @@ class FoldPlan:
                 raise BadOptionError(f"fold plan names layer {il}; the model has layers 0..{n_layers - 1}")
             if e.u.shape[0] != n_embd or e.v.shape != e.u.shape:
                 raise BadOptionError(f"fold plan layer {il}: vectors of {e.u.shape[0]} values, model n_embd {n_embd}")
+            if e.rows is not None:
+                raise BadOptionError(f"fold plan layer {il}: a row subset applies to the embedding or head only")
         for name, e in (("token embedding", self.embedding), ("output head", self.output)):
             if e is not None and e.bias is not None:
                 raise BadOptionError(f"the {name} has no bias tensor; fold a constant at a layer instead")
@@ -121,7 +133,11 @@ def edit_embedding(emb: np.ndarray, e: ResidualEdit) -> np.ndarray:
     """Token embedding (n_vocab, n_embd), one row per token: each row gets the edit.
     float32 (the matrix is large; rows are edited independently, so error stays ~1e-7)."""
     x = np.asarray(emb, dtype=np.float32)
-    return x - (x @ e.v.astype(np.float32)) @ e.u.T.astype(np.float32)
+    if e.rows is None:
+        return x - (x @ e.v.astype(np.float32)) @ e.u.T.astype(np.float32)
+    out, r = x.copy(), np.asarray(e.rows, dtype=np.int64)
+    out[r] = x[r] - (x[r] @ e.v.astype(np.float32)) @ e.u.T.astype(np.float32)
+    return out
 
 
 def fold_weights(weights: Any, plan: FoldPlan) -> Any:
@@ -293,8 +309,9 @@ def _jobs(reader: Any, plan: FoldPlan, weight_type: str, src: object) -> tuple[l
     import gguf
 
     emb_name, out_name, attn_out, ffn_down = _names()
-    edits = {attn_out.format(bid=il): e for il, e in plan.layers.items()}
-    edits |= {ffn_down.format(bid=il): e for il, e in plan.layers.items()}
+    # a rank-0 edit is a constant alone (a control vector folded in): the writers stay as they are
+    edits = {attn_out.format(bid=il): e for il, e in plan.layers.items() if e.rank}
+    edits |= {ffn_down.format(bid=il): e for il, e in plan.layers.items() if e.rank}
     tensors = {t.name: t for t in reader.tensors}
     if plan.embedding is not None:
         edits[emb_name] = plan.embedding

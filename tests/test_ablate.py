@@ -86,6 +86,56 @@ def test_head_directions_come_from_the_head_rows_and_edit_only_the_head() -> Non
     assert "output head" in AblationSpec((), 0.5, embedding=False, head=True).describe()
 
 
+def test_words_ablation_edits_the_group_words_rows_and_round_trips(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from bias.ablate import BiasDirections, group_tokens
+
+    def tok(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    # what one sentence has and the other has not, with multiplicity ("aab" vs "ab": one a)
+    # a difference token counts with multiplicity; one that mostly sits in the shared part
+    # of the pairs (z: 1 of its 5 occurrences differs) is a function word, not a group word
+    pairs = [("xaz", "xbz"), ("zz", "z")]
+    assert group_tokens(tok, pairs).tolist() == [ord("a"), ord("b")]
+    assert group_tokens(tok, pairs, min_share=0.2).tolist() == [ord("a"), ord("b"), ord("z")]
+    hm, hl, em, el = _states()
+    d = compute_directions(hm, hl, em, el, ["a"] * 30 + ["b"] * 30, protect=0)
+    spec = AblationSpec((), 1.6, embedding=False, head=True, words=True)
+    with pytest.raises(Exception, match="token ids"):
+        make_plan(d, spec)
+    d = replace(d, head_rows=np.array([2, 7]))
+    plan = make_plan(d, spec)
+    assert plan.output is not None and plan.output.rows.tolist() == [2, 7] and not plan.layers
+    assert "group words" in spec.describe()
+    with pytest.raises(Exception, match="strength"):  # past 1 only for the words' rows
+        make_plan(d, replace(spec, words=False))
+    # the loop starts a words candidate at its own strength (here past 1)
+    cfg = AblateConfig.targets("words,head")
+    assert [w for _, w in cfg.candidates] == ["words", "head"] and cfg.spec("words", L).strength == 1.0
+    assert [w for _, w in AblateConfig.targets("both").candidates] == ["head", "stream"]
+    with pytest.raises(Exception, match="ablate-where"):
+        AblateConfig.targets("lips")
+    calls: list[float] = []
+
+    def measure(sp: AblationSpec, dd: object, pairs: bool) -> tuple[np.ndarray | None, np.ndarray | None, float, float]:
+        calls.append(sp.strength)
+        ll = np.zeros(60)
+        return (ll + 0.1 if pairs else None), (ll if pairs else None), 10 * (1 + 0.04 * (sp.strength / 2) ** 2), 0.0
+
+    base = (np.r_[np.ones(30), -np.ones(30)], np.zeros(60))
+    res = run_ablate_loop({"category": d}, base, 10.0, ["a"] * 30 + ["b"] * 30, measure,
+                          AblateConfig(candidates=(("category", "words"),), words_strength=2.0))
+    # the PPL probe at λ = 2 (+4%), then the pairs at 2·√(0.95·0.02/0.04)
+    assert calls == [2.0, pytest.approx(2 * np.sqrt(0.95 * 0.02 / 0.04), abs=1e-3)]
+    assert res.best is not None and res.best.spec.words
+    d.save(tmp_path / "d.npz", spec)
+    back, spec2 = BiasDirections.load(tmp_path / "d.npz")
+    assert spec2 == spec and back.head_rows.tolist() == [2, 7] and back.labels == d.labels
+    np.testing.assert_allclose(make_plan(back, spec2).output.u, plan.output.u)
+
+
 def test_directions_avoid_the_streams_massive_axis() -> None:
     hm, hl, em, el = _states()
     hm, hl = hm.copy(), hl.copy()

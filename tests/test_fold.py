@@ -8,6 +8,7 @@ writer adds to the stream.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -114,8 +115,50 @@ def test_head_edit_in_llama_cpp_equals_engine(tiny: dict[str, Path], shared: boo
     embedding unedited), or stays tied when the embedding takes the same edit."""
     rng = np.random.default_rng(4)
     e = ResidualEdit.projection(rng.standard_normal((3, SPEC.n_embd)))
+    _head_matches(tiny, e, shared, f"head{int(shared)}.gguf")
+
+
+def test_a_word_list_head_edit_changes_only_those_logits_in_llama_cpp(tiny: dict[str, Path]) -> None:
+    """An edit of some token rows (a reversal, λ = 2, as a words ablation may ask): llama.cpp
+    reads the folded file as the engine does, and every other token's logit is unchanged."""
+    rng = np.random.default_rng(6)
+    words = np.array([5, 17, 40, 41, 200])
+    e = replace(ResidualEdit.projection(rng.standard_normal((2, SPEC.n_embd)), 2.0), rows=words)
+    ref, base = _head_matches(tiny, e, False, "words.gguf")
+    other = np.setdiff1d(np.arange(ref.shape[1]), words)
+    np.testing.assert_allclose(ref[:, other], base[:, other], rtol=0, atol=2e-3 * np.abs(ref).max())
+    assert np.abs(ref[:, words] - base[:, words]).max() > 0.05 * np.abs(ref).max()
+    with pytest.raises(BadOptionError, match="row subset"):
+        FoldPlan({1: e}).check(SPEC.n_layers, SPEC.n_embd)
+
+
+def test_a_folded_control_vector_leaves_the_writers_and_equals_the_engines_control(tiny: dict[str, Path]) -> None:
+    """Rank-0 edits are constants alone (a control vector folded in as ffn_down biases):
+    no writer is re-encoded, and llama.cpp on the file equals the engine with that control."""
+    rng = np.random.default_rng(8)
+    vec = rng.standard_normal((SPEC.n_layers, SPEC.n_embd)).astype(np.float32)
+    plan = FoldPlan({il: ResidualEdit.constant(vec[il]) for il in (1, 2)})
+    out = tiny["dir"] / "cvec.gguf"
+    r = fold_gguf(tiny["f32"], out, plan, weight_type="source", force=True)
+    assert r.edited == [] and not r.untied_output
+    names = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    src = {t.name: t for t in gguf.GGUFReader(str(tiny["f32"])).tensors}
+    assert {"blk.1.ffn_down.bias", "blk.2.ffn_down.bias"} <= set(names) and "blk.0.ffn_down.bias" not in names
+    assert np.array_equal(names["blk.1.ffn_down.weight"].data, src["blk.1.ffn_down.weight"].data)  # byte for byte
+    toks = _tokens()
+    base = Engine.from_gguf(tiny["f32"])
+    ours = base.forward(toks, control=plan.bias_matrix(SPEC.n_layers, SPEC.n_embd)).logits
+    ref = llama_logits(out, toks)
+    scale = np.abs(ref).max()
+    assert np.abs(base.forward(toks).logits - ref).max() > 0.05 * scale
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 * scale)
+
+
+def _head_matches(tiny: dict[str, Path], e: ResidualEdit, shared: bool, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fold e into the head (and the embedding if shared); llama.cpp's logits on the file
+    must equal the engine's with the edit, and differ from the unedited model's."""
     plan = FoldPlan(embedding=e if shared else None, output=e)
-    out = tiny["dir"] / f"head{int(shared)}.gguf"
+    out = tiny["dir"] / name
     r = fold_gguf(tiny["f32"], out, plan, weight_type="F32", force=True)
     names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
     assert ("output.weight" in names) is (not shared) and r.untied_output is (not shared)
@@ -125,8 +168,10 @@ def test_head_edit_in_llama_cpp_equals_engine(tiny: dict[str, Path], shared: boo
     ours = Engine(fold_weights(base.weights, plan)).forward(toks).logits
     ref = llama_logits(out, toks)
     scale = np.abs(ref).max()
-    assert np.abs(base.forward(toks).logits - ref).max() > 0.05 * scale
+    unedited = base.forward(toks).logits
+    assert np.abs(unedited - ref).max() > 0.05 * scale
     np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 * scale)
+    return ref, unedited
 
 
 def test_requantized_fold_keeps_types_and_copies_the_rest(tiny: dict[str, Path]) -> None:

@@ -105,26 +105,28 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
               help="The pair suite the loop calibrates on (crows_pairs or probes).")
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Where to write the correction: the model with the edit folded into its weights "
-                   "(gate, ablate), or the control-vector GGUF (steer alone). With several methods "
+                   "(combo, gate, ablate), or the control-vector GGUF (steer alone). With several methods "
                    "the others go beside it as STEM.<method>.gguf. With --splits, split 0's.")
-@click.option("--method", "correction_method", type=click.Choice(["steer", "ablate", "gate", "both", "all"]),
-              default="steer", show_default=True,
+@click.option("--method", "correction_method",
+              type=click.Choice(["steer", "ablate", "gate", "combo", "both", "all"]), default="steer", show_default=True,
               help="steer: a control vector (added to the stream); ablate: remove the bias "
                    "directions, folded into the weights; gate: a push per category that opens only "
-                   "where a layer writes that category's content, folded into the weights; both: "
-                   "steer and ablate side by side; all: the three.")
+                   "where a layer writes that category's content, folded into the weights; combo: "
+                   "the group words' head rows ablated, then a control vector fitted on that model, "
+                   "both folded into the weights; both: steer and ablate side by side; all: the four.")
 @click.option("--splits", type=click.IntRange(1, 100), default=None,
               help="Calibrate and judge on N seeded random splits and report each figure's median "
                    "and range (every method but steer always runs splits; default 1).")
 @click.option("--weights", type=click.Choice(["source", "f16"]), default="source", show_default=True,
-              help="The ablated GGUF's edited tensors: re-quantized to the source's types (the "
-                   "report gives the KL this costs) or kept at f16.")
-@click.option("--ablate-where", type=click.Choice(["head", "stream", "both"]), default="head",
-              show_default=True,
-              help="What ablate tries: the per-category directions removed from the output head "
-                   "(the logits stop telling the group words apart along them), the overall "
-                   "direction removed from every layer's output and the embedding, or both "
-                   "(the loop keeps the one with the least bias left within the PPL budget).")
+              help="The folded GGUF's edited tensors (ablate, gate): re-quantized to the source's "
+                   "types (the report gives the KL this costs) or kept at f16.")
+@click.option("--ablate-where", default="head", show_default=True, metavar="WHERE[,WHERE]",
+              help="What ablate tries: words (the per-category directions removed from the output "
+                   "head's rows of the group words the calibration pairs differ by: the logits stop "
+                   "telling those words apart along them, the rest of the vocabulary is untouched), "
+                   "head (the same on every row), stream (the overall direction removed from every "
+                   "layer's output and the embedding), or several comma-separated; the loop keeps "
+                   "the one with the least bias left within the PPL budget ('both': head,stream).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="Fraction of the bias to remove on the calibration part (steer without --splits).")
 @click.option("--max-ppl-increase", type=click.FloatRange(0), default=None,
@@ -239,8 +241,8 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
     from bias.splits import SplitsConfig
     from bias.splits_report import summary_lines
 
-    methods = {"both": ("steer", "ablate"), "all": ("steer", "ablate", "gate")}.get(correction_method,
-                                                                                   (correction_method,))
+    methods = {"both": ("steer", "ablate"), "all": ("steer", "ablate", "gate", "combo")}.get(
+        correction_method, (correction_method,))
     cfg = SplitsConfig(n_splits=n_splits, seed=seed, calib_frac=calib_frac, exclude_category=exclude_category,
                        methods=methods, max_ppl_increase=0.02 if max_ppl_increase is None else max_ppl_increase,
                        bbq_spec=bbq_spec, bbq_per_condition=bbq_items, repeat=repeat, temp=temp,
@@ -270,7 +272,7 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
         click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}", err=True)
     elif kind == "done":
         click.echo(f"split {d['split']} {d['method']} done in {d['seconds']:.0f} s", err=True)
-    elif kind in ("steer", "ablate", "gate"):
+    elif kind in ("steer", "ablate", "gate", "combo"):
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
         click.echo(f"  {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in keep.items()), err=True)
