@@ -88,8 +88,8 @@ class SplitsConfig:
 
     def outputs(self) -> dict[str, Path]:
         """Where split 0's corrections go: -o takes the first method's (the combined model,
-        else the gated, else the ablated model, else the control vector); each other one goes beside it as
-        STEM.<method>.gguf."""
+        else the gated, else the ablated model, else the control vector); each other one
+        goes beside it as STEM.<method>.gguf."""
         if not self.output:
             return {}
         out = Path(self.output)

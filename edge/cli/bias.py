@@ -118,7 +118,7 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
               help="Calibrate and judge on N seeded random splits and report each figure's median "
                    "and range (every method but steer always runs splits; default 1).")
 @click.option("--weights", type=click.Choice(["source", "f16"]), default="source", show_default=True,
-              help="The folded GGUF's edited tensors (ablate, gate): re-quantized to the source's "
+              help="The folded GGUF's edited tensors (ablate, gate, combo): re-quantized to the source's "
                    "types (the report gives the KL this costs) or kept at f16.")
 @click.option("--ablate-where", default="head", show_default=True, metavar="WHERE[,WHERE]",
               help="What ablate tries: words (the per-category directions removed from the output "
