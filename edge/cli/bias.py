@@ -169,7 +169,8 @@ def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablat
     paired CIs): a control vector from the layer-wise feedback loop (steer), or the bias
     directions removed from the residual stream and folded into a GGUF that runs anywhere
     (ablate), or a push per category that opens only on that category's content, folded
-    likewise (gate); several side by side on the same splits.
+    likewise (gate), or the group words' head rows ablated plus a control vector, both
+    folded in (combo); several side by side on the same splits.
 
     \b
     Examples:
