@@ -275,7 +275,7 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     st, calib = sh.states.take(cal), sh.suite.subset(cal.tolist())
     d = _directions(ctx, cal, "category")
     n_words = 0 if d.head_rows is None else len(d.head_rows)
-    spec = AblationSpec((), 1.0, embedding=False, head=True, words=True)
+    spec = AblateConfig(words_strength=1.0).spec("words", d.n_layers)  # remove, never reverse
     wplan = make_plan(d, spec)
     folded = _Folded(ctx, work / "combo.f16.gguf")
     sc = folded.load_plan(wplan, _ablate_note(spec))
