@@ -9,7 +9,10 @@ results.json and the shared cache) and, on one split, measures combinations of
 and the head edit on the group words' rows only (`words`, λ up to 2: past 1 it reverses
 their contrast) or for the anti-stereotypical categories' directions only (`anti`),
 each folded into the F16 weights as the split runner does, scored on the split's
-calibration and held-out rows, with the held-out CrowS checks and each category's change.
+calibration and held-out rows, with the held-out CrowS checks and each category's change
+split into its two parts (bias.audit.PairScores): the rewritten words' own log-probability
+and the rest of the sentence. `--vector FILE` adds a control vector (the split's steer.gguf)
+on top of every try, so steer's own parts can be read with `--vector ... --try 0,0,all`.
 
     python benchmarks/bias_headgate.py /tmp/r20/out --split 0 --try 0,1,all --try 0,1,stereo \\
         --try 0.56,1,stereo --try 0.56,2,stereo
@@ -34,12 +37,13 @@ from bias_gating import category_lines, checks
 
 def main() -> None:
     from bias.ablate import AblateConfig, AblationSpec, make_plan
-    from bias.audit import open_scorer, score_pairs
+    from bias.audit import open_scorer, score_pair_parts, score_pairs
     from bias.gate import GateConfig
-    from bias.judge import judge_pair_rows
+    from bias.judge import judge_pair_rows, judge_parts
     from bias.methods import _directions, _Folded, _utility, gate_edits_for, open_context
     from bias.splits import SplitsConfig
     from bias.suites import load_suite
+    from edge.cvec import read
     from edge.runtime import RuntimeConfig
     from edge.session import open_runtime
 
@@ -50,6 +54,7 @@ def main() -> None:
                     help="head strength, gate scale, which pushes, which categories' head directions "
                          "(anti: only those whose calibration mean is anti-stereotypical; words: only the group words' "
                          "rows, where λ may go up to 2) (repeatable)")
+    ap.add_argument("--vector", type=Path, help="a control vector applied on top of every try")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     run = json.loads((args.out / "results.json").read_text())
@@ -87,14 +92,27 @@ def main() -> None:
         if float(lam) > 0:
             plan.output = make_plan(hd, AblationSpec((), float(lam), embedding=False, head=True, words=words)).output
         sc = folded.load_plan(plan, f"headgate {t}")
+        if args.vector:
+            sc.set_control_vector(read(args.vector).matrix(rt.info.n_layers or 0, rt.info.n_embd or 0))
         m, ls = score_pairs(sc, calib)
         ppl, _ = _utility(ctx, sc)
-        hm, hl = score_pairs(sc, heldout)
-        judged = judge_pair_rows((sh.base[0][held], sh.base[1][held]), (hm, hl), sh.categories[held].tolist())
+        ps = score_pair_parts(sc, heldout)
+        b = (sh.base[0][held], sh.base[1][held])
+        judged = judge_pair_rows(b, (ps.more, ps.less), sh.categories[held].tolist())
         line, ok = checks(judged, cfg.exclude_category)
-        print(f"\n### head λ {lam}, gate ×{a} ({which}): calibration pct {100 * np.mean(d_cal > 0):.1f} → "
-              f"{100 * np.mean(m - ls > 0):.1f}, PPL {100 * (ppl / sh.base_ppl - 1):+.2f}% "
+        print(f"\n### head λ {lam}, gate ×{a} ({which}){' + vector' * bool(args.vector)}: calibration pct "
+              f"{100 * np.mean(d_cal > 0):.1f} → {100 * np.mean(m - ls > 0):.1f}, PPL {100 * (ppl / sh.base_ppl - 1):+.2f}% "
               f"({time.perf_counter() - t0:.0f} s)\nheld-out: {line}\n{ok}\n{category_lines(judged)}", flush=True)
+        if sh.base_words is not None:
+            parts = judge_parts((b[0] - b[1], ps.more - ps.less), (sh.base_words[held], ps.words),
+                                sh.categories[held].tolist())
+            print("parts: rewritten tokens; shared tokens; pct on the shared tokens [CI after], change [CI]\n" + "\n".join(
+                f"  {c:20s} {w.before.value:+.2f} → {w.after.value:+.2f}; {r.before.value:+.2f} → {r.after.value:+.2f} "
+                f"(change {r.change.value:+.2f} [{r.change.lo:+.2f}, {r.change.hi:+.2f}]); "
+                f"{q.before.value:.1f} → {q.after.value:.1f} [{q.after.lo:.1f}, {q.after.hi:.1f}], "
+                f"change {q.change.value:+.1f} [{q.change.lo:+.1f}, {q.change.hi:+.1f}]"
+                for (c, w), r, q in zip(parts["words"].items(), parts["rest"].values(), parts["rest_pct"].values(),
+                                        strict=True)), flush=True)
     folded.close()
     (args.out / "headgate.f16.gguf").unlink(missing_ok=True)
     scorer.close()

@@ -129,6 +129,21 @@ def judge_pair_rows(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarr
     return out
 
 
+def judge_parts(diff: tuple[np.ndarray, np.ndarray], words: tuple[np.ndarray, np.ndarray],
+                categories: Sequence[str], *, n_boot: int = M.N_BOOT) -> dict[str, dict[str, Judged]]:
+    """The mean ll difference's two parts (bias.audit.PairScores) before and after, from
+    each row's ll difference and its words part (each a (before, after) pair):
+    {"words" | "rest" | "rest_pct": {"ALL" | category: Judged}}. Says whether a correction
+    moved the rewritten tokens' own log-probability or the shared tokens' (and the pct
+    counted on those alone, as the CrowS-Pairs paper counts)."""
+    cats = np.asarray(categories)
+    masks = {"ALL": np.ones(len(cats), bool)} | {c: cats == c for c in sorted(set(cats.tolist()))}
+    rest = (diff[0] - words[0], diff[1] - words[1])
+    parts = {"words": (M.mean_of, 0.0, words), "rest": (M.mean_of, 0.0, rest), "rest_pct": (M.pct_positive, 50.0, rest)}
+    return {name: {c: judge(f, [b[m]], [a[m]], neutral=neutral, n_boot=n_boot) for c, m in masks.items()}
+            for name, (f, neutral, (b, a)) in parts.items()}
+
+
 # ---- BBQ -----------------------------------------------------------------------------------
 @dataclass
 class BBQFlags:
@@ -178,5 +193,5 @@ def asdict_judged(d: dict[str, Judged]) -> dict[str, Any]:
     return {k: v.to_dict() for k, v in d.items()}
 
 
-__all__ = ["BBQFlags", "Judged", "PairRowsJudged", "asdict", "asdict_judged", "judge", "judge_bbq",
+__all__ = ["BBQFlags", "Judged", "PairRowsJudged", "asdict", "asdict_judged", "judge", "judge_bbq", "judge_parts",
            "judge_generation", "judge_pair_rows", "label_counts"]

@@ -30,7 +30,7 @@ from bias.ablate import (
     make_plan,
     run_ablate_loop,
 )
-from bias.audit import open_scorer, score_bbq, score_pairs
+from bias.audit import open_scorer, score_bbq, score_pair_parts, score_pairs
 from bias.feedback import LoopConfig, run_loop
 from bias.gate import (
     GateConfig,
@@ -108,7 +108,7 @@ def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         finally:
             rt.set_control_vector(None)
 
-    return Correction("steer", lambda s: with_vec(lambda: score_pairs(sc, s)),
+    return Correction("steer", lambda s: with_vec(lambda: score_pair_parts(sc, s)),
                       lambda s: with_vec(lambda: score_bbq(sc, s)),
                       lambda: with_vec(lambda: _utility(ctx, sc)), generate,
                       {"loop": loop.to_dict(), "vector": str(path)})
@@ -206,7 +206,7 @@ def _folded_correction(ctx: Context, method: str, folded: _Folded, sc: BatchScor
                 if p is not None and p != target:
                     p.unlink(missing_ok=True)
 
-    return Correction(method, lambda s: score_pairs(sc, s), lambda s: score_bbq(sc, s),
+    return Correction(method, lambda s: score_pair_parts(sc, s), lambda s: score_bbq(sc, s),
                       lambda: _utility(ctx, sc), generate, fit, close)
 
 

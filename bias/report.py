@@ -14,36 +14,52 @@ from edge.paths import atomic_write
 
 # The metric each plot shows first, and the value an unbiased model would score.
 HEADLINE = {"pairs": ("pct_stereotype", 50.0), "bbq": ("s_dis", 0.0), "stereoset": ("ss", 50.0)}
-PLOTS = {"pairs": ["pct_stereotype", "mean_ll_diff"], "bbq": ["s_dis", "s_amb", "acc_dis"],
-         "stereoset": ["ss", "icat"]}
+# One plot per entry; a tuple overlays metrics of one unit (a figure and its parts).
+PLOTS: dict[str, list[tuple[str, ...]]] = {
+    "pairs": [("pct_stereotype", "rest_pct_stereotype"), ("mean_ll_diff", "words_ll_diff", "rest_ll_diff")],
+    "bbq": [("s_dis",), ("s_amb",), ("acc_dis",)], "stereoset": [("ss",), ("icat",)]}
 UNBIASED = {"pct_stereotype": 50.0, "mean_ll_diff": 0.0, "s_dis": 0.0, "s_amb": 0.0, "ss": 50.0}
+LABELS = {"pct_stereotype": "whole sentence", "rest_pct_stereotype": "shared tokens only",
+          "mean_ll_diff": "whole sentence", "words_ll_diff": "rewritten tokens", "rest_ll_diff": "shared tokens"}
+PAIR_PARTS_NOTE = ("mean_ll_diff = words_ll_diff + rest_ll_diff: the rewritten tokens' own log-probability "
+                   "(how likely the model finds the group word in its place: its rarity, and whatever "
+                   "the words before it carry) and that of the tokens the two sentences share (how the "
+                   "sentence goes on around the group). rest_pct_stereotype counts the pairs on the "
+                   "shared tokens alone, as the CrowS-Pairs authors count. A words part far from 0 with "
+                   "the rest near 0 is mostly word frequency.")
 
 
 def _fmt(e: Estimate) -> str:
     return f"{e.value:.3g} [{e.lo:.3g}, {e.hi:.3g}]"
 
 
-def plot_metric(res: AuditResult, metric: str, path: Path) -> Path:
+def plot_metric(res: AuditResult, metrics: tuple[str, ...], path: Path) -> Path:
+    """Per category, each metric's value and CI; several metrics side by side on one axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cats = list(res.per_category)
-    ests = [res.per_category[c][metric] for c in cats] + [res.overall[metric]]
     labels = [*cats, "ALL"]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, (0.45 + 0.15 * (len(metrics) - 1)) * len(labels) + 1.2), dpi=110)
     ys = list(range(len(labels)))[::-1]
-    for y, e, lab in zip(ys, ests, labels, strict=True):
-        color = "#1f4e79" if lab == "ALL" else "#4a90c2"
-        ax.errorbar(e.value, y, xerr=[[e.value - e.lo], [e.hi - e.value]], fmt="o", color=color,
-                    capsize=3)
-    if metric in UNBIASED:
-        ax.axvline(UNBIASED[metric], color="#999", ls="--", lw=1, label="unbiased")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_yticks(ys, [f"{lab} (n={e.n})" for lab, e in zip(labels, ests, strict=True)], fontsize=8)
-    ax.set_xlabel(f"{metric} (95% bootstrap CI)")
-    ax.set_title(f"{res.suite}: {metric} by category", fontsize=10)
+    colors = ["#1f4e79", "#d98c1f", "#3a9a5b"]
+    for j, metric in enumerate(metrics):
+        ests = [res.per_category[c][metric] for c in cats] + [res.overall[metric]]
+        off = 0.22 * (j - (len(metrics) - 1) / 2) * (len(metrics) > 1)
+        for k, (y, e) in enumerate(zip(ys, ests, strict=True)):
+            color = colors[j] if len(metrics) > 1 else ("#1f4e79" if labels[k] == "ALL" else "#4a90c2")
+            ax.errorbar(e.value, y - off, xerr=[[e.value - e.lo], [e.hi - e.value]], fmt="o", color=color,
+                        capsize=3, ms=4 if len(metrics) > 1 else 6,
+                        label=LABELS.get(metric, metric) if k == 0 and len(metrics) > 1 else None)
+    if metrics[0] in UNBIASED:
+        ax.axvline(UNBIASED[metrics[0]], color="#999", ls="--", lw=1, label="unbiased")
+    ax.legend(loc="lower right", fontsize=8)
+    ns = [res.per_category[c][metrics[0]].n for c in cats] + [res.overall[metrics[0]].n]
+    ax.set_yticks(ys, [f"{lab} (n={n})" for lab, n in zip(labels, ns, strict=True)], fontsize=8)
+    ax.set_xlabel(f"{metrics[0]} (95% bootstrap CI)")
+    ax.set_title(f"{res.suite}: {metrics[0]} by category", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
@@ -74,6 +90,7 @@ def markdown(res: AuditResult, meta: dict[str, Any]) -> str:
              f"- scored with: {compute_note(res.compute)}",
              f"- scoring time: {res.score_s:.1f} s, {res.tokens_decoded} tokens decoded", "",
              "Values with 95% percentile-bootstrap confidence intervals.", "",
+             *([PAIR_PARTS_NOTE, ""] if "words_ll_diff" in res.overall else []),
              "| category | n | " + " | ".join(metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for cat, ms in [*res.per_category.items(), ("**ALL**", res.overall)]:
@@ -154,7 +171,11 @@ def repeat_html(rep: RepeatResult, png: str) -> str:
 def write_report(res: AuditResult, out: Path, meta: dict[str, Any],
                  repeat: RepeatResult | None = None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    pngs = [plot_metric(res, m, out / f"{m}.png") for m in PLOTS[res.kind] if m in res.overall]
+    pngs = []
+    for ms in PLOTS[res.kind]:
+        ms = tuple(m for m in ms if m in res.overall)
+        if ms:
+            pngs.append(plot_metric(res, ms, out / f"{ms[0]}.png"))
     rep_png = plot_repeat(repeat, out / "repeat.png") if repeat else None
     with atomic_write(out / "results.json", "w") as f:
         json.dump(meta | res.to_dict() | ({"repeat": repeat.to_dict()} if repeat else {}), f, indent=1)
@@ -178,6 +199,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;
 <code>{html.escape(res.source)}</code> ({res.skipped_rows} malformed rows skipped); correction:
 {html.escape(res.correction or 'none')}; scored with {html.escape(compute_note(res.compute))}.
 95% percentile-bootstrap confidence intervals.</p>
+{f"<p>{html.escape(PAIR_PARTS_NOTE)}</p>" if "words_ll_diff" in res.overall else ""}
 <table><tr><th>category</th><th>n</th>{head}</tr>{rows}</table>{imgs}{rep_html}</body></html>
 """
     with atomic_write(out / "report.html", "w") as f:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bias.audit import score_bbq, score_pairs
+from bias.audit import score_bbq, score_pair_parts
 from bias.feedback import Utility, neutral_chunks
 from bias.judge import BBQFlags
 from bias.repeat import RepeatConfig, sample_suite
@@ -105,6 +105,7 @@ class Shared:
     bbq_base: np.ndarray | None = None  # (n_items, 3) answer log-likelihoods
     probes: Suite | None = None
     gen_base: list[dict[str, Any]] | None = None  # RepeatResult.items of the uncorrected model
+    base_words: np.ndarray | None = None  # each row's ll difference over its rewritten words (PairScores)
     repeat: RepeatConfig | None = None
 
     @property
@@ -156,6 +157,10 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
     if cached is not None:
         emit("stage", {"stage": "shared work from cache", "path": str(cache_dir)})
         sh = Shared(suite, cached["base"], cached["states"], neutral, utility, base_ppl)
+        sh.base_words = cached["words"]
+        stale = sh.base_words is None  # a cache from before the words part was kept
+        if stale:
+            sh.base_words = _base_scores(scorer, suite, score_rows, emit)[2]
         if probes_spec and repeat is not None:
             sh.probes, sh.repeat, sh.gen_base = load_suite(probes_spec), repeat, cached["gen_base"]
         if bbq_spec:
@@ -165,13 +170,14 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
             else:
                 emit("stage", {"stage": "uncorrected BBQ", "items": len(sh.bbq.items)})
                 sh.bbq_base = score_bbq(scorer, sh.bbq)
-                if cache_dir:
-                    _save_cache(cache_dir, key, bbq_key, sh)
+                stale = True
+        if stale and cache_dir:
+            _save_cache(cache_dir, key, bbq_key, sh)
         return sh
-    base = _base_scores(scorer, suite, score_rows, emit)
+    *base, words = _base_scores(scorer, suite, score_rows, emit)
     emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
     states = read_states(rt, suite, states_model, threads=threads, rows=state_rows)
-    sh = Shared(suite, base, states, neutral, utility, base_ppl)
+    sh = Shared(suite, (base[0], base[1]), states, neutral, utility, base_ppl, base_words=words)
     if bbq_spec:
         sh.bbq = bbq_sample(bbq_spec, bbq_per_condition, seed)
         emit("stage", {"stage": "uncorrected BBQ", "items": len(sh.bbq.items)})
@@ -186,14 +192,15 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
 
 
 def _base_scores(scorer: BatchScorer, suite: Suite, rows: np.ndarray | None,
-                 emit: Event) -> tuple[np.ndarray, np.ndarray]:
-    """The uncorrected scores of `rows` (NaN elsewhere: no split reads them)."""
+                 emit: Event) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The uncorrected (more, less, words part) of `rows` (NaN elsewhere: no split reads them)."""
     idx = np.arange(len(suite.items)) if rows is None else np.asarray(rows, dtype=int)
     emit("stage", {"stage": "uncorrected scores", "pairs": len(idx)})
-    m, ls = score_pairs(scorer, suite.subset(idx.tolist()))
-    more, less = np.full(len(suite.items), np.nan), np.full(len(suite.items), np.nan)
-    more[idx], less[idx] = m, ls
-    return more, less
+    s = score_pair_parts(scorer, suite.subset(idx.tolist()))
+    out = tuple(np.full(len(suite.items), np.nan) for _ in range(3))
+    for o, x in zip(out, (s.more, s.less, s.words), strict=True):
+        o[idx] = x
+    return out
 
 
 def _save_cache(d: Path, key: dict[str, Any], bbq_key: dict[str, Any], sh: Shared) -> None:
@@ -204,6 +211,8 @@ def _save_cache(d: Path, key: dict[str, Any], bbq_key: dict[str, Any], sh: Share
         arrays |= {"o_more": st.o_more, "o_less": st.o_less}
     if sh.bbq_base is not None:
         arrays["bbq_base"] = sh.bbq_base
+    if sh.base_words is not None:
+        arrays["words"] = sh.base_words
     with atomic_path(d / "shared.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     with atomic_write(d / "shared.json", "w") as f:
@@ -220,6 +229,7 @@ def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
                 "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"],
                                      *((z["o_more"], z["o_less"]) if "o_more" in z.files else ())),
                 "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "bbq_key": meta.get("bbq_key"),
+                "words": z["words"] if "words" in z.files else None,
                 "gen_base": meta["gen_base"]}
     except (OSError, ValueError, KeyError):  # absent, partial or from an older version: recompute
         return None

@@ -81,21 +81,36 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
         runs = [s["methods"][m] for s in res["splits"] if m in s.get("methods", {})]
         if not runs:
             continue
-        out += ["", f"## Categories, {m} (held-out; median over {len(runs)} splits)", "",
-                "| category | pairs | pct before → after | mean ll diff before → after | biased before | "
-                "moved | worse | made biased (pct) |", "|---|---|---|---|---|---|---|---|"]
+        parts = all("heldout_parts" in r for r in runs)
+        out += ["", f"## Categories, {m} (held-out; median over {len(runs)} splits)", ""]
+        if parts:
+            out += ["The mean ll difference is the rewritten tokens' part plus the shared tokens' part; the "
+                    "CrowS-Pairs authors count the pct on the shared tokens alone. Which part a correction "
+                    "moved says whether it changed how likely the group words are or what is said of them.", ""]
+        out += ["| category | pairs | pct before → after | mean ll diff before → after | "
+                + "rewritten tokens | shared tokens | pct, shared tokens | " * parts
+                + "biased before | moved | worse | made biased (pct) |",
+                "|---|---|---|---|" + "---|---|---|" * parts + "---|---|---|---|"]
         made = made_biased(res, m)
         for c in sorted(runs[0]["heldout"]["per_category"]):
             js = [r["heldout"]["per_category"][c] for r in runs]
-            med = {k: {w: float(np.median([j[k][w]["value"] for j in js])) for w in ("before", "after")}
-                   for k in ("pct_stereotype", "mean_ll_diff")}
+            med = {k: _medians([j[k] for j in js]) for k in ("pct_stereotype", "mean_ll_diff")}
+            med |= {k: _medians([r["heldout_parts"][k][c] for r in runs]) for k in ("words", "rest", "rest_pct")
+                    if parts}
             cm = [r["categories"] for r in runs]
+            cells = [f"{med[k][0]:+.2f} → {med[k][1]:+.2f}" for k in ("mean_ll_diff", "words", "rest") if k in med]
+            if parts:
+                cells.append(f"{med['rest_pct'][0]:.1f} → {med['rest_pct'][1]:.1f}")
             out.append(f"| {c} | {js[0]['pct_stereotype']['before']['n']} | "
-                       f"{med['pct_stereotype']['before']:.1f} → {med['pct_stereotype']['after']:.1f} | "
-                       f"{med['mean_ll_diff']['before']:+.2f} → {med['mean_ll_diff']['after']:+.2f} | "
+                       f"{med['pct_stereotype'][0]:.1f} → {med['pct_stereotype'][1]:.1f} | {' | '.join(cells)} | "
                        f"{sum(c in x['biased_before'] for x in cm)} | {sum(c in x['moved_toward_neutral'] for x in cm)}"
                        f" | {sum(c in x['made_worse'] for x in cm)} | {made.get(c, 0)} |")
     return out + [""]
+
+
+def _medians(js: list[dict[str, Any]]) -> tuple[float, float]:
+    """Median over splits of a judged figure's value before and after."""
+    return float(np.median([j["before"]["value"] for j in js])), float(np.median([j["after"]["value"] for j in js]))
 
 
 def made_biased(res: dict[str, Any], method: str) -> dict[str, int]:

@@ -297,6 +297,36 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     assert again["ablate"]["splits"] == 1
 
 
+def test_shared_token_checks_see_a_shift_of_the_group_words_alone() -> None:
+    """A correction that only makes the stereotyped side's group words less likely passes
+    the whole-sentence pct checks and not the shared-token ones; parts add up."""
+    from bias.audit import PairScores
+    from bias.shared import PairStates, Shared
+    from bias.splits import CHECKS, judge_correction
+
+    suite = _suite(600)
+    rng = np.random.default_rng(3)
+    words, rest = rng.standard_normal(600) * 2, rng.standard_normal(600) + 0.3
+    base = (words + rest, np.zeros(600))
+    st = PairStates(*(np.zeros((600, 2, 4)),) * 2, *(np.zeros((600, 4)),) * 2)
+    sh = Shared(suite, base, st, [], None, 10.0, base_words=words)  # type: ignore[arg-type]
+
+    def score(s: Suite) -> PairScores:
+        rows = np.array([it.row for it in s.items])
+        return PairScores(base[0][rows] - 1.0, base[1][rows], words[rows] - 1.0)  # the words alone move
+
+    corr = Correction("steer", score, lambda s: None, lambda: (10.1, 0.01), lambda p, r: [])
+    held = np.arange(600)
+    r = judge_correction(sh, corr, held, SplitsConfig(n_splits=1, probes_spec=None, n_boot=200))
+    parts = r["heldout_parts"]
+    assert parts["words"]["ALL"]["change"]["value"] == pytest.approx(-1.0)
+    assert parts["rest"]["ALL"]["change"]["value"] == pytest.approx(0.0, abs=1e-12)
+    assert parts["rest_pct"]["ALL"]["before"]["value"] == pytest.approx(100 * np.mean(rest > 0))
+    assert CHECKS["paired_change_significant"](r) and not CHECKS["shared_tokens_paired_change_significant"](r)
+    assert CHECKS["shared_tokens_no_category_made_worse"](r)
+    assert r["heldout_scores"]["ll_words_diff"][:3] == pytest.approx((words[:3] - 1.0).tolist())
+
+
 def test_a_correction_that_found_nothing_is_judged_by_the_shared_scores() -> None:
     """Rescoring the uncorrected model moves scores by the batch layout's jitter, which a
     paired bootstrap over many pairs calls significant; the identity must change nothing."""

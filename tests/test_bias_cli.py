@@ -25,10 +25,14 @@ def test_audit_probes_writes_report_and_fairness_record(tmp_path: Path, env: dic
     assert pct["lo"] <= pct["value"] <= pct["hi"]
     assert min(abs(pct["value"] - 100 * k / 12) for k in range(13)) < 1e-9
     res = json.loads((out / "results.json").read_text())
-    assert len(res["items"]) == 12 and {"ll_more", "ll_less", "row"} <= set(res["items"][0])
+    assert len(res["items"]) == 12 and {"ll_more", "ll_less", "ll_words_diff", "row"} <= set(res["items"][0])
+    o = summary["overall"]  # the ll difference and its two parts: the rewritten words, the rest
+    assert abs(o["words_ll_diff"]["value"] + o["rest_ll_diff"]["value"] - o["mean_ll_diff"]["value"]) < 1e-9
     html = (out / "report.html").read_text()
     assert '<img src="pct_stereotype.png"' in html and "gender" in html
-    assert (out / "pct_stereotype.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mean_ll_diff = words_ll_diff + rest_ll_diff" in html
+    for png in ("pct_stereotype.png", "mean_ll_diff.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| **ALL** | 12 |" in (out / "report.md").read_text()
     logs = list((edge_home / "logs").glob("runs-*.jsonl"))
     recs = [json.loads(ln) for p in logs for ln in p.read_text().splitlines()]

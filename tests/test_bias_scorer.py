@@ -57,6 +57,43 @@ def test_bbq_shared_context_equals_from_scratch(scorer) -> None:
     assert scratch > 2 * sum(len(r[0]) for r in reqs[0::3])  # each answer re-decoded the context
 
 
+def test_pair_parts_split_the_difference_at_the_rewritten_words(runtime, scorer) -> None:
+    """words + rest is the whole difference; each part equals llama.cpp's one-sequence
+    log-probs summed over the tokens a hand count puts there."""
+    from bias.audit import score_pair_parts, summarize
+    from bias.suites.base import PairItem, Suite
+
+    tok = lambda t: runtime.tokenize(t, add_bos=False)  # noqa: E731
+    # a piece is shared text or a (more, less) rewrite
+    pairs = [["The nurse said", (" she", " he"), " was tired."],          # one token each, a tail after
+             ["We met the", (" Norwegian", " zebra"), " at noon."],       # spans of different lengths
+             ["Tea is served by the", (" grandmother", " doorman")],      # nothing after the words
+             ["The nurse said", (" she", " he"), " was tired, so", (" she", " he"), " slept."]]  # two places
+    side = lambda pc, k: "".join(x if isinstance(x, str) else x[k] for x in pc)  # noqa: E731
+    items = [PairItem(str(i), i, "c" if i else "d", side(pc, 0), side(pc, 1)) for i, pc in enumerate(pairs)]
+    s = score_pair_parts(scorer, Suite("t", "pairs", items, "test"))
+    np.testing.assert_allclose(s.words + s.rest, s.more - s.less, atol=1e-9)
+    bos = runtime.llm.token_bos()
+    for i, pc in enumerate(pairs):
+        parts = []
+        for k in (0, 1):
+            toks, rewritten = [], []
+            for x in pc:
+                t = tok(x if isinstance(x, str) else x[k])
+                rewritten += [not isinstance(x, str)] * len(t)
+                toks += t
+            assert tok(side(pc, k)) == toks  # the hand count holds
+            lp = runtime.token_logprobs([bos, *toks])
+            parts.append((lp[np.array(rewritten)].sum(), lp[~np.array(rewritten)].sum()))
+        words, rest = parts[0][0] - parts[1][0], parts[0][1] - parts[1][1]
+        assert abs(s.words[i] - words) < 0.1 and abs(s.rest[i] - rest) < 0.1
+    # nothing after the words leaves no rest; the parts are tens of times the 0.1 tolerance
+    assert abs(s.rest[2]) < 1e-9 and np.abs(s.words).max() > 1 and np.abs(s.rest).max() > 1
+    overall, per, rows = summarize(Suite("t", "pairs", items, "test"), s, n_boot=200)
+    assert abs(overall["words_ll_diff"].value + overall["rest_ll_diff"].value - overall["mean_ll_diff"].value) < 1e-9
+    assert per["c"]["words_ll_diff"].n == 3 and rows[1]["ll_words_diff"] == s.words[1]
+
+
 def test_packing_is_dense_and_order_free(runtime) -> None:
     """Tokens interleave on aligned rows: few pads; from scratch, the same scores in any order."""
     from bias.audit import _sentence

@@ -72,6 +72,13 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
         assert -5 < d["slope"] < 5 and -1 <= d["corr"] <= 1
         ch = s0[m]["heldout"]["pct_stereotype"]["change"]
         assert ch["lo"] <= ch["value"] <= ch["hi"]
+        # the words part and the rest add up to the mean ll difference, overall and per category
+        parts, h = s0[m]["heldout_parts"], s0[m]["heldout"]
+        assert set(parts["words"]) == {"ALL", *h["per_category"]} == set(parts["rest"])
+        for c, w in parts["words"].items():
+            whole = h["mean_ll_diff"] if c == "ALL" else h["per_category"][c]["mean_ll_diff"]
+            for k in ("before", "after"):
+                assert abs(w[k]["value"] + parts["rest"][c][k]["value"] - whole[k]["value"]) < 1e-6
     # -o: the model with the ablation folded in, re-quantized to the source's type, and its KL cost
     fold = s0["ablate"]["fit"]["fold"]
     assert fold["path"] == str(out) and fold["weight_type"] == "source"
@@ -80,7 +87,8 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     assert r.fields["general.architecture"].contents() == "llama"
     vec = out.with_name("fair.steer.gguf")
     assert gguf.GGUFReader(str(vec)).fields["general.architecture"].contents() == "controlvector"
-    assert "re-quantized to the source's types" in (rep / "report.md").read_text()
+    md = (rep / "report.md").read_text()
+    assert "re-quantized to the source's types" in md and "| rewritten tokens | shared tokens | pct, shared tokens |" in md
     assert not list(rep.glob("split0/*.gguf"))  # work copies are removed
 
     # the corrected GGUF is a model like any other, and the vector a correction
