@@ -92,6 +92,7 @@ def rewritten_tokens(a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
 
 
 def score_pair_parts(scorer: BatchScorer, suite: Suite, on_progress: Progress | None = None) -> PairScores:
+    """Each pair's sentence log-likelihoods and their rewritten tokens' part, from one scoring pass."""
     rt = scorer.rt
     reqs = [_sentence(rt, s) for it in suite.items for s in (it.more, it.less)]
     res = scorer.score(reqs, on_progress=_halve(on_progress))
