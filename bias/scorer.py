@@ -148,7 +148,7 @@ class BatchScorer:
         self.n_batch, self.n_seq = n_batch, n_seq
         # Rows per llama_decode when scoring: attention spans the cache cells in use (padded
         # to 256), so 256-row decodes cost ~5-10% less per token than 512 (measured, f16 and
-        # Q4_1); texts up to n_batch tokens still fit (log_softmax, long requests).
+        # Q4_1); texts up to n_batch tokens still fit (next_logits, long requests).
         self.rows = min(rows, n_batch)
         # The cache is cleared between batches: one batch must fit. One cell stream, so a
         # cell can belong to many sequences.
@@ -364,8 +364,9 @@ class BatchScorer:
             tgt = np.asarray(toks[start:])
             results[r] = logits[rows, tgt].astype(np.float64) - lse[rows]
 
-    def log_softmax(self, tokens: Sequence[int]) -> np.ndarray:
-        """Next-token log-probabilities after each prefix of one text: (len − 1, n_vocab)."""
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Raw next-token logits after each prefix of one text: (len − 1, n_vocab), a view
+        into llama.cpp's buffer that the next decode overwrites."""
         self._sync_runtime_cvec()
         n = len(tokens)
         if not 2 <= n <= self.n_batch:
@@ -374,11 +375,7 @@ class BatchScorer:
         out[-1] = False
         self._decode(np.asarray(tokens), np.arange(n), out, [[0]] * n)
         self.tokens_decoded += n
-        logits = self._logits(n - 1)
-        x = logits.astype(np.float64)
-        x -= x.max(axis=1, keepdims=True)
-        x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
-        return x.astype(np.float32)
+        return self._logits(n - 1)
 
     def close(self) -> None:
         import llama_cpp

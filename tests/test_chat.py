@@ -65,7 +65,7 @@ def test_piped_chat_prints_only_answers(env: dict[str, str]) -> None:
 def test_sixty_turns_in_a_small_context_never_fail(env: dict[str, str]) -> None:
     turns = [f"Tell me one fact about the number {i}." for i in range(60)]
     script = "\n".join(turns + ["/stats"]) + "\n"
-    out = subprocess.run([*edge_cmd(), "chat", "--ctx", "512", "-n", "48", "--temp", "0", "--threads", "1"], input=script,
+    out = subprocess.run([*edge_cmd(), "chat", "--ctx", "512", "-n", "48", "--temp", "0", "--threads", "2"], input=script,
                          env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Error" not in out.stdout and out.stderr == ""

@@ -20,7 +20,7 @@ def test_mitigate_writes_a_vector_and_a_heldout_judgement(tmp_path: Path, env: d
     rep = tmp_path / "rep"
     r = subprocess.run([*edge_cmd(), "bias", "mitigate", "--suite", "probes", "-o", str(out),
                         "--calib-limit", "8", "--heldout-limit", "16", "--direction-pairs", "8",
-                        "--blocks", "2", "--max-iter", "1", "--second-suite", "", "-t", "1",
+                        "--blocks", "2", "--max-iter", "1", "--second-suite", "", "-t", "2",
                         "--out", str(rep)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "probe L1-L15" in r.stderr and "probe L16-L29" in r.stderr  # every measurement shown
