@@ -93,3 +93,33 @@ def test_bad_loop_config() -> None:
         LoopConfig(target=1.5).validate()
     with pytest.raises(BadOptionError):
         LoopConfig(calib_frac=1.0).validate()
+
+
+def test_utility_in_float32_blocks_equals_the_float64_formula(runtime) -> None:
+    """The utility's PPL and KL (float32, row blocks) against edge.logprobs' float64
+    formulas on the same logits: PPL within 1e-6 relative, KL within 1e-3 relative."""
+    from bias.feedback import Utility
+    from edge.logprobs import kl_rows, log_softmax
+
+    texts = ["def f(x):\n    return x + 1\n" * 3, "The river runs to the sea, and the sea is never full. " * 2]
+    chunks = [[runtime.llm.token_bos(), *runtime.tokenize(t, add_bos=False)] for t in texts]
+    assert any(len(c) - 1 > Utility.BLOCK for c in chunks)  # more than one block per chunk
+    rng = np.random.default_rng(0)
+    vec = rng.standard_normal((runtime.info.n_layers, runtime.info.n_embd)).astype(np.float32)
+    with BatchScorer(runtime, n_batch=256, n_seq=16) as sc:
+        u = Utility(sc, chunks)
+        ppl0, kl0 = u()
+        base = [np.array(sc.next_logits(c), np.float64) for c in chunks]
+        sc.set_control_vector(vec, 0.5)
+        ppl1, kl1 = u()
+        after = [np.array(sc.next_logits(c), np.float64) for c in chunks]
+
+    def ppl(logits: list[np.ndarray]) -> float:
+        nll = sum(-log_softmax(lg)[np.arange(len(lg)), c[1:]].sum() for lg, c in zip(logits, chunks, strict=True))
+        return float(np.exp(nll / sum(len(lg) for lg in logits)))
+
+    kl = float(np.concatenate([kl_rows(b, a) for b, a in zip(base, after, strict=True)]).mean())
+    assert kl0 == 0 and kl > 1e-3  # the vector moved the distributions
+    assert ppl0 == pytest.approx(ppl(base), rel=1e-6) and ppl1 == pytest.approx(ppl(after), rel=1e-6)
+    assert ppl1 != pytest.approx(ppl0, rel=1e-3)
+    assert kl1 == pytest.approx(kl, rel=1e-3)
