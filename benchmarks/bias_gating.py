@@ -57,6 +57,18 @@ def category_lines(judged: Any) -> str:
     return "\n".join(out)
 
 
+def parts_lines(parts: dict[str, Any]) -> str:
+    """bias.judge.judge_parts per category: the rewritten tokens' part, the shared tokens'
+    part (change and CI) and the pct on the shared tokens (after, CI, change)."""
+    return "parts: rewritten tokens; shared tokens (change [CI]); pct on the shared tokens [CI after], change [CI]\n" + \
+        "\n".join(f"  {c:20s} {w.before.value:+.2f} → {w.after.value:+.2f}; {r.before.value:+.2f} → {r.after.value:+.2f} "
+                  f"({r.change.value:+.2f} [{r.change.lo:+.2f}, {r.change.hi:+.2f}]); "
+                  f"{q.before.value:.1f} → {q.after.value:.1f} [{q.after.lo:.1f}, {q.after.hi:.1f}], "
+                  f"change {q.change.value:+.1f} [{q.change.lo:+.1f}, {q.change.hi:+.1f}]"
+                  for (c, w), r, q in zip(parts["words"].items(), parts["rest"].values(), parts["rest_pct"].values(),
+                                          strict=True))
+
+
 def oracle(run: dict[str, Any], more: np.ndarray, less: np.ndarray, cats: np.ndarray, exclude: str | None) -> None:
     from bias.judge import judge_pair_rows
 

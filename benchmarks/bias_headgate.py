@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bias_gating import category_lines, checks
+from bias_gating import category_lines, checks, parts_lines
 
 
 def main() -> None:
@@ -106,13 +106,7 @@ def main() -> None:
         if sh.base_words is not None:
             parts = judge_parts((b[0] - b[1], ps.more - ps.less), (sh.base_words[held], ps.words),
                                 sh.categories[held].tolist())
-            print("parts: rewritten tokens; shared tokens; pct on the shared tokens [CI after], change [CI]\n" + "\n".join(
-                f"  {c:20s} {w.before.value:+.2f} → {w.after.value:+.2f}; {r.before.value:+.2f} → {r.after.value:+.2f} "
-                f"(change {r.change.value:+.2f} [{r.change.lo:+.2f}, {r.change.hi:+.2f}]); "
-                f"{q.before.value:.1f} → {q.after.value:.1f} [{q.after.lo:.1f}, {q.after.hi:.1f}], "
-                f"change {q.change.value:+.1f} [{q.change.lo:+.1f}, {q.change.hi:+.1f}]"
-                for (c, w), r, q in zip(parts["words"].items(), parts["rest"].values(), parts["rest_pct"].values(),
-                                        strict=True)), flush=True)
+            print(parts_lines(parts), flush=True)
     folded.close()
     (args.out / "headgate.f16.gguf").unlink(missing_ok=True)
     scorer.close()

@@ -91,6 +91,20 @@ def rewritten_tokens(a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
     return [i for i in range(len(a)) if i not in same_a], [i for i in range(len(b)) if i not in same_b]
 
 
+def shared_after_rewrite(a: list[int], b: list[int]) -> list[tuple[int, int]]:
+    """Aligned positions (i, j) of the states of a and b that predict a shared token once
+    the two have differed: for each token of the runs they share, at (i + 1, j + 1), the
+    states at i and j, from the first rewritten token on (before it both prefixes are the
+    same). What the stream there carries of the rewrite is what the shared tokens' part of
+    PairScores is computed from."""
+    import difflib
+
+    blocks = [m for m in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() if m.size]
+    first = blocks[0].size if blocks and blocks[0].a == 0 and blocks[0].b == 0 else 0
+    return [(m.a + k - 1, m.b + k - 1) for m in blocks for k in range(m.size)
+            if m.a + k - 1 >= first and m.b + k - 1 >= first]
+
+
 def score_pair_parts(scorer: BatchScorer, suite: Suite, on_progress: Progress | None = None) -> PairScores:
     """Each pair's sentence log-likelihoods and their rewritten tokens' part, from one scoring pass."""
     rt = scorer.rt

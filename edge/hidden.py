@@ -64,11 +64,20 @@ class HiddenStates:
                     on_progress: Callable[[int], None] | None = None) -> np.ndarray:
         """(n_texts, n_layers, n_embd): each layer's output averaged over each text's tokens
         from index `skip` on (1: leave out the BOS, whose state is the same for every text)."""
+        for i, t in enumerate(texts):
+            if not skip < len(t) <= self.n_batch:
+                raise ContextOverflowError(f"text {i} has {len(t)} tokens; 2..{self.n_batch} fit")
+        return self.position_means(texts, [range(skip, len(t)) for t in texts], on_progress=on_progress)
+
+    def position_means(self, texts: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], *,
+                       on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """(n_texts, n_layers, n_embd): each layer's output averaged over the given token
+        positions of each text (zeros for a text given none)."""
         out = np.zeros((len(texts), self.n_layers, self.n_embd), dtype=np.float32)
         pending = list(range(len(texts)))
         for i in pending:
-            if not skip < len(texts[i]) <= self.n_batch:
-                raise ContextOverflowError(f"text {i} has {len(texts[i])} tokens; 2..{self.n_batch} fit")
+            if len(texts[i]) > self.n_batch:
+                raise ContextOverflowError(f"text {i} has {len(texts[i])} tokens; {self.n_batch} fit")
         while pending:
             group, rows = [], 0
             while pending and len(group) < self.n_seq and rows + len(texts[pending[0]]) <= self.n_batch:
@@ -76,12 +85,12 @@ class HiddenStates:
                 group.append(pending.pop(0))
             self._decode([texts[i] for i in group])
             at = 0
-            for slot, i in enumerate(group):
-                n = len(texts[i])
-                for il in range(self.n_layers):
-                    out[i, il] = self._rows[il][at + skip : at + n].mean(0)
-                at += n
-                del slot
+            for i in group:
+                pos = np.asarray(positions[i], dtype=np.int64)
+                if len(pos):
+                    for il in range(self.n_layers):
+                        out[i, il] = self._rows[il][at + pos].mean(0)
+                at += len(texts[i])
             if on_progress:
                 on_progress(len(group))
         return out

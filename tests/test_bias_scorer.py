@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bias.audit import bbq_requests, score_bbq
+from bias.audit import bbq_requests, score_bbq, shared_after_rewrite
 from bias.scorer import BatchScorer
 from bias.suites import load_suite
 from tests.test_bias_suites import DATA
@@ -55,6 +55,15 @@ def test_bbq_shared_context_equals_from_scratch(scorer) -> None:
     assert a.shape == (3, 3)
     np.testing.assert_allclose(a, b, atol=0.15)
     assert scratch > 2 * sum(len(r[0]) for r in reqs[0::3])  # each answer re-decoded the context
+
+
+def test_shared_after_rewrite_pairs_the_states_that_predict_shared_tokens() -> None:
+    # BOS 5 | 6 vs 10 11 | 7 8 9: the states before 7, 8, 9 (a's 2-4, b's 3-5)
+    assert shared_after_rewrite([1, 5, 6, 7, 8, 9], [1, 5, 10, 11, 7, 8, 9]) == [(2, 3), (3, 4), (4, 5)]
+    # two rewritten places ("He ... his"): a's 4 predicts the second rewrite, so it is left out
+    assert shared_after_rewrite([1, 5, 6, 7, 8, 12, 9], [1, 5, 10, 7, 8, 13, 9]) == [(2, 2), (3, 3), (5, 5)]
+    assert shared_after_rewrite([1, 5, 6], [1, 5, 7]) == []  # the rewrite ends the sentence
+    assert shared_after_rewrite([1, 6, 9], [1, 7, 9]) == [(1, 1)]
 
 
 def test_pair_parts_split_the_difference_at_the_rewritten_words(runtime, scorer) -> None:
