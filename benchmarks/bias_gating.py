@@ -57,6 +57,46 @@ def category_lines(judged: Any) -> str:
     return "\n".join(out)
 
 
+def open_run(out: Path, threads: int) -> tuple[Any, Any, Any, Any]:
+    """(SplitsConfig, runtime, scorer, context) of a finished `edge bias mitigate --splits`
+    run, with the run's own settings so that the shared work cached in `out` is reused."""
+    from bias.ablate import AblateConfig
+    from bias.audit import open_scorer
+    from bias.gate import GateConfig
+    from bias.methods import open_context
+    from bias.splits import SplitsConfig
+    from bias.suites import load_suite
+    from edge.runtime import RuntimeConfig
+    from edge.session import open_runtime
+
+    run = json.loads((out / "results.json").read_text())
+
+    def tuples(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    cfg = SplitsConfig(**tuples(run["config"]))
+    rt = open_runtime(None, RuntimeConfig(n_ctx=512, threads=threads))
+    scorer = open_scorer(rt, "auto")
+    ctx = open_context(rt, scorer, load_suite(f"crows_pairs:{run['shared']['suite']}"), out, cfg,
+                       AblateConfig(), GateConfig(**tuples(run["shared"].get("gate_config", {}))), lambda k, d: None)
+    return cfg, rt, scorer, ctx
+
+
+def heldout_report(ctx: Any, cfg: Any, held: np.ndarray, ps: Any) -> str:
+    """A try's held-out judgement (bias.audit.PairScores `ps` of the split's held-out rows):
+    the CrowS checks, each category's change, and both parts when the cache has the words'."""
+    from bias.judge import judge_pair_rows, judge_parts
+
+    sh = ctx.shared
+    b, cats = (sh.base[0][held], sh.base[1][held]), sh.categories[held].tolist()
+    judged = judge_pair_rows(b, (ps.more, ps.less), cats)
+    line, passed = checks(judged, cfg.exclude_category)
+    out = f"held-out: {line}\n{passed}\n{category_lines(judged)}"
+    if sh.base_words is not None:
+        out += "\n" + parts_lines(judge_parts((b[0] - b[1], ps.more - ps.less), (sh.base_words[held], ps.words), cats))
+    return out
+
+
 def parts_lines(parts: dict[str, Any]) -> str:
     """bias.judge.judge_parts per category: the rewritten tokens' part, the shared tokens'
     part (change and CI) and the pct on the shared tokens (after, CI, change)."""

@@ -27,25 +27,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-from bias_gating import category_lines, checks, parts_lines
+from bias_gating import heldout_report, open_run
 
 
 def main() -> None:
-    from bias.ablate import AblateConfig, AblationSpec, make_plan
-    from bias.audit import open_scorer, score_pair_parts, score_pairs
-    from bias.gate import GateConfig
-    from bias.judge import judge_pair_rows, judge_parts
-    from bias.methods import _directions, _Folded, _utility, gate_edits_for, open_context
-    from bias.splits import SplitsConfig
-    from bias.suites import load_suite
+    from bias.ablate import AblationSpec, make_plan
+    from bias.audit import score_pair_parts, score_pairs
+    from bias.methods import _directions, _Folded, _utility, gate_edits_for
     from edge.cvec import read
-    from edge.runtime import RuntimeConfig
-    from edge.session import open_runtime
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path, help="the --out folder of a finished mitigate --splits run")
@@ -57,18 +50,7 @@ def main() -> None:
     ap.add_argument("--vector", type=Path, help="a control vector applied on top of every try")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    run = json.loads((args.out / "results.json").read_text())
-
-    def tuples(d: dict[str, object]) -> dict[str, object]:
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-    cfg = SplitsConfig(**tuples(run["config"]))
-    gate_cfg = GateConfig(**tuples(run["shared"].get("gate_config", {})))
-    rt = open_runtime(None, RuntimeConfig(n_ctx=512, threads=args.threads))
-    scorer = open_scorer(rt, "auto")
-    # the run's own settings, so its cached shared work is reused
-    ctx = open_context(rt, scorer, load_suite(f"crows_pairs:{run['shared']['suite']}"), args.out, cfg,
-                       AblateConfig(), gate_cfg, lambda k, d: None)
+    cfg, rt, scorer, ctx = open_run(args.out, args.threads)
     sh = ctx.shared
     cal, held = cfg.rows(sh.suite, args.split)
     cats = sh.categories[cal]
@@ -97,16 +79,9 @@ def main() -> None:
         m, ls = score_pairs(sc, calib)
         ppl, _ = _utility(ctx, sc)
         ps = score_pair_parts(sc, heldout)
-        b = (sh.base[0][held], sh.base[1][held])
-        judged = judge_pair_rows(b, (ps.more, ps.less), sh.categories[held].tolist())
-        line, ok = checks(judged, cfg.exclude_category)
         print(f"\n### head λ {lam}, gate ×{a} ({which}){' + vector' * bool(args.vector)}: calibration pct "
               f"{100 * np.mean(d_cal > 0):.1f} → {100 * np.mean(m - ls > 0):.1f}, PPL {100 * (ppl / sh.base_ppl - 1):+.2f}% "
-              f"({time.perf_counter() - t0:.0f} s)\nheld-out: {line}\n{ok}\n{category_lines(judged)}", flush=True)
-        if sh.base_words is not None:
-            parts = judge_parts((b[0] - b[1], ps.more - ps.less), (sh.base_words[held], ps.words),
-                                sh.categories[held].tolist())
-            print(parts_lines(parts), flush=True)
+              f"({time.perf_counter() - t0:.0f} s)\n{heldout_report(ctx, cfg, held, ps)}", flush=True)
     folded.close()
     (args.out / "headgate.f16.gguf").unlink(missing_ok=True)
     scorer.close()

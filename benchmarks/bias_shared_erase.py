@@ -28,25 +28,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-from bias_gating import category_lines, checks, parts_lines
+from bias_gating import heldout_report, open_run
 
 
 def main() -> None:
-    from bias.ablate import AblateConfig, AblationSpec, compute_directions, make_plan
-    from bias.audit import _sentence, open_scorer, score_pair_parts, shared_after_rewrite
-    from bias.gate import GateConfig
-    from bias.judge import judge_pair_rows, judge_parts
-    from bias.methods import _directions, _Folded, _utility, open_context
-    from bias.splits import SplitsConfig
-    from bias.suites import load_suite
+    from bias.ablate import AblationSpec, compute_directions, make_plan
+    from bias.audit import _sentence, score_pair_parts, shared_after_rewrite
+    from bias.methods import _directions, _Folded, _utility
     from edge.hidden import HiddenStates
-    from edge.runtime import RuntimeConfig
-    from edge.session import open_runtime
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path, help="the --out folder of a finished mitigate --splits run")
@@ -56,16 +49,7 @@ def main() -> None:
                          "(repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    run = json.loads((args.out / "results.json").read_text())
-
-    def tuples(d: dict[str, object]) -> dict[str, object]:
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-    cfg = SplitsConfig(**tuples(run["config"]))
-    rt = open_runtime(None, RuntimeConfig(n_ctx=512, threads=args.threads))
-    scorer = open_scorer(rt, "auto")
-    ctx = open_context(rt, scorer, load_suite(f"crows_pairs:{run['shared']['suite']}"), args.out, cfg,
-                       AblateConfig(), GateConfig(**tuples(run["shared"].get("gate_config", {}))), lambda k, d: None)
+    cfg, rt, scorer, ctx = open_run(args.out, args.threads)
     sh = ctx.shared
     cal, held = cfg.rows(sh.suite, args.split)
     heldout = sh.suite.subset(held.tolist())
@@ -92,7 +76,6 @@ def main() -> None:
           f"{dirs['overall'].snr[1:, 0].min():.2f}-{dirs['overall'].snr[:, 0].max():.2f}", flush=True)
     head = _directions(ctx, cal, "category")
     folded = _Folded(ctx, args.out / "shared_erase.f16.gguf")
-    b = (sh.base[0][held], sh.base[1][held])
     for t in args.tries or ["1,1,29,balanced"]:
         lam, first, last, kind, *rest = t.split(",")
         t0 = time.perf_counter()
@@ -102,12 +85,8 @@ def main() -> None:
         sc = folded.load_plan(plan, f"shared erase {t}")
         ppl, _ = _utility(ctx, sc)
         ps = score_pair_parts(sc, heldout)
-        judged = judge_pair_rows(b, (ps.more, ps.less), sh.categories[held].tolist())
-        line, passed = checks(judged, cfg.exclude_category)
-        parts = judge_parts((b[0] - b[1], ps.more - ps.less), (sh.base_words[held], ps.words),
-                            sh.categories[held].tolist())
         print(f"\n### {t}: PPL {100 * (ppl / sh.base_ppl - 1):+.2f}% ({time.perf_counter() - t0:.0f} s)\n"
-              f"held-out: {line}\n{passed}\n{category_lines(judged)}\n{parts_lines(parts)}", flush=True)
+              f"{heldout_report(ctx, cfg, held, ps)}", flush=True)
     folded.close()
     (args.out / "shared_erase.f16.gguf").unlink(missing_ok=True)
     scorer.close()
