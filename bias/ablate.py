@@ -169,6 +169,23 @@ def compute_directions(h_more: np.ndarray, h_less: np.ndarray, e_more: np.ndarra
                           hvecs.astype(np.float32))
 
 
+def balanced(per_category: BiasDirections, h_more: np.ndarray, h_less: np.ndarray) -> BiasDirections:
+    """One direction per layer, the mean of the categories' own (those with enough pairs to
+    have one): every category weighs the same, where the overall mean is race-color's (a
+    third of CrowS). Its SNR is over all the pairs `h_*` (n, n_layers, n_embd)."""
+    used = np.linalg.norm(per_category.layers, axis=2).sum(0) > 0
+    if not used.any():
+        raise BadOptionError("no category has enough calibration pairs for a direction (--calib-frac)")
+    vec = per_category.layers[:, used].mean(1, keepdims=True).astype(np.float64)
+    unit = vec[:, 0] / np.maximum(np.linalg.norm(vec[:, 0], axis=1), 1e-12)[:, None]
+    proj = np.einsum("nld,ld->nl", np.asarray(h_more, np.float64) - np.asarray(h_less, np.float64), unit)
+    snr = (np.abs(proj.mean(0)) / np.maximum(proj.std(0), 1e-12))[:, None]
+    pc = per_category
+    return replace(pc, layers=vec.astype(np.float32), embedding=pc.embedding[used].mean(0, keepdims=True),
+                   labels=["balanced"],
+                   counts=[int(sum(c for c, u in zip(pc.counts, used, strict=True) if u))], snr=snr)
+
+
 @dataclass(frozen=True)
 class AblationSpec:
     """Where and how strongly: writers of `layers` (and the embedding) lose `strength` of
@@ -293,8 +310,12 @@ def category_rms(more: np.ndarray, less: np.ndarray, categories: Sequence[str]) 
 
 # Where an ablation can act, with the direction set that goes there: the head takes one
 # direction per category (the group words' contrasts), the stream the overall one; "words"
-# is the head edit on the group words' rows alone.
-TARGETS = {"words": ("category", "words"), "head": ("category", "head"), "stream": ("overall", "stream")}
+# is the head edit on the group words' rows alone; "shared" the balanced direction of the
+# states that predict the shared tokens (bias.audit.shared_after_rewrite) out of what
+# layers 1.. write, the one edit measured to lower the shared tokens' part (DESIGN.md).
+TARGETS = {"words": ("category", "words"), "head": ("category", "head"), "stream": ("overall", "stream"),
+           "shared": ("balanced", "shared")}
+KINDS = ("category", "overall", "balanced")
 MAX_WORDS_STRENGTH = 2.0
 
 
@@ -324,8 +345,8 @@ class AblateConfig:
         if self.max_ppl_increase < 0:
             raise BadOptionError("--max-ppl-increase must be ≥ 0")
         for kind, where in self.candidates:
-            if kind not in ("category", "overall"):
-                raise BadOptionError(f"direction set {kind!r}: use category or overall")
+            if kind not in KINDS:
+                raise BadOptionError(f"direction set {kind!r}: use {', '.join(KINDS)}")
             if where not in TARGETS:
                 raise BadOptionError(f"ablation target {where!r}: use {' or '.join(TARGETS)}")
         if not 0 < self.words_strength <= MAX_WORDS_STRENGTH:
@@ -337,11 +358,13 @@ class AblateConfig:
             return AblationSpec((), self.words_strength, embedding=False, head=True, words=True)
         if where == "head":
             return AblationSpec((), 1.0, embedding=False, head=True)
+        if where == "shared":  # layers 1.., the span measured (bias_shared_erase.py); gate also leaves 0
+            return AblationSpec(tuple(range(1, n_layers)), 1.0, embedding=False)
         return AblationSpec(tuple(range(n_layers)), 1.0, self.embedding)
 
     @classmethod
     def targets(cls, where: str, **kw: Any) -> AblateConfig:
-        """`--ablate-where words|head|stream`, or several comma-separated ("both": head,stream)
+        """`--ablate-where words|head|stream|shared`, or several comma-separated ("both": head,stream)
         as a config."""
         names = ["head", "stream"] if where == "both" else [w.strip() for w in where.split(",")]
         bad = [w for w in names if w not in TARGETS]

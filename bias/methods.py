@@ -25,6 +25,7 @@ from bias.ablate import (
     AblateConfig,
     AblationSpec,
     BiasDirections,
+    balanced,
     compute_directions,
     group_tokens,
     make_plan,
@@ -44,7 +45,7 @@ from bias.gate import (
 )
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
-from bias.shared import Shared, compute_shared
+from bias.shared import Shared, compute_shared, read_shared_positions
 from bias.splits import Correction, SplitsConfig, SplitsResult, run_splits
 from bias.steering import compute_directions as steering_directions
 from bias.suites import Suite, load_suite
@@ -70,6 +71,7 @@ class Context:
     emit: Event
     gate: GateConfig = field(default_factory=GateConfig)
     cache: dict[str, Any] = field(default_factory=dict)  # what every split reuses (neutral states)
+    out_dir: Path | None = None  # the run's folder, where what every split reuses is kept
 
 
 def _utility(ctx: Context, scorer: BatchScorer) -> tuple[float, float]:
@@ -140,16 +142,39 @@ def _ablate_note(spec: AblationSpec) -> str:
 
 
 def _directions(ctx: Context, cal: np.ndarray, kind: str) -> BiasDirections:
-    """The split's ablation directions ("category" or "overall") with the group words of its
-    calibration pairs (the rows a words edit touches)."""
+    """The split's ablation directions ("category", "overall", or "balanced": from the
+    states at the shared tokens) with the group words of its calibration pairs (the rows a
+    words edit touches)."""
     sh = ctx.shared
     st = sh.states.take(cal)
     items = sh.suite.subset(cal.tolist()).items
     words = group_tokens(lambda t: ctx.rt.tokenize(t, add_bos=False), [(it.more, it.less) for it in items])
+    head = None if st.o_more is None else st.head
+    if kind == "balanced":
+        hm, hl, ok = _shared_positions(ctx)
+        c = cal[ok[cal]]
+        keep = ok[cal]
+        args = (hm[c], hl[c], st.e_more[keep], st.e_less[keep])
+        per = compute_directions(*args, sh.categories[c], min_pairs=ctx.ablate.min_pairs)
+        if not per.layers.any():  # no category has min_pairs: the pooled mean, one "category"
+            per = compute_directions(*args)
+        return replace(balanced(per, hm[c], hl[c]), head_rows=words)
     d = compute_directions(st.h_more, st.h_less, st.e_more, st.e_less,
                            sh.categories[cal] if kind == "category" else None, min_pairs=ctx.ablate.min_pairs,
-                           head=None if st.o_more is None else st.head)
+                           head=head)
     return replace(d, head_rows=words)
+
+
+def _shared_positions(ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """States at the shared tokens of every row some split calibrates on: read once per run
+    (~2 minutes for CrowS' 5 splits here) and kept in the run's folder."""
+    if "shared_positions" not in ctx.cache:
+        sh, cfg = ctx.shared, ctx.cfg
+        rows = np.unique(np.concatenate([cfg.rows(sh.suite, s)[0] for s in range(cfg.n_splits)]))
+        ctx.emit("stage", {"stage": "states at the shared tokens", "pairs": len(rows)})
+        ctx.cache["shared_positions"] = read_shared_positions(
+            ctx.rt, sh.suite, str(ctx.compute_path), threads=ctx.threads, rows=rows, cache_dir=ctx.out_dir)
+    return ctx.cache["shared_positions"]
 
 
 def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
@@ -349,7 +374,8 @@ def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | 
                         bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
                         probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
                         state_rows=cal_rows, score_rows=used, on_event=emit, cache_dir=Path(out_dir))
-    return Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit, gate)
+    return Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit, gate,
+                   out_dir=Path(out_dir))
 
 
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,

@@ -93,6 +93,46 @@ def read_states(rt: Runtime, suite: Suite, model_path: str, *, threads: int,
     return PairStates(*full)
 
 
+def read_shared_positions(rt: Runtime, suite: Suite, model_path: str, *, threads: int, rows: np.ndarray,
+                          cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair of `rows`, each layer's output averaged over the states that predict the
+    tokens the two sentences share once they have differed (bias.audit.shared_after_rewrite:
+    where the shared tokens' part of a pair's difference is read). (h_more, h_less, ok), all
+    rows of the suite, zero outside `rows`; ok is False where nothing follows the rewrite.
+    Kept in cache_dir/shared_positions.npz for a rerun with the same model and rows."""
+    from bias.audit import _sentence, shared_after_rewrite
+    from edge.hidden import HiddenStates
+
+    idx = np.asarray(sorted(set(np.asarray(rows).tolist())), dtype=int)
+    key = json.dumps({"model": model_path, "suite": suite.source, "rows": [suite.items[i].row for i in idx]})
+    path = None if cache_dir is None else cache_dir / "shared_positions.npz"
+    try:
+        if path is not None:
+            z = np.load(path)
+            if str(z["key"]) == key:
+                return z["h_more"], z["h_less"], z["ok"]
+    except (OSError, ValueError, KeyError):  # absent or partial: read them again
+        pass
+    texts, pos = [], []
+    for i in idx:
+        it = suite.items[i]
+        a, b = _sentence(rt, it.more)[0], _sentence(rt, it.less)[0]
+        aligned = shared_after_rewrite(a, b)
+        texts += [a, b]
+        pos += [[p for p, _ in aligned], [q for _, q in aligned]]
+    with HiddenStates(model_path, threads=threads) as hs:
+        h = hs.position_means(texts, pos)
+    n = len(suite.items)
+    full = [np.zeros((n, *h.shape[1:]), np.float32) for _ in range(2)]
+    full[0][idx], full[1][idx] = h[0::2], h[1::2]
+    ok = np.zeros(n, bool)
+    ok[idx] = [len(p) > 0 for p in pos[0::2]]
+    if path is not None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, h_more=full[0], h_less=full[1], ok=ok, key=np.array(key))
+    return full[0], full[1], ok
+
+
 @dataclass
 class Shared:
     suite: Suite

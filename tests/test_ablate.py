@@ -15,6 +15,7 @@ from bias import metrics as M
 from bias.ablate import (
     AblateConfig,
     AblationSpec,
+    balanced,
     category_rms,
     compute_directions,
     leace_edit,
@@ -64,6 +65,35 @@ def test_directions_per_category_and_overall() -> None:
     assert single.layers[0] is single.layers[3] and single.embedding is single.layers[0]
     with pytest.raises(Exception, match="strength"):
         make_plan(per, AblationSpec((1,), 1.5))
+
+
+def test_balanced_direction_weighs_every_category_the_same() -> None:
+    hm, hl, em, el = _states(n=120)
+    cats = ["a"] * 100 + ["b"] * 20  # the overall mean is a's; the balanced one is not
+    hm[100:] = hl[100:]
+    hm[100:, :, 1] -= 2.0
+    hm[:100] = hl[:100]
+    hm[:100, :, 0] += 1.0
+    per = compute_directions(hm, hl, em, el, cats, protect=0)
+    b = balanced(per, hm, hl)
+    assert b.labels == ["balanced"] and b.counts == [120] and b.layers.shape == (L, 1, D)
+    np.testing.assert_allclose(b.layers[2, 0], [0.5, -1, 0, 0, 0, 0, 0, 0], atol=1e-6)
+    over = compute_directions(hm, hl, em, el, protect=0)
+    assert abs(over.layers[2, 0, 0]) > 2 * abs(over.layers[2, 0, 1])  # a's, 100 of 120 pairs
+    assert b.snr.shape == (L, 1) and (b.snr > 0).all()
+    # a category too small for its own direction does not enter the mean
+    few = balanced(compute_directions(hm, hl, em, el, cats, min_pairs=30, protect=0), hm, hl)
+    np.testing.assert_allclose(few.layers[2, 0], np.eye(D)[0], atol=1e-6)
+    with pytest.raises(Exception, match="calib-frac"):
+        balanced(compute_directions(hm, hl, em, el, cats, min_pairs=500, protect=0), hm, hl)
+    # --ablate-where shared: this direction out of what layers 1.. write, embedding untouched
+    cfg = AblateConfig.targets("head,shared")
+    assert cfg.candidates == (("category", "head"), ("balanced", "shared"))
+    spec = cfg.spec("shared", L)
+    assert spec.layers == (1, 2, 3) and not spec.embedding and not spec.head
+    plan = make_plan(b, spec)
+    assert set(plan.layers) == {1, 2, 3} and plan.embedding is None and plan.output is None
+    np.testing.assert_allclose(plan.layers[2].apply(b.layers[2]), 0, atol=1e-6)
 
 
 def test_head_directions_come_from_the_head_rows_and_edit_only_the_head() -> None:

@@ -43,6 +43,12 @@ def _run(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
 
 
+def _probe_rows() -> list[int]:
+    from bias.suites import load_suite
+
+    return [it.row for it in load_suite("probes").items]
+
+
 @pytest.mark.slow
 def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
         tmp_path: Path, env: dict[str, str]) -> None:
@@ -50,7 +56,7 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     p = _run(["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
               "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
               "--repeat", "0", "--blocks", "1", "--max-iter", "1",
-              "--max-ppl-increase", "0.05", "-t", "2"], env)
+              "--max-ppl-increase", "0.05", "--ablate-where", "head,shared", "-t", "2"], env)
     seen = []
     assert p.stderr is not None
     for line in p.stderr:
@@ -66,6 +72,15 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     assert not res["complete"] and len(res["splits"]) == 1
     assert len(res["splits"][0]["calibration_rows"]) == 24 and len(res["splits"][0]["heldout_rows"]) == 40
     assert (rep / "shared.npz").exists()  # a rerun would start at the splits
+    # shared: the states at the shared tokens, read once for both splits' calibration rows
+    assert "states at the shared tokens" in log
+    z = np.load(rep / "shared_positions.npz")
+    cal_idx = [i for i, it in enumerate(_probe_rows()) if it in set(res["splits"][0]["calibration_rows"])]
+    assert z["ok"][cal_idx].sum() > len(cal_idx) // 2 and np.abs(z["h_more"][cal_idx]).sum() > 0
+    loop = res["splits"][0]["methods"]["ablate"]["fit"]["loop"]
+    assert [p["directions"] for p in loop["probes"]] == ["category", "balanced"]
+    assert loop["probes"][1]["describe"].startswith("layers 1-29, λ=1")
+    assert loop["directions"]["balanced"]["labels"] == ["balanced"]
     s0 = res["splits"][0]["methods"]
     for m in ("steer", "ablate"):
         d = s0[m]["heldout"]["diagnostics"]

@@ -125,7 +125,10 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                    "head's rows of the group words the calibration pairs differ by: the logits stop "
                    "telling those words apart along them, the rest of the vocabulary is untouched), "
                    "head (the same on every row), stream (the overall direction removed from every "
-                   "layer's output and the embedding), or several comma-separated; the loop keeps "
+                   "layer's output and the embedding), shared (one direction per layer, the mean of "
+                   "the categories' own, taken from the states that predict the tokens a pair shares "
+                   "after its rewrite and removed from what layers 1.. write: the association the "
+                   "CrowS-Pairs authors count), or several comma-separated; the loop keeps "
                    "the one with the least bias left within the PPL budget ('both': head,stream).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="Fraction of the bias to remove on the calibration part (steer without --splits).")
