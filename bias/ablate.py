@@ -316,6 +316,7 @@ def category_rms(more: np.ndarray, less: np.ndarray, categories: Sequence[str]) 
 TARGETS = {"words": ("category", "words"), "head": ("category", "head"), "stream": ("overall", "stream"),
            "shared": ("balanced", "shared")}
 KINDS = ("category", "overall", "balanced")
+OBJECTIVES = ("sentence", "shared")
 MAX_WORDS_STRENGTH = 2.0
 
 
@@ -340,10 +341,17 @@ class AblateConfig:
     # its pct 47.9 → 55.1 (made stereotypical by pct on 3/5), and on one split the loop found
     # nothing better than the uncorrected model. 1 only removes.
     words_strength: float = 1.0
+    # What the objective counts of each calibration pair: "sentence", the whole sentences'
+    # ll difference; "shared", the part the tokens both sentences share carry (CrowS-Pairs'
+    # own count, PairScores.rest). On split 0 the shared candidate lowered the shared part
+    # and not the sentences' category bias, so a sentence objective kept no correction.
+    objective: str = "sentence"
 
     def validate(self) -> None:
         if self.max_ppl_increase < 0:
             raise BadOptionError("--max-ppl-increase must be ≥ 0")
+        if self.objective not in OBJECTIVES:
+            raise BadOptionError(f"--ablate-objective {self.objective}: use {' or '.join(OBJECTIVES)}")
         for kind, where in self.candidates:
             if kind not in KINDS:
                 raise BadOptionError(f"direction set {kind!r}: use {', '.join(KINDS)}")

@@ -183,14 +183,24 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
     calib = sh.suite.subset(cal.tolist())
     dirs = {k: _directions(ctx, cal, k) for k in sorted({kind for kind, _ in ctx.ablate.candidates})}
     folded = _Folded(ctx, work / "ablate.f16.gguf")
+    # the shared objective: more's score less its rewritten tokens' part, so that every
+    # figure of the loop (a function of the difference) counts the shared tokens alone
+    shared = ctx.ablate.objective == "shared"
+    if shared and sh.base_words is None:
+        raise BadOptionError("--ablate-objective shared needs the rewritten tokens' part of the scores")
 
     def measure(spec: AblationSpec, d: BiasDirections,
                 pairs: bool) -> tuple[np.ndarray | None, np.ndarray | None, float, float]:
         sc = folded.load(d, spec)
-        m, ls = score_pairs(sc, calib) if pairs else (None, None)
+        m, ls = None, None
+        if pairs and shared:
+            s = score_pair_parts(sc, calib)
+            m, ls = s.more - s.words, s.less
+        elif pairs:
+            m, ls = score_pairs(sc, calib)
         return (m, ls, *_utility(ctx, sc))
 
-    base = (sh.base[0][cal], sh.base[1][cal])
+    base = (sh.base[0][cal] - (sh.base_words[cal] if shared else 0), sh.base[1][cal])
     res = run_ablate_loop(dirs, base, sh.base_ppl, cats, measure, ctx.ablate,
                           lambda kind, d: ctx.emit("ablate", d))
     fit: dict[str, Any] = {"loop": res.to_dict()}

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from bias.ablate import category_rms
+from bias.suites import load_suite
 from edge.cli import cli
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -25,6 +27,7 @@ from tests.conftest import ROOT, SHARED_DATA
     (["--method", "ablate", "--weights", "q2"], "--weights"),
     (["--method", "ablate", "--suite", f"bbq:{SHARED_DATA / 'bbq'}"], "pair suite"),
     (["--method", "both", "--calib-frac", "1"], "--calib-frac"),
+    (["--method", "ablate", "--ablate-objective", "words"], "--ablate-objective"),
 ])
 def test_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
     out = tmp_path / "fair.gguf"
@@ -43,12 +46,6 @@ def _run(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
 
 
-def _probe_rows() -> list[int]:
-    from bias.suites import load_suite
-
-    return [it.row for it in load_suite("probes").items]
-
-
 @pytest.mark.slow
 def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
         tmp_path: Path, env: dict[str, str]) -> None:
@@ -56,7 +53,7 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     p = _run(["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
               "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
               "--repeat", "0", "--blocks", "1", "--max-iter", "1",
-              "--max-ppl-increase", "0.05", "--ablate-where", "head,shared", "-t", "2"], env)
+              "--max-ppl-increase", "0.05", "--ablate-where", "head,shared", "--ablate-objective", "shared", "-t", "2"], env)
     seen = []
     assert p.stderr is not None
     for line in p.stderr:
@@ -75,9 +72,16 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     # shared: the states at the shared tokens, read once for both splits' calibration rows
     assert "states at the shared tokens" in log
     z = np.load(rep / "shared_positions.npz")
-    cal_idx = [i for i, it in enumerate(_probe_rows()) if it in set(res["splits"][0]["calibration_rows"])]
+    suite = load_suite("probes")
+    cal_idx = [i for i, it in enumerate(suite.items) if it.row in set(res["splits"][0]["calibration_rows"])]
     assert z["ok"][cal_idx].sum() > len(cal_idx) // 2 and np.abs(z["h_more"][cal_idx]).sum() > 0
     loop = res["splits"][0]["methods"]["ablate"]["fit"]["loop"]
+    # --ablate-objective shared: the loop counts the shared tokens' part (whole − rewritten words)
+    base = np.load(rep / "shared.npz")
+    cats = [suite.items[i].category for i in cal_idx]
+    rest = category_rms(base["more"][cal_idx] - base["words"][cal_idx], base["less"][cal_idx], cats)
+    whole = category_rms(base["more"][cal_idx], base["less"][cal_idx], cats)
+    assert loop["base_objective"] == pytest.approx(rest) and rest != pytest.approx(whole)
     assert [p["directions"] for p in loop["probes"]] == ["category", "balanced"]
     assert loop["probes"][1]["describe"].startswith("layers 1-29, λ=1")
     assert loop["directions"]["balanced"]["labels"] == ["balanced"]

@@ -130,6 +130,11 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                    "after its rewrite and removed from what layers 1.. write: the association the "
                    "CrowS-Pairs authors count), or several comma-separated; the loop keeps "
                    "the one with the least bias left within the PPL budget ('both': head,stream).")
+@click.option("--ablate-objective", type=click.Choice(["sentence", "shared"]), default="sentence",
+              show_default=True,
+              help="What ablate's loop lowers on the calibration pairs: the categories' bias in "
+                   "whole sentences, or in the tokens a pair shares (the CrowS-Pairs authors' count: "
+                   "what the model expects after reading the group word, not how likely the word is).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="Fraction of the bias to remove on the calibration part (steer without --splits).")
 @click.option("--max-ppl-increase", type=click.FloatRange(0), default=None,
@@ -239,7 +244,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                      suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
                      bbq_spec: str | None, bbq_items: int, repeat: int, temp: float, seed: int, out_dir: str,
                      calib_limit: int | None, heldout_limit: int | None, precision: str,
-                     threads: int | None, **unused: Any) -> None:
+                     threads: int | None, ablate_objective: str = "sentence", **unused: Any) -> None:
     from bias.ablate import AblateConfig
     from bias.methods import mitigate_splits
     from bias.splits import SplitsConfig
@@ -253,7 +258,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                        steer_blocks=3 if n_blocks is None else n_blocks, steer_iter=max_iter or 4,
                        weights="F16" if weights == "f16" else "source", output=out_path,
                        calib_limit=calib_limit, heldout_limit=heldout_limit)
-    ablate = AblateConfig.targets(ablate_where, max_ppl_increase=cfg.max_ppl_increase)
+    ablate = AblateConfig.targets(ablate_where, max_ppl_increase=cfg.max_ppl_increase, objective=ablate_objective)
     res = mitigate_splits(model, suite_spec, out_dir, cfg=cfg, ablate=ablate, threads=threads,
                           precision=precision, on_event=None if as_json else _split_event)
     if as_json:
