@@ -171,9 +171,9 @@ def _shared_positions(ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if "shared_positions" not in ctx.cache:
         sh, cfg = ctx.shared, ctx.cfg
         rows = np.unique(np.concatenate([cfg.rows(sh.suite, s)[0] for s in range(cfg.n_splits)]))
-        ctx.emit("stage", {"stage": "states at the shared tokens", "pairs": len(rows)})
         ctx.cache["shared_positions"] = read_shared_positions(
-            ctx.rt, sh.suite, str(ctx.compute_path), threads=ctx.threads, rows=rows, cache_dir=ctx.out_dir)
+            ctx.rt, sh.suite, str(ctx.compute_path), threads=ctx.threads, rows=rows, cache_dir=ctx.out_dir,
+            on_read=lambda: ctx.emit("stage", {"stage": "states at the shared tokens", "pairs": len(rows)}))
     return ctx.cache["shared_positions"]
 
 

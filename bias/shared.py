@@ -94,12 +94,14 @@ def read_states(rt: Runtime, suite: Suite, model_path: str, *, threads: int,
 
 
 def read_shared_positions(rt: Runtime, suite: Suite, model_path: str, *, threads: int, rows: np.ndarray,
-                          cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          cache_dir: Path | None = None,
+                          on_read: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair of `rows`, each layer's output averaged over the states that predict the
     tokens the two sentences share once they have differed (bias.audit.shared_after_rewrite:
     where the shared tokens' part of a pair's difference is read). (h_more, h_less, ok), all
     rows of the suite, zero outside `rows`; ok is False where nothing follows the rewrite.
-    Kept in cache_dir/shared_positions.npz for a rerun with the same model and rows."""
+    Kept in cache_dir/shared_positions.npz for a rerun with the same model and rows;
+    `on_read` is called when they are read from the model (not found there)."""
     from bias.audit import _sentence, shared_after_rewrite
     from edge.hidden import HiddenStates
 
@@ -113,6 +115,8 @@ def read_shared_positions(rt: Runtime, suite: Suite, model_path: str, *, threads
                 return z["h_more"], z["h_less"], z["ok"]
     except (OSError, ValueError, KeyError):  # absent or partial: read them again
         pass
+    if on_read is not None:
+        on_read()
     texts, pos = [], []
     for i in idx:
         it = suite.items[i]

@@ -423,6 +423,27 @@ def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> Non
     assert _load_cache(tmp_path, key) is None  # a damaged cache is recomputed, not trusted
 
 
+def test_shared_position_states_are_reused_only_for_the_same_model_and_rows(tmp_path: Path) -> None:
+    """A rerun finds the states at the shared tokens in the run folder; another model or
+    other rows read them again (here: no runtime to read with, so the read fails)."""
+    from bias.shared import read_shared_positions
+
+    suite = _suite(6)
+    key = json.dumps({"model": "m.gguf", "suite": suite.source, "rows": [suite.items[i].row for i in (1, 4)]})
+    h = np.arange(6 * 2 * 3, dtype=np.float32).reshape(6, 2, 3)
+    np.savez(tmp_path / "shared_positions.npz", h_more=h, h_less=-h, ok=np.ones(6, bool), key=np.array(key))
+    reads: list[int] = []
+    hm, hl, ok = read_shared_positions(None, suite, "m.gguf", threads=1, rows=np.array([4, 1, 4]),  # type: ignore[arg-type]
+                                       cache_dir=tmp_path, on_read=lambda: reads.append(1))
+    assert not reads and ok.all()
+    np.testing.assert_array_equal(hl, -h)
+    for model, rows in (("other.gguf", [1, 4]), ("m.gguf", [1, 2])):
+        with pytest.raises(AttributeError):
+            read_shared_positions(None, suite, model, threads=1, rows=np.array(rows),  # type: ignore[arg-type]
+                                  cache_dir=tmp_path, on_read=lambda: reads.append(1))
+    assert len(reads) == 2
+
+
 def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
     """The overall pct can reach 50 by pushing a big anti-stereotypical category further:
     the per-category table shows it (biased by pct after, not before)."""
@@ -451,3 +472,18 @@ def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
     assert race == "| race | 300 | 48.0 → 42.0 | -1.00 → -1.60 | 2 | 0 | 2 | 1 |"
     assert next(x for x in lines if x.startswith("| age |")).endswith("| 2 | 0 | 0 | 0 |")
     assert made_biased(res, "gate") == {"race": 1}
+
+
+def test_bbq_resolution_is_read_from_a_split_the_correction_changed() -> None:
+    """An uncorrected split's BBQ change is exactly 0 with a zero-width CI: the report's
+    resolution line must come from a split where the loop kept a correction."""
+    from bias.splits_report import _bbq_resolution
+
+    def run(after: float, lo: float, hi: float) -> dict[str, Any]:
+        return {"ppl": {"before": 15.5, "after": after}, "bbq": {"acc_dis": {"change": {"lo": lo, "hi": hi}}}}
+
+    res = {"splits": [{"seed": 0, "methods": {"ablate": run(15.5, 0.0, 0.0)}},
+                      {"seed": 1, "methods": {"ablate": run(15.8, -0.019, 0.027)}}]}
+    assert "known to ±2.3 points (half its 95% CI, seed 1)" in _bbq_resolution(res)[1]
+    assert "seed 0" in _bbq_resolution({"splits": res["splits"][:1]})[1]  # nothing corrected: what there is
+    assert _bbq_resolution({"splits": [{"seed": 0, "methods": {"ablate": {"ppl": {}}}}]}) == []
