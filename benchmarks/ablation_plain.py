@@ -1,14 +1,14 @@
 """Issue 16: does the ablated (or gated) GGUF reproduce the engine's corrected scores in
 plain llama.cpp?
 
-Reads a finished `edge bias mitigate --method ablate|gate|both|all` run (results.json, split
-0's saved directions or edits), folds split 0's edit into the weights the run scored with
+Reads a finished `edge bias mitigate --method ablate|gate|combo|both|all` run (results.json,
+split 0's saved directions, edits, or words and vector), folds split 0's edit into the weights the run scored with
 (the f16 copy for a quantized model) and scores split 0's held-out CrowS-Pairs rows with
 llama-cpp-python's own `Llama` (no edge code, no control vector), one sentence per
 evaluation: on that F16 fold, and on the deployed file (re-quantized to the source's
 types). Prints the held-out pct of each against the pct the run's scorer measured.
 
-    python benchmarks/ablation_plain.py RUN_OUT_DIR [--method ablate|gate] [--rows N] [--threads 2]
+    python benchmarks/ablation_plain.py RUN_OUT_DIR [--method ablate|gate|combo] [--rows N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ def _plan(split0: Path, method: str) -> tuple[Any, str]:
     if method == "gate":
         edits, coef = GateEdits.load(split0 / "gate_edits.npz")
         return edits.plan(coef), f"gate: {len(edits.names)} categories ×{float(coef[0]):.3g}"
+    if method == "combo":
+        from bias.methods import combo_plan
+
+        d, spec = BiasDirections.load(split0 / "combo_words.npz")
+        return combo_plan(make_plan(d, spec), np.load(split0 / "combo_vector.npy")), f"combo: {spec.describe()}"
     d, spec = BiasDirections.load(split0 / "ablate_directions.npz")
     return make_plan(d, spec), spec.describe()
 
@@ -66,7 +71,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
-    ap.add_argument("--method", choices=["ablate", "gate"], default="ablate")
+    ap.add_argument("--method", choices=["ablate", "gate", "combo"], default="ablate")
     ap.add_argument("--rows", type=int, default=0, help="first N held-out rows (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()

@@ -323,15 +323,22 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
                           n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
     loop = run_loop(sc, calib, dirs, loop_cfg, sh.neutral, lambda kind, dd: ctx.emit("combo", dd))
     vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
-    plan = FoldPlan({il: ResidualEdit.constant(vec[il]) for il in range(1, len(vec)) if vec[il].any()},
-                    output=wplan.output)
+    plan = combo_plan(wplan, vec)
     note = f"edge bias combo: {spec.describe()} + control vector ×{loop.gain:.3g}"
     sc = folded.load_plan(plan, note)
     d.save(work / "combo_words.npz", spec)
+    np.save(work / "combo_vector.npy", vec)  # with the words: the plan again (combo_plan)
     fit = {"words": {"spec": spec.to_dict(), "group_tokens": n_words, "ppl_increase": rise_w, "kl": kl_w,
                      "directions": d.to_dict()},
            "loop": loop.to_dict(), "vector_budget": left}
     return _folded_correction(ctx, "combo", folded, sc, plan, note, work, index, fit)
+
+
+def combo_plan(words: FoldPlan, vec: np.ndarray) -> FoldPlan:
+    """combo's fold: the words plan's head edit, and the control vector (n_layers, n_embd)
+    as a constant each layer from 1 on writes (as llama.cpp applies a control vector: never at 0)."""
+    return FoldPlan({il: ResidualEdit.constant(vec[il]) for il in range(1, len(vec)) if vec[il].any()},
+                    output=words.output)
 
 
 def _deploy(ctx: Context, f16: Path, dst: Path, plan: FoldPlan, note: str, fit: dict[str, Any]) -> Path:

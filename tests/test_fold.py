@@ -154,6 +154,33 @@ def test_a_folded_control_vector_leaves_the_writers_and_equals_the_engines_contr
     np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 * scale)
 
 
+def test_combo_fold_is_the_words_edit_plus_the_vector_in_one_file(tiny: dict[str, Path]) -> None:
+    """combo's plan (bias.methods.combo_plan, also how benchmarks/ablation_plain.py rebuilds
+    it): llama.cpp on the folded file equals the engine with the word rows edited and the
+    vector applied as a control, the vector's layer-0 row left out as llama.cpp leaves it."""
+    from bias.methods import combo_plan
+
+    rng = np.random.default_rng(9)
+    words = FoldPlan(output=replace(ResidualEdit.projection(rng.standard_normal((2, SPEC.n_embd))),
+                                    rows=np.array([5, 17, 40])))
+    vec = rng.standard_normal((SPEC.n_layers, SPEC.n_embd)).astype(np.float32)
+    plan = combo_plan(words, vec)
+    assert set(plan.layers) == {1, 2} and plan.output is words.output
+    out = tiny["dir"] / "combo.gguf"
+    fold_gguf(tiny["f32"], out, plan, weight_type="F32", force=True)
+    toks = _tokens()
+    base = Engine.from_gguf(tiny["f32"])
+    control = vec.copy()
+    control[0] = 0
+    ours = Engine(fold_weights(base.weights, words)).forward(toks, control=control).logits
+    ref = llama_logits(out, toks)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 * scale)
+    for partial in (Engine(fold_weights(base.weights, words)).forward(toks).logits,
+                    base.forward(toks, control=control).logits):
+        assert np.abs(partial - ref).max() > 0.02 * scale  # both parts are in the file (10× the tolerance)
+
+
 def _head_matches(tiny: dict[str, Path], e: ResidualEdit, shared: bool, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Fold e into the head (and the embedding if shared); llama.cpp's logits on the file
     must equal the engine's with the edit, and differ from the unedited model's."""
