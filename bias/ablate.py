@@ -416,6 +416,7 @@ class AblateResult:
     base_ppl: float
     directions: dict[str, BiasDirections]
     probes: list[dict[str, Any]] = field(default_factory=list)  # PPL-only, at λ = 1
+    counts: str = "sentence"  # what the trials' figures count (AblateConfig.objective)
 
     @property
     def chosen_directions(self) -> BiasDirections | None:
@@ -423,7 +424,7 @@ class AblateResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"best": None if self.best is None else self.best.to_dict(),
-                "trials": [t.to_dict() for t in self.trials], "probes": self.probes,
+                "trials": [t.to_dict() for t in self.trials], "probes": self.probes, "counts": self.counts,
                 "base_objective": self.base_objective, "base_ppl": self.base_ppl,
                 "directions": {k: d.to_dict() for k, d in self.directions.items()}}
 
@@ -474,4 +475,4 @@ def run_ablate_loop(directions: dict[str, BiasDirections], base: tuple[np.ndarra
             t = trial(replace(spec, strength=round(into_budget(t.spec.strength, t.ppl_increase), 4)), kind)
     ok = [t for t in trials if t.ppl_increase <= budget and t.objective < obj0]
     best = min(ok, key=lambda t: t.objective) if ok else None
-    return AblateResult(best, trials, obj0, base_ppl, directions, probes)
+    return AblateResult(best, trials, obj0, base_ppl, directions, probes, cfg.objective)

@@ -152,8 +152,8 @@ def _directions(ctx: Context, cal: np.ndarray, kind: str) -> BiasDirections:
     head = None if st.o_more is None else st.head
     if kind == "balanced":
         hm, hl, ok = _shared_positions(ctx)
-        c = cal[ok[cal]]
-        keep = ok[cal]
+        keep = ok[cal]  # pairs with shared tokens after the rewrite
+        c = cal[keep]
         args = (hm[c], hl[c], st.e_more[keep], st.e_less[keep])
         per = compute_directions(*args, sh.categories[c], min_pairs=ctx.ablate.min_pairs)
         if not per.layers.any():  # no category has min_pairs: the pooled mean, one "category"

@@ -82,6 +82,7 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     rest = category_rms(base["more"][cal_idx] - base["words"][cal_idx], base["less"][cal_idx], cats)
     whole = category_rms(base["more"][cal_idx], base["less"][cal_idx], cats)
     assert loop["base_objective"] == pytest.approx(rest) and rest != pytest.approx(whole)
+    assert loop["counts"] == "shared"
     assert [p["directions"] for p in loop["probes"]] == ["category", "balanced"]
     assert loop["probes"][1]["describe"].startswith("layers 1-29, λ=1")
     assert loop["directions"]["balanced"]["labels"] == ["balanced"]
