@@ -27,19 +27,17 @@ PPL +0.8 to +5.4%.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 from bias_gating import heldout_report, open_run
 
 
 def main() -> None:
-    from bias.ablate import AblationSpec, compute_directions, make_plan
-    from bias.audit import _sentence, score_pair_parts, shared_after_rewrite
+    from bias.ablate import AblationSpec, balanced, compute_directions, make_plan
+    from bias.audit import score_pair_parts
     from bias.methods import _directions, _Folded, _utility
-    from edge.hidden import HiddenStates
+    from bias.shared import read_shared_positions
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path, help="the --out folder of a finished mitigate --splits run")
@@ -53,24 +51,16 @@ def main() -> None:
     sh = ctx.shared
     cal, held = cfg.rows(sh.suite, args.split)
     heldout = sh.suite.subset(held.tolist())
-    texts, pos = [], []
-    for it in sh.suite.subset(cal.tolist()).items:
-        a, b = _sentence(rt, it.more)[0], _sentence(rt, it.less)[0]
-        aligned = shared_after_rewrite(a, b)
-        texts += [a, b]
-        pos += [[i for i, _ in aligned], [j for _, j in aligned]]
     t0 = time.perf_counter()
-    with HiddenStates(ctx.compute_path, threads=args.threads) as hs:
-        h = hs.position_means(texts, pos)
-    ok = np.array([len(p) > 0 for p in pos[0::2]])  # a rewrite at the very end leaves nothing after it
+    hm, hl, ok_all = read_shared_positions(rt, sh.suite, str(ctx.compute_path), threads=args.threads, rows=cal)
+    ok = ok_all[cal]  # a rewrite at the very end leaves nothing after it
+    h_more, h_less = hm[cal][ok], hl[cal][ok]
     cats = sh.categories[cal][ok]
     st = sh.states.take(cal)
-    dirs = {k: compute_directions(h[0::2][ok], h[1::2][ok], st.e_more[ok], st.e_less[ok],
+    dirs = {k: compute_directions(h_more, h_less, st.e_more[ok], st.e_less[ok],
                                   cats if k == "category" else None, min_pairs=ctx.ablate.min_pairs)
             for k in ("category", "overall")}
-    per_cat = dirs["category"].layers
-    used = np.linalg.norm(per_cat, axis=2).sum(0) > 0  # categories with enough pairs
-    dirs["balanced"] = dataclasses.replace(dirs["overall"], layers=per_cat[:, used].mean(1, keepdims=True))
+    dirs["balanced"] = balanced(dirs["category"], h_more, h_less)
     print(f"## split {args.split}: states at the shared tokens of {ok.sum()} of {len(ok)} calibration pairs "
           f"({time.perf_counter() - t0:.0f} s); SNR of the overall direction per layer "
           f"{dirs['overall'].snr[1:, 0].min():.2f}-{dirs['overall'].snr[:, 0].max():.2f}", flush=True)

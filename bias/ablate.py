@@ -343,8 +343,8 @@ class AblateConfig:
     words_strength: float = 1.0
     # What the objective counts of each calibration pair: "sentence", the whole sentences'
     # ll difference; "shared", the part the tokens both sentences share carry (CrowS-Pairs'
-    # own count, PairScores.rest). On split 0 the shared candidate lowered the shared part
-    # and not the sentences' category bias, so a sentence objective kept no correction.
+    # own count, PairScores.rest). On 3 of 5 CrowS splits the shared candidate lowered the
+    # shared part and not the sentences' category bias, so a sentence objective kept nothing.
     objective: str = "sentence"
 
     def validate(self) -> None:
