@@ -57,6 +57,17 @@ def category_lines(judged: Any) -> str:
     return "\n".join(out)
 
 
+def run_parser(split: int, try_metavar: str, try_help: str) -> argparse.ArgumentParser:
+    """The arguments of a script that tries edits on one split of a finished run: the run's
+    --out folder, --split, --try (repeatable), --threads."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path, help="the --out folder of a finished mitigate --splits run")
+    ap.add_argument("--split", type=int, default=split)
+    ap.add_argument("--try", dest="tries", action="append", metavar=try_metavar, help=f"{try_help} (repeatable)")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
 def open_run(out: Path, threads: int) -> tuple[Any, Any, Any, Any]:
     """(SplitsConfig, runtime, scorer, context) of a finished `edge bias mitigate --splits`
     run, with the run's own settings so that the shared work cached in `out` is reused."""

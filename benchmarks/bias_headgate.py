@@ -25,13 +25,12 @@ pct test passes only past the 2% PPL budget.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
-from bias_gating import heldout_report, open_run
+from bias_gating import heldout_report, open_run, run_parser
 
 
 def main() -> None:
@@ -40,15 +39,11 @@ def main() -> None:
     from bias.methods import _directions, _Folded, _utility, gate_edits_for
     from edge.cvec import read
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path, help="the --out folder of a finished mitigate --splits run")
-    ap.add_argument("--split", type=int, default=0)
-    ap.add_argument("--try", dest="tries", action="append", metavar="λ,a,all|stereo[,anti][,words]",
-                    help="head strength, gate scale, which pushes, which categories' head directions "
-                         "(anti: only those whose calibration mean is anti-stereotypical; words: only the group words' "
-                         "rows, where λ may go up to 2) (repeatable)")
+    ap = run_parser(0, "λ,a,all|stereo[,anti][,words]",
+                    "head strength, gate scale, which pushes, which categories' head directions (anti: only "
+                    "those whose calibration mean is anti-stereotypical; words: only the group words' rows, "
+                    "where λ may go up to 2)")
     ap.add_argument("--vector", type=Path, help="a control vector applied on top of every try")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     cfg, rt, scorer, ctx = open_run(args.out, args.threads)
     sh = ctx.shared

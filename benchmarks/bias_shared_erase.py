@@ -26,11 +26,9 @@ PPL +0.8 to +5.4%.
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
-from bias_gating import heldout_report, open_run
+from bias_gating import heldout_report, open_run, run_parser
 
 
 def main() -> None:
@@ -39,14 +37,8 @@ def main() -> None:
     from bias.methods import _directions, _Folded, _utility
     from bias.shared import read_shared_positions
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path, help="the --out folder of a finished mitigate --splits run")
-    ap.add_argument("--split", type=int, default=1)
-    ap.add_argument("--try", dest="tries", action="append", metavar="λ,first,last,overall|balanced|category[,words]",
-                    help="projection strength, first and last layer whose writers are edited, direction set "
-                         "(repeatable)")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = run_parser(1, "λ,first,last,overall|balanced|category[,words]",
+                      "projection strength, first and last layer whose writers are edited, direction set").parse_args()
     cfg, rt, scorer, ctx = open_run(args.out, args.threads)
     sh = ctx.shared
     cal, held = cfg.rows(sh.suite, args.split)
