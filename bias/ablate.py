@@ -77,14 +77,14 @@ class BiasDirections:
 
     @classmethod
     def load(cls, path: Path) -> tuple[BiasDirections, AblationSpec]:
-        z = np.load(path)
-        f = z.files
-        rows = z["head_rows"] if "head_rows" in f and len(z["head_rows"]) else None
-        d = cls(z["layers"], z["embedding"], [str(x) for x in z["labels"]],
-                [int(x) for x in z["counts"]] if "counts" in f else [],
-                z["snr"] if "snr" in f else np.zeros((len(z["layers"]), len(z["labels"]))),
-                z["head"] if "head" in f else z["embedding"], rows)  # no head saved: a tied model's
-        text = str(z["spec"])
+        with np.load(path) as z:
+            f = z.files
+            rows = z["head_rows"] if "head_rows" in f and len(z["head_rows"]) else None
+            d = cls(z["layers"], z["embedding"], [str(x) for x in z["labels"]],
+                    [int(x) for x in z["counts"]] if "counts" in f else [],
+                    z["snr"] if "snr" in f else np.zeros((len(z["layers"]), len(z["labels"]))),
+                    z["head"] if "head" in f else z["embedding"], rows)  # no head saved: a tied model's
+            text = str(z["spec"])
         sd = json.loads(text) if text.startswith("{\"") else ast.literal_eval(text)  # runs before 12-02: a repr
         return d, AblationSpec(**{**sd, "layers": tuple(sd["layers"])})
 

@@ -84,10 +84,11 @@ class GateEdits:
     @classmethod
     def load(cls, path: Path) -> tuple[GateEdits, np.ndarray]:
         """The saved edits and the coefficients the fit chose."""
-        z = np.load(path)
-        k = len(z["names"])
-        signs = z["signs"] if "signs" in z.files else np.ones(k)  # runs before 12-02 kept no signs
-        return cls([str(x) for x in z["names"]], signs, [int(x) for x in z["layers"]], z["u"], z["v"]), z["coefficients"]
+        with np.load(path) as z:
+            k = len(z["names"])
+            signs = z["signs"] if "signs" in z.files else np.ones(k)  # runs before 12-02 kept no signs
+            return (cls([str(x) for x in z["names"]], signs, [int(x) for x in z["layers"]], z["u"], z["v"]),
+                    z["coefficients"])
 
 
 def writes(h: np.ndarray, e: np.ndarray) -> np.ndarray:

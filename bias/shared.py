@@ -110,9 +110,9 @@ def read_shared_positions(rt: Runtime, suite: Suite, model_path: str, *, threads
     path = None if cache_dir is None else cache_dir / "shared_positions.npz"
     try:
         if path is not None:
-            z = np.load(path)
-            if str(z["key"]) == key:
-                return z["h_more"], z["h_less"], z["ok"]
+            with np.load(path) as z:
+                if str(z["key"]) == key:
+                    return z["h_more"], z["h_less"], z["ok"]
     except (OSError, ValueError, KeyError):  # absent or partial: read them again
         pass
     if on_read is not None:
@@ -268,12 +268,12 @@ def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         meta = json.loads((d / "shared.json").read_text())
         if meta["key"] != key:
             return None
-        z = np.load(d / "shared.npz")
-        return {"base": (z["more"], z["less"]),
-                "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"],
-                                     *((z["o_more"], z["o_less"]) if "o_more" in z.files else ())),
-                "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "bbq_key": meta.get("bbq_key"),
-                "words": z["words"] if "words" in z.files else None,
-                "gen_base": meta["gen_base"]}
+        with np.load(d / "shared.npz") as z:
+            return {"base": (z["more"], z["less"]),
+                    "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"],
+                                         *((z["o_more"], z["o_less"]) if "o_more" in z.files else ())),
+                    "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "bbq_key": meta.get("bbq_key"),
+                    "words": z["words"] if "words" in z.files else None,
+                    "gen_base": meta["gen_base"]}
     except (OSError, ValueError, KeyError):  # absent, partial or from an older version: recompute
         return None
