@@ -42,13 +42,15 @@ def torch_model(path: Path) -> Any:
     """The GGUF's weights as torch tensors, and a batched forward with per-layer write edits."""
     import torch
 
+    from edge.engine.model import Engine
     from edge.engine.weights import load_weights
 
     w = load_weights(path)
     a = w.args
     t = torch.from_numpy
-    n_rot = a.n_rot or a.head_dim
-    inv = torch.tensor(a.rope_theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot), dtype=torch.float32)
+    # the reference engine's rope frequencies (rope_freqs and the frequency scale included)
+    inv = torch.tensor(Engine(w)._inv_freq, dtype=torch.float32)
+    n_rot = 2 * len(inv)
     layers = [({k: t(v.T.copy()) for k, v in lw.wt.items()}, t(lw.attn_norm), t(lw.ffn_norm)) for lw in w.layers]
     emb, out, onorm = t(w.tok_embd), t(w.output), t(w.output_norm)
 
