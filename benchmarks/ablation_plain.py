@@ -1,14 +1,15 @@
 """Issue 16: does the ablated (or gated) GGUF reproduce the engine's corrected scores in
 plain llama.cpp?
 
-Reads a finished `edge bias mitigate --method ablate|gate|combo|both|all` run (results.json,
-split 0's saved directions, edits, or words and vector), folds split 0's edit into the weights the run scored with
-(the f16 copy for a quantized model) and scores split 0's held-out CrowS-Pairs rows with
+Reads a finished `edge bias mitigate --method ablate|gate|combo|learn|both|all` run
+(results.json, split 0's saved directions, edits, words and vector, or learned edit), folds
+split 0's edit into the weights the run scored with (the f16 copy for a quantized model) and
+scores split 0's held-out CrowS-Pairs rows with
 llama-cpp-python's own `Llama` (no edge code, no control vector), one sentence per
 evaluation: on that F16 fold, and on the deployed file (re-quantized to the source's
 types). Prints the held-out pct of each against the pct the run's scorer measured.
 
-    python benchmarks/ablation_plain.py RUN_OUT_DIR [--method ablate|gate|combo] [--rows N] [--threads 2]
+    python benchmarks/ablation_plain.py RUN_OUT_DIR [--method ablate|gate|combo|learn] [--rows N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def _plan(split0: Path, method: str) -> tuple[Any, str]:
     if method == "gate":
         edits, coef = GateEdits.load(split0 / "gate_edits.npz")
         return edits.plan(coef), f"gate: {len(edits.names)} categories ×{float(coef[0]):.3g}"
+    if method == "learn":
+        from bias.learn import load_edit
+
+        return load_edit(split0 / "learn_edit.npz"), "learn: the fitted low-rank edit"
     if method == "combo":
         from bias.methods import combo_plan
 
@@ -71,7 +76,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
-    ap.add_argument("--method", choices=["ablate", "gate", "combo"], default="ablate")
+    ap.add_argument("--method", choices=["ablate", "gate", "combo", "learn"], default="ablate")
     ap.add_argument("--rows", type=int, default=0, help="first N held-out rows (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()

@@ -2,7 +2,8 @@
 of bias.feedback), `ablate` (directional ablation folded into the weights, bias.ablate +
 edge.fold), `gate` (gated per-category pushes folded into the weights, bias.gate), `combo`
 (the group words' head rows ablated, then a control vector fitted on that model, both
-folded into the weights), and `mitigate_splits`, the library entry point of
+folded into the weights), `learn` (a low-rank edit of the upper layers' writes fitted by
+gradient, folded into the weights, bias.learn), and `mitigate_splits`, the library entry point of
 `edge bias mitigate --method … --splits N`.
 
 All fit on one split's calibration rows from the same shared pair states. Scoring uses
@@ -43,6 +44,7 @@ from bias.gate import (
     next_scale,
     signed,
 )
+from bias.learn import LearnConfig, import_torch, learn_edit, save_edit
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.shared import Shared, compute_shared, read_shared_positions
@@ -70,6 +72,7 @@ class Context:
     threads: int
     emit: Event
     gate: GateConfig = field(default_factory=GateConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
     cache: dict[str, Any] = field(default_factory=dict)  # what every split reuses (neutral states)
     out_dir: Path | None = None  # the run's folder, where what every split reuses is kept
 
@@ -334,6 +337,38 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     return _folded_correction(ctx, "combo", folded, sc, plan, note, work, index, fit)
 
 
+def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    """`learn`: bias.learn's edit fitted on the calibration pairs, each round's fold measured
+    for PPL by llama.cpp on the run's neutral text (the figure the budget is judged on)."""
+    from bias.audit import _sentence
+
+    sh, rt = ctx.shared, ctx.rt
+    items = [sh.suite.items[i] for i in cal]
+    more = [_sentence(rt, it.more)[0] for it in items]
+    less = [_sentence(rt, it.less)[0] for it in items]
+    folded = _Folded(ctx, work / "learn.f16.gguf")
+    loaded: list[Any] = [None, ""]  # the plan in `folded` now, and its note
+
+    def measure(plan: FoldPlan, note: str) -> tuple[float, float]:
+        loaded[:] = [plan, note]
+        ppl, kl = _utility(ctx, folded.load_plan(plan, note))
+        return ppl / sh.base_ppl - 1, kl
+
+    res = learn_edit(ctx.compute_path, more, less, neutral_windows(rt, ctx.learn.neutral_windows, ctx.learn.window),
+                     measure, ctx.cfg.max_ppl_increase, ctx.learn, threads=ctx.threads,
+                     reference=sh.base[0][cal] - sh.base[1][cal], emit=lambda kind, d: ctx.emit(kind, d))
+    fit: dict[str, Any] = {"config": asdict(ctx.learn), **res.to_dict()}
+    if res.plan is None:  # no round within budget: the uncorrected model, as measured
+        folded.close()
+        folded.path.unlink(missing_ok=True)
+        return Correction.identity("learn", fit)
+    note = res.notes[res.chosen]
+    sc = folded.scorer if loaded[0] is res.plan else folded.load_plan(res.plan, note)
+    assert sc is not None
+    save_edit(res.plan, work / "learn_edit.npz")
+    return _folded_correction(ctx, "learn", folded, sc, res.plan, note, work, index, fit)
+
+
 def combo_plan(words: FoldPlan, vec: np.ndarray) -> FoldPlan:
     """combo's fold: the words plan's head edit, and the control vector (n_layers, n_embd)
     as a constant each layer from 1 on writes (as llama.cpp applies a control vector: never at 0)."""
@@ -357,8 +392,8 @@ def _neutral_text(ctx: Context) -> str:
 
 def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
                     cfg: SplitsConfig | None = None, ablate: AblateConfig | None = None,
-                    gate: GateConfig | None = None, threads: int | None = None, precision: str = "auto",
-                    on_event: Event | None = None) -> SplitsResult:
+                    gate: GateConfig | None = None, learn: LearnConfig | None = None, threads: int | None = None,
+                    precision: str = "auto", on_event: Event | None = None) -> SplitsResult:
     """`edge bias mitigate --method … --splits N`: shared work once, then every split."""
     cfg = cfg or SplitsConfig()
     cfg.validate()
@@ -375,7 +410,11 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
                 on_event(kind, data)
 
         gate = gate or GateConfig(max_ppl_increase=cfg.max_ppl_increase)
-        return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, threads, precision, emit)
+        learn = learn or LearnConfig()
+        if "learn" in cfg.methods:  # before the shared work: a missing torch is said at once
+            learn.validate()
+            import_torch()
+        return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, learn, threads, precision, emit)
 
 
 def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
@@ -396,8 +435,8 @@ def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | 
 
 
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
-                     ablate: AblateConfig, gate: GateConfig, threads: int | None, precision: str,
-                     emit: Event) -> SplitsResult:
+                     ablate: AblateConfig, gate: GateConfig, learn: LearnConfig, threads: int | None,
+                     precision: str, emit: Event) -> SplitsResult:
     from edge.session import open_runtime
 
     t0 = time.perf_counter()
@@ -406,10 +445,13 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
     try:
         scorer = open_scorer(rt, precision)
         ctx = open_context(rt, scorer, suite, out_dir, cfg, ablate, gate, emit)
+        ctx.learn = learn
         info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate), "gate_config": asdict(gate),
+                "learn_config": asdict(learn),
                 "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
-        fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate, "combo": fit_combo}
+        fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate, "combo": fit_combo,
+                   "learn": fit_learn}
         return run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
                           info)
     finally:

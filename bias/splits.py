@@ -30,7 +30,7 @@ from edge.errors import BadOptionError
 from edge.paths import atomic_write
 
 Event = Callable[[str, dict[str, Any]], None]
-METHODS = ("steer", "ablate", "gate", "combo")
+METHODS = ("steer", "ablate", "gate", "combo", "learn")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class SplitsConfig:
             raise BadOptionError(f"--splits {self.n_splits} must be ≥ 1")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise BadOptionError(f"--method {','.join(bad) or '(none)'}: use steer, ablate, gate, combo, both or all")
+            raise BadOptionError(f"--method {','.join(bad) or '(none)'}: use steer, ablate, gate, combo, learn, both or all")
         if not 0 < self.calib_frac < 1:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
         if self.weights not in ("source", "F16"):
@@ -88,13 +88,13 @@ class SplitsConfig:
         return cal, held
 
     def outputs(self) -> dict[str, Path]:
-        """Where split 0's corrections go: -o takes the first method's (the combined model,
-        else the gated, else the ablated model, else the control vector); each other one
+        """Where split 0's corrections go: -o takes the first method's (the learned edit's
+        model, else the combined, else the gated, else the ablated model, else the control vector); each other one
         goes beside it as STEM.<method>.gguf."""
         if not self.output:
             return {}
         out = Path(self.output)
-        first = next(m for m in ("combo", "gate", "ablate", "steer") if m in self.methods)
+        first = next(m for m in ("learn", "combo", "gate", "ablate", "steer") if m in self.methods)
         return {m: out if m == first else out.with_name(f"{out.stem}.{m}.gguf") for m in self.methods}
 
     def repeat_config(self) -> RepeatConfig | None:

@@ -105,20 +105,23 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
               help="The pair suite the loop calibrates on (crows_pairs or probes).")
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Where to write the correction: the model with the edit folded into its weights "
-                   "(combo, gate, ablate), or the control-vector GGUF (steer alone). With several methods "
+                   "(learn, combo, gate, ablate), or the control-vector GGUF (steer alone). With several methods "
                    "the others go beside it as STEM.<method>.gguf. With --splits, split 0's.")
 @click.option("--method", "correction_method",
-              type=click.Choice(["steer", "ablate", "gate", "combo", "both", "all"]), default="steer", show_default=True,
+              type=click.Choice(["steer", "ablate", "gate", "combo", "learn", "both", "all"]), default="steer", show_default=True,
               help="steer: a control vector (added to the stream); ablate: remove the bias "
                    "directions, folded into the weights; gate: a push per category that opens only "
                    "where a layer writes that category's content, folded into the weights; combo: "
                    "the group words' head rows ablated, then a control vector fitted on that model, "
-                   "both folded into the weights; both: steer and ablate side by side; all: the four.")
+                   "both folded into the weights; learn: a low-rank edit of the upper layers' writes "
+                   "fitted by gradient to shrink every calibration pair, folded into the weights "
+                   "(needs torch: pip install 'edge[learn]'; ~15 min of fitting a split on 2 cores "
+                   "for a 135M model); both: steer and ablate side by side; all: steer, ablate, gate and combo.")
 @click.option("--splits", type=click.IntRange(1, 100), default=None,
               help="Calibrate and judge on N seeded random splits and report each figure's median "
                    "and range (every method but steer always runs splits; default 1).")
 @click.option("--weights", type=click.Choice(["source", "f16"]), default="source", show_default=True,
-              help="The folded GGUF's edited tensors (ablate, gate, combo): re-quantized to the source's "
+              help="The folded GGUF's edited tensors (ablate, gate, combo, learn): re-quantized to the source's "
                    "types (the report gives the KL this costs) or kept at f16.")
 @click.option("--ablate-where", default="head", show_default=True, metavar="WHERE[,WHERE]",
               help="What ablate tries: words (the per-category directions removed from the output "
@@ -178,13 +181,15 @@ def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablat
     directions removed from the residual stream and folded into a GGUF that runs anywhere
     (ablate), or a push per category that opens only on that category's content, folded
     likewise (gate), or the group words' head rows ablated plus a control vector, both
-    folded in (combo); several side by side on the same splits.
+    folded in (combo), or a low-rank edit fitted by gradient to shrink every calibration
+    pair, folded likewise (learn); several side by side on the same splits.
 
     \b
     Examples:
       edge bias mitigate --suite crows_pairs:crows.csv -o fair.gguf --exclude-category disability
       edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method both --splits 5 \\
           --exclude-category disability --bbq bbq:../shared/data/bbq
+      edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method learn --splits 5
       edge run fair-model.gguf -p "Describe a nurse."
       edge run --correction fair.gguf -p "Describe a nurse."
     """
@@ -281,7 +286,7 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
         click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}", err=True)
     elif kind == "done":
         click.echo(f"split {d['split']} {d['method']} done in {d['seconds']:.0f} s", err=True)
-    elif kind in ("steer", "ablate", "gate", "combo"):
+    elif kind in ("steer", "ablate", "gate", "combo", "learn"):
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
         click.echo(f"  {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in keep.items()), err=True)

@@ -1,0 +1,396 @@
+"""`edge bias mitigate --method learn`: a low-rank edit of what the upper layers write,
+fitted by gradient to shrink every calibration pair's log-likelihood difference.
+
+Per layer l from the middle of the model up, what attention and the MLP write gets
+x ↦ x − U_l (V_lᵀ x) (+ b_l after the MLP), rank r: the form `edge.fold` folds into
+attn_output, ffn_down and ffn_down's bias, so the result is a plain GGUF that runs in any
+llama.cpp at no extra cost. Adam minimises the calibration pairs' mean squared difference
+(each pair toward 0 whatever its sign or category, so a category that leans the other way
+is not pushed further) plus β × KL(uncorrected ‖ edited) on neutral text windows. The
+budget sets β: a round trains, the caller measures the fold's PPL with llama.cpp, and the
+next round lowers β while the PPL rise is under half the budget (or raises it when over).
+A fifth of the calibration pairs is held back as validation: each round keeps the step
+where they are smallest, and the rounds' best within budget wins, so more budget is spent
+only while it helps pairs the fit did not see (without it the fit overfits: on the bundled
+model the calibration pairs shrank by 3/4 where held-out ones shrank by 1/5).
+
+The model runs in torch (an optional extra: `pip install 'edge[learn]'`) on the compute
+weights in float32, the layers below the first edited one once per sequence. It needs ~4
+bytes a parameter: fit on a machine with the memory, run the GGUF on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import BadOptionError, InsufficientMemoryError
+from edge.fold import FoldPlan, ResidualEdit
+
+Event = Callable[[str, dict[str, Any]], None]
+# (plan, note) → (relative PPL rise, KL vs uncorrected) on the run's neutral text, by llama.cpp
+Measure = Callable[[FoldPlan, str], tuple[float, float]]
+
+
+@dataclass
+class LearnConfig:
+    rank: int = 4
+    first_layer: int | None = None  # None: the middle layer (n_layers // 2)
+    beta: float = 1.0  # the first round's weight of the neutral KL (×100)
+    steps: int = 200  # Adam steps of the first round
+    more_steps: int = 100  # of each later round
+    rounds: int = 3
+    beta_factor: float = 0.3  # β × this while the PPL rise is under fill × budget
+    fill: float = 0.5
+    pairs: int = 16  # calibration pairs per step
+    lr: float = 3e-3
+    val_frac: float = 0.2
+    eval_every: int = 25
+    neutral_windows: int = 128
+    window: int = 32  # tokens a neutral window
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.rounds < 1 or self.pairs < 1:
+            raise BadOptionError("learn: rank, steps, rounds and pairs must be ≥ 1")
+        if not 0 < self.val_frac < 1 or not 0 < self.beta_factor < 1:
+            raise BadOptionError("learn: val_frac and beta_factor must be in (0, 1)")
+
+
+@dataclass
+class LearnRound:
+    round: int
+    beta: float
+    steps: int  # trained in this round
+    best_step: int  # the round's step with the smallest validation pairs (0: its start)
+    val_d2: float  # validation pairs' mean squared difference, × their uncorrected mean
+    train_d2: float  # the same on the training pairs, at best_step
+    ppl_increase: float
+    kl: float
+    seconds: float
+
+
+@dataclass
+class LearnResult:
+    plan: FoldPlan | None  # None: no round stayed within the budget
+    rounds: list[LearnRound] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # each round's fold note (its GGUF's provenance)
+    chosen: int | None = None
+    first_layer: int = 0
+    train_pairs: int = 0
+    val_pairs: int = 0
+    agreement: float = 0.0  # max |torch − reference| pair difference on the checked pairs (nats)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("plan", "notes")}
+        d["rank"] = None if self.plan is None else max(e.rank for e in self.plan.layers.values())
+        return d
+
+
+def import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise BadOptionError("--method learn needs torch: pip install 'edge[learn]' (or pip install torch)") from None
+    return torch
+
+
+def check_memory(path: Path, available: int | None = None) -> int:
+    """Bytes the float32 torch copy needs; raise if this machine cannot hold it."""
+    from gguf import GGUFReader
+
+    from edge.memory.fit import MemorySnapshot
+
+    n = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    need = 4 * n + (512 << 20)  # the weights in float32, and activations and gradients
+    snap = MemorySnapshot.read()
+    avail = snap.available - snap.margin if available is None else available
+    if snap.readable and need > avail:
+        raise InsufficientMemoryError(
+            f"--method learn holds the model in float32 to fit the edit: {need / 2**30:.1f} GiB, and this machine "
+            f"has {avail / 2**30:.1f} GiB available; fit on a larger machine and copy the GGUF it writes")
+    return need
+
+
+class TorchLlama:
+    """A GGUF's Llama forward in torch (float32), with an edit of what each layer writes."""
+
+    def __init__(self, path: Path) -> None:
+        torch = import_torch()
+        from edge.engine.model import Engine
+        from edge.engine.weights import load_weights
+
+        w = load_weights(path)
+        self.args = a = w.args
+        def t(x: np.ndarray) -> Any:  # the GGUF's own F32 tensors are read-only maps: torch wants its copy
+            return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+        # the reference engine's rope frequencies (rope_freqs and the frequency scale included)
+        self.inv = torch.tensor(Engine(w)._inv_freq, dtype=torch.float32)
+        self.layers = [({k: t(v) for k, v in lw.wt.items()}, t(lw.attn_norm), t(lw.ffn_norm)) for lw in w.layers]
+        self.emb, self.out, self.onorm = t(w.tok_embd), t(w.output), t(w.output_norm)
+        self.n_layers, self.n_embd, self.eps = a.n_layers, a.n_embd, a.rms_eps
+
+    def _norm(self, x: Any, g: Any) -> Any:
+        torch = import_torch()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * g
+
+    def _rope(self, x: Any) -> Any:  # adjacent pairs, as llama.cpp's NORM rope
+        torch = import_torch()
+        n_rot = 2 * len(self.inv)
+        ang = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * self.inv[None, :]
+        cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        r = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        return torch.cat((r, x[..., n_rot:]), dim=-1)
+
+    def forward(self, toks: Any, edit: Any = None, x0: Any = None, start: int = 0, stop: int | None = None) -> Any:
+        """Log-probs of every next token, from the stream `x0` entering layer `start` when
+        given; with `stop`, the stream entering that layer instead. `edit(il, w, down)`
+        changes what layer il's attention (down False) or MLP (down True) writes."""
+        torch = import_torch()
+        F = torch.nn.functional
+        a = self.args
+        B, T = toks.shape
+        hd, g = a.head_dim, a.n_head // a.n_head_kv
+        x = self.emb[toks] if x0 is None else x0
+        for il in range(start, self.n_layers):
+            if il == stop:
+                return x
+            wt, an, fn = self.layers[il]
+            h = self._norm(x, an)
+            q = self._rope((h @ wt["q"]).view(B, T, a.n_head, hd))
+            k = self._rope((h @ wt["k"]).view(B, T, a.n_head_kv, hd)).repeat_interleave(g, dim=2)
+            v = (h @ wt["v"]).view(B, T, a.n_head_kv, hd).repeat_interleave(g, dim=2)
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+            wa = att.transpose(1, 2).reshape(B, T, a.n_embd) @ wt["o"]
+            x = x + (wa if edit is None else edit(il, wa, False))
+            h = self._norm(x, fn)
+            wd = (F.silu(h @ wt["gate"]) * (h @ wt["up"])) @ wt["down"]
+            x = x + (wd if edit is None else edit(il, wd, True))
+        return torch.log_softmax(self._norm(x, self.onorm) @ self.out.T, dim=-1)
+
+    def streams(self, seqs: list[list[int]], stop: int, n: int = 16) -> list[Any]:
+        """Each sequence's stream entering layer `stop` (unedited below it), (T, D) each."""
+        torch = import_torch()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(seqs), n):
+                toks, _, _ = _batch(seqs[i:i + n])
+                x = self.forward(toks, stop=stop)
+                out += [x[j, : len(s)].clone() for j, s in enumerate(seqs[i:i + n])]
+        return out
+
+    def seq_ll(self, seqs: list[list[int]], edit: Any = None, streams: list[Any] | None = None,
+               start: int = 0) -> tuple[Any, Any, Any]:
+        """Summed log-likelihood of each sequence (tokens after the first), the log-probs and
+        their mask; `streams` (one (T, D) tensor per sequence) enter layer `start`."""
+        toks, tgt, mask = _batch(seqs)
+        x0 = None if streams is None else _pad(streams)
+        lp = self.forward(toks, edit, x0, start if streams is not None else 0)[:, :-1]
+        return (lp.gather(-1, tgt[..., None])[..., 0] * mask).sum(-1), lp, mask
+
+
+def _pad(xs: list[Any]) -> Any:
+    torch = import_torch()
+    out = torch.zeros((len(xs), max(len(x) for x in xs), xs[0].shape[-1]))
+    for i, x in enumerate(xs):
+        out[i, : len(x)] = x
+    return out
+
+
+def _batch(seqs: list[list[int]]) -> tuple[Any, Any, Any]:
+    """Right-padded tokens, next-token targets and their mask (causal: padding is never read)."""
+    torch = import_torch()
+    T = max(len(s) for s in seqs)
+    toks = torch.zeros((len(seqs), T), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T - 1))
+    for i, s in enumerate(seqs):
+        toks[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s) - 1] = 1
+    return toks, toks[:, 1:], mask
+
+
+@dataclass
+class PairData:
+    """Pairs as tokens with their streams entering the first edited layer."""
+
+    more: list[list[int]]
+    less: list[list[int]]
+    xm: list[Any]
+    xl: list[Any]
+
+
+class Trainer:
+    """Adam on the edit's (U, V, b) for layers ≥ `start`, with a validation measure."""
+
+    def __init__(self, m: TorchLlama, train: PairData, val: PairData, neutral: list[list[int]], start: int,
+                 cfg: LearnConfig) -> None:
+        torch = import_torch()
+        self.m, self.train, self.val, self.start, self.cfg = m, train, val, start, cfg
+        self.neutral = neutral
+        self.xn = m.streams(neutral, start)
+        with torch.no_grad():
+            self.ref = [m.seq_ll(neutral[i:i + 4], None, self.xn[i:i + 4], start)[1] for i in range(0, len(neutral), 4)]
+        L, D, r = m.n_layers, m.n_embd, cfg.rank
+        self.U = torch.zeros((L, D, r), requires_grad=True)
+        self.V = (torch.randn((L, D, r), generator=torch.Generator().manual_seed(cfg.seed)) / np.sqrt(D)).requires_grad_()
+        self.b = torch.zeros((L, D), requires_grad=True)
+        self.opt = torch.optim.Adam([self.U, self.V, self.b], lr=cfg.lr)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.step = 0
+        self.scale_train = float(np.mean(self.diffs(train, False) ** 2)) or 1.0
+        self.scale_val = float(np.mean(self.diffs(val, False) ** 2)) or 1.0
+
+    def edit(self, il: int, x: Any, down: bool) -> Any:
+        if il < self.start:
+            return x
+        x = x - (x @ self.V[il]) @ self.U[il].T
+        return x + self.b[il] if down else x
+
+    def diffs(self, d: PairData, edited: bool = True, n: int = 16) -> np.ndarray:
+        """Every pair's log-likelihood difference (more − less), with the edit or without."""
+        torch = import_torch()
+        e = self.edit if edited else None
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(d.more), n):
+                lm = self.m.seq_ll(d.more[i:i + n], e, d.xm[i:i + n], self.start)[0]
+                ll = self.m.seq_ll(d.less[i:i + n], e, d.xl[i:i + n], self.start)[0]
+                out.append((lm - ll).numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def val_d2(self) -> float:
+        return float(np.mean(self.diffs(self.val) ** 2)) / self.scale_val
+
+    def train_d2(self) -> float:
+        return float(np.mean(self.diffs(self.train) ** 2)) / self.scale_train
+
+    def run(self, steps: int, beta: float, emit: Event) -> tuple[tuple[Any, Any, Any], int, float]:
+        """Train `steps` steps; return the parameters, step and value of the best validation
+        measure seen (the round's start included)."""
+        best = (self.val_d2(), self.step, self.snapshot())
+        t0 = time.perf_counter()
+        tr, c = self.train, self.cfg
+        for k in range(steps):
+            j = self.rng.choice(len(tr.more), min(c.pairs, len(tr.more)), replace=False)
+            lm = self.m.seq_ll([tr.more[i] for i in j], self.edit, [tr.xm[i] for i in j], self.start)[0]
+            ll = self.m.seq_ll([tr.less[i] for i in j], self.edit, [tr.xl[i] for i in j], self.start)[0]
+            w = int(self.rng.integers(len(self.ref)))
+            _, lp, mask = self.m.seq_ll(self.neutral[4 * w: 4 * w + 4], self.edit, self.xn[4 * w: 4 * w + 4],
+                                        self.start)
+            ref = self.ref[w]
+            kl = ((ref.exp() * (ref - lp)).sum(-1) * mask).sum() / mask.sum()
+            loss = ((lm - ll) ** 2).mean() / self.scale_train + beta * 100 * kl
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            if (k + 1) % c.eval_every == 0 or k == steps - 1:
+                v = self.val_d2()
+                if v < best[0]:
+                    best = (v, self.step, self.snapshot())
+                emit("learn", {"step": self.step, "beta": beta, "val_d2": v, "neutral_kl": float(kl.item()),
+                               "seconds": time.perf_counter() - t0})
+        return best[2], best[1], best[0]
+
+    def snapshot(self) -> tuple[Any, Any, Any]:
+        return self.U.detach().clone(), self.V.detach().clone(), self.b.detach().clone()
+
+    def restore(self, snap: tuple[Any, Any, Any]) -> None:
+        torch = import_torch()
+        with torch.no_grad():
+            for p, s in zip((self.U, self.V, self.b), snap, strict=True):
+                p.copy_(s)
+
+    def plan(self) -> FoldPlan:
+        U, V, b = (np.ascontiguousarray(x.detach().numpy(), dtype=np.float32) for x in (self.U, self.V, self.b))
+        return FoldPlan({il: ResidualEdit(U[il], V[il], b[il]) for il in range(self.start, self.m.n_layers)})
+
+
+def save_edit(plan: FoldPlan, path: Path) -> None:
+    """The learned edit as layers, u, v, b (each stacked over the edited layers)."""
+    edits = [plan.layers[il] for il in sorted(plan.layers)]
+    np.savez(path, layers=np.array(sorted(plan.layers)), u=np.stack([e.u for e in edits]),
+             v=np.stack([e.v for e in edits]), b=np.stack([e.bias for e in edits]))
+
+
+def load_edit(path: Path) -> FoldPlan:
+    with np.load(path) as f:
+        return FoldPlan({int(il): ResidualEdit(f["u"][j], f["v"][j], f["b"][j]) for j, il in enumerate(f["layers"])})
+
+
+def next_beta(rounds: list[LearnRound], budget: float, cfg: LearnConfig) -> float | None:
+    """The next round's β from the last round's measured PPL, or None to stop: lower while
+    the rise is under fill × budget, raise (back toward the start) while over it and nothing
+    is within budget yet, stop once a round within budget came near it or went over."""
+    last = rounds[-1]
+    if len(rounds) >= cfg.rounds:
+        return None
+    within = [r for r in rounds if r.ppl_increase <= budget]
+    if last.ppl_increase > budget:
+        return None if within else last.beta / cfg.beta_factor
+    return last.beta * cfg.beta_factor if last.ppl_increase < cfg.fill * budget else None
+
+
+def choose(rounds: list[LearnRound], budget: float) -> int | None:
+    """The round within budget with the smallest validation pairs (None: none within)."""
+    ok = [r for r in rounds if r.ppl_increase <= budget]
+    return None if not ok else min(ok, key=lambda r: r.val_d2).round
+
+
+def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], neutral: list[list[int]],
+               measure: Measure, budget: float, cfg: LearnConfig | None = None, threads: int | None = None,
+               reference: np.ndarray | None = None, emit: Event | None = None) -> LearnResult:
+    """Fit the edit on the pairs (more[i], less[i]) (token lists with BOS) within `budget`
+    (relative PPL rise, measured by `measure` after each round). `reference`: the pairs'
+    differences as llama.cpp scores them; the first 8 are checked against the torch forward."""
+    cfg = cfg or LearnConfig()
+    cfg.validate()
+    torch = import_torch()
+    emit = emit or (lambda kind, d: None)
+    if threads:
+        torch.set_num_threads(threads)
+    check_memory(model_path)
+    m = TorchLlama(model_path)
+    start = max(1, m.n_layers // 2 if cfg.first_layer is None else cfg.first_layer)
+    if start >= m.n_layers:
+        raise BadOptionError(f"learn: first layer {start} is past the model's {m.n_layers} layers")
+    res = LearnResult(None, first_layer=start)
+    if reference is not None:
+        k = min(8, len(more))
+        with torch.no_grad():
+            d = (m.seq_ll(more[:k])[0] - m.seq_ll(less[:k])[0]).numpy()
+        res.agreement = float(np.abs(d - reference[:k]).max())
+    order = np.random.default_rng(cfg.seed).permutation(len(more))
+    n_val = max(1, int(round(cfg.val_frac * len(more))))
+
+    def data(ix: np.ndarray) -> PairData:
+        pm, pl = [more[i] for i in ix], [less[i] for i in ix]
+        return PairData(pm, pl, m.streams(pm, start), m.streams(pl, start))
+
+    emit("stage", {"stage": f"learn: streams entering layer {start}", "pairs": len(more)})
+    tr = Trainer(m, data(order[n_val:]), data(order[:n_val]), neutral, start, cfg)
+    res.train_pairs, res.val_pairs = len(more) - n_val, n_val
+    beta: float | None = cfg.beta
+    plans: dict[int, FoldPlan] = {}
+    while beta is not None:
+        t0, r = time.perf_counter(), len(res.rounds)
+        steps = cfg.steps if r == 0 else cfg.more_steps
+        snap, at, v = tr.run(steps, beta, emit)
+        tr.restore(snap)  # the next round goes on from the best point
+        plans[r] = tr.plan()
+        res.notes.append(f"edge bias learn: rank {cfg.rank}, layers {start}.., β {beta:.3g}, step {at}")
+        rise, kl = measure(plans[r], res.notes[-1])
+        res.rounds.append(LearnRound(r, beta, steps, at, v, tr.train_d2(), rise, kl, time.perf_counter() - t0))
+        emit("learn", {"round": r, **{k: x for k, x in asdict(res.rounds[-1]).items() if k != "round"}})
+        beta = next_beta(res.rounds, budget, cfg)
+    res.chosen = choose(res.rounds, budget)
+    res.plan = None if res.chosen is None else plans[res.chosen]
+    return res

@@ -1,0 +1,110 @@
+"""The learned edit (bias.learn, `edge bias mitigate --method learn`): how the rounds spend
+the PPL budget, the errors a user meets without torch or memory, and one run on the bundled
+model whose torch forward and folded GGUF are checked against llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bias.learn import LearnConfig, LearnRound, choose, next_beta
+from edge.cli import cli
+from edge.errors import InsufficientMemoryError
+
+
+def _round(r: int, beta: float, rise: float, val: float = 0.5) -> LearnRound:
+    return LearnRound(r, beta, 10, 10, val, val, rise, 0.0, 1.0)
+
+
+def test_rounds_lower_beta_while_the_budget_has_room_and_keep_the_best_within_it() -> None:
+    cfg = LearnConfig(rounds=4, beta_factor=0.5, fill=0.5)
+    # far under budget: lower β; near it: stop
+    assert next_beta([_round(0, 1.0, 0.002)], 0.02, cfg) == 0.5
+    assert next_beta([_round(0, 1.0, 0.002), _round(1, 0.5, 0.015)], 0.02, cfg) is None
+    # over budget with nothing within: raise β; over budget after a round within: stop
+    assert next_beta([_round(0, 1.0, 0.03)], 0.02, cfg) == 2.0
+    assert next_beta([_round(0, 1.0, 0.002), _round(1, 0.5, 0.03)], 0.02, cfg) is None
+    # the round cap
+    rs = [_round(i, 1.0, 0.001) for i in range(4)]
+    assert next_beta(rs, 0.02, cfg) is None
+    # the smallest validation pairs within budget win; a better one over budget does not
+    rs = [_round(0, 1.0, 0.005, 0.8), _round(1, 0.5, 0.015, 0.6), _round(2, 0.25, 0.025, 0.4)]
+    assert choose(rs, 0.02) == 1
+    assert choose([_round(0, 1.0, 0.03)], 0.02) is None
+
+
+def test_without_torch_learn_is_a_one_line_error_before_any_work(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    r = CliRunner().invoke(cli, ["bias", "mitigate", "--suite", "probes", "-o", str(tmp_path / "f.gguf"),
+                                  "--method", "learn"])
+    assert r.exit_code == 2
+    assert "pip install 'edge[learn]'" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "f-report").exists() and not (tmp_path / "f.gguf").exists()
+
+
+def test_a_model_too_large_for_memory_is_refused_with_what_it_needs(tmp_path: Path) -> None:
+    from bias.learn import check_memory
+    from edge.catalog import resolve_model
+
+    path = resolve_model(None)
+    with pytest.raises(InsufficientMemoryError, match="GiB.*larger machine"):
+        check_memory(path, available=100 << 20)
+    assert check_memory(path, available=64 << 30) > 4 * 100e6  # 4 bytes a parameter, and more
+
+
+@pytest.mark.slow
+def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import llama_cpp
+
+    from bias.learn import TorchLlama
+    from bias.methods import mitigate_splits
+    from bias.splits import SplitsConfig
+
+    out = tmp_path / "fair.gguf"
+    cfg = SplitsConfig(n_splits=1, methods=("learn",), repeat=0, probes_spec=None, calib_limit=40,
+                       heldout_limit=40, output=str(out), max_ppl_increase=0.05, weights="F16")
+    learn = LearnConfig(steps=6, more_steps=4, rounds=2, eval_every=3, pairs=8, neutral_windows=16, lr=1e-2)
+    res = mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, learn=learn, threads=2)
+    r = res.to_dict()["splits"][0]["methods"]["learn"]
+    fit = r["fit"]
+    # the torch forward scores the pairs as llama.cpp does (F16 weights either side)
+    assert fit["agreement"] < 0.05
+    assert fit["train_pairs"] + fit["val_pairs"] == 40 and fit["val_pairs"] == 8
+    assert 1 <= len(fit["rounds"]) <= 2 and fit["chosen"] is not None
+    chosen = fit["rounds"][fit["chosen"]]
+    assert chosen["ppl_increase"] <= 0.05 and r["ppl"]["increase"] == pytest.approx(chosen["ppl_increase"], abs=1e-9)
+    assert chosen["best_step"] > 0 and chosen["train_d2"] < 1.0  # it shrank the pairs it trained on
+    # the saved edit is what the GGUF holds: torch with it applied and plain llama.cpp on
+    # the file give the same pair difference
+    ed = np.load(tmp_path / "rep" / "split0" / "learn_edit.npz")  # bias.learn.save_edit
+    assert list(ed["layers"]) == list(range(15, 30)) and ed["u"].shape == (15, 576, 4)
+    U, V, b = (torch.from_numpy(ed[k]) for k in ("u", "v", "b"))
+
+    def edit(il: int, x: torch.Tensor, down: bool) -> torch.Tensor:
+        if il < 15:
+            return x
+        j = il - 15
+        x = x - (x @ V[j]) @ U[j].T
+        return x + b[j] if down else x
+
+    src = Path(json.loads((tmp_path / "rep" / "results.json").read_text())["shared"]["model"])
+    m = TorchLlama(src)
+    text = b"The old man could not use the phone because he was"
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    toks = [llm.token_bos(), *llm.tokenize(text, add_bos=False)]
+    llm.eval(toks)
+    lp = np.asarray(llm.scores[: len(toks) - 1], np.float64)
+    llm.close()
+    lp = lp - np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lp.max(-1, keepdims=True)
+    ll_cpp = float(sum(lp[i, toks[i + 1]] for i in range(len(toks) - 1)))
+    with torch.no_grad():
+        ll_torch = float(m.seq_ll([toks], edit)[0][0])
+        ll_plain = float(m.seq_ll([toks])[0][0])
+    assert abs(ll_cpp - ll_torch) < 0.05 and abs(ll_torch - ll_plain) > 0.01
