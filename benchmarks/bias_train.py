@@ -34,7 +34,7 @@ def main() -> None:
     cfg, rt, scorer, ctx = open_run(args.out, args.threads)
     ctx.emit = lambda kind, d: print(f"  {kind}: " + "  ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
-        if isinstance(v, (int, float, str))), flush=True)
+        if isinstance(v, (int, float, str))), flush=True) if kind != "learn_step" else None
     sh = ctx.shared
     cal, held = cfg.rows(sh.suite, args.split)
     heldout = sh.suite.subset(held.tolist())

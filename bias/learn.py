@@ -292,6 +292,7 @@ class Trainer:
             loss.backward()
             self.opt.step()
             self.step += 1
+            emit("learn_step", {"step": self.step})  # where a Ctrl-C stops the run (edge.interrupt)
             if (k + 1) % c.eval_every == 0 or k == steps - 1:
                 v = self.val_d2()
                 if v < best[0]:

@@ -278,6 +278,8 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
     """Progress on stderr: each stage, split and loop measurement as it happens."""
     import time
 
+    if kind == "learn_step":  # every Adam step: only a point where Ctrl-C is honoured
+        return
     click.echo(time.strftime("%H:%M:%S "), nl=False, err=True)
     if kind == "stage":
         click.echo(f"{d['stage']}" + "".join(f"  {k} {v:.0f}" if isinstance(v, float) else f"  {k} {v}"
