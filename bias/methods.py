@@ -3,8 +3,8 @@ of bias.feedback), `ablate` (directional ablation folded into the weights, bias.
 edge.fold), `gate` (gated per-category pushes folded into the weights, bias.gate), `combo`
 (the group words' head rows ablated, then a control vector fitted on that model, both
 folded into the weights), `learn` (a low-rank edit of the upper layers' writes fitted by
-gradient, folded into the weights, bias.learn), and `mitigate_splits`, the library entry point of
-`edge bias mitigate --method … --splits N`.
+gradient, folded into the weights, bias.learn), and `mitigate_splits`, the library entry
+point of `edge bias mitigate --method … --splits N`.
 
 All fit on one split's calibration rows from the same shared pair states. Scoring uses
 the weights the audit uses (the f16 copy of a quantized model); generation uses what a
@@ -347,16 +347,16 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     more = [_sentence(rt, it.more)[0] for it in items]
     less = [_sentence(rt, it.less)[0] for it in items]
     folded = _Folded(ctx, work / "learn.f16.gguf")
-    loaded: list[Any] = [None, ""]  # the plan in `folded` now, and its note
+    loaded: list[FoldPlan | None] = [None]  # the plan in `folded` now
 
     def measure(plan: FoldPlan, note: str) -> tuple[float, float]:
-        loaded[:] = [plan, note]
+        loaded[0] = plan
         ppl, kl = _utility(ctx, folded.load_plan(plan, note))
         return ppl / sh.base_ppl - 1, kl
 
     res = learn_edit(ctx.compute_path, more, less, neutral_windows(rt, ctx.learn.neutral_windows, ctx.learn.window),
                      measure, ctx.cfg.max_ppl_increase, ctx.learn, threads=ctx.threads,
-                     reference=sh.base[0][cal] - sh.base[1][cal], emit=lambda kind, d: ctx.emit(kind, d))
+                     reference=sh.base[0][cal] - sh.base[1][cal], emit=ctx.emit)
     fit: dict[str, Any] = {"config": asdict(ctx.learn), **res.to_dict()}
     if res.plan is None:  # no round within budget: the uncorrected model, as measured
         folded.close()

@@ -66,7 +66,8 @@ class SplitsConfig:
             raise BadOptionError(f"--splits {self.n_splits} must be ≥ 1")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise BadOptionError(f"--method {','.join(bad) or '(none)'}: use steer, ablate, gate, combo, learn, both or all")
+            raise BadOptionError(f"--method {','.join(bad) or '(none)'}: use steer, ablate, gate, combo, learn, "
+                                 "both or all")
         if not 0 < self.calib_frac < 1:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
         if self.weights not in ("source", "F16"):
@@ -89,8 +90,8 @@ class SplitsConfig:
 
     def outputs(self) -> dict[str, Path]:
         """Where split 0's corrections go: -o takes the first method's (the learned edit's
-        model, else the combined, else the gated, else the ablated model, else the control vector); each other one
-        goes beside it as STEM.<method>.gguf."""
+        model, else the combined, else the gated, else the ablated model, else the control
+        vector); each other one goes beside it as STEM.<method>.gguf."""
         if not self.output:
             return {}
         out = Path(self.output)
