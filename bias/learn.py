@@ -47,6 +47,10 @@ class LearnConfig:
     rounds: int = 3
     beta_factor: float = 0.3  # β × this while the PPL rise is under fill × budget
     fill: float = 0.5
+    # stop lowering β once a round cut the validation pairs by less than this (their
+    # uncorrected mean = 1): measured, lower β hardly moved the PPL and what held the
+    # edit back was generalisation, so a further round only spends ~5 minutes
+    min_gain: float = 0.02
     pairs: int = 16  # calibration pairs per step
     lr: float = 3e-3
     val_frac: float = 0.2
@@ -330,9 +334,13 @@ def load_edit(path: Path) -> FoldPlan:
 def next_beta(rounds: list[LearnRound], budget: float, cfg: LearnConfig) -> float | None:
     """The next round's β from the last round's measured PPL, or None to stop: lower while
     the rise is under fill × budget, raise (back toward the start) while over it and nothing
-    is within budget yet, stop once a round within budget came near it or went over."""
+    is within budget yet, stop once a round within budget came near it or went over, or
+    when lowering β gained less than min_gain on the validation pairs."""
     last = rounds[-1]
     if len(rounds) >= cfg.rounds:
+        return None
+    prev = rounds[-2] if len(rounds) > 1 else None
+    if prev is not None and last.beta < prev.beta and prev.val_d2 - last.val_d2 < cfg.min_gain:
         return None
     within = [r for r in rounds if r.ppl_increase <= budget]
     if last.ppl_increase > budget:

@@ -32,6 +32,9 @@ def test_rounds_lower_beta_while_the_budget_has_room_and_keep_the_best_within_it
     # the round cap
     rs = [_round(i, 1.0, 0.001) for i in range(4)]
     assert next_beta(rs, 0.02, cfg) is None
+    # a lower β that gained (almost) nothing on the validation pairs ends the loop
+    assert next_beta([_round(0, 1.0, 0.002, 0.75), _round(1, 0.5, 0.003, 0.74)], 0.02, cfg) is None
+    assert next_beta([_round(0, 1.0, 0.002, 0.75), _round(1, 0.5, 0.003, 0.70)], 0.02, cfg) == 0.25
     # the smallest validation pairs within budget win; a better one over budget does not
     rs = [_round(0, 1.0, 0.005, 0.8), _round(1, 0.5, 0.015, 0.6), _round(2, 0.25, 0.025, 0.4)]
     assert choose(rs, 0.02) == 1
