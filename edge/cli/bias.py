@@ -189,7 +189,8 @@ def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablat
       edge bias mitigate --suite crows_pairs:crows.csv -o fair.gguf --exclude-category disability
       edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method both --splits 5 \\
           --exclude-category disability --bbq bbq:../shared/data/bbq
-      edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method learn --splits 5
+      edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method learn --splits 5 \\
+          --weights f16   # a Q4_1 re-quantization moved the held-out pct by 1.1 points
       edge run fair-model.gguf -p "Describe a nurse."
       edge run --correction fair.gguf -p "Describe a nurse."
     """
