@@ -1,8 +1,9 @@
 """Try settings of the learned edit (`edge bias mitigate --method learn`, bias.learn) on one
 split of a finished `--splits` run, without redoing the run's shared work.
 
-Each --try is rank,beta,steps[,rounds]: the first round's β and Adam steps, and how many
-rounds the budget loop may run (1: a fixed fit, as the first measurements were made). The
+Each --try is rank,beta,steps[,rounds[,swaps]]: the first round's β and Adam steps, how many
+rounds the budget loop may run (1: a fixed fit, as the first measurements were made), and
+how many counterfactual pairs (bias.swap) each training pair adds. The
 fit is folded, scored by llama.cpp on the split's held-out rows and judged with the split
 runner's checks; `--bbq` also judges the run's BBQ items (~6 min at 2,000 a condition).
 
@@ -28,7 +29,8 @@ def main() -> None:
     from bias.judge import judge_bbq
     from bias.methods import fit_learn
 
-    ap = run_parser(0, "rank,beta,steps[,rounds]", "the edit's rank, the first round's β and steps, the rounds")
+    ap = run_parser(0, "rank,beta,steps[,rounds[,swaps]]",
+                    "the edit's rank, the first round's β and steps, the rounds, counterfactual pairs per pair")
     ap.add_argument("--bbq", action="store_true", help="also judge the run's BBQ items (~6 min at 2,000 a condition)")
     args = ap.parse_args()
     cfg, rt, scorer, ctx = open_run(args.out, args.threads)
@@ -38,10 +40,12 @@ def main() -> None:
     sh = ctx.shared
     cal, held = cfg.rows(sh.suite, args.split)
     heldout = sh.suite.subset(held.tolist())
+    base = ctx.learn  # each try starts from the run's settings, not the previous try's
     for i, tr in enumerate(args.tries or ["4,1.0,200"]):
         f = tr.split(",")
-        ctx.learn = replace(ctx.learn, rank=int(f[0]), beta=float(f[1]), steps=int(f[2]),
-                            rounds=int(f[3]) if len(f) > 3 else ctx.learn.rounds)
+        ctx.learn = replace(base, rank=int(f[0]), beta=float(f[1]), steps=int(f[2]),
+                            rounds=int(f[3]) if len(f) > 3 else base.rounds,
+                            swaps=int(f[4]) if len(f) > 4 else base.swaps)
         work = args.out / f"train_split{args.split}_{i}"
         work.mkdir(exist_ok=True)
         t0 = time.perf_counter()
@@ -56,7 +60,10 @@ def main() -> None:
             print(f"\n### {tr} ({time.perf_counter() - t0:.0f} s): round {fit['chosen']} of {len(fit['rounds'])}, "
                   f"PPL {100 * (ppl / sh.base_ppl - 1):+.2f}%, torch vs llama.cpp {fit['agreement']:.3f} nats; "
                   f"held-out mean d² {np.mean((sh.base[0][held] - sh.base[1][held]) ** 2):.2f} → "
-                  f"{np.mean((ps.more - ps.less) ** 2):.2f}\n{heldout_report(ctx, cfg, held, ps)}", flush=True)
+                  f"{np.mean((ps.more - ps.less) ** 2):.2f}; {fit['swapped_pairs']} swapped pairs; rounds (β: PPL, "
+                  f"train / val d²) " + ", ".join(f"{r['beta']:.3g}: {100 * r['ppl_increase']:+.2f}%, "
+                                                 f"{r['train_d2']:.3f} / {r['val_d2']:.3f}" for r in fit["rounds"])
+                  + f"\n{heldout_report(ctx, cfg, held, ps)}", flush=True)
             if args.bbq and sh.bbq is not None and sh.bbq_base is not None:
                 bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(corr.score_bbq(sh.bbq)))
                 x, y = bj["acc_dis"].change, bj["s_amb"]

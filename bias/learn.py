@@ -35,6 +35,8 @@ from edge.fold import FoldPlan, ResidualEdit
 Event = Callable[[str, dict[str, Any]], None]
 # (plan, note) → (relative PPL rise, KL vs uncorrected) on the run's neutral text, by llama.cpp
 Measure = Callable[[FoldPlan, str], tuple[float, float]]
+# training pairs' indices → more pairs (token lists) built from those pairs alone
+Augment = Callable[[np.ndarray], tuple[list[list[int]], list[list[int]]]]
 
 
 @dataclass
@@ -57,11 +59,14 @@ class LearnConfig:
     eval_every: int = 25
     neutral_windows: int = 128
     window: int = 32  # tokens a neutral window
+    # counterfactual pairs per training pair (bias.swap: its context, another same-category
+    # pair's group terms), added to the training pairs; validation stays original pairs
+    swaps: int = 0
     seed: int = 0
 
     def validate(self) -> None:
-        if self.rank < 1 or self.steps < 1 or self.rounds < 1 or self.pairs < 1:
-            raise BadOptionError("learn: rank, steps, rounds and pairs must be ≥ 1")
+        if self.rank < 1 or self.steps < 1 or self.rounds < 1 or self.pairs < 1 or self.swaps < 0:
+            raise BadOptionError("learn: rank, steps, rounds and pairs must be ≥ 1, swaps ≥ 0")
         if not 0 < self.val_frac < 1 or not 0 < self.beta_factor < 1:
             raise BadOptionError("learn: val_frac and beta_factor must be in (0, 1)")
 
@@ -87,6 +92,7 @@ class LearnResult:
     chosen: int | None = None
     first_layer: int = 0
     train_pairs: int = 0
+    swapped_pairs: int = 0  # counterfactual pairs added to the training pairs
     val_pairs: int = 0
     agreement: float = 0.0  # max |torch − reference| pair difference on the checked pairs (nats)
 
@@ -356,10 +362,12 @@ def choose(rounds: list[LearnRound], budget: float) -> int | None:
 
 def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], neutral: list[list[int]],
                measure: Measure, budget: float, cfg: LearnConfig | None = None, threads: int | None = None,
-               reference: np.ndarray | None = None, emit: Event | None = None) -> LearnResult:
+               reference: np.ndarray | None = None, emit: Event | None = None,
+               augment: Augment | None = None) -> LearnResult:
     """Fit the edit on the pairs (more[i], less[i]) (token lists with BOS) within `budget`
     (relative PPL rise, measured by `measure` after each round). `reference`: the pairs'
-    differences as llama.cpp scores them; the first 8 are checked against the torch forward."""
+    differences as llama.cpp scores them; the first 8 are checked against the torch forward.
+    `augment(train)`: extra training pairs built from the training pairs alone."""
     cfg = cfg or LearnConfig()
     cfg.validate()
     torch = import_torch()
@@ -380,13 +388,14 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
     order = np.random.default_rng(cfg.seed).permutation(len(more))
     n_val = max(1, int(round(cfg.val_frac * len(more))))
 
-    def data(ix: np.ndarray) -> PairData:
-        pm, pl = [more[i] for i in ix], [less[i] for i in ix]
+    def data(ix: np.ndarray, extra: tuple[list[list[int]], list[list[int]]] = ([], [])) -> PairData:
+        pm, pl = [more[i] for i in ix] + extra[0], [less[i] for i in ix] + extra[1]
         return PairData(pm, pl, m.streams(pm, start), m.streams(pl, start))
 
-    emit("stage", {"stage": f"learn: streams entering layer {start}", "pairs": len(more)})
-    tr = Trainer(m, data(order[n_val:]), data(order[:n_val]), neutral, start, cfg)
-    res.train_pairs, res.val_pairs = len(more) - n_val, n_val
+    extra = augment(order[n_val:]) if augment is not None else ([], [])
+    emit("stage", {"stage": f"learn: streams entering layer {start}", "pairs": len(more) + len(extra[0])})
+    tr = Trainer(m, data(order[n_val:], extra), data(order[:n_val]), neutral, start, cfg)
+    res.train_pairs, res.val_pairs, res.swapped_pairs = len(more) - n_val, n_val, len(extra[0])
     beta: float | None = cfg.beta
     plans: dict[int, FoldPlan] = {}
     while beta is not None:

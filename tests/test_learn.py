@@ -21,6 +21,13 @@ def _round(r: int, beta: float, rise: float, val: float = 0.5) -> LearnRound:
     return LearnRound(r, beta, 10, 10, val, val, rise, 0.0, 1.0)
 
 
+def test_a_negative_number_of_swapped_pairs_is_refused() -> None:
+    from edge.errors import BadOptionError
+
+    with pytest.raises(BadOptionError, match="swaps"):
+        LearnConfig(swaps=-1).validate()
+
+
 def test_rounds_lower_beta_while_the_budget_has_room_and_keep_the_best_within_it() -> None:
     cfg = LearnConfig(rounds=4, beta_factor=0.5, fill=0.5)
     # far under budget: lower β; near it: stop
@@ -80,6 +87,7 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     # the torch forward scores the pairs as llama.cpp does (F16 weights either side)
     assert fit["agreement"] < 0.05
     assert fit["train_pairs"] + fit["val_pairs"] == 40 and fit["val_pairs"] == 8
+    assert fit["swapped_pairs"] == 0  # bias.swap's pairs only when LearnConfig.swaps asks
     assert 1 <= len(fit["rounds"]) <= 2 and fit["chosen"] is not None
     chosen = fit["rounds"][fit["chosen"]]
     assert chosen["ppl_increase"] <= 0.05 and r["ppl"]["increase"] == pytest.approx(chosen["ppl_increase"], abs=1e-9)
