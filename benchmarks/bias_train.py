@@ -1,14 +1,15 @@
 """Try settings of the learned edit (`edge bias mitigate --method learn`, bias.learn) on one
 split of a finished `--splits` run, without redoing the run's shared work.
 
-Each --try is rank,beta,steps[,rounds[,swaps]]: the first round's β and Adam steps, how many
-rounds the budget loop may run (1: a fixed fit, as the first measurements were made), and
-how many counterfactual pairs (bias.swap) each training pair adds. The
+Each --try is rank,beta,steps[,rounds[,swaps]][,key=value...]: the first round's β and Adam
+steps, how many rounds the budget loop may run (1: a fixed fit, as the first measurements
+were made), how many counterfactual pairs (bias.swap) each training pair adds, and any other
+LearnConfig field by name (e.g. objective=means). The
 fit is folded, scored by llama.cpp on the split's held-out rows and judged with the split
 runner's checks; `--bbq` also judges the run's BBQ items (~6 min at 2,000 a condition).
 
     pip install 'edge[learn]'
-    python benchmarks/bias_train.py /tmp/r40/out --split 0 --try 4,1.0,200,1 --try 4,1.0,200
+    python benchmarks/bias_train.py /tmp/r40/out --split 0 --try 4,1.0,200,1 --try 4,1.0,200,1,objective=means
 
 The first measurements (DESIGN.md "A learned edit") were made with an earlier version of this
 script that trained on every calibration pair (no validation pairs held back) for a fixed
@@ -29,8 +30,9 @@ def main() -> None:
     from bias.judge import judge_bbq
     from bias.methods import fit_learn
 
-    ap = run_parser(0, "rank,beta,steps[,rounds[,swaps]]",
-                    "the edit's rank, the first round's β and steps, the rounds, counterfactual pairs per pair")
+    ap = run_parser(0, "rank,beta,steps[,rounds[,swaps]][,key=value...]",
+                    "the edit's rank, the first round's β and steps, the rounds, counterfactual pairs per pair, "
+                    "other LearnConfig fields")
     ap.add_argument("--bbq", action="store_true", help="also judge the run's BBQ items (~6 min at 2,000 a condition)")
     args = ap.parse_args()
     cfg, rt, scorer, ctx = open_run(args.out, args.threads)
@@ -42,10 +44,12 @@ def main() -> None:
     heldout = sh.suite.subset(held.tolist())
     base = ctx.learn  # each try starts from the run's settings, not the previous try's
     for i, tr in enumerate(args.tries or ["4,1.0,200"]):
-        f = tr.split(",")
+        f = [x for x in tr.split(",") if "=" not in x]
+        named = dict(x.split("=", 1) for x in tr.split(",") if "=" in x)
         ctx.learn = replace(base, rank=int(f[0]), beta=float(f[1]), steps=int(f[2]),
                             rounds=int(f[3]) if len(f) > 3 else base.rounds,
-                            swaps=int(f[4]) if len(f) > 4 else base.swaps)
+                            swaps=int(f[4]) if len(f) > 4 else base.swaps,
+                            **{k: type(getattr(base, k))(v) for k, v in named.items()})
         work = args.out / f"train_split{args.split}_{i}"
         work.mkdir(exist_ok=True)
         t0 = time.perf_counter()

@@ -6,7 +6,9 @@ x ↦ x − U_l (V_lᵀ x) (+ b_l after the MLP), rank r: the form `edge.fold` f
 attn_output, ffn_down and ffn_down's bias, so the result is a plain GGUF that runs in any
 llama.cpp at no extra cost. Adam minimises the calibration pairs' mean squared difference
 (each pair toward 0 whatever its sign or category, so a category that leans the other way
-is not pushed further) plus β × KL(uncorrected ‖ edited) on neutral text windows. The
+is not pushed further) plus β × KL(uncorrected ‖ edited) on neutral text windows; with
+`objective` "means" or "balanced" it drives each category's mean difference to 0 instead
+(measured in DESIGN.md, "Category means as the objective"; not yet the default). The
 budget sets β: a round trains, the caller measures the fold's PPL with llama.cpp, and the
 next round lowers β while the PPL rise is under half the budget (or raises it when over).
 A fifth of the calibration pairs is held back as validation: each round keeps the step
@@ -35,8 +37,8 @@ from edge.fold import FoldPlan, ResidualEdit
 Event = Callable[[str, dict[str, Any]], None]
 # (plan, note) → (relative PPL rise, KL vs uncorrected) on the run's neutral text, by llama.cpp
 Measure = Callable[[FoldPlan, str], tuple[float, float]]
-# training pairs' indices → more pairs (token lists) built from those pairs alone
-Augment = Callable[[np.ndarray], tuple[list[list[int]], list[list[int]]]]
+# training pairs' indices → more pairs (token lists, and their categories) built from those pairs alone
+Augment = Callable[[np.ndarray], tuple[list[list[int]], list[list[int]], list[str]]]
 
 
 @dataclass
@@ -62,6 +64,11 @@ class LearnConfig:
     # counterfactual pairs per training pair (bias.swap: its context, another same-category
     # pair's group terms), added to the training pairs; validation stays original pairs
     swaps: int = 0
+    # what the pairs' term drives to 0: "pairs", every pair's squared difference; "means",
+    # each category's mean difference squared, weighted by its pairs (the figure the
+    # per-category judgement reads); "balanced", the same with every category weighted
+    # alike. The step and round are then chosen on the validation pairs' same measure.
+    objective: str = "pairs"
     seed: int = 0
 
     def validate(self) -> None:
@@ -69,6 +76,25 @@ class LearnConfig:
             raise BadOptionError("learn: rank, steps, rounds and pairs must be ≥ 1, swaps ≥ 0")
         if not 0 < self.val_frac < 1 or not 0 < self.beta_factor < 1:
             raise BadOptionError("learn: val_frac and beta_factor must be in (0, 1)")
+        if self.objective not in OBJECTIVES:
+            raise BadOptionError(f"learn: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+
+
+OBJECTIVES = ("pairs", "means", "balanced")
+
+
+def category_objective(d: np.ndarray, groups: np.ndarray, balanced: bool) -> tuple[float, np.ndarray]:
+    """Σ_c w_c · mean_c(d)² over the categories in `groups` (w_c: their share of the pairs,
+    or 1/C when balanced), and each pair's coefficient k_i such that the objective's
+    gradient is Σ_i k_i ∇d_i / n: a batch of pairs drawn uniformly then gives an unbiased
+    estimate of it, with the category means taken from a table rather than the batch
+    (a batch of 16 holds too few pairs of a category to estimate its mean)."""
+    n = len(d)
+    cats, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    means = np.bincount(inv, weights=d, minlength=len(cats)) / counts
+    w = np.full(len(cats), 1 / len(cats)) if balanced else counts / n
+    # ∂/∂d_i of w_c m_c² is 2 w_c m_c / n_c; × n so that the batch mean estimates it
+    return float(np.sum(w * means ** 2)), (2 * w * means / counts * n)[inv]
 
 
 @dataclass
@@ -235,6 +261,7 @@ class PairData:
     less: list[list[int]]
     xm: list[Any]
     xl: list[Any]
+    groups: np.ndarray  # each pair's category (objectives "means" and "balanced")
 
 
 class Trainer:
@@ -255,8 +282,11 @@ class Trainer:
         self.opt = torch.optim.Adam([self.U, self.V, self.b], lr=cfg.lr)
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
-        self.scale_train = float(np.mean(self.diffs(train, False) ** 2)) or 1.0
-        self.scale_val = float(np.mean(self.diffs(val, False) ** 2)) or 1.0
+        # the training pairs' latest differences, refreshed by each batch: the category
+        # means the "means" objectives weight a batch's pairs by
+        self.table = self.diffs(train, False)
+        self.scale_train = self.measure(train, self.table) or 1.0
+        self.scale_val = self.measure(val, self.diffs(val, False)) or 1.0
 
     def edit(self, il: int, x: Any, down: bool) -> Any:
         if il < self.start:
@@ -276,11 +306,24 @@ class Trainer:
                 out.append((lm - ll).numpy())
         return np.concatenate(out).astype(np.float64)
 
+    def measure(self, d: PairData, diffs: np.ndarray) -> float:
+        """The objective's pairs term: the mean squared difference, or the category means'."""
+        if self.cfg.objective == "pairs":
+            return float(np.mean(diffs ** 2))
+        return category_objective(diffs, d.groups, self.cfg.objective == "balanced")[0]
+
     def val_d2(self) -> float:
-        return float(np.mean(self.diffs(self.val) ** 2)) / self.scale_val
+        return self.measure(self.val, self.diffs(self.val)) / self.scale_val
 
     def train_d2(self) -> float:
-        return float(np.mean(self.diffs(self.train) ** 2)) / self.scale_train
+        return self.measure(self.train, self.diffs(self.train)) / self.scale_train
+
+    def pairs_term(self, j: np.ndarray, d: Any) -> Any:
+        if self.cfg.objective == "pairs":
+            return (d ** 2).mean() / self.scale_train
+        self.table[j] = d.detach().numpy()
+        k = category_objective(self.table, self.train.groups, self.cfg.objective == "balanced")[1][j]
+        return (d * import_torch().from_numpy(k).to(d.dtype)).mean() / self.scale_train
 
     def run(self, steps: int, beta: float, emit: Event) -> tuple[tuple[Any, Any, Any], int, float]:
         """Train `steps` steps; return the parameters, step and value of the best validation
@@ -297,7 +340,7 @@ class Trainer:
                                         self.start)
             ref = self.ref[w]
             kl = ((ref.exp() * (ref - lp)).sum(-1) * mask).sum() / mask.sum()
-            loss = ((lm - ll) ** 2).mean() / self.scale_train + beta * 100 * kl
+            loss = self.pairs_term(j, lm - ll) + beta * 100 * kl
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -363,13 +406,17 @@ def choose(rounds: list[LearnRound], budget: float) -> int | None:
 def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], neutral: list[list[int]],
                measure: Measure, budget: float, cfg: LearnConfig | None = None, threads: int | None = None,
                reference: np.ndarray | None = None, emit: Event | None = None,
-               augment: Augment | None = None) -> LearnResult:
+               augment: Augment | None = None, groups: list[str] | None = None) -> LearnResult:
     """Fit the edit on the pairs (more[i], less[i]) (token lists with BOS) within `budget`
     (relative PPL rise, measured by `measure` after each round). `reference`: the pairs'
     differences as llama.cpp scores them; the first 8 are checked against the torch forward.
-    `augment(train)`: extra training pairs built from the training pairs alone."""
+    `augment(train)`: extra training pairs built from the training pairs alone, as (more,
+    less, categories). `groups`: each pair's category (needed by objectives other than "pairs")."""
     cfg = cfg or LearnConfig()
     cfg.validate()
+    if cfg.objective != "pairs" and (groups is None or len(groups) != len(more)):
+        raise BadOptionError(f"learn: objective {cfg.objective!r} needs each pair's category")
+    cat = np.asarray(groups if groups is not None else [""] * len(more))
     torch = import_torch()
     emit = emit or (lambda kind, d: None)
     if threads:
@@ -388,11 +435,11 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
     order = np.random.default_rng(cfg.seed).permutation(len(more))
     n_val = max(1, int(round(cfg.val_frac * len(more))))
 
-    def data(ix: np.ndarray, extra: tuple[list[list[int]], list[list[int]]] = ([], [])) -> PairData:
+    def data(ix: np.ndarray, extra: tuple[list[list[int]], list[list[int]], list[str]] = ([], [], [])) -> PairData:
         pm, pl = [more[i] for i in ix] + extra[0], [less[i] for i in ix] + extra[1]
-        return PairData(pm, pl, m.streams(pm, start), m.streams(pl, start))
+        return PairData(pm, pl, m.streams(pm, start), m.streams(pl, start), np.array([*cat[ix], *extra[2]]))
 
-    extra = augment(order[n_val:]) if augment is not None else ([], [])
+    extra = augment(order[n_val:]) if augment is not None else ([], [], [])
     emit("stage", {"stage": f"learn: streams entering layer {start}", "pairs": len(more) + len(extra[0])})
     tr = Trainer(m, data(order[n_val:], extra), data(order[:n_val]), neutral, start, cfg)
     res.train_pairs, res.val_pairs, res.swapped_pairs = len(more) - n_val, n_val, len(extra[0])

@@ -341,7 +341,7 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     """`learn`: bias.learn's edit fitted on the calibration pairs, each round's fold measured
     for PPL by llama.cpp on the run's neutral text (the figure the budget is judged on)."""
     from bias.audit import _sentence
-    from bias.swap import swapped_pairs
+    from bias.swap import sourced_swaps
 
     sh, rt = ctx.shared, ctx.rt
     items = [sh.suite.items[i] for i in cal]
@@ -355,16 +355,17 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         ppl, kl = _utility(ctx, folded.load_plan(plan, note))
         return ppl / sh.base_ppl - 1, kl
 
-    def augment(train: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
+    def augment(train: np.ndarray) -> tuple[list[list[int]], list[list[int]], list[str]]:
         its = [items[i] for i in train]
-        sw = swapped_pairs([it.category for it in its], [it.more for it in its], [it.less for it in its],
+        sw = sourced_swaps([it.category for it in its], [it.more for it in its], [it.less for it in its],
                            ctx.learn.swaps, seed=ctx.learn.seed)
-        return [_sentence(rt, a)[0] for a, _ in sw], [_sentence(rt, b)[0] for _, b in sw]
+        return ([_sentence(rt, a)[0] for _, (a, _) in sw], [_sentence(rt, b)[0] for _, (_, b) in sw],
+                [its[i].category for i, _ in sw])
 
     res = learn_edit(ctx.compute_path, more, less, neutral_windows(rt, ctx.learn.neutral_windows, ctx.learn.window),
                      measure, ctx.cfg.max_ppl_increase, ctx.learn, threads=ctx.threads,
                      reference=sh.base[0][cal] - sh.base[1][cal], emit=ctx.emit,
-                     augment=augment if ctx.learn.swaps else None)
+                     augment=augment if ctx.learn.swaps else None, groups=[it.category for it in items])
     fit: dict[str, Any] = {"config": asdict(ctx.learn), **res.to_dict()}
     if res.plan is None:  # no round within budget: the uncorrected model, as measured
         folded.close()

@@ -83,13 +83,20 @@ def swapped_pairs(
 ) -> list[tuple[str, str]]:
     """Up to `per_pair` new pairs for each pair: its context, another same-category pair's
     terms (a different contrast from its own)."""
+    return [p for _, p in sourced_swaps(categories, more, less, per_pair, seed)]
+
+
+def sourced_swaps(
+    categories: list[str], more: list[str], less: list[str], per_pair: int, seed: int = 0
+) -> list[tuple[int, tuple[str, str]]]:
+    """swapped_pairs, each with the index of the pair whose context it fills (its category)."""
     rng = np.random.default_rng(seed)
     slots = [slot(m, le) for m, le in zip(more, less, strict=True)]
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, (c, s) in enumerate(zip(categories, slots, strict=True)):
         if s is not None:
             by_cat[c].append(i)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[int, tuple[str, str]]] = []
     for i, s in enumerate(slots):
         if s is None:
             continue
@@ -102,5 +109,5 @@ def swapped_pairs(
         for j in rng.permutation(others)[:per_pair]:
             sj = slots[int(j)]
             assert sj is not None
-            out.append(s.fill(sj.more, sj.less))
+            out.append((i, s.fill(sj.more, sj.less)))
     return out

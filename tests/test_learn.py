@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bias.learn import LearnConfig, LearnRound, choose, next_beta
+from bias.learn import LearnConfig, LearnRound, category_objective, choose, next_beta
 from edge.cli import cli
 from edge.errors import InsufficientMemoryError
 
@@ -26,6 +26,36 @@ def test_a_negative_number_of_swapped_pairs_is_refused() -> None:
 
     with pytest.raises(BadOptionError, match="swaps"):
         LearnConfig(swaps=-1).validate()
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_the_category_objective_and_its_per_pair_gradient_agree(balanced: bool) -> None:
+    rng = np.random.default_rng(0)
+    groups = np.array(["a"] * 6 + ["b"] * 3 + ["c"])
+    d = rng.normal(size=10)
+    v, k = category_objective(d, groups, balanced)
+    m = {g: d[groups == g].mean() for g in "abc"}
+    w = {g: (1 / 3 if balanced else (groups == g).mean()) for g in "abc"}
+    assert v == pytest.approx(sum(w[g] * m[g] ** 2 for g in "abc"))
+    # k_i / n is ∂v/∂d_i: a finite difference on each pair
+    for i in range(10):
+        e = np.zeros(10)
+        e[i] = 1e-6
+        assert (category_objective(d + e, groups, balanced)[0] - v) / 1e-6 == pytest.approx(k[i] / 10, rel=1e-4)
+    # a category whose mean is 0 gets no push, whatever its pairs' spread
+    d2 = np.array([1.0, -1.0, 3.0, -3.0, 0.5, -0.5, 2.0, 2.0, 2.0, 0.0])
+    assert np.all(category_objective(d2, groups, balanced)[1][:6] == 0)
+
+
+def test_an_unknown_objective_or_one_without_categories_is_refused() -> None:
+    from bias.learn import learn_edit
+    from edge.errors import BadOptionError
+
+    with pytest.raises(BadOptionError, match="objective must be one of pairs, means, balanced"):
+        LearnConfig(objective="mean").validate()
+    with pytest.raises(BadOptionError, match="needs each pair's category"):
+        learn_edit(Path("unused.gguf"), [[1, 2]], [[1, 3]], [], lambda p, n: (0.0, 0.0), 0.02,
+                   LearnConfig(objective="means"))
 
 
 def test_rounds_lower_beta_while_the_budget_has_room_and_keep_the_best_within_it() -> None:
