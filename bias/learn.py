@@ -103,7 +103,7 @@ class LearnRound:
     beta: float
     steps: int  # trained in this round
     best_step: int  # the round's step with the smallest validation pairs (0: its start)
-    val_d2: float  # validation pairs' mean squared difference, × their uncorrected mean
+    val_d2: float  # validation pairs' objective term ("pairs": mean squared difference), × its uncorrected value
     train_d2: float  # the same on the training pairs, at best_step
     ppl_increase: float
     kl: float
@@ -285,8 +285,8 @@ class Trainer:
         # the training pairs' latest differences, refreshed by each batch: the category
         # means the "means" objectives weight a batch's pairs by
         self.table = self.diffs(train, False)
-        self.scale_train = self.measure(train, self.table) or 1.0
-        self.scale_val = self.measure(val, self.diffs(val, False)) or 1.0
+        self.scale_train = self.pairs_value(train, self.table) or 1.0
+        self.scale_val = self.pairs_value(val, self.diffs(val, False)) or 1.0
 
     def edit(self, il: int, x: Any, down: bool) -> Any:
         if il < self.start:
@@ -306,17 +306,17 @@ class Trainer:
                 out.append((lm - ll).numpy())
         return np.concatenate(out).astype(np.float64)
 
-    def measure(self, d: PairData, diffs: np.ndarray) -> float:
+    def pairs_value(self, d: PairData, diffs: np.ndarray) -> float:
         """The objective's pairs term: the mean squared difference, or the category means'."""
         if self.cfg.objective == "pairs":
             return float(np.mean(diffs ** 2))
         return category_objective(diffs, d.groups, self.cfg.objective == "balanced")[0]
 
     def val_d2(self) -> float:
-        return self.measure(self.val, self.diffs(self.val)) / self.scale_val
+        return self.pairs_value(self.val, self.diffs(self.val)) / self.scale_val
 
     def train_d2(self) -> float:
-        return self.measure(self.train, self.diffs(self.train)) / self.scale_train
+        return self.pairs_value(self.train, self.diffs(self.train)) / self.scale_train
 
     def pairs_term(self, j: np.ndarray, d: Any) -> Any:
         if self.cfg.objective == "pairs":
