@@ -24,6 +24,14 @@ import numpy as np
 from bias_gating import heldout_report, open_run, run_parser
 
 
+def _value(current: object, text: str) -> object:
+    """A LearnConfig field's value from text, typed like its current value (an unset one,
+    such as first_layer, as a number)."""
+    if current is None:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    return type(current)(text)
+
+
 def main() -> None:
     from dataclasses import replace
 
@@ -49,7 +57,7 @@ def main() -> None:
         ctx.learn = replace(base, rank=int(f[0]), beta=float(f[1]), steps=int(f[2]),
                             rounds=int(f[3]) if len(f) > 3 else base.rounds,
                             swaps=int(f[4]) if len(f) > 4 else base.swaps,
-                            **{k: type(getattr(base, k))(v) for k, v in named.items()})
+                            **{k: _value(getattr(base, k), v) for k, v in named.items()})
         work = args.out / f"train_split{args.split}_{i}"
         work.mkdir(exist_ok=True)
         t0 = time.perf_counter()

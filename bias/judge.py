@@ -49,25 +49,35 @@ class Judged:
         return self.after.lo <= self.neutral <= self.after.hi
 
     @property
-    def toward_neutral(self) -> bool:
-        """The change's CI lies wholly on the side that moves the value toward neutral."""
+    def overshot(self) -> bool:
+        """Pushed past neutral: after lies wholly on the other side, further from it than
+        before (a move "toward" neutral by its sign that left the figure more biased)."""
         side = np.sign(self.before.value - self.neutral)
-        return bool(side > 0 and self.change.hi < 0 or side < 0 and self.change.lo > 0)
+        far = abs(self.after.value - self.neutral) > abs(self.before.value - self.neutral)
+        return bool(far and (side > 0 and self.after.hi < self.neutral or side < 0 and self.after.lo > self.neutral))
+
+    @property
+    def toward_neutral(self) -> bool:
+        """The change's CI lies wholly on the side that moves the value toward neutral, and
+        it did not overshoot."""
+        side = np.sign(self.before.value - self.neutral)
+        return bool(side > 0 and self.change.hi < 0 or side < 0 and self.change.lo > 0) and not self.overshot
 
     @property
     def away_from_neutral(self) -> bool:
         """Significantly worse: the change's CI lies wholly on the side away from neutral
-        (for a value at neutral, any significant move counts as worse)."""
+        (for a value at neutral, any significant move counts as worse), or it overshot."""
         side = np.sign(self.before.value - self.neutral)
         if side == 0:
             return bool(self.change.lo > 0 or self.change.hi < 0)
-        return bool(side > 0 and self.change.lo > 0 or side < 0 and self.change.hi < 0)
+        return bool(side > 0 and self.change.lo > 0 or side < 0 and self.change.hi < 0) or self.overshot
 
     def to_dict(self) -> dict[str, Any]:
         return {"before": self.before.to_dict(), "after": self.after.to_dict(),
                 "change": self.change.to_dict(), "neutral": self.neutral, "power": self.power,
                 "excluded_before": self.excluded_before, "contains_after": self.contains_after,
-                "toward_neutral": self.toward_neutral, "away_from_neutral": self.away_from_neutral}
+                "toward_neutral": self.toward_neutral, "away_from_neutral": self.away_from_neutral,
+                "overshot": self.overshot}
 
 
 def _se(stat: M.Stat, arrays: Sequence[np.ndarray], n_boot: int, seed: int = 1) -> float:

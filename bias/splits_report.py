@@ -81,7 +81,8 @@ def _bbq_resolution(res: dict[str, Any]) -> list[str]:
 def _category_lines(res: dict[str, Any]) -> list[str]:
     """Per method and held-out category, over splits: pct and mean ll difference before →
     after (medians), and on how many splits the category was biased before, moved toward
-    neutral, made worse (mean ll difference, as the checks), or made biased by pct (its CI
+    neutral, made worse (mean ll difference, as the checks: moved away, or pushed past
+    neutral to a larger bias the other way), or made biased by pct (its CI
     held 50 before and not after): an overall pct can reach 50 by pushing a big category
     past neutral."""
     out: list[str] = []

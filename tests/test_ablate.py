@@ -223,6 +223,13 @@ def test_judge_flags_and_power_line() -> None:
     assert j.power == pytest.approx(2.8 * 0.05, rel=0.2)
     worse = judge(M.mean_ll_diff, (more, less), (more + 0.5, less), neutral=0.0, n_boot=400)
     assert worse.away_from_neutral and not worse.toward_neutral
+    # pushed past neutral to a larger bias the other way: worse, though its sign says "toward"
+    over = judge(M.mean_ll_diff, (more, less), (more - 0.8, less), neutral=0.0, n_boot=400)
+    assert over.change.hi < 0 and over.overshot and over.away_from_neutral and not over.toward_neutral
+    # past neutral but smaller than before, or not significantly the other way: not overshot
+    for shift in (0.5, 0.33):
+        j = judge(M.mean_ll_diff, (more, less), (more - shift, less), neutral=0.0, n_boot=400)
+        assert not j.overshot and j.toward_neutral and not j.away_from_neutral
     cats = ["a"] * 200 + ["b"] * 200
     pj = judge_pair_rows((more, less), (more * 0.2, less), cats, n_boot=200)
     moves = pj.category_moves()

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bias.learn import LearnConfig, LearnRound, category_objective, choose, next_beta
+from bias.learn import (
+    LearnConfig,
+    LearnRound,
+    batch_coefficients,
+    category_objective,
+    choose,
+    next_beta,
+    rate,
+)
 from edge.cli import cli
 from edge.errors import InsufficientMemoryError
 
@@ -47,6 +55,23 @@ def test_the_category_objective_and_its_per_pair_gradient_agree(balanced: bool) 
     assert np.all(category_objective(d2, groups, balanced)[1][:6] == 0)
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+def test_a_batch_with_a_few_pairs_of_each_category_estimates_the_gradient_without_bias(balanced: bool) -> None:
+    # d linear in θ (d = A θ): ∇objective = Σ_i (k_i / n) A_i, and the batch's Σ k_j A_j,
+    # averaged over every way of drawing b pairs within each category, must equal it
+    rng = np.random.default_rng(1)
+    groups = np.array(["a"] * 5 + ["b"] * 3 + ["c"] * 2)
+    d, A = rng.normal(size=10), rng.normal(size=(10, 4))
+    want = category_objective(d, groups, balanced)[1] @ A / 10
+    from itertools import combinations, product
+
+    members = [np.flatnonzero(groups == g) for g in "abc"]
+    for b in (1, 2):
+        draws = [np.concatenate(c) for c in product(*(list(map(list, combinations(m, b))) for m in members))]
+        got = np.mean([batch_coefficients(d, groups, j, balanced) @ A[j] for j in draws], axis=0)
+        assert got == pytest.approx(want, rel=1e-9)
+
+
 def test_an_unknown_objective_or_one_without_categories_is_refused() -> None:
     from bias.learn import learn_edit
     from edge.errors import BadOptionError
@@ -56,6 +81,20 @@ def test_an_unknown_objective_or_one_without_categories_is_refused() -> None:
     with pytest.raises(BadOptionError, match="needs each pair's category"):
         learn_edit(Path("unused.gguf"), [[1, 2]], [[1, 3]], [], lambda p, n: (0.0, 0.0), 0.02,
                    LearnConfig(objective="means"))
+
+
+def test_the_cosine_rate_warms_up_then_settles_to_zero_and_unknown_settings_are_refused() -> None:
+    from edge.errors import BadOptionError
+
+    r = np.array([rate(k, 200, "cosine") for k in range(200)])
+    assert r[0] == pytest.approx(0.05) and r[19] == 1.0  # a linear warm-up over the first tenth
+    assert np.all(np.diff(r[:20]) > 0) and np.all(np.diff(r[19:]) < 0)
+    assert r[-1] < 1e-3  # the last step, which pick="last" keeps, barely moves the edit
+    assert all(rate(k, 200, "constant") == 1.0 for k in (0, 100, 199))
+    assert rate(0, 1, "cosine") > 0  # a one-step round still steps
+    for bad in ({"schedule": "linear"}, {"pick": "best"}):
+        with pytest.raises(BadOptionError, match=f"{next(iter(bad))} must be one of"):
+            LearnConfig(**bad).validate()
 
 
 def test_rounds_lower_beta_while_the_budget_has_room_and_keep_the_best_within_it() -> None:
