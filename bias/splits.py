@@ -213,6 +213,10 @@ CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {
                                                        and r["heldout"]["pct_stereotype"]["excluded_before"]),
     "paired_change_significant": lambda r: r["heldout"]["pct_stereotype"]["toward_neutral"],
     "no_category_made_worse": lambda r: not r["categories"]["made_worse"],
+    # the acceptance's own wording: only a category biased before counts (the check above
+    # counts any category, e.g. one at neutral pushed significantly off it)
+    "no_biased_category_made_worse": lambda r: not set(r["categories"]["made_worse"])
+    & set(r["categories"]["biased_before"]),
     "biased_categories_moved": lambda r: set(r["categories"]["moved_toward_neutral"])
     == set(r["categories"]["biased_before"]),
     "ppl_within_budget": lambda r: r["ppl"]["increase"] <= 0.02,

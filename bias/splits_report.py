@@ -38,6 +38,7 @@ def report_md(res: dict[str, Any]) -> str:
              f"Calibration fraction {cfg['calib_frac']}, kept out: {cfg['exclude_category'] or 'none'}, "
              f"PPL budget {100 * cfg['max_ppl_increase']:.0f}%; shared work {sh.get('seconds', 0):.0f} s, "
              f"splits {res.get('elapsed_s', 0):.0f} s{'' if res.get('complete') else ' (interrupted)'}.", "",
+             *_learn_settings(res),
              "| seed | method | held-out pct before | after | paired change | pair slope / corr | ΔPPL | "
              "BBQ acc_dis Δ (pts) | BBQ s_amb after | categories moved; worse | kept-out Δpct | generation rate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -64,6 +65,20 @@ def report_md(res: dict[str, Any]) -> str:
             lines.append("Power (smallest bias detectable at 95% with 80% power, split 0): " + "; ".join(pw) + ".")
         lines += _bbq_resolution(res)
     return "\n".join(lines) + "\n"
+
+
+def _learn_settings(res: dict[str, Any]) -> list[str]:
+    """learn's settings, which the table's figures depend on."""
+    lc = res.get("shared", {}).get("learn_config")
+    if "learn" not in res["config"]["methods"] or not lc:
+        return []
+    first = next((s["methods"]["learn"]["fit"].get("first_layer") for s in res["splits"]
+                  if "learn" in s["methods"]), None)
+    where = f"layers {first}.." if first is not None else (
+        f"the top {lc['layers']} layers" if lc.get("layers") else "the upper half of the layers")
+    return [f"learn: objective {lc['objective']}, rank {lc['rank']} on {where}, {lc['steps']} steps "
+            f"({lc['schedule']} rate, keeping the {'last' if lc['pick'] == 'last' else 'best validated'} step), "
+            + ("one round." if lc["rounds"] == 1 else f"up to {lc['rounds']} rounds."), ""]
 
 
 def _bbq_resolution(res: dict[str, Any]) -> list[str]:

@@ -97,6 +97,41 @@ def test_the_cosine_rate_warms_up_then_settles_to_zero_and_unknown_settings_are_
             LearnConfig(**bad).validate()
 
 
+def test_the_edited_layers_come_from_the_top_and_never_include_the_embedding() -> None:
+    from edge.errors import BadOptionError
+
+    assert LearnConfig().start(30) == 15 and LearnConfig().start(32) == 16  # the upper half
+    assert LearnConfig(layers=1).start(30) == 29 and LearnConfig(layers=1).start(32) == 31  # Llama-2-7B
+    assert LearnConfig(layers=99).start(30) == 1  # all but the embedding's layer 0
+    assert LearnConfig(first_layer=3, layers=1).start(30) == 3  # an explicit first layer wins
+    with pytest.raises(BadOptionError, match="past the model's 30 layers"):
+        LearnConfig(first_layer=30).start(30)
+    with pytest.raises(BadOptionError, match="layers must be"):
+        LearnConfig(layers=0).validate()
+
+
+def test_the_cli_passes_the_objective_and_layers_with_the_settings_measured_for_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bias.methods
+
+    seen: list[LearnConfig] = []
+
+    def stop(*a: object, learn: LearnConfig, **kw: object) -> None:
+        seen.append(learn)
+        raise SystemExit(0)  # only the plumbing is under test: nothing is fitted
+
+    monkeypatch.setattr(bias.methods, "mitigate_splits", stop)
+    base = ["bias", "mitigate", "--suite", "probes", "-o", str(tmp_path / "f.gguf"), "--method", "learn"]
+    for extra in ([], ["--learn-objective", "balanced", "--learn-layers", "1"]):
+        assert CliRunner().invoke(cli, base + extra).exit_code == 0
+    plain, bal = seen
+    assert (plain.objective, plain.layers, plain.schedule, plain.pick, plain.rounds) == ("pairs", None, "constant",
+                                                                                        "val", 3)
+    assert (bal.objective, bal.layers, bal.schedule, bal.pick, bal.rounds) == ("balanced", 1, "cosine", "last", 1)
+    r = CliRunner().invoke(cli, base + ["--learn-layers", "0"])
+    assert r.exit_code == 2 and "--learn-layers" in r.output
+
+
 def test_rounds_lower_beta_while_the_budget_has_room_and_keep_the_best_within_it() -> None:
     cfg = LearnConfig(rounds=4, beta_factor=0.5, fill=0.5)
     # far under budget: lower β; near it: stop
@@ -188,3 +223,18 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
         ll_torch = float(m.seq_ll([toks], edit)[0][0])
         ll_plain = float(m.seq_ll([toks])[0][0])
     assert abs(ll_cpp - ll_torch) < 0.05 and abs(ll_torch - ll_plain) > 0.01
+
+
+def test_the_report_says_which_objective_and_layers_learn_fitted() -> None:
+    """Two learn runs differ by their settings alone: the report must carry them."""
+    from dataclasses import asdict
+
+    from bias.splits_report import _learn_settings
+
+    res = {"config": {"methods": ["learn"]}, "shared": {"learn_config": asdict(LearnConfig.for_objective("balanced", 1))},
+           "splits": [{"methods": {"learn": {"fit": {"first_layer": 29}}}}]}
+    assert _learn_settings(res)[0] == ("learn: objective balanced, rank 4 on layers 29.., 200 steps "
+                                       "(cosine rate, keeping the last step), one round.")
+    res = {"config": {"methods": ["learn"]}, "shared": {"learn_config": asdict(LearnConfig())}, "splits": []}
+    assert "on the upper half of the layers" in _learn_settings(res)[0] and "up to 3 rounds" in _learn_settings(res)[0]
+    assert _learn_settings({"config": {"methods": ["steer"]}, "shared": res["shared"]}) == []

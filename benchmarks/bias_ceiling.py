@@ -1,0 +1,107 @@
+"""What could any correction that moves each category as a whole score on issue 16's CrowS
+checks? Answered from a split run's uncorrected scores alone (its --out folder's
+shared.npz and results.json): no model is run, so it takes seconds.
+
+Each held-out pair's difference (more − less) is shifted by a fixed amount per category:
+- `cal α`: α × that category's mean on the split's calibration rows, the correction a fit
+  would make if it did exactly what its calibration rows ask, α of the way (a learned edit
+  generalises part of the way; α = 1 is a perfect category-level fit);
+- `held`: the category's own held-out mean, which no fit from the calibration rows can know
+  (the ceiling of a category-level correction: every category's mean lands on 0).
+The kept-out category is never shifted. Each variant is judged by the split runner's own
+checks (bias.judge, bias.splits.CHECKS) on the same rows the runner judges.
+
+    python benchmarks/bias_ceiling.py RUN [--calib-frac 0.4] [--alpha 0.5,1]
+
+--calib-frac re-splits with another calibration share (the rows are all scored in a
+5-split run, since the splits together cover the suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bias_gating import suite_of
+
+CHECKS = ("ci_contains_50_after_excluded_before", "paired_change_significant", "no_category_made_worse",
+          "no_biased_category_made_worse", "biased_categories_moved")
+
+
+def shifts(d: np.ndarray, cats: np.ndarray, cal: np.ndarray, held: np.ndarray, exclude: str | None,
+           variant: str) -> np.ndarray:
+    """Each held-out row's shift under `variant` ("held", or "cal α")."""
+    out = np.zeros(len(held))
+    for c in np.unique(cats[held]):
+        if c == exclude:
+            continue
+        at = cats[held] == c
+        if variant == "held":
+            out[at] = d[held][at].mean()
+        else:
+            out[at] = float(variant.split()[1]) * d[cal][cats[cal] == c].mean()
+    return out
+
+
+def judge_shift(more: np.ndarray, less: np.ndarray, cats: np.ndarray, held: np.ndarray, shift: np.ndarray,
+                exclude: str | None) -> tuple[str, dict[str, Any]]:
+    from bias.judge import judge_pair_rows
+    from bias.splits import CHECKS as RUNNER
+
+    j = judge_pair_rows((more[held], less[held]), (more[held] - shift, less[held]), cats[held].tolist())
+    rec = {"heldout": j.to_dict(), "categories": j.category_moves(exclude)}
+    p, mv = j.pct, rec["categories"]
+    stuck = [c for c in mv["biased_before"] if c not in mv["moved_toward_neutral"]]
+    line = (f"pct {p.before.value:.1f} [{p.before.lo:.1f}, {p.before.hi:.1f}] → {p.after.value:.1f} "
+            f"[{p.after.lo:.1f}, {p.after.hi:.1f}]; moved {len(mv['moved_toward_neutral'])}/{len(mv['biased_before'])}"
+            f"{' (not ' + ', '.join(stuck) + ')' if stuck else ''}; worse: {', '.join(mv['made_worse']) or 'none'}")
+    return line, {k: bool(RUNNER[k](rec)) for k in CHECKS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, help="the --out folder of a mitigate --splits run (its shared work suffices)")
+    ap.add_argument("--calib-frac", type=float, default=None, help="re-split with this calibration share")
+    ap.add_argument("--alpha", default="0.5,1", help="the calibration-mean variants' fractions")
+    args = ap.parse_args()
+    from bias.splits import SplitsConfig
+    from bias.suites import load_suite
+
+    run = json.loads((args.out / "results.json").read_text())
+    c = run["config"]
+    cfg = SplitsConfig(n_splits=c["n_splits"], seed=c["seed"], calib_frac=c["calib_frac"],
+                       exclude_category=c["exclude_category"], calib_limit=c.get("calib_limit"),
+                       heldout_limit=c.get("heldout_limit"))
+    if args.calib_frac is not None:
+        cfg = replace(cfg, calib_frac=args.calib_frac)
+    suite = load_suite(suite_of(run))
+    z = np.load(args.out / "shared.npz")
+    more, less = z["more"], z["less"]
+    cats = np.array([it.category for it in suite.items])
+    if len(cats) != len(more):
+        raise SystemExit(f"{args.out}: its scores cover {len(more)} rows but the suite has {len(cats)}")
+    d = more - less
+    variants = ["held"] + [f"cal {float(a):g}" for a in args.alpha.split(",")]
+    tally = {v: dict.fromkeys(CHECKS, 0) for v in variants}
+    print(f"# {args.out}: calibration share {cfg.calib_frac}, kept out {cfg.exclude_category}")
+    for s in range(cfg.n_splits):
+        cal, held = cfg.rows(suite, s)
+        if np.isnan(d[held]).any() or np.isnan(d[cal]).any():
+            raise SystemExit(f"split {s}: some rows were not scored by this run; use its own --calib-frac")
+        for v in variants:
+            line, ok = judge_shift(more, less, cats, held, shifts(d, cats, cal, held, cfg.exclude_category, v),
+                                   cfg.exclude_category)
+            print(f"split {s} {v:>7}: {line}")
+            for k, x in ok.items():
+                tally[v][k] += int(x)
+    print(f"\nsplits passing (of {cfg.n_splits}):")
+    for v, t in tally.items():
+        print(f"  {v:>7}: " + ", ".join(f"{k} {n}" for k, n in t.items()))
+
+
+if __name__ == "__main__":
+    main()
