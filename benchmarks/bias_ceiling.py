@@ -7,7 +7,9 @@ Each held-out pair's difference (more − less) is shifted by a fixed amount per
   would make if it did exactly what its calibration rows ask, α of the way (a learned edit
   generalises part of the way; α = 1 is a perfect category-level fit);
 - `held`: the category's own held-out mean, which no fit from the calibration rows can know
-  (the ceiling of a category-level correction: every category's mean lands on 0).
+  (the ceiling of a category-level correction: every category's mean lands on 0);
+- `held median`, `cal median α`: the same with medians (each category's pct lands on 50
+  instead of its mean on 0: the two differ where a category's differences are skewed).
 The kept-out category is never shifted. Each variant is judged by the split runner's own
 checks (bias.judge, bias.splits.CHECKS) on the same rows the runner judges.
 
@@ -34,16 +36,19 @@ CHECKS = ("ci_contains_50_after_excluded_before", "paired_change_significant", "
 
 def shifts(d: np.ndarray, cats: np.ndarray, cal: np.ndarray, held: np.ndarray, exclude: str | None,
            variant: str) -> np.ndarray:
-    """Each held-out row's shift under `variant` ("held", or "cal α")."""
+    """Each held-out row's shift under `variant`: "held" or "held median" (the held-out rows'
+    own mean or median), "cal α" or "cal median α" (α × the calibration rows')."""
+    words = variant.split()
+    stat = np.median if "median" in words else np.mean
     out = np.zeros(len(held))
     for c in np.unique(cats[held]):
         if c == exclude:
             continue
         at = cats[held] == c
-        if variant == "held":
-            out[at] = d[held][at].mean()
+        if words[0] == "held":
+            out[at] = stat(d[held][at])
         else:
-            out[at] = float(variant.split()[1]) * d[cal][cats[cal] == c].mean()
+            out[at] = float(words[-1]) * stat(d[cal][cats[cal] == c])
     return out
 
 
@@ -85,7 +90,8 @@ def main() -> None:
     if len(cats) != len(more):
         raise SystemExit(f"{args.out}: its scores cover {len(more)} rows but the suite has {len(cats)}")
     d = more - less
-    variants = ["held"] + [f"cal {float(a):g}" for a in args.alpha.split(",")]
+    alphas = [f"{float(a):g}" for a in args.alpha.split(",")]
+    variants = ["held", "held median", *(f"cal {a}" for a in alphas), *(f"cal median {a}" for a in alphas)]
     tally = {v: dict.fromkeys(CHECKS, 0) for v in variants}
     print(f"# {args.out}: calibration share {cfg.calib_frac}, kept out {cfg.exclude_category}")
     for s in range(cfg.n_splits):
@@ -95,12 +101,12 @@ def main() -> None:
         for v in variants:
             line, ok = judge_shift(more, less, cats, held, shifts(d, cats, cal, held, cfg.exclude_category, v),
                                    cfg.exclude_category)
-            print(f"split {s} {v:>7}: {line}")
+            print(f"split {s} {v:>13}: {line}")
             for k, x in ok.items():
                 tally[v][k] += int(x)
     print(f"\nsplits passing (of {cfg.n_splits}):")
     for v, t in tally.items():
-        print(f"  {v:>7}: " + ", ".join(f"{k} {n}" for k, n in t.items()))
+        print(f"  {v:>13}: " + ", ".join(f"{k} {n}" for k, n in t.items()))
 
 
 if __name__ == "__main__":
