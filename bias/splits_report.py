@@ -75,7 +75,8 @@ def _learn_settings(res: dict[str, Any]) -> list[str]:
     first = next((s["methods"]["learn"]["fit"].get("first_layer") for s in res["splits"]
                   if "learn" in s["methods"]), None)
     where = f"layers {first}.." if first is not None else (
-        f"the top {lc['layers']} layers" if lc.get("layers") else "the upper half of the layers")
+        "the last layer" if lc.get("layers") == 1 else f"the top {lc['layers']} layers" if lc.get("layers")
+        else "the upper half of the layers")
     return [f"learn: objective {lc['objective']}, rank {lc['rank']} on {where}, {lc['steps']} steps "
             f"({lc['schedule']} rate, keeping the {'last' if lc['pick'] == 'last' else 'best validated'} step), "
             + ("one round." if lc["rounds"] == 1 else f"up to {lc['rounds']} rounds."), ""]

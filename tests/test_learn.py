@@ -100,8 +100,9 @@ def test_the_cosine_rate_warms_up_then_settles_to_zero_and_unknown_settings_are_
 def test_the_edited_layers_come_from_the_top_and_never_include_the_embedding() -> None:
     from edge.errors import BadOptionError
 
-    assert LearnConfig().start(30) == 15 and LearnConfig().start(32) == 16  # the upper half
-    assert LearnConfig(layers=1).start(30) == 29 and LearnConfig(layers=1).start(32) == 31  # Llama-2-7B
+    assert LearnConfig().start(30) == 29 and LearnConfig().start(32) == 31  # the last alone (Llama-2-7B: 32)
+    assert LearnConfig(layers=None).start(30) == 15 and LearnConfig(layers=None).start(32) == 16  # the upper half
+    assert LearnConfig(layers=15).start(30) == 15 and LearnConfig.for_objective("balanced").layers == 1
     assert LearnConfig(layers=99).start(30) == 1  # all but the embedding's layer 0
     assert LearnConfig(first_layer=3, layers=1).start(30) == 3  # an explicit first layer wins
     with pytest.raises(BadOptionError, match="past the model's 30 layers"):
@@ -122,12 +123,12 @@ def test_the_cli_passes_the_objective_and_layers_with_the_settings_measured_for_
 
     monkeypatch.setattr(bias.methods, "mitigate_splits", stop)
     base = ["bias", "mitigate", "--suite", "probes", "-o", str(tmp_path / "f.gguf"), "--method", "learn"]
-    for extra in ([], ["--learn-objective", "balanced", "--learn-layers", "1"]):
+    for extra in ([], ["--learn-objective", "balanced", "--learn-layers", "3"]):
         assert CliRunner().invoke(cli, base + extra).exit_code == 0
     plain, bal = seen
-    assert (plain.objective, plain.layers, plain.schedule, plain.pick, plain.rounds) == ("pairs", None, "constant",
+    assert (plain.objective, plain.layers, plain.schedule, plain.pick, plain.rounds) == ("pairs", 1, "constant",
                                                                                         "val", 3)
-    assert (bal.objective, bal.layers, bal.schedule, bal.pick, bal.rounds) == ("balanced", 1, "cosine", "last", 1)
+    assert (bal.objective, bal.layers, bal.schedule, bal.pick, bal.rounds) == ("balanced", 3, "cosine", "last", 1)
     r = CliRunner().invoke(cli, base + ["--learn-layers", "0"])
     assert r.exit_code == 2 and "--learn-layers" in r.output
 
@@ -199,13 +200,13 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     # the saved edit is what the GGUF holds: torch with it applied and plain llama.cpp on
     # the file give the same pair difference
     ed = np.load(tmp_path / "rep" / "split0" / "learn_edit.npz")  # bias.learn.save_edit
-    assert list(ed["layers"]) == list(range(15, 30)) and ed["u"].shape == (15, 576, 4)
+    assert list(ed["layers"]) == [29] and ed["u"].shape == (1, 576, 4)  # the last layer alone, by default
     U, V, b = (torch.from_numpy(ed[k]) for k in ("u", "v", "b"))
 
     def edit(il: int, x: torch.Tensor, down: bool) -> torch.Tensor:
-        if il < 15:
+        if il < 29:
             return x
-        j = il - 15
+        j = il - 29
         x = x - (x @ V[j]) @ U[j].T
         return x + b[j] if down else x
 
@@ -236,5 +237,7 @@ def test_the_report_says_which_objective_and_layers_learn_fitted() -> None:
     assert _learn_settings(res)[0] == ("learn: objective balanced, rank 4 on layers 29.., 200 steps "
                                        "(cosine rate, keeping the last step), one round.")
     res = {"config": {"methods": ["learn"]}, "shared": {"learn_config": asdict(LearnConfig())}, "splits": []}
-    assert "on the upper half of the layers" in _learn_settings(res)[0] and "up to 3 rounds" in _learn_settings(res)[0]
+    assert "on the last layer," in _learn_settings(res)[0] and "up to 3 rounds" in _learn_settings(res)[0]
+    half = {"config": {"methods": ["learn"]}, "shared": {"learn_config": asdict(LearnConfig(layers=None))}, "splits": []}
+    assert "on the upper half of the layers" in _learn_settings(half)[0]
     assert _learn_settings({"config": {"methods": ["steer"]}, "shared": res["shared"]}) == []

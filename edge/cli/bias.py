@@ -113,9 +113,9 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                    "directions, folded into the weights; gate: a push per category that opens only "
                    "where a layer writes that category's content, folded into the weights; combo: "
                    "the group words' head rows ablated, then a control vector fitted on that model, "
-                   "both folded into the weights; learn: a low-rank edit of the upper layers' writes "
+                   "both folded into the weights; learn: a low-rank edit of the top layers' writes "
                    "fitted by gradient to shrink every calibration pair, folded into the weights "
-                   "(needs torch: pip install 'edge[learn]'; ~15 min of fitting a split on 2 cores "
+                   "(needs torch: pip install 'edge[learn]'; ~13 min of fitting a split on 2 cores "
                    "for a 135M model); both: steer and ablate side by side; all: steer, ablate, gate and combo.")
 @click.option("--splits", type=click.IntRange(1, 100), default=None,
               help="Calibrate and judge on N seeded random splits and report each figure's median "
@@ -139,10 +139,10 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                    "category's mean difference weighted by its pairs (means) or with every category alike "
                    "(balanced: the figure the per-category judgement reads). The category objectives run one "
                    "round at a cosine rate and keep its last step.")
-@click.option("--learn-layers", type=click.IntRange(1), default=None, metavar="N",
-              help="learn edits the top N layers' writes [default: the upper half]. Measured on the bundled "
-                   "model, the last layer alone (1) generalised best with --learn-objective balanced, "
-                   "in half the time.")
+@click.option("--learn-layers", type=click.IntRange(1), default=1, show_default=True, metavar="N",
+              help="learn edits the top N layers' writes. Measured on the bundled model over 5 splits, "
+                   "the last layer alone generalised better than the upper half (15) with either "
+                   "objective, at half the time a step.")
 @click.option("--ablate-objective", type=click.Choice(["sentence", "shared"]), default="sentence",
               show_default=True,
               help="What ablate's loop lowers on the calibration pairs: the categories' bias in "
