@@ -3,8 +3,8 @@ fitted by gradient to shrink every calibration pair's log-likelihood difference.
 
 Per edited layer l (the top `layers`: by default the last alone), what attention and the
 MLP write gets x ↦ x − U_l (V_lᵀ x) (+ b_l after the MLP), rank r: the form `edge.fold`
-folds into attn_output, ffn_down and ffn_down's bias, so the result is a plain GGUF that runs in any
-llama.cpp at no extra cost. Adam minimises the calibration pairs' mean squared difference
+folds into attn_output, ffn_down and ffn_down's bias, so the result is a plain GGUF that
+runs in any llama.cpp at no extra cost. Adam minimises the calibration pairs' mean squared difference
 (each pair toward 0 whatever its sign or category, so a category that leans the other way
 is not pushed further) plus β × KL(uncorrected ‖ edited) on neutral text windows; with
 `objective` "means" or "balanced" it drives each category's mean difference to 0 instead
@@ -46,9 +46,8 @@ class LearnConfig:
     rank: int = 4
     first_layer: int | None = None  # None: from `layers`
     # how many of the top layers are edited when first_layer is unset (None: the upper half).
-    # Measured on 5 splits, the last layer alone generalised best for every objective, at
-    # half the time a step and a tenth of the PPL (DESIGN.md "`--learn-objective pairs
-    # --learn-layers 1` on 5 splits")
+    # Measured on 5 splits, the last layer alone generalised best for either objective, at
+    # half the time a step (DESIGN.md "`--learn-objective pairs --learn-layers 1` on 5 splits")
     layers: int | None = 1
     beta: float = 1.0  # the first round's weight of the neutral KL (×100)
     steps: int = 200  # Adam steps of the first round
@@ -86,14 +85,13 @@ class LearnConfig:
     seed: int = 0
 
     @classmethod
-    def for_objective(cls, objective: str = "pairs", layers: int | None = None) -> LearnConfig:
+    def for_objective(cls, objective: str = "pairs", layers: int | None = 1) -> LearnConfig:
         """The settings measured for `objective`: "pairs" as the defaults; the category
         objectives one round at a cosine rate, keeping its last step (their validation
         measure is too noisy to choose a step or a round by)."""
-        kw: dict[str, Any] = {} if layers is None else {"layers": layers}
         if objective == "pairs":
-            return cls(**kw)
-        return cls(objective=objective, schedule="cosine", pick="last", rounds=1, **kw)
+            return cls(layers=layers)
+        return cls(objective=objective, schedule="cosine", pick="last", rounds=1, layers=layers)
 
     def start(self, n_layers: int) -> int:
         """The first edited layer of a model of n_layers (never the embedding's layer 0)."""

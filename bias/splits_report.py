@@ -74,9 +74,9 @@ def _learn_settings(res: dict[str, Any]) -> list[str]:
         return []
     first = next((s["methods"]["learn"]["fit"].get("first_layer") for s in res["splits"]
                   if "learn" in s["methods"]), None)
-    where = f"layers {first}.." if first is not None else (
-        "the last layer" if lc.get("layers") == 1 else f"the top {lc['layers']} layers" if lc.get("layers")
-        else "the upper half of the layers")
+    n = lc.get("layers")
+    where = (f"layers {first}.." if first is not None else "the upper half of the layers" if n is None
+             else "the last layer" if n == 1 else f"the top {n} layers")
     return [f"learn: objective {lc['objective']}, rank {lc['rank']} on {where}, {lc['steps']} steps "
             f"({lc['schedule']} rate, keeping the {'last' if lc['pick'] == 'last' else 'best validated'} step), "
             + ("one round." if lc["rounds"] == 1 else f"up to {lc['rounds']} rounds."), ""]

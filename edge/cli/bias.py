@@ -261,7 +261,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                      bbq_spec: str | None, bbq_items: int, repeat: int, temp: float, seed: int, out_dir: str,
                      calib_limit: int | None, heldout_limit: int | None, precision: str,
                      threads: int | None, ablate_objective: str = "sentence", learn_objective: str = "pairs",
-                     learn_layers: int | None = None, **unused: Any) -> None:
+                     learn_layers: int = 1, **unused: Any) -> None:
     from bias.ablate import AblateConfig
     from bias.learn import LearnConfig
     from bias.methods import mitigate_splits
