@@ -48,7 +48,7 @@ def main() -> None:
     ok = ok_all[cal]  # a rewrite at the very end leaves nothing after it
     h_more, h_less = hm[cal][ok], hl[cal][ok]
     cats = sh.categories[cal][ok]
-    st = sh.states.take(cal)
+    st = sh.states_of(cal)
     dirs = {k: compute_directions(h_more, h_less, st.e_more[ok], st.e_less[ok],
                                   cats if k == "category" else None, min_pairs=ctx.ablate.min_pairs)
             for k in ("category", "overall")}

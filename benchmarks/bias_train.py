@@ -42,8 +42,12 @@ def main() -> None:
                     "the edit's rank, the first round's β and steps, the rounds, counterfactual pairs per pair, "
                     "other LearnConfig fields")
     ap.add_argument("--bbq", action="store_true", help="also judge the run's BBQ items (~6 min at 2,000 a condition)")
+    ap.add_argument("--calib-frac", type=float, help="split at this calibration share instead of the run's "
+                    "(its cached scores cover every row; its pair states are not read by learn)")
     args = ap.parse_args()
     cfg, rt, scorer, ctx = open_run(args.out, args.threads)
+    if args.calib_frac is not None:
+        cfg = ctx.cfg = replace(cfg, calib_frac=args.calib_frac)
     ctx.emit = lambda kind, d: print(f"  {kind}: " + "  ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
         if isinstance(v, (int, float, str))), flush=True) if kind != "learn_step" else None

@@ -88,7 +88,7 @@ def _utility(ctx: Context, scorer: BatchScorer) -> tuple[float, float]:
 
 def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
     sh, sc, rt = ctx.shared, ctx.scorer, ctx.rt
-    st = sh.states.take(cal)
+    st = sh.states_of(cal)
     dirs = steering_directions(st.h_more, st.h_less, "mean")
     loop_cfg = LoopConfig(max_ppl_increase=ctx.cfg.max_ppl_increase, max_iter=ctx.cfg.steer_iter,
                           n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
@@ -149,7 +149,7 @@ def _directions(ctx: Context, cal: np.ndarray, kind: str) -> BiasDirections:
     states at the shared tokens) with the group words of its calibration pairs (the rows a
     words edit touches)."""
     sh = ctx.shared
-    st = sh.states.take(cal)
+    st = sh.states_of(cal)
     items = sh.suite.subset(cal.tolist()).items
     words = group_tokens(lambda t: ctx.rt.tokenize(t, add_bos=False), [(it.more, it.less) for it in items])
     head = None if st.o_more is None else st.head
@@ -264,7 +264,7 @@ def gate_edits_for(ctx: Context, cal: np.ndarray) -> tuple[GateEdits, np.ndarray
     sh = ctx.shared
     cats = sh.categories[cal]
     d_cal = sh.base[0][cal] - sh.base[1][cal]
-    edits = gate_edits(sh.states.take(cal), cats, _neutral_states(ctx), ctx.gate, ctx.cfg.exclude_category)
+    edits = gate_edits(sh.states_of(cal), cats, _neutral_states(ctx), ctx.gate, ctx.cfg.exclude_category)
     return signed(edits, d_cal, cats), d_cal
 
 
@@ -310,7 +310,7 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     the vector shifts the pct down; both go into one GGUF (the vector as each layer's
     ffn_down bias), so a device runs it with no flag."""
     sh = ctx.shared
-    st, calib = sh.states.take(cal), sh.suite.subset(cal.tolist())
+    st, calib = sh.states_of(cal), sh.suite.subset(cal.tolist())
     d = _directions(ctx, cal, "category")
     n_words = 0 if d.head_rows is None else len(d.head_rows)
     spec = AblateConfig(words_strength=1.0).spec("words", d.n_layers)  # remove, never reverse
@@ -433,7 +433,8 @@ def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | 
     for rows some split uses."""
     compute = Path(scorer.compute.get("path", rt.path))
     rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
-    cal_rows = np.unique(np.concatenate([c for c, _ in rows]))
+    # only learn runs alone: it reads no pair states
+    cal_rows = np.unique(np.concatenate([c for c, _ in rows])) if set(cfg.methods) - {"learn"} else np.array([], int)
     used = np.unique(np.concatenate([np.concatenate([c, h]) for c, h in rows]))
     sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
                         bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,

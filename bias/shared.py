@@ -141,7 +141,7 @@ def read_shared_positions(rt: Runtime, suite: Suite, model_path: str, *, threads
 class Shared:
     suite: Suite
     base: tuple[np.ndarray, np.ndarray]  # uncorrected (ll_more, ll_less) of every row
-    states: PairStates
+    states: PairStates | None  # None: no method of the run reads them (learn alone)
     neutral: list[list[int]]
     utility: Utility  # its first call's distributions are the uncorrected model's
     base_ppl: float
@@ -151,6 +151,11 @@ class Shared:
     gen_base: list[dict[str, Any]] | None = None  # RepeatResult.items of the uncorrected model
     base_words: np.ndarray | None = None  # each row's ll difference over its rewritten words (PairScores)
     repeat: RepeatConfig | None = None
+
+    def states_of(self, rows: np.ndarray) -> PairStates:
+        if self.states is None:
+            raise RuntimeError("this run read no pair states: pass compute_shared the rows that need them")
+        return self.states.take(rows)
 
     @property
     def categories(self) -> np.ndarray:
@@ -185,7 +190,8 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
     """Score the uncorrected model once on everything the splits will need. With
     `cache_dir`, what was computed is kept there (shared.npz, shared.json) and reused by a
     rerun with the same model, suite and settings: a run stopped or crashed after the
-    shared work restarts at its splits."""
+    shared work restarts at its splits. An empty `state_rows` reads no pair states (3 minutes
+    on the bundled model that `learn` does not need), and any cache with them serves it."""
     emit = on_event or (lambda kind, data: None)
     key = {"model": str(rt.path), "states_model": states_model, "suite": suite.source,
            "rows": [it.row for it in suite.items],
@@ -197,10 +203,12 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
     base_ppl, _ = utility()  # also fixes the uncorrected distributions the KL compares with
     # BBQ has its own key: asking for more BBQ items rescores BBQ alone
     bbq_key = {"bbq": bbq_spec, "bbq_per_condition": bbq_per_condition, "seed": seed}
-    cached = _load_cache(cache_dir, key) if cache_dir else None
+    need_states = state_rows is None or len(state_rows) > 0
+    ignore = () if need_states else ("states_model", "state_rows")
+    cached = _load_cache(cache_dir, key, ignore) if cache_dir else None
     if cached is not None:
         emit("stage", {"stage": "shared work from cache", "path": str(cache_dir)})
-        sh = Shared(suite, cached["base"], cached["states"], neutral, utility, base_ppl)
+        sh = Shared(suite, cached["base"], cached["states"] if need_states else None, neutral, utility, base_ppl)
         sh.base_words = cached["words"]
         stale = sh.base_words is None  # a cache from before the words part was kept
         if stale:
@@ -219,8 +227,10 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
             _save_cache(cache_dir, key, bbq_key, sh)
         return sh
     *base, words = _base_scores(scorer, suite, score_rows, emit)
-    emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
-    states = read_states(rt, suite, states_model, threads=threads, rows=state_rows)
+    states = None
+    if need_states:
+        emit("stage", {"stage": "pair states", "pairs": len(suite.items) if state_rows is None else len(state_rows)})
+        states = read_states(rt, suite, states_model, threads=threads, rows=state_rows)
     sh = Shared(suite, (base[0], base[1]), states, neutral, utility, base_ppl, base_words=words)
     if bbq_spec:
         sh.bbq = bbq_sample(bbq_spec, bbq_per_condition, seed)
@@ -249,9 +259,10 @@ def _base_scores(scorer: BatchScorer, suite: Suite, rows: np.ndarray | None,
 
 def _save_cache(d: Path, key: dict[str, Any], bbq_key: dict[str, Any], sh: Shared) -> None:
     st = sh.states
-    arrays = {"more": sh.base[0], "less": sh.base[1], "h_more": st.h_more, "h_less": st.h_less,
-              "e_more": st.e_more, "e_less": st.e_less}
-    if st.o_more is not None and st.o_less is not None:
+    arrays = {"more": sh.base[0], "less": sh.base[1]}
+    if st is not None:
+        arrays |= {"h_more": st.h_more, "h_less": st.h_less, "e_more": st.e_more, "e_less": st.e_less}
+    if st is not None and st.o_more is not None and st.o_less is not None:
         arrays |= {"o_more": st.o_more, "o_less": st.o_less}
     if sh.bbq_base is not None:
         arrays["bbq_base"] = sh.bbq_base
@@ -263,15 +274,19 @@ def _save_cache(d: Path, key: dict[str, Any], bbq_key: dict[str, Any], sh: Share
         json.dump({"key": key, "bbq_key": bbq_key, "gen_base": sh.gen_base}, f)
 
 
-def _load_cache(d: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+def _load_cache(d: Path, key: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The cache in d if its key matches `key` but for the fields `ignore` names."""
     try:
         meta = json.loads((d / "shared.json").read_text())
-        if meta["key"] != key:
+        if {k: v for k, v in meta["key"].items() if k not in ignore} != {k: v for k, v in key.items() if k not in ignore}:
             return None
         with np.load(d / "shared.npz") as z:
-            return {"base": (z["more"], z["less"]),
-                    "states": PairStates(z["h_more"], z["h_less"], z["e_more"], z["e_less"],
-                                         *((z["o_more"], z["o_less"]) if "o_more" in z.files else ())),
+            states = None if ignore or "h_more" not in z.files else PairStates(
+                z["h_more"], z["h_less"], z["e_more"], z["e_less"],
+                *((z["o_more"], z["o_less"]) if "o_more" in z.files else ()))
+            if states is None and not ignore:  # written by a run that needed no states
+                return None
+            return {"base": (z["more"], z["less"]), "states": states,
                     "bbq_base": z["bbq_base"] if "bbq_base" in z.files else None, "bbq_key": meta.get("bbq_key"),
                     "words": z["words"] if "words" in z.files else None,
                     "gen_base": meta["gen_base"]}

@@ -431,6 +431,29 @@ def test_shared_cache_round_trips_and_refuses_another_key(tmp_path: Path) -> Non
     assert _load_cache(tmp_path, key) is None  # a damaged cache is recomputed, not trusted
 
 
+def test_a_run_that_reads_no_pair_states_uses_any_cache_and_its_own_serves_no_other(tmp_path: Path) -> None:
+    from bias.shared import PairStates, Shared, _load_cache, _save_cache
+
+    rng = np.random.default_rng(0)
+    st = PairStates(*(rng.standard_normal((6, 2, 4)).astype(np.float32),) * 2,
+                    *(rng.standard_normal((6, 4)).astype(np.float32),) * 2)
+    sh = Shared(_suite(6), (np.zeros(6), np.ones(6)), st, [], None, 10.0)  # type: ignore[arg-type]
+    with_states = {"model": "m", "states_model": "f16", "state_rows": [0, 2]}
+    learn_only = {**with_states, "state_rows": []}
+    ignore = ("states_model", "state_rows")  # as compute_shared passes for an empty state_rows
+    _save_cache(tmp_path, with_states, {}, sh)
+    assert _load_cache(tmp_path, learn_only) is None  # by the full key, another run's
+    got = _load_cache(tmp_path, learn_only, ignore)
+    assert got is not None and got["states"] is None  # its states are not loaded for a run without use
+    assert _load_cache(tmp_path, {**learn_only, "model": "other"}, ignore) is None  # the rest still counts
+    sh.states = None
+    _save_cache(tmp_path, learn_only, {}, sh)
+    assert _load_cache(tmp_path, learn_only, ignore) is not None
+    assert _load_cache(tmp_path, learn_only) is None  # a run that needs states recomputes them
+    with pytest.raises(RuntimeError, match="no pair states"):
+        sh.states_of(np.array([0]))
+
+
 def test_shared_position_states_are_reused_only_for_the_same_model_and_rows(tmp_path: Path) -> None:
     """A rerun finds the states at the shared tokens in the run folder; another model or
     other rows read them again (here: no runtime to read with, so the read fails)."""

@@ -241,3 +241,49 @@ def test_the_report_says_which_objective_and_layers_learn_fitted() -> None:
     half = {"config": {"methods": ["learn"]}, "shared": {"learn_config": asdict(LearnConfig(layers=None))}, "splits": []}
     assert "on the upper half of the layers" in _learn_settings(half)[0]
     assert _learn_settings({"config": {"methods": ["steer"]}, "shared": res["shared"]}) == []
+
+
+def test_a_pair_parts_where_its_first_different_token_is_predicted() -> None:
+    from bias.learn import parted_at
+
+    assert parted_at([1, 5, 6, 7], [1, 5, 9, 7]) == 1  # position 1 predicts the first different token
+    assert parted_at([1, 8, 6], [1, 9, 6, 4]) == 0
+    assert parted_at([1, 5], [1, 5, 3]) == 1  # one a prefix of the other: the longer's extra token
+
+
+def test_the_last_layer_rows_score_as_the_padded_forward_does(runtime) -> None:  # noqa: ANN001
+    torch = pytest.importorskip("torch")
+    from bias.audit import _sentence
+    from bias.learn import PairData, TorchLlama, Trainer, parted_at
+
+    texts = [("The nurse said she would be late.", "The nurse said he would be late."),
+             ("She fixed the old car in an hour.", "He fixed the old car in an hour."),
+             ("My neighbour, who is a teacher, plays chess every Sunday.",
+              "My neighbour, who is a farmer, plays chess every Sunday."),
+             ("Rain fell all day.", "Rain fell all day long over the hills.")]
+    more = [_sentence(runtime, a)[0] for a, _ in texts]
+    less = [_sentence(runtime, b)[0] for _, b in texts]
+    neutral = [more[2][:12], less[1], more[0]]
+    m = TorchLlama(runtime.path)
+    top = m.n_layers - 1
+    groups = np.array(["x"] * len(texts))
+    padded = PairData(more, less, m.streams(more, top), m.streams(less, top), groups)
+    first = [parted_at(a, b) for a, b in zip(more, less, strict=True)]
+    assert first[0] > 0  # the shared start is dropped
+    rows = PairData(more, less, [], [], groups, (m.rows(more, first), m.rows(less, first)))
+    cfg = LearnConfig(layers=1)
+    t_pad, t_rows = Trainer(m, padded, padded, neutral, top, cfg), Trainer(m, rows, rows, neutral, top, cfg)
+    assert t_rows.packed and not t_pad.packed
+    with torch.no_grad():
+        t_pad.U.copy_(torch.randn(t_pad.U.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        t_pad.b.copy_(torch.randn(t_pad.b.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+        for p, q in zip((t_rows.U, t_rows.V, t_rows.b), (t_pad.U, t_pad.V, t_pad.b), strict=True):
+            p.copy_(q)
+    before, edited = t_pad.diffs(padded, False), t_pad.diffs(padded)
+    assert np.abs(edited - before).max() > 0.05  # the edit changes the differences ...
+    np.testing.assert_allclose(t_rows.diffs(rows), edited, atol=2e-3)  # ... and both forwards agree
+    np.testing.assert_allclose(t_rows.diffs(rows, False), before, atol=2e-3)
+    lp_pad, mask = t_pad.neutral_lp(0, t_pad.edit)
+    lp_rows, _ = t_rows.neutral_lp(0, t_rows.edit)
+    assert lp_rows.shape[0] == int(mask.sum())  # no padded positions
+    assert float((lp_pad[mask.bool()] - lp_rows).abs().max()) < 2e-3
