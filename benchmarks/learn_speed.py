@@ -6,7 +6,7 @@ prints each one's seconds a step (median of --rounds blocks), their ratio, the r
 reads, and how far the two forwards' pair differences lie apart under the edit.
 
     pip install 'edge[learn]'
-    python benchmarks/learn_speed.py [--pairs 436] [--steps 10] [--rounds 3] [--threads 2] [--model M.gguf]
+    python benchmarks/learn_speed.py [--pairs 436] [--steps 10] [--rounds 3] [--setup-rounds 0] [--threads 2] [--model M.gguf]
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps a block")
     ap.add_argument("--rounds", type=int, default=3, help="blocks of each, interleaved")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--setup-rounds", type=int, default=0,
+                    help="also time building the rows with batches in length order vs the sentences' own, interleaved")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rt = open_runtime(a.model, RuntimeConfig(n_ctx=512, threads=a.threads))
@@ -78,15 +80,34 @@ def main() -> None:
     tail = sum(len(x) - 1 for x in more + less)
     kept = sum(len(x) - 1 - f for x, y, f in zip(more, less, first, strict=True) for x in (x, y))
     pad = sum(2 * max(len(x), len(y)) - 2 for x, y in zip(more, less, strict=True))
-    med = {k: float(np.median(v)) for k, v in seen.items()}
+    med = {k: float(np.median(v)) for k, v in seen.items() if v}
     print(f"model {rt.path} ({m.n_layers} layers, n_embd {m.n_embd}, vocab {m.out.shape[0]}), {a.threads} threads, "
           f"{a.pairs} pairs, {a.rounds} × {a.steps} steps each, interleaved")
     print(f"positions a pair's sentences predict: {tail}; kept by rows {kept} ({100 * kept / tail:.0f}%); "
           f"the padded forward reads ≥ {pad} (pairs padded to their longer sentence, more in a batch)")
     print(f"set-up: streams entering layer {top} {t_streams:.1f} s, rows (with its attention) {t_rows:.1f} s")
-    print(f"seconds a step: padded {med['padded']:.3f} (blocks {', '.join(f'{x:.3f}' for x in seen['padded'])}), "
-          f"rows {med['rows']:.3f} (blocks {', '.join(f'{x:.3f}' for x in seen['rows'])}); "
-          f"rows / padded {med['rows'] / med['padded']:.2f}")
+    if a.setup_rounds:
+        import bias.learn as bl
+
+        def given(seqs: list[list[int]], n: int) -> list[list[int]]:  # the batching before bias.learn.by_length
+            return [list(range(i, min(i + n, len(seqs)))) for i in range(0, len(seqs), n)]
+
+        setup: dict[str, list[float]] = {"given order": [], "by length": []}
+        for _ in range(a.setup_rounds):
+            for name, batches in (("given order", given), ("by length", bl.by_length)):
+                bl.by_length, keep = batches, bl.by_length
+                t0 = time.perf_counter()
+                m.rows(more, first)
+                setup[name].append(time.perf_counter() - t0)
+                bl.by_length = keep
+        med = {k: float(np.median(v)) for k, v in setup.items()}
+        print(f"rows of the {a.pairs} 'more' sentences, seconds: " + ", ".join(
+            f"{k} {med[k]:.1f} ({', '.join(f'{x:.1f}' for x in v)})" for k, v in setup.items())
+            + f"; by length / given {med['by length'] / med['given order']:.2f}")
+    if a.rounds:
+        print(f"seconds a step: padded {med['padded']:.3f} (blocks {', '.join(f'{x:.3f}' for x in seen['padded'])}), "
+              f"rows {med['rows']:.3f} (blocks {', '.join(f'{x:.3f}' for x in seen['rows'])}); "
+              f"rows / padded {med['rows'] / med['padded']:.2f}")
     print(f"pair differences under the same edit, rows vs padded: max |Δ| {gap:.2e} nats")
     rt.close()
 

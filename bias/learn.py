@@ -285,12 +285,12 @@ class TorchLlama:
     def streams(self, seqs: list[list[int]], stop: int, n: int = 16) -> list[Any]:
         """Each sequence's stream entering layer `stop` (unedited below it), (T, D) each."""
         torch = import_torch()
-        out = []
+        out: list[Any] = [None] * len(seqs)
         with torch.no_grad():
-            for i in range(0, len(seqs), n):
-                toks, _, _ = _batch(seqs[i:i + n])
-                x = self.forward(toks, stop=stop)
-                out += [x[j, : len(s)].clone() for j, s in enumerate(seqs[i:i + n])]
+            for ix in by_length(seqs, n):
+                x = self.forward(_batch([seqs[i] for i in ix])[0], stop=stop)
+                for b, i in enumerate(ix):
+                    out[i] = x[b, : len(seqs[i])].clone()
         return out
 
     def seq_ll(self, seqs: list[list[int]], edit: Any = None, streams: list[Any] | None = None,
@@ -307,19 +307,16 @@ class TorchLlama:
         """The last layer's Rows of `seqs`: sequence i's positions first[i] .. len − 2."""
         torch = import_torch()
         il = self.n_layers - 1
-        xs, was, tgts = [], [], []
+        parts: list[Any] = [None] * len(seqs)
         with torch.no_grad():
-            for i in range(0, len(seqs), n):
-                toks, _, _ = _batch(seqs[i:i + n])
-                x = self.forward(toks, stop=il)
+            for ix in by_length(seqs, n):
+                x = self.forward(_batch([seqs[i] for i in ix])[0], stop=il)
                 wa = self.attention(il, x)
-                for b, s in enumerate(seqs[i:i + n]):
-                    f = first[i + b]
-                    xs.append(x[b, f:len(s) - 1].clone())
-                    was.append(wa[b, f:len(s) - 1].clone())
-                    tgts.append(torch.tensor(s[f + 1:], dtype=torch.long))
-        return Rows(torch.cat(xs), torch.cat(was), torch.cat(tgts),
-                    np.concatenate([[0], np.cumsum([len(t) for t in tgts])]))
+                for b, i in enumerate(ix):
+                    f, t = first[i], len(seqs[i]) - 1
+                    parts[i] = (x[b, f:t].clone(), wa[b, f:t].clone(), torch.tensor(seqs[i][f + 1:], dtype=torch.long))
+        return Rows(*(torch.cat([p[k] for p in parts]) for k in range(3)),
+                    np.concatenate([[0], np.cumsum([len(p[2]) for p in parts])]))
 
     def rows_ll(self, r: Rows, j: np.ndarray, edit: Any = None) -> tuple[Any, Any]:
         """Summed log-likelihood of sequences j over their kept rows, and the rows' log-probs."""
@@ -357,6 +354,13 @@ def parted_at(more: list[int], less: list[int]) -> int:
     before their first different token (positions before it see and predict the same)."""
     p = next((i for i, (a, b) in enumerate(zip(more, less, strict=False)) if a != b), min(len(more), len(less)))
     return max(p - 1, 0)
+
+
+def by_length(seqs: list[list[int]], n: int) -> list[list[int]]:
+    """Batches of n sequence indices in order of length, so a batch pads little (436 CrowS
+    sentences in batches of 16: 44% of the positions were padding in their own order, 3% sorted)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    return [order[i:i + n] for i in range(0, len(order), n)]
 
 
 def _pad(xs: list[Any]) -> Any:

@@ -243,8 +243,13 @@ def test_the_report_says_which_objective_and_layers_learn_fitted() -> None:
     assert _learn_settings({"config": {"methods": ["steer"]}, "shared": res["shared"]}) == []
 
 
-def test_a_pair_parts_where_its_first_different_token_is_predicted() -> None:
-    from bias.learn import parted_at
+def test_a_pair_parts_where_its_first_different_token_is_predicted_and_batches_go_by_length() -> None:
+    from bias.learn import by_length, parted_at
+
+    seqs = [[1] * k for k in (5, 2, 9, 3, 2, 7)]
+    batches = by_length(seqs, 4)
+    assert sorted(i for b in batches for i in b) == list(range(6))  # each sequence once
+    assert [len(seqs[i]) for b in batches for i in b] == [2, 2, 3, 5, 7, 9]
 
     assert parted_at([1, 5, 6, 7], [1, 5, 9, 7]) == 1  # position 1 predicts the first different token
     assert parted_at([1, 8, 6], [1, 9, 6, 4]) == 0
@@ -280,6 +285,9 @@ def test_the_last_layer_rows_score_as_the_padded_forward_does(runtime) -> None: 
         for p, q in zip((t_rows.U, t_rows.V, t_rows.b), (t_pad.U, t_pad.V, t_pad.b), strict=True):
             p.copy_(q)
     before, edited = t_pad.diffs(padded, False), t_pad.diffs(padded)
+    with torch.no_grad():  # the whole forward from the tokens: the streams went back to their own sequences
+        whole = (m.seq_ll(more)[0] - m.seq_ll(less)[0]).numpy()
+    np.testing.assert_allclose(before, whole, atol=2e-3)
     assert np.abs(edited - before).max() > 0.05  # the edit changes the differences ...
     np.testing.assert_allclose(t_rows.diffs(rows), edited, atol=2e-3)  # ... and both forwards agree
     np.testing.assert_allclose(t_rows.diffs(rows, False), before, atol=2e-3)
