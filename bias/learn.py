@@ -302,7 +302,6 @@ class TorchLlama:
         lp = self.forward(toks, edit, x0, start if streams is not None else 0)[:, :-1]
         return (lp.gather(-1, tgt[..., None])[..., 0] * mask).sum(-1), lp, mask
 
-
     def rows(self, seqs: list[list[int]], first: list[int], n: int = 16) -> Rows:
         """The last layer's Rows of `seqs`: sequence i's positions first[i] .. len − 2."""
         torch = import_torch()
@@ -333,7 +332,7 @@ class Rows:
     layer's writes) and the next token, every sequence's positions in one (N, D) batch. So a
     step pays neither for padding nor for recomputing attention, and a pair's positions
     before its sentences part (equal in both, so they cancel in its difference) are dropped:
-    measured, a step takes ~1/3 of the padded forward's time (DESIGN.md)."""
+    measured, a step takes 0.39× the padded forward's time (benchmarks/learn_speed.py)."""
 
     x: Any
     wa: Any
