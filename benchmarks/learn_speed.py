@@ -78,7 +78,7 @@ def main() -> None:
             t.run(a.steps, 1.0, lambda kind, d: None)
             seen[name].append((time.perf_counter() - t0) / a.steps)
     tail = sum(len(x) - 1 for x in more + less)
-    kept = sum(len(x) - 1 - f for x, y, f in zip(more, less, first, strict=True) for x in (x, y))
+    kept = sum(len(x) + len(y) - 2 - 2 * f for x, y, f in zip(more, less, first, strict=True))
     pad = sum(2 * max(len(x), len(y)) - 2 for x, y in zip(more, less, strict=True))
     med = {k: float(np.median(v)) for k, v in seen.items() if v}
     print(f"model {rt.path} ({m.n_layers} layers, n_embd {m.n_embd}, vocab {m.out.shape[0]}), {a.threads} threads, "

@@ -405,9 +405,9 @@ class Trainer:
         torch = import_torch()
         self.m, self.train, self.val, self.start, self.cfg = m, train, val, start, cfg
         self.neutral = neutral
-        self.packed = train.rows is not None
-        self.xn = [] if self.packed else m.streams(neutral, start)
-        self.nrows = m.rows(neutral, [0] * len(neutral)) if self.packed else None
+        packed = train.rows is not None  # the last layer alone: neutral windows as Rows too
+        self.xn = [] if packed else m.streams(neutral, start)
+        self.nrows = m.rows(neutral, [0] * len(neutral)) if packed else None
         with torch.no_grad():
             self.ref = [self.neutral_lp(w, None)[0] for w in range(0, (len(neutral) + 3) // 4)]
         L, D, r = m.n_layers, m.n_embd, cfg.rank
@@ -424,6 +424,10 @@ class Trainer:
         self.kept_train: float | None = None
         self.scale_train = self.pairs_value(train, self.table) or 1.0
         self.scale_val = self.pairs_value(val, self.diffs(val, False)) or 1.0
+
+    @property
+    def packed(self) -> bool:
+        return self.nrows is not None
 
     def edit(self, il: int, x: Any, down: bool) -> Any:
         if il < self.start:
