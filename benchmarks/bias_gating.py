@@ -93,13 +93,20 @@ def open_run(out: Path, threads: int) -> tuple[Any, Any, Any, Any]:
     return cfg, rt, scorer, ctx
 
 
-def heldout_report(ctx: Any, cfg: Any, held: np.ndarray, ps: Any) -> str:
+def heldout_report(ctx: Any, cfg: Any, held: np.ndarray, ps: Any, before: Any = None) -> str:
     """A try's held-out judgement (bias.audit.PairScores `ps` of the split's held-out rows):
-    the CrowS checks, each category's change, and both parts when the cache has the words'."""
+    the CrowS checks, each category's change, and both parts when the cache has the words'.
+    `before`: the uncorrected PairScores from the correction's own engine (learn's torch)."""
     from bias.judge import judge_pair_rows, judge_parts
 
     sh = ctx.shared
     b, cats = (sh.base[0][held], sh.base[1][held]), sh.categories[held].tolist()
+    if before is not None:
+        b = (before.more, before.less)
+        judged = judge_pair_rows(b, (ps.more, ps.less), cats)
+        line, passed = checks(judged, cfg.exclude_category)
+        return (f"held-out: {line}\n{passed}\n{category_lines(judged)}\n"
+                + parts_lines(judge_parts((b[0] - b[1], ps.more - ps.less), (before.words, ps.words), cats)))
     judged = judge_pair_rows(b, (ps.more, ps.less), cats)
     line, passed = checks(judged, cfg.exclude_category)
     out = f"held-out: {line}\n{passed}\n{category_lines(judged)}"

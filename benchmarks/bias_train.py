@@ -73,13 +73,17 @@ def main() -> None:
                 continue
             ps = corr.score_pairs(heldout)
             ppl, _ = corr.utility()
+            # the held-out pairs and PPL before, from the engine the correction is judged in
+            bp = corr.before_pairs(heldout) if corr.before_pairs is not None else None
+            bd = (bp.more - bp.less) if bp is not None else sh.base[0][held] - sh.base[1][held]
+            base_ppl = sh.base_ppl if corr.base_ppl is None else corr.base_ppl
             print(f"\n### {tr} ({time.perf_counter() - t0:.0f} s): round {fit['chosen']} of {len(fit['rounds'])}, "
-                  f"PPL {100 * (ppl / sh.base_ppl - 1):+.2f}%, torch vs llama.cpp {fit['agreement']:.3f} nats; "
-                  f"held-out mean d² {np.mean((sh.base[0][held] - sh.base[1][held]) ** 2):.2f} → "
+                  f"PPL {100 * (ppl / base_ppl - 1):+.2f}% ({corr.engine}), torch vs llama.cpp {fit['agreement']:.3f} "
+                  f"nats; held-out mean d² {np.mean(bd ** 2):.2f} → "
                   f"{np.mean((ps.more - ps.less) ** 2):.2f}; {fit['swapped_pairs']} swapped pairs; rounds (β: PPL, "
                   f"train / val d²) " + ", ".join(f"{r['beta']:.3g}: {100 * r['ppl_increase']:+.2f}%, "
                                                  f"{r['train_d2']:.3f} / {r['val_d2']:.3f}" for r in fit["rounds"])
-                  + f"\n{heldout_report(ctx, cfg, held, ps)}", flush=True)
+                  + f"\n{heldout_report(ctx, cfg, held, ps, bp)}", flush=True)
             if args.bbq and sh.bbq is not None and sh.bbq_base is not None:
                 bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(corr.score_bbq(sh.bbq)))
                 x, y = bj["acc_dis"].change, bj["s_amb"]

@@ -68,7 +68,9 @@ class LearnConfig:
     # counterfactual pairs per training pair (bias.swap: its context, another same-category
     # pair's group terms), added to the training pairs; validation stays original pairs
     swaps: int = 0
-    # what the pairs' term drives to 0: "pairs", every pair's squared difference; "means",
+    # what the pairs' term drives to 0: "pairs", every pair's squared difference;
+    # "pairs-balanced", the same with every category weighted alike (a category's own pairs
+    # shrink however few it has, whatever its calibration mean's sign); "means",
     # each category's mean difference squared, weighted by its pairs (the figure the
     # per-category judgement reads); "balanced", the same with every category weighted
     # alike. The step and round are then chosen on the validation pairs' same measure.
@@ -89,8 +91,8 @@ class LearnConfig:
         """The settings measured for `objective`: "pairs" as the defaults; the category
         objectives one round at a cosine rate, keeping its last step (their validation
         measure is too noisy to choose a step or a round by)."""
-        if objective == "pairs":
-            return cls(layers=layers)
+        if objective in PAIR_OBJECTIVES:
+            return cls(objective=objective, layers=layers)
         return cls(objective=objective, schedule="cosine", pick="last", rounds=1, layers=layers)
 
     def start(self, n_layers: int) -> int:
@@ -116,7 +118,8 @@ class LearnConfig:
                 raise BadOptionError(f"learn: {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
 
-OBJECTIVES = ("pairs", "means", "balanced")
+OBJECTIVES = ("pairs", "pairs-balanced", "means", "balanced")
+PAIR_OBJECTIVES = ("pairs", "pairs-balanced")  # every pair toward 0, not its category's mean
 SCHEDULES = ("constant", "cosine")
 PICKS = ("val", "last")
 
@@ -153,6 +156,14 @@ def batch_coefficients(d: np.ndarray, groups: np.ndarray, j: np.ndarray, balance
     _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
     b = np.bincount(inv[j], minlength=len(counts))
     return k[j] * counts[inv[j]] / (len(d) * b[inv[j]])
+
+
+def balanced_weights(groups: np.ndarray) -> np.ndarray:
+    """Each pair's weight in "pairs-balanced": 1 / (categories × its category's pairs here),
+    so Σ w d² is the mean over categories of their mean squared difference; for a batch that
+    draws the same number of pairs from every category, an unbiased estimate of it."""
+    _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return 1 / (len(counts) * counts[inv])
 
 
 @dataclass
@@ -229,6 +240,9 @@ class TorchLlama:
         self.layers = [({k: t(v) for k, v in lw.wt.items()}, t(lw.attn_norm), t(lw.ffn_norm)) for lw in w.layers]
         self.emb, self.out, self.onorm = t(w.tok_embd), t(w.output), t(w.output_norm)
         self.n_layers, self.n_embd, self.eps = a.n_layers, a.n_embd, a.rms_eps
+        # each sequence's last-layer inputs at every position, kept: the splits of a run fit
+        # and judge on subsets of the same sentences, so each is read through 29 layers once
+        self._rows: dict[tuple[int, ...], tuple[Any, Any]] = {}
 
     def _norm(self, x: Any, g: Any) -> Any:
         torch = import_torch()
@@ -305,17 +319,39 @@ class TorchLlama:
     def rows(self, seqs: list[list[int]], first: list[int], n: int = 16) -> Rows:
         """The last layer's Rows of `seqs`: sequence i's positions first[i] .. len − 2."""
         torch = import_torch()
-        il = self.n_layers - 1
-        parts: list[Any] = [None] * len(seqs)
-        with torch.no_grad():
-            for ix in by_length(seqs, n):
-                x = self.forward(_batch([seqs[i] for i in ix])[0], stop=il)
-                wa = self.attention(il, x)
-                for b, i in enumerate(ix):
-                    f, t = first[i], len(seqs[i]) - 1
-                    parts[i] = (x[b, f:t].clone(), wa[b, f:t].clone(), torch.tensor(seqs[i][f + 1:], dtype=torch.long))
+        self.read_rows(seqs, n)
+        parts = []
+        for s, f in zip(seqs, first, strict=True):
+            x, wa = self._rows[tuple(s)]
+            parts.append((x[f:], wa[f:], torch.tensor(s[f + 1:], dtype=torch.long)))
         return Rows(*(torch.cat([p[k] for p in parts]) for k in range(3)),
                     np.concatenate([[0], np.cumsum([len(p[2]) for p in parts])]))
+
+    def read_rows(self, seqs: list[list[int]], n: int = 16) -> int:
+        """Run the sequences not yet read up to the last layer (in batches by length) and keep
+        their rows; returns how many were new."""
+        torch = import_torch()
+        il = self.n_layers - 1
+        new = list({tuple(s): list(s) for s in seqs if tuple(s) not in self._rows}.values())
+        with torch.no_grad():
+            for ix in by_length(new, n):
+                x = self.forward(_batch([new[i] for i in ix])[0], stop=il)
+                wa = self.attention(il, x)
+                for b, i in enumerate(ix):
+                    t = len(new[i]) - 1
+                    self._rows[tuple(new[i])] = (x[b, :t].clone(), wa[b, :t].clone())
+        return len(new)
+
+    def row_ll(self, r: Rows, edit: Any = None, n: int = 32) -> np.ndarray:
+        """Every row's log-probability of its next token (float64), n sequences at a time."""
+        torch = import_torch()
+        out = []
+        with torch.no_grad():
+            for a in range(0, len(r.offsets) - 1, n):
+                x, wa, tgt, _ = r.take(np.arange(a, min(a + n, len(r.offsets) - 1)))
+                lp = self.logprobs(self.finish(self.n_layers - 1, x, wa, edit))
+                out.append(lp.gather(-1, tgt[:, None])[:, 0].numpy().astype(np.float64))
+        return np.concatenate(out) if out else np.zeros(0)
 
     def rows_ll(self, r: Rows, j: np.ndarray, edit: Any = None) -> tuple[Any, Any]:
         """Summed log-likelihood of sequences j over their kept rows, and the rows' log-probs."""
@@ -463,6 +499,8 @@ class Trainer:
         """The objective's pairs term: the mean squared difference, or the category means'."""
         if self.cfg.objective == "pairs":
             return float(np.mean(diffs ** 2))
+        if self.cfg.objective == "pairs-balanced":
+            return float(balanced_weights(d.groups) @ diffs ** 2)
         return category_objective(diffs, d.groups, self.cfg.objective == "balanced")[0]
 
     def val_d2(self) -> float:
@@ -484,6 +522,9 @@ class Trainer:
     def pairs_term(self, j: np.ndarray, d: Any) -> Any:
         if self.cfg.objective == "pairs":
             return (d ** 2).mean() / self.scale_train
+        if self.cfg.objective == "pairs-balanced":
+            w = import_torch().from_numpy(balanced_weights(self.train.groups[j])).to(d.dtype)
+            return (w * d ** 2).sum() / self.scale_train
         self.table[j] = d.detach().numpy()
         k = batch_coefficients(self.table, self.train.groups, j, self.cfg.objective == "balanced")
         return (d * import_torch().from_numpy(k).to(d.dtype)).sum() / self.scale_train
@@ -512,7 +553,7 @@ class Trainer:
             if (k + 1) % c.eval_every == 0 or k == steps - 1:
                 v = self.val_d2()
                 more = {}
-                if c.objective != "pairs":  # a fresh table: the batches' refreshes leave it ~20 steps stale
+                if c.objective not in PAIR_OBJECTIVES:  # a fresh table: the batches' refreshes leave it ~20 steps stale
                     self.table = self.diffs(tr)
                     more["train_d2"] = self.pairs_value(tr, self.table) / self.scale_train
                 if v < best[0] or c.pick == "last" and k == steps - 1:
@@ -548,6 +589,72 @@ def load_edit(path: Path) -> FoldPlan:
         return FoldPlan({int(il): ResidualEdit(f["u"][j], f["v"][j], f["b"][j]) for j, il in enumerate(f["layers"])})
 
 
+def edit_of(plan: FoldPlan | None) -> Any:
+    """A fold plan's edit as TorchLlama applies it (None: the unedited model)."""
+    if plan is None:
+        return None
+    torch = import_torch()
+    e = {il: (torch.from_numpy(np.asarray(x.u, np.float32)), torch.from_numpy(np.asarray(x.v, np.float32)),
+              None if x.bias is None else torch.from_numpy(np.asarray(x.bias, np.float32)))
+         for il, x in plan.layers.items()}
+
+    def edit(il: int, x: Any, down: bool) -> Any:
+        if il not in e:
+            return x
+        u, v, b = e[il]
+        x = x - (x @ v) @ u.T
+        return x + b if down and b is not None else x
+
+    return edit
+
+
+def pair_parts(m: TorchLlama, more: list[list[int]], less: list[list[int]],
+               edit: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(more, less, words) as bias.audit.PairScores holds them, from the last layer's rows
+    (an edit of that layer alone): each sentence's log-likelihood summed from the position
+    where the pair parts (the shared start adds the same to both, so every difference is
+    the whole sentences'), and the rewritten tokens' part of the difference."""
+    from bias.audit import rewritten_tokens
+
+    first = [parted_at(a, b) for a, b in zip(more, less, strict=True)]
+    sums, words = [], np.zeros(len(more))
+    for side, seqs in enumerate((more, less)):
+        r = m.rows(seqs, first)
+        ll = m.row_ll(r, edit)
+        sums.append(np.array([ll[a:b].sum() for a, b in zip(r.offsets[:-1], r.offsets[1:], strict=True)]))
+        for i, (a, b) in enumerate(zip(more, less, strict=True)):
+            changed = rewritten_tokens(a[1:], b[1:])[side]  # token j after BOS is the row j − first
+            k = np.asarray(changed, dtype=int) - first[i]
+            words[i] += (1 if side == 0 else -1) * ll[r.offsets[i] + k[k >= 0]].sum()
+    return sums[0], sums[1], words
+
+
+class TorchUtility:
+    """bias.feedback.Utility's figures (PPL of the neutral chunks, mean KL(uncorrected ‖
+    edited) of their next-token distributions) for an edit of the last layer alone, from its
+    rows: the fit's own engine, free of llama.cpp's 8-bit activations (which move one
+    chunk's PPL by ~0.3% between nearly equal edits)."""
+
+    def __init__(self, m: TorchLlama, chunks: list[list[int]]) -> None:
+        self.m, self.rows = m, m.rows(chunks, [0] * len(chunks))
+        self.base: list[Any] = []
+        self.base_ppl = self(None)[0]
+
+    def __call__(self, edit: Any) -> tuple[float, float]:
+        torch = import_torch()
+        nll, kl, n = 0.0, 0.0, 0
+        with torch.no_grad():
+            for i in range(len(self.rows.offsets) - 1):
+                s, lp = self.m.rows_ll(self.rows, np.array([i]), edit)
+                nll -= float(s[0])
+                n += len(lp)
+                if len(self.base) <= i:
+                    self.base.append(lp)
+                else:
+                    kl += float((self.base[i].exp() * (self.base[i] - lp)).sum())
+        return float(np.exp(nll / n)), kl / n
+
+
 def next_beta(rounds: list[LearnRound], budget: float, cfg: LearnConfig) -> float | None:
     """The next round's β from the last round's measured PPL, or None to stop: lower while
     the rise is under fill × budget, raise (back toward the start) while over it and nothing
@@ -574,12 +681,14 @@ def choose(rounds: list[LearnRound], budget: float) -> int | None:
 def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], neutral: list[list[int]],
                measure: Measure, budget: float, cfg: LearnConfig | None = None, threads: int | None = None,
                reference: np.ndarray | None = None, emit: Event | None = None,
-               augment: Augment | None = None, groups: list[str] | None = None) -> LearnResult:
+               augment: Augment | None = None, groups: list[str] | None = None,
+               model: TorchLlama | None = None) -> LearnResult:
     """Fit the edit on the pairs (more[i], less[i]) (token lists with BOS) within `budget`
     (relative PPL rise, measured by `measure` after each round). `reference`: the pairs'
     differences as llama.cpp scores them; the first 8 are checked against the torch forward.
     `augment(train)`: extra training pairs built from the training pairs alone, as (more,
-    less, categories). `groups`: each pair's category (needed by objectives other than "pairs")."""
+    less, categories). `groups`: each pair's category (needed by objectives other than "pairs").
+    `model`: the compute weights already in torch (a split run loads them once, with its rows)."""
     cfg = cfg or LearnConfig()
     cfg.validate()
     if cfg.objective != "pairs" and (groups is None or len(groups) != len(more)):
@@ -589,8 +698,9 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
     emit = emit or (lambda kind, d: None)
     if threads:
         torch.set_num_threads(threads)
-    check_memory(model_path)
-    m = TorchLlama(model_path)
+    if model is None:
+        check_memory(model_path)
+    m = model or TorchLlama(model_path)
     start = cfg.start(m.n_layers)
     res = LearnResult(None, first_layer=start)
     if reference is not None:

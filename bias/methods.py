@@ -32,7 +32,7 @@ from bias.ablate import (
     make_plan,
     run_ablate_loop,
 )
-from bias.audit import open_scorer, score_bbq, score_pair_parts, score_pairs
+from bias.audit import PairScores, open_scorer, score_bbq, score_pair_parts, score_pairs
 from bias.feedback import LoopConfig, run_loop
 from bias.gate import (
     GateConfig,
@@ -337,13 +337,40 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     return _folded_correction(ctx, "combo", folded, sc, plan, note, work, index, fit)
 
 
+def _torch_rows(ctx: Context) -> tuple[Any, Any]:
+    """The compute weights in torch, once per run, with every pair's last-layer rows (each
+    sentence the splits calibrate or judge on, read through the lower layers once rather
+    than once a split) and the neutral chunks' utility."""
+    if "torch" not in ctx.cache:
+        from bias.audit import _sentence
+        from bias.learn import TorchLlama, TorchUtility, check_memory
+
+        check_memory(ctx.compute_path)
+        m = TorchLlama(ctx.compute_path)
+        if ctx.learn.start(m.n_layers) == m.n_layers - 1:
+            used = sorted({int(i) for s in range(ctx.cfg.n_splits) for part in ctx.cfg.rows(ctx.shared.suite, s)
+                           for i in part})
+            seqs = [_sentence(ctx.rt, t)[0] for i in used for t in (ctx.shared.suite.items[i].more,
+                                                                    ctx.shared.suite.items[i].less)]
+            ctx.emit("stage", {"stage": "learn: every pair's last-layer inputs", "sentences": len(seqs)})
+            m.read_rows(seqs)
+            ctx.cache["torch_utility"] = TorchUtility(m, ctx.shared.neutral)
+        ctx.cache["torch"] = m
+    return ctx.cache["torch"], ctx.cache.get("torch_utility")
+
+
 def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
-    """`learn`: bias.learn's edit fitted on the calibration pairs, each round's fold measured
-    for PPL by llama.cpp on the run's neutral text (the figure the budget is judged on)."""
+    """`learn`: bias.learn's edit fitted on the calibration pairs. An edit of the last layer
+    alone (the default) is measured and judged in torch on rows every split shares: each
+    round's PPL, the held-out pairs before and after; BBQ and generation run in llama.cpp on
+    its fold, and split 0's deployed GGUF is scored on the held-out pairs in plain llama.cpp
+    beside the torch figure. Deeper edits are measured by llama.cpp on each round's fold."""
     from bias.audit import _sentence
+    from bias.learn import edit_of, pair_parts
     from bias.swap import sourced_swaps
 
     sh, rt = ctx.shared, ctx.rt
+    m, tu = _torch_rows(ctx)
     items = [sh.suite.items[i] for i in cal]
     more = [_sentence(rt, it.more)[0] for it in items]
     less = [_sentence(rt, it.less)[0] for it in items]
@@ -351,6 +378,9 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     loaded: list[FoldPlan | None] = [None]  # the plan in `folded` now
 
     def measure(plan: FoldPlan, note: str) -> tuple[float, float]:
+        if tu is not None:
+            ppl, kl = tu(edit_of(plan))
+            return ppl / tu.base_ppl - 1, kl
         loaded[0] = plan
         ppl, kl = _utility(ctx, folded.load_plan(plan, note))
         return ppl / sh.base_ppl - 1, kl
@@ -365,7 +395,7 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     res = learn_edit(ctx.compute_path, more, less, neutral_windows(rt, ctx.learn.neutral_windows, ctx.learn.window),
                      measure, ctx.cfg.max_ppl_increase, ctx.learn, threads=ctx.threads,
                      reference=sh.base[0][cal] - sh.base[1][cal], emit=ctx.emit,
-                     augment=augment if ctx.learn.swaps else None, groups=[it.category for it in items])
+                     augment=augment if ctx.learn.swaps else None, groups=[it.category for it in items], model=m)
     fit: dict[str, Any] = {"config": asdict(ctx.learn), **res.to_dict()}
     if res.plan is None:  # no round within budget: the uncorrected model, as measured
         folded.close()
@@ -375,7 +405,42 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     sc = folded.scorer if loaded[0] is res.plan else folded.load_plan(res.plan, note)
     assert sc is not None
     save_edit(res.plan, work / "learn_edit.npz")
-    return _folded_correction(ctx, "learn", folded, sc, res.plan, note, work, index, fit)
+    corr = _folded_correction(ctx, "learn", folded, sc, res.plan, note, work, index, fit)
+    if tu is None:
+        return corr
+    edit = edit_of(res.plan)
+
+    def parts(suite: Suite, e: Any) -> PairScores:
+        toks = [(_sentence(rt, it.more)[0], _sentence(rt, it.less)[0]) for it in suite.items]
+        return PairScores(*pair_parts(m, [a for a, _ in toks], [b for _, b in toks], e))
+
+    def before(suite: Suite) -> PairScores:
+        # the uncorrected pairs, scored once a run: every split's held-out rows read the same
+        seen = ctx.cache.setdefault("torch_before", {})
+        new = [it for it in suite.items if (it.more, it.less) not in seen]
+        if new:
+            got = parts(replace(suite, items=new), None)
+            seen.update({(it.more, it.less): x for it, *x in zip(new, got.more, got.less, got.words, strict=True)})
+        more, less, words = (np.array([seen[(it.more, it.less)][k] for it in suite.items]) for k in range(3))
+        return PairScores(more, less, words)
+
+    deployed = corr.fit.get("fold", {}).get("path")
+    return replace(corr, score_pairs=lambda s: parts(s, edit), before_pairs=before,
+                   utility=lambda: tu(edit), base_ppl=tu.base_ppl, engine="torch",
+                   score_deployed=None if not deployed else lambda s: _score_file(ctx, Path(deployed), s))
+
+
+def _score_file(ctx: Context, path: Path, suite: Suite) -> PairScores:
+    """The pairs as plain llama.cpp scores them on a model file (no control vector, its own weights)."""
+    frt = Runtime(path, RuntimeConfig(n_ctx=512, threads=ctx.threads))
+    try:
+        sc = BatchScorer(frt)
+        try:
+            return score_pair_parts(sc, suite)
+        finally:
+            sc.close()
+    finally:
+        frt.close()
 
 
 def combo_plan(words: FoldPlan, vec: np.ndarray) -> FoldPlan:

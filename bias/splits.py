@@ -120,6 +120,13 @@ class Correction:
     # batch-layout jitter (~0.01 nats), which a paired bootstrap over 1,000 pairs calls
     # significant: a correction that did nothing was reported as making a category worse.
     is_identity: bool = False
+    # A correction judged in its own engine (learn's torch rows): the held-out pairs and PPL
+    # before it, from that engine too, so a paired change holds the correction alone
+    before_pairs: Callable[[Any], PairScores] | None = None
+    base_ppl: float | None = None
+    engine: str = "llama.cpp"
+    # the deployed file as plain llama.cpp scores it: the held-out pct beside the engine's
+    score_deployed: Callable[[Any], PairScores] | None = None
 
     @classmethod
     def identity(cls, method: str, fit: dict[str, Any]) -> Correction:
@@ -153,6 +160,11 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
     cats = sh.categories
     before = (sh.base[0][held], sh.base[1][held])
     words = None if sh.base_words is None else sh.base_words[held]
+    base_ppl = sh.base_ppl if corr.base_ppl is None else corr.base_ppl
+    if corr.before_pairs is not None:
+        emit("stage", {"stage": f"{corr.method}: held-out pairs before it ({corr.engine})", "pairs": len(held)})
+        b = corr.before_pairs(sh.suite.subset(held.tolist()))
+        before, words = (b.more, b.less), b.words
     if corr.is_identity:
         after, words_after = before, words
     else:
@@ -169,8 +181,17 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
                             n_boot=cfg.n_boot)
         out["heldout_parts"] = {k: {c: j.to_dict() for c, j in d.items()} for k, d in parts.items()}
         out["heldout_scores"]["ll_words_diff"] = words_after.tolist()
-    ppl, kl = (sh.base_ppl, 0.0) if corr.is_identity else corr.utility()
-    out["ppl"] = {"before": sh.base_ppl, "after": ppl, "increase": ppl / sh.base_ppl - 1, "kl": kl}
+    out["engine"] = corr.engine
+    if corr.score_deployed is not None:
+        emit("stage", {"stage": f"{corr.method}: held-out pairs on the deployed file (plain llama.cpp)",
+                       "pairs": len(held)})
+        dep = corr.score_deployed(sh.suite.subset(held.tolist()))
+        pct = float(100 * np.mean(dep.more > dep.less))
+        out["deployed"] = {"pct_stereotype": pct, "engine_pct_stereotype": float(100 * np.mean(after[0] > after[1])),
+                           "difference": pct - float(100 * np.mean(after[0] > after[1])),
+                           "ll_diff": (dep.more - dep.less).tolist()}
+    ppl, kl = (base_ppl, 0.0) if corr.is_identity else corr.utility()
+    out["ppl"] = {"before": base_ppl, "after": ppl, "increase": ppl / base_ppl - 1, "kl": kl}
     if cfg.exclude_category and cfg.exclude_category in pj.per_category:
         out["kept_out"] = {"name": cfg.exclude_category,
                            **{k: j.to_dict() for k, j in pj.per_category[cfg.exclude_category].items()}}

@@ -169,6 +169,15 @@ def _deployed(res: dict[str, Any]) -> list[str]:
             fold = s["methods"].get(m, {}).get("fit", {}).get("fold")
             if fold:
                 out.append(_fold_line(s["seed"], what, fold))
+            dep = s["methods"].get(m, {}).get("deployed")
+            if dep:
+                eng = s["methods"][m].get("engine", "the engine")
+                out.append(f"Split {s['seed']} {what} GGUF in plain llama.cpp: held-out pct {dep['pct_stereotype']:.2f} "
+                           f"against {dep['engine_pct_stereotype']:.2f} in {eng} (difference "
+                           f"{dep['difference']:+.2f} points; the acceptance allows 0.5).")
+            if s["methods"].get(m, {}).get("engine", "llama.cpp") != "llama.cpp":
+                out.append(f"{what.capitalize()} held-out pairs and PPL, before and after, are scored in "
+                           f"{s['methods'][m]['engine']} on the compute weights (BBQ and generation in llama.cpp).")
     return out + [""] if out else out
 
 

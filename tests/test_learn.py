@@ -76,7 +76,7 @@ def test_an_unknown_objective_or_one_without_categories_is_refused() -> None:
     from bias.learn import learn_edit
     from edge.errors import BadOptionError
 
-    with pytest.raises(BadOptionError, match="objective must be one of pairs, means, balanced"):
+    with pytest.raises(BadOptionError, match="objective must be one of pairs, pairs-balanced, means, balanced"):
         LearnConfig(objective="mean").validate()
     with pytest.raises(BadOptionError, match="needs each pair's category"):
         learn_edit(Path("unused.gguf"), [[1, 2]], [[1, 3]], [], lambda p, n: (0.0, 0.0), 0.02,
@@ -197,6 +197,11 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     chosen = fit["rounds"][fit["chosen"]]
     assert chosen["ppl_increase"] <= 0.05 and r["ppl"]["increase"] == pytest.approx(chosen["ppl_increase"], abs=1e-9)
     assert chosen["best_step"] > 0 and chosen["train_d2"] < 1.0  # it shrank the pairs it trained on
+    # judged in torch on shared rows; the deployed file, in plain llama.cpp, scores the
+    # held-out pairs as the torch edit does
+    after = np.subtract(r["heldout_scores"]["ll_more"], r["heldout_scores"]["ll_less"])
+    assert r["engine"] == "torch" and len(r["deployed"]["ll_diff"]) == len(after) == 40
+    assert np.abs(np.asarray(r["deployed"]["ll_diff"]) - after).max() < 0.1
     # the saved edit is what the GGUF holds: torch with it applied and plain llama.cpp on
     # the file give the same pair difference
     ed = np.load(tmp_path / "rep" / "split0" / "learn_edit.npz")  # bias.learn.save_edit
@@ -295,3 +300,65 @@ def test_the_last_layer_rows_score_as_the_padded_forward_does(runtime) -> None: 
     lp_rows, _ = t_rows.neutral_lp(0, t_rows.edit)
     assert lp_rows.shape[0] == int(mask.sum())  # no padded positions
     assert float((lp_pad[mask.bool()] - lp_rows).abs().max()) < 2e-3
+
+
+def test_held_out_pairs_and_ppl_from_the_shared_rows_match_the_whole_forward(runtime) -> None:  # noqa: ANN001
+    """A split run judges the last layer's edit on rows read once (bias.learn.pair_parts,
+    TorchUtility): the same differences, rewritten-token parts, PPL and KL as the whole forward."""
+    torch = pytest.importorskip("torch")
+    from bias.audit import _sentence, rewritten_tokens
+    from bias.feedback import neutral_chunks
+    from bias.learn import TorchLlama, TorchUtility, edit_of, pair_parts
+    from edge.fold import FoldPlan, ResidualEdit
+
+    texts = [("The nurse said she would be late.", "The nurse said he would be late."),
+             ("My neighbour, who is a teacher, plays chess.", "My neighbour, who is a farmer, plays chess."),
+             ("Rain fell all day.", "Rain fell all day long over the hills.")]
+    more = [_sentence(runtime, a)[0] for a, _ in texts]
+    less = [_sentence(runtime, b)[0] for _, b in texts]
+    m = TorchLlama(runtime.path)
+    top = m.n_layers - 1
+    g = np.random.default_rng(3)
+    plan = FoldPlan({top: ResidualEdit(g.normal(0, 0.05, (576, 4)).astype(np.float32),
+                                       g.normal(0, 0.05, (576, 4)).astype(np.float32),
+                                       g.normal(0, 0.05, 576).astype(np.float32))})
+    for e in (None, edit_of(plan)):
+        a, b, words = pair_parts(m, more, less, e)
+        with torch.no_grad():
+            lm, lp_m, _ = m.seq_ll(more, e)
+            ll, lp_l, _ = m.seq_ll(less, e)
+        np.testing.assert_allclose(a - b, (lm - ll).numpy(), atol=2e-3)
+        for i in range(len(texts)):
+            ia, ib = rewritten_tokens(more[i][1:], less[i][1:])
+            w = (sum(float(lp_m[i, j, more[i][j + 1]]) for j in ia) - sum(float(lp_l[i, j, less[i][j + 1]]) for j in ib))
+            assert words[i] == pytest.approx(w, abs=2e-3)
+    assert np.abs(pair_parts(m, more, less, edit_of(plan))[0] - pair_parts(m, more, less)[0]).max() > 0.05
+
+    chunks = [c[:40] for c in neutral_chunks(runtime, 2, 64)]
+    u = TorchUtility(m, chunks)
+    with torch.no_grad():
+        s0, lp0, mask = m.seq_ll(chunks)
+        s1, lp1, _ = m.seq_ll(chunks, edit_of(plan))
+    n = float(mask.sum())
+    assert u.base_ppl == pytest.approx(float(np.exp(-float(s0.sum()) / n)), rel=1e-4)
+    ppl, kl = u(edit_of(plan))
+    assert ppl == pytest.approx(float(np.exp(-float(s1.sum()) / n)), rel=1e-4) and ppl != pytest.approx(u.base_ppl, rel=1e-4)
+    assert kl == pytest.approx(float((lp0.exp() * (lp0 - lp1)).sum(-1).sum() / n), rel=1e-3) and kl > 0
+    assert u(None) == (pytest.approx(u.base_ppl, rel=1e-6), pytest.approx(0.0, abs=1e-7))
+
+
+def test_pairs_balanced_weighs_every_category_alike_and_its_batches_estimate_that() -> None:
+    from bias.learn import balanced_weights
+
+    rng = np.random.default_rng(1)
+    groups = np.array(["race"] * 60 + ["age"] * 6 + ["religion"] * 3)
+    d = np.concatenate([rng.normal(0, 1, 60), rng.normal(3, 1, 6), rng.normal(-2, 1, 3)])
+    target = np.mean([np.mean(d[groups == g] ** 2) for g in ("race", "age", "religion")])
+    assert balanced_weights(groups) @ d ** 2 == pytest.approx(target)
+    assert target > 2 * np.mean(d ** 2)  # the small categories' large differences count for a third each
+    # Trainer.draw's batches: the same number from each category (all of a smaller one)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    est = [balanced_weights(groups[j]) @ d[j] ** 2 for j in
+           (np.concatenate([rng.choice(ix, min(4, len(ix)), replace=False) for ix in members]) for _ in range(4000))]
+    assert np.mean(est) == pytest.approx(target, rel=0.03)
+    assert LearnConfig.for_objective("pairs-balanced").rounds == LearnConfig().rounds  # the budget loop, as pairs

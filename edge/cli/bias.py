@@ -133,12 +133,13 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                    "after its rewrite and removed from what layers 1.. write: the association the "
                    "CrowS-Pairs authors count), or several comma-separated; the loop keeps "
                    "the one with the least bias left within the PPL budget ('both': head,stream).")
-@click.option("--learn-objective", type=click.Choice(["pairs", "means", "balanced"]), default="pairs",
-              show_default=True,
-              help="What learn drives to 0 on the calibration pairs: every pair's difference (pairs), each "
-                   "category's mean difference weighted by its pairs (means) or with every category alike "
-                   "(balanced: the figure the per-category judgement reads). The category objectives run one "
-                   "round at a cosine rate and keep its last step.")
+@click.option("--learn-objective", type=click.Choice(["pairs", "pairs-balanced", "means", "balanced"]),
+              default="pairs", show_default=True,
+              help="What learn drives to 0 on the calibration pairs: every pair's difference (pairs; "
+                   "pairs-balanced weights every category alike), each category's mean difference weighted by "
+                   "its pairs (means) or with every category alike (balanced: the figure the per-category "
+                   "judgement reads). The category-mean objectives run one round at a cosine rate and keep its "
+                   "last step.")
 @click.option("--learn-layers", type=click.IntRange(1), default=1, show_default=True, metavar="N",
               help="learn edits the top N layers' writes. Measured on the bundled model over 5 splits, "
                    "the last layer alone generalised better than the upper half (15) with either "
