@@ -186,9 +186,8 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
         emit("stage", {"stage": f"{corr.method}: held-out pairs on the deployed file (plain llama.cpp)",
                        "pairs": len(held)})
         dep = corr.score_deployed(sh.suite.subset(held.tolist()))
-        pct = float(100 * np.mean(dep.more > dep.less))
-        out["deployed"] = {"pct_stereotype": pct, "engine_pct_stereotype": float(100 * np.mean(after[0] > after[1])),
-                           "difference": pct - float(100 * np.mean(after[0] > after[1])),
+        pct, eng = (float(100 * np.mean(a > b)) for a, b in ((dep.more, dep.less), after))
+        out["deployed"] = {"pct_stereotype": pct, "engine_pct_stereotype": eng, "difference": pct - eng,
                            "ll_diff": (dep.more - dep.less).tolist()}
     ppl, kl = (base_ppl, 0.0) if corr.is_identity else corr.utility()
     out["ppl"] = {"before": base_ppl, "after": ppl, "increase": ppl / base_ppl - 1, "kl": kl}
