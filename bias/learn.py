@@ -205,20 +205,26 @@ def import_torch() -> Any:
     return torch
 
 
-def check_memory(path: Path, available: int | None = None) -> int:
-    """Bytes the float32 torch copy needs; raise if this machine cannot hold it."""
+def check_memory(path: Path, available: int | None = None, rows: int = 0) -> int:
+    """Bytes the float32 torch copy needs, with `rows` positions' last-layer inputs kept (a
+    split run's every pair: 2 × n_embd floats each, ~2 GB for CrowS on Llama-2-7B); raise if
+    this machine cannot hold it."""
     from gguf import GGUFReader
 
     from edge.memory.fit import MemorySnapshot
 
-    n = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
-    need = 4 * n + (512 << 20)  # the weights in float32, and activations and gradients
+    tensors = GGUFReader(str(path)).tensors
+    n = sum(int(t.n_elements) for t in tensors)
+    n_embd = next((int(t.shape[0]) for t in tensors if t.name == "token_embd.weight"), 0)
+    need = 4 * n + (512 << 20) + 8 * n_embd * rows  # weights, activations and gradients, kept rows
     snap = MemorySnapshot.read()
     avail = snap.available - snap.margin if available is None else available
     if snap.readable and need > avail:
+        kept = " with its pairs' last-layer inputs" if rows else ""
         raise InsufficientMemoryError(
-            f"--method learn holds the model in float32 to fit the edit: {need / 2**30:.1f} GiB, and this machine "
-            f"has {avail / 2**30:.1f} GiB available; fit on a larger machine and copy the GGUF it writes")
+            f"--method learn holds the model in float32 to fit the edit{kept}: "
+            f"{need / 2**30:.1f} GiB, and this machine has {avail / 2**30:.1f} GiB available; fit on a larger "
+            "machine and copy the GGUF it writes")
     return need
 
 

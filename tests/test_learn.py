@@ -171,6 +171,8 @@ def test_a_model_too_large_for_memory_is_refused_with_what_it_needs(tmp_path: Pa
     with pytest.raises(InsufficientMemoryError, match="GiB.*larger machine"):
         check_memory(path, available=100 << 20)
     assert check_memory(path, available=64 << 30) > 4 * 100e6  # 4 bytes a parameter, and more
+    # a split run's kept last-layer inputs: 2 × n_embd (576) float32 a position
+    assert check_memory(path, available=64 << 30, rows=1000) - check_memory(path, available=64 << 30) == 8 * 576 * 1000
 
 
 @pytest.mark.slow
