@@ -623,14 +623,14 @@ def pair_parts(m: TorchLlama, more: list[list[int]], less: list[list[int]],
     from bias.audit import rewritten_tokens
 
     first = [parted_at(a, b) for a, b in zip(more, less, strict=True)]
+    changed = [rewritten_tokens(a[1:], b[1:]) for a, b in zip(more, less, strict=True)]
     sums, words = [], np.zeros(len(more))
     for side, seqs in enumerate((more, less)):
         r = m.rows(seqs, first)
         ll = m.row_ll(r, edit)
         sums.append(np.array([ll[a:b].sum() for a, b in zip(r.offsets[:-1], r.offsets[1:], strict=True)]))
-        for i, (a, b) in enumerate(zip(more, less, strict=True)):
-            changed = rewritten_tokens(a[1:], b[1:])[side]  # token j after BOS is the row j − first
-            k = np.asarray(changed, dtype=int) - first[i]
+        for i, f in enumerate(first):
+            k = np.asarray(changed[i][side], dtype=int) - f  # token j after BOS is the row j − first
             words[i] += (1 if side == 0 else -1) * ll[r.offsets[i] + k[k >= 0]].sum()
     return sums[0], sums[1], words
 

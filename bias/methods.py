@@ -345,14 +345,17 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
         from bias.audit import _sentence
         from bias.learn import TorchLlama, TorchUtility, check_memory
 
-        used = sorted({int(i) for s in range(ctx.cfg.n_splits) for part in ctx.cfg.rows(ctx.shared.suite, s)
-                       for i in part})
-        seqs = [_sentence(ctx.rt, t)[0] for i in used for t in (ctx.shared.suite.items[i].more,
-                                                                ctx.shared.suite.items[i].less)]
         L = ctx.rt.info.n_layers or 0
-        check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs) if ctx.learn.start(L) == L - 1 else 0)
+        last = ctx.learn.start(L) == L - 1  # deeper edits read streams per split instead
+        seqs: list[list[int]] = []
+        if last:
+            used = sorted({int(i) for s in range(ctx.cfg.n_splits) for part in ctx.cfg.rows(ctx.shared.suite, s)
+                           for i in part})
+            seqs = [_sentence(ctx.rt, t)[0] for i in used for t in (ctx.shared.suite.items[i].more,
+                                                                    ctx.shared.suite.items[i].less)]
+        check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs))
         m = TorchLlama(ctx.compute_path)
-        if ctx.learn.start(m.n_layers) == m.n_layers - 1:
+        if last:
             ctx.emit("stage", {"stage": "learn: every pair's last-layer inputs", "sentences": len(seqs)})
             m.read_rows(seqs)
             ctx.cache["torch_utility"] = TorchUtility(m, ctx.shared.neutral)
