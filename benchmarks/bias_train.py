@@ -84,8 +84,9 @@ def main() -> None:
                   f"train / val d²) " + ", ".join(f"{r['beta']:.3g}: {100 * r['ppl_increase']:+.2f}%, "
                                                  f"{r['train_d2']:.3f} / {r['val_d2']:.3f}" for r in fit["rounds"])
                   + f"\n{heldout_report(ctx, cfg, held, ps, bp)}", flush=True)
-            if args.bbq and sh.bbq is not None and sh.bbq_base is not None:
-                bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(corr.score_bbq(sh.bbq)))
+            bbq_before = sh.bbq_base if corr.before_bbq is None or sh.bbq is None else corr.before_bbq(sh.bbq)
+            if args.bbq and sh.bbq is not None and bbq_before is not None:
+                bj = judge_bbq(sh.bbq_flags(bbq_before), sh.bbq_flags(corr.score_bbq(sh.bbq)))
                 x, y = bj["acc_dis"].change, bj["s_amb"]
                 print(f"BBQ ({len(sh.bbq.items)} items): disambiguated accuracy change {100 * x.value:+.2f} "
                       f"[{100 * x.lo:+.2f}, {100 * x.hi:+.2f}] points; s_AMB {y.before.value:+.3f} → "

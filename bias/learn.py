@@ -254,28 +254,32 @@ class TorchLlama:
         torch = import_torch()
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * g
 
-    def _rope(self, x: Any) -> Any:  # adjacent pairs, as llama.cpp's NORM rope
+    def _rope(self, x: Any, pos: Any = None) -> Any:  # adjacent pairs, as llama.cpp's NORM rope
         torch = import_torch()
         n_rot = 2 * len(self.inv)
-        ang = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * self.inv[None, :]
-        cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+        if pos is None:
+            pos = torch.arange(x.shape[1])[None]
+        ang = pos[..., None].to(torch.float32) * self.inv  # (B or 1, T, n_rot / 2)
+        cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
         x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
         r = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
         return torch.cat((r, x[..., n_rot:]), dim=-1)
 
-    def attention(self, il: int, x: Any) -> Any:
-        """What layer il's attention writes, unedited, for streams x (B, T, D) entering it."""
+    def attention(self, il: int, x: Any, pos: Any = None, mask: Any = None) -> Any:
+        """What layer il's attention writes, unedited, for streams x (B, T, D) entering it:
+        causal, or as `mask` (B, 1, T, T) allows with rope positions `pos` (B, T)."""
         torch = import_torch()
         a = self.args
         B, T, _ = x.shape
         hd, g = a.head_dim, a.n_head // a.n_head_kv
         wt, an, _ = self.layers[il]
         h = self._norm(x, an)
-        q = self._rope((h @ wt["q"]).view(B, T, a.n_head, hd))
-        k = self._rope((h @ wt["k"]).view(B, T, a.n_head_kv, hd)).repeat_interleave(g, dim=2)
+        q = self._rope((h @ wt["q"]).view(B, T, a.n_head, hd), pos)
+        k = self._rope((h @ wt["k"]).view(B, T, a.n_head_kv, hd), pos).repeat_interleave(g, dim=2)
         v = (h @ wt["v"]).view(B, T, a.n_head_kv, hd).repeat_interleave(g, dim=2)
         att = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                               v.transpose(1, 2), is_causal=True)
+                                                               v.transpose(1, 2), attn_mask=mask,
+                                                               is_causal=mask is None)
         return att.transpose(1, 2).reshape(B, T, a.n_embd) @ wt["o"]
 
     def finish(self, il: int, x: Any, wa: Any, edit: Any = None) -> Any:
@@ -291,7 +295,8 @@ class TorchLlama:
     def logprobs(self, x: Any) -> Any:
         return import_torch().log_softmax(self._norm(x, self.onorm) @ self.out.T, dim=-1)
 
-    def forward(self, toks: Any, edit: Any = None, x0: Any = None, start: int = 0, stop: int | None = None) -> Any:
+    def forward(self, toks: Any, edit: Any = None, x0: Any = None, start: int = 0, stop: int | None = None,
+                pos: Any = None, mask: Any = None) -> Any:
         """Log-probs of every next token, from the stream `x0` entering layer `start` when
         given; with `stop`, the stream entering that layer instead. `edit(il, w, down)`
         changes what layer il's attention (down False) or MLP (down True) writes."""
@@ -299,7 +304,7 @@ class TorchLlama:
         for il in range(start, self.n_layers):
             if il == stop:
                 return x
-            x = self.finish(il, x, self.attention(il, x), edit)
+            x = self.finish(il, x, self.attention(il, x, pos, mask), edit)
         return self.logprobs(x)
 
     def streams(self, seqs: list[list[int]], stop: int, n: int = 16) -> list[Any]:
@@ -347,6 +352,39 @@ class TorchLlama:
                     t = len(new[i]) - 1
                     self._rows[tuple(new[i])] = (x[b, :t].clone(), wa[b, :t].clone())
         return len(new)
+
+    def answer_rows(self, reqs: list[tuple[list[int], int]], n: int = 8) -> Rows:
+        """The last layer's Rows of scoring requests (tokens, first scored position): request
+        i's rows predict its tokens first .. end. Requests that follow each other with the
+        same tokens before `first` (a BBQ item's three answers) are read as one sequence, the
+        shared context once and each continuation after it attending to the context and to
+        itself at the positions it would have alone, so the context is not read thrice."""
+        torch = import_torch()
+        groups: list[list[int]] = []
+        for i, (t, f) in enumerate(reqs):
+            if groups and reqs[groups[-1][0]][1] == f and reqs[groups[-1][0]][0][:f] == t[:f]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        got: list[Any] = [None] * len(reqs)
+        il = self.n_layers - 1
+        packed = [_pack([reqs[i] for i in g]) for g in groups]
+        with torch.no_grad():
+            for ix in by_length([p[0] for p in packed], n):
+                toks, pos, mask = _packed_batch([packed[k] for k in ix])
+                x = self.forward(toks, stop=il, pos=pos, mask=mask)
+                wa = self.attention(il, x, pos, mask)
+                for b, k in enumerate(ix):
+                    for i, at in zip(groups[k], packed[k][2], strict=True):
+                        t, f = reqs[i]
+                        got[i] = (x[b, at], wa[b, at], torch.tensor(t[f:], dtype=torch.long))
+        return Rows(*(torch.cat([g[k] for g in got]) for k in range(3)),
+                    np.concatenate([[0], np.cumsum([len(g[2]) for g in got])]))
+
+    def row_sums(self, r: Rows, edit: Any = None) -> np.ndarray:
+        """Each sequence's summed log-likelihood over its rows."""
+        ll = self.row_ll(r, edit)
+        return np.add.reduceat(ll, r.offsets[:-1]) if len(ll) else np.zeros(len(r.offsets) - 1)
 
     def row_ll(self, r: Rows, edit: Any = None, n: int = 32) -> np.ndarray:
         """Every row's log-probability of its next token (float64), n sequences at a time."""
@@ -402,6 +440,43 @@ def by_length(seqs: list[list[int]], n: int) -> list[list[int]]:
     sentences in batches of 16: 44% of the positions were padding in their own order, 3% sorted)."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     return [order[i:i + n] for i in range(0, len(order), n)]
+
+
+def _pack(reqs: list[tuple[list[int], int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """Requests sharing their tokens before `first` as one sequence: (tokens, rope positions,
+    each request's row positions: the context's last, then its own but its last)."""
+    t0, f = reqs[0]
+    toks, pos, at = list(t0[:f]), list(range(f)), []
+    for t, _ in reqs:
+        if not 0 < f < len(t):
+            raise ValueError(f"a scoring request needs tokens before and after position {f}")
+        at.append([f - 1, *range(len(toks), len(toks) + len(t) - f - 1)])
+        toks += t[f:]
+        pos += range(f, len(t))
+    return toks, pos, at
+
+
+def _packed_batch(packs: list[tuple[list[int], list[int], list[list[int]]]]) -> tuple[Any, Any, Any]:
+    """Right-padded tokens, positions and the attention mask (B, 1, T, T) of packed
+    sequences: the context causal, each continuation sees the context and itself causally;
+    a padding row sees position 0 alone (softmax needs one key; nothing reads the row)."""
+    torch = import_torch()
+    T = max(len(p[0]) for p in packs)
+    toks = torch.zeros((len(packs), T), dtype=torch.long)
+    pos = torch.zeros((len(packs), T), dtype=torch.long)
+    mask = torch.zeros((len(packs), 1, T, T), dtype=torch.bool)
+    mask[:, 0, :, 0] = True
+    for b, (tk, ps, at) in enumerate(packs):
+        toks[b, : len(tk)], pos[b, : len(ps)] = torch.tensor(tk), torch.tensor(ps)
+        f = at[0][0] + 1  # the context's length
+        mask[b, 0, :f, :f] = torch.ones((f, f), dtype=torch.bool).tril()
+        a = f
+        for rows in at:
+            m = len(rows)  # the continuation's length: its rows are the context's last and m − 1 own
+            mask[b, 0, a:a + m, :f] = True
+            mask[b, 0, a:a + m, a:a + m] = torch.ones((m, m), dtype=torch.bool).tril()
+            a += m
+    return toks, pos, mask
 
 
 def _pad(xs: list[Any]) -> Any:

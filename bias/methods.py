@@ -32,7 +32,14 @@ from bias.ablate import (
     make_plan,
     run_ablate_loop,
 )
-from bias.audit import PairScores, open_scorer, score_bbq, score_pair_parts, score_pairs
+from bias.audit import (
+    PairScores,
+    bbq_requests,
+    open_scorer,
+    score_bbq,
+    score_pair_parts,
+    score_pairs,
+)
 from bias.feedback import LoopConfig, run_loop
 from bias.gate import (
     GateConfig,
@@ -48,7 +55,7 @@ from bias.learn import LearnConfig, import_torch, learn_edit, save_edit
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.shared import Shared, compute_shared, read_shared_positions
-from bias.splits import Correction, SplitsConfig, SplitsResult, run_splits
+from bias.splits import BBQ_ITEMS, Correction, SplitsConfig, SplitsResult, run_splits
 from bias.steering import compute_directions as steering_directions
 from bias.suites import Suite, load_suite
 from edge.cvec import write as write_cvec
@@ -348,19 +355,48 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
         L = ctx.rt.info.n_layers or 0
         last = ctx.learn.start(L) == L - 1  # deeper edits read streams per split instead
         seqs: list[list[int]] = []
+        bbq = ctx.shared.bbq if last else None
+        reqs = bbq_requests(ctx.rt, bbq) if bbq is not None else []
         if last:
             used = sorted({int(i) for s in range(ctx.cfg.n_splits) for part in ctx.cfg.rows(ctx.shared.suite, s)
                            for i in part})
             seqs = [_sentence(ctx.rt, t)[0] for i in used for t in (ctx.shared.suite.items[i].more,
                                                                     ctx.shared.suite.items[i].less)]
-        check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs))
+        check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs) + sum(len(t) - f for t, f in reqs))
         m = TorchLlama(ctx.compute_path)
         if last:
             ctx.emit("stage", {"stage": "learn: every pair's last-layer inputs", "sentences": len(seqs)})
             m.read_rows(seqs)
             ctx.cache["torch_utility"] = TorchUtility(m, ctx.shared.neutral)
+        if reqs:
+            ctx.emit("stage", {"stage": "learn: BBQ answers' last-layer inputs", "items": len(reqs) // 3})
+            rows = m.answer_rows(reqs)
+            ctx.cache["torch_bbq"] = (rows, m.row_sums(rows).reshape(-1, 3))
         ctx.cache["torch"] = m
     return ctx.cache["torch"], ctx.cache.get("torch_utility")
+
+
+def _torch_bbq(ctx: Context) -> dict[str, Any]:
+    """Correction fields that judge BBQ on its answers' kept last-layer rows (fit_learn's
+    edit), before from the same rows: {} when the run keeps none."""
+    if "torch_bbq" not in ctx.cache:
+        return {}
+    rows, before = ctx.cache["torch_bbq"]
+    m = ctx.cache["torch"]
+
+    def check(s: Suite) -> None:
+        if s is not ctx.shared.bbq:
+            raise ValueError("the kept BBQ rows are the run's own sample; score another suite in llama.cpp")
+
+    def after(s: Suite, e: Any) -> np.ndarray:
+        check(s)
+        return m.row_sums(rows, e).reshape(-1, 3)
+
+    def unedited(s: Suite) -> np.ndarray:
+        check(s)
+        return before
+
+    return {"before_bbq": unedited, "score_bbq": after}
 
 
 def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
@@ -401,10 +437,12 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
                      reference=sh.base[0][cal] - sh.base[1][cal], emit=ctx.emit,
                      augment=augment if ctx.learn.swaps else None, groups=[it.category for it in items], model=m)
     fit: dict[str, Any] = {"config": asdict(ctx.learn), **res.to_dict()}
+    tb = _torch_bbq(ctx)
     if res.plan is None:  # no round within budget: the uncorrected model, as measured
         folded.close()
         folded.path.unlink(missing_ok=True)
-        return Correction.identity("learn", fit)
+        ident = Correction.identity("learn", fit)
+        return replace(ident, before_bbq=tb["before_bbq"]) if tb else ident
     note = res.notes[res.chosen]
     sc = folded.scorer if loaded[0] is res.plan else folded.load_plan(res.plan, note)
     assert sc is not None
@@ -429,7 +467,8 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         return PairScores(more, less, words)
 
     deployed = corr.fit.get("fold", {}).get("path")
-    return replace(corr, score_pairs=lambda s: parts(s, edit), before_pairs=before,
+    bbq = {"before_bbq": tb["before_bbq"], "score_bbq": lambda s: tb["score_bbq"](s, edit)} if tb else {}
+    return replace(corr, score_pairs=lambda s: parts(s, edit), before_pairs=before, **bbq,
                    utility=lambda: tu(edit), base_ppl=tu.base_ppl, engine="torch",
                    score_deployed=None if not deployed else lambda s: _score_file(ctx, Path(deployed), s))
 
@@ -496,10 +535,10 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
 
 
 def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
-                 ablate: AblateConfig, gate: GateConfig, emit: Event) -> Context:
+                 ablate: AblateConfig, gate: GateConfig, emit: Event, bbq_scored: bool = True) -> Context:
     """The shared work of a split run (from out_dir's cache when it holds it) and the
     context every fitter reads: states only for rows some split calibrates on, scores only
-    for rows some split uses."""
+    for rows some split uses; BBQ scored in llama.cpp unless every method judges it in its own engine."""
     compute = Path(scorer.compute.get("path", rt.path))
     rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
     # only learn runs alone: it reads no pair states
@@ -508,7 +547,8 @@ def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | 
     sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
                         bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
                         probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
-                        state_rows=cal_rows, score_rows=used, on_event=emit, cache_dir=Path(out_dir))
+                        state_rows=cal_rows, score_rows=used, on_event=emit, cache_dir=Path(out_dir),
+                        bbq_scored=bbq_scored)
     return Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit, gate,
                    out_dir=Path(out_dir))
 
@@ -523,7 +563,11 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
     scorer = None
     try:
         scorer = open_scorer(rt, precision)
-        ctx = open_context(rt, scorer, suite, out_dir, cfg, ablate, gate, emit)
+        L = rt.info.n_layers or 0
+        # learn alone, editing the last layer alone: BBQ judged in torch (fit_learn), none in llama.cpp
+        engine = "torch" if set(cfg.methods) == {"learn"} and L and learn.start(L) == L - 1 else "llama.cpp"
+        cfg = replace(cfg, bbq_per_condition=cfg.bbq_per_condition or BBQ_ITEMS[engine])
+        ctx = open_context(rt, scorer, suite, out_dir, cfg, ablate, gate, emit, bbq_scored=engine == "llama.cpp")
         ctx.learn = learn
         info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate), "gate_config": asdict(gate),
                 "learn_config": asdict(learn),

@@ -186,12 +186,14 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
                    threads: int, bbq_spec: str | None, bbq_per_condition: int,
                    probes_spec: str | None, repeat: RepeatConfig | None, seed: int = 0,
                    state_rows: np.ndarray | None = None, score_rows: np.ndarray | None = None,
-                   on_event: Event | None = None, cache_dir: Path | None = None) -> Shared:
+                   on_event: Event | None = None, cache_dir: Path | None = None, bbq_scored: bool = True) -> Shared:
     """Score the uncorrected model once on everything the splits will need. With
     `cache_dir`, what was computed is kept there (shared.npz, shared.json) and reused by a
     rerun with the same model, suite and settings: a run stopped or crashed after the
     shared work restarts at its splits. An empty `state_rows` reads no pair states (3 minutes
-    on the bundled model that `learn` does not need), and any cache with them serves it."""
+    on the bundled model that `learn` does not need), and any cache with them serves it.
+    `bbq_scored` False samples the BBQ items but scores none (a run that judges BBQ in its
+    own engine)."""
     emit = on_event or (lambda kind, data: None)
     key = {"model": str(rt.path), "states_model": states_model, "suite": suite.source,
            "rows": [it.row for it in suite.items],
@@ -219,7 +221,7 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
             sh.bbq = bbq_sample(bbq_spec, bbq_per_condition, seed)
             if cached["bbq_key"] == bbq_key and cached["bbq_base"] is not None:
                 sh.bbq_base = cached["bbq_base"]
-            else:
+            elif bbq_scored:
                 emit("stage", {"stage": "uncorrected BBQ", "items": len(sh.bbq.items)})
                 sh.bbq_base = score_bbq(scorer, sh.bbq)
                 stale = True
@@ -234,8 +236,9 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
     sh = Shared(suite, (base[0], base[1]), states, neutral, utility, base_ppl, base_words=words)
     if bbq_spec:
         sh.bbq = bbq_sample(bbq_spec, bbq_per_condition, seed)
-        emit("stage", {"stage": "uncorrected BBQ", "items": len(sh.bbq.items)})
-        sh.bbq_base = score_bbq(scorer, sh.bbq)
+        if bbq_scored:
+            emit("stage", {"stage": "uncorrected BBQ", "items": len(sh.bbq.items)})
+            sh.bbq_base = score_bbq(scorer, sh.bbq)
     if probes_spec and repeat is not None:
         sh.probes, sh.repeat = load_suite(probes_spec), repeat
         emit("stage", {"stage": "uncorrected generation", "prompts": len(sh.probes.items)})

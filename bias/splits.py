@@ -31,6 +31,11 @@ from edge.paths import atomic_write
 
 Event = Callable[[str, dict[str, Any]], None]
 METHODS = ("steer", "ablate", "gate", "combo", "learn")
+# BBQ items per condition by where a run judges BBQ. In llama.cpp each split scores them
+# again (~0.24 s an item here): 120 keeps 5 splits in the hour but resolves a change in
+# disambiguated accuracy to ±5-8 points only. learn's last-layer edit is judged in torch on
+# the answers' rows read once a run (~0.15 s an item, then ~3 s a split for all of them).
+BBQ_ITEMS = {"llama.cpp": 120, "torch": 500}
 
 
 @dataclass
@@ -42,7 +47,9 @@ class SplitsConfig:
     methods: tuple[str, ...] = ("steer", "ablate")  # --method both
     max_ppl_increase: float = 0.02
     bbq_spec: str | None = None
-    bbq_per_condition: int = 120  # ambiguous items, and as many disambiguated (all splits share them)
+    # ambiguous items, and as many disambiguated (all splits share them); None: BBQ_ITEMS by
+    # where the run judges BBQ (bias.methods resolves it)
+    bbq_per_condition: int | None = None
     probes_spec: str | None = "probes"
     repeat: int = 3
     temp: float = 0.8
@@ -127,6 +134,8 @@ class Correction:
     engine: str = "llama.cpp"
     # the deployed file as plain llama.cpp scores it: the held-out pct beside the engine's
     score_deployed: Callable[[Any], PairScores] | None = None
+    # BBQ's answers before the correction in its own engine (None: the shared llama.cpp scores)
+    before_bbq: Callable[[Any], np.ndarray] | None = None
 
     @classmethod
     def identity(cls, method: str, fit: dict[str, Any]) -> Correction:
@@ -194,11 +203,12 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
     if cfg.exclude_category and cfg.exclude_category in pj.per_category:
         out["kept_out"] = {"name": cfg.exclude_category,
                            **{k: j.to_dict() for k, j in pj.per_category[cfg.exclude_category].items()}}
-    if sh.bbq is not None and sh.bbq_base is not None:
+    bbq_before = sh.bbq_base if corr.before_bbq is None or sh.bbq is None else corr.before_bbq(sh.bbq)
+    if sh.bbq is not None and bbq_before is not None:
         if not corr.is_identity:
             emit("stage", {"stage": f"{corr.method}: BBQ", "items": len(sh.bbq.items)})
-        bbq_after = sh.bbq_base if corr.is_identity else corr.score_bbq(sh.bbq)
-        bj = judge_bbq(sh.bbq_flags(sh.bbq_base), sh.bbq_flags(bbq_after), n_boot=cfg.n_boot)
+        bbq_after = bbq_before if corr.is_identity else corr.score_bbq(sh.bbq)
+        bj = judge_bbq(sh.bbq_flags(bbq_before), sh.bbq_flags(bbq_after), n_boot=cfg.n_boot)
         out["bbq"] = {k: j.to_dict() for k, j in bj.items()}
     if generation and sh.probes is not None and sh.gen_base is not None and sh.repeat is not None:
         if not corr.is_identity:

@@ -23,6 +23,7 @@ from bias.learn import (
 )
 from edge.cli import cli
 from edge.errors import InsufficientMemoryError
+from tests.conftest import SHARED_DATA
 
 
 def _round(r: int, beta: float, rise: float, val: float = 0.5) -> LearnRound:
@@ -185,8 +186,10 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     from bias.splits import SplitsConfig
 
     out = tmp_path / "fair.gguf"
+    bbq = SHARED_DATA / "bbq"
     cfg = SplitsConfig(n_splits=1, methods=("learn",), repeat=0, probes_spec=None, calib_limit=40,
-                       heldout_limit=40, output=str(out), max_ppl_increase=0.05, weights="F16")
+                       heldout_limit=40, output=str(out), max_ppl_increase=0.05, weights="F16",
+                       bbq_spec=f"bbq:{bbq}" if bbq.exists() else None, bbq_per_condition=4)
     learn = LearnConfig(steps=6, more_steps=4, rounds=2, eval_every=3, pairs=8, neutral_windows=16, lr=1e-2)
     res = mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, learn=learn, threads=2)
     r = res.to_dict()["splits"][0]["methods"]["learn"]
@@ -204,6 +207,10 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     after = np.subtract(r["heldout_scores"]["ll_more"], r["heldout_scores"]["ll_less"])
     assert r["engine"] == "torch" and len(r["deployed"]["ll_diff"]) == len(after) == 40
     assert np.abs(np.asarray(r["deployed"]["ll_diff"]) - after).max() < 0.1
+    if bbq.exists():  # BBQ judged on the answers' torch rows alone: llama.cpp scored none of it
+        assert 0 <= r["bbq"]["acc_dis"]["before"]["value"] <= 1 and "s_amb" in r["bbq"]
+        with np.load(tmp_path / "rep" / "shared.npz") as z:
+            assert "bbq_base" not in z.files
     # the saved edit is what the GGUF holds: torch with it applied and plain llama.cpp on
     # the file give the same pair difference
     ed = np.load(tmp_path / "rep" / "split0" / "learn_edit.npz")  # bias.learn.save_edit
@@ -347,6 +354,37 @@ def test_held_out_pairs_and_ppl_from_the_shared_rows_match_the_whole_forward(run
     assert ppl == pytest.approx(float(np.exp(-float(s1.sum()) / n)), rel=1e-4) and ppl != pytest.approx(u.base_ppl, rel=1e-4)
     assert kl == pytest.approx(float((lp0.exp() * (lp0 - lp1)).sum(-1).sum() / n), rel=1e-3) and kl > 0
     assert u(None) == (pytest.approx(u.base_ppl, rel=1e-6), pytest.approx(0.0, abs=1e-7))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "bbq").exists(), reason="needs ../shared/data/bbq")
+def test_bbq_answers_read_once_with_their_shared_context_score_as_each_whole_request(runtime) -> None:  # noqa: ANN001
+    """A split run judges learn's edit on BBQ from rows read once (TorchLlama.answer_rows): an
+    item's three answers packed after one copy of its context score as each request alone."""
+    torch = pytest.importorskip("torch")
+    from bias.audit import bbq_requests
+    from bias.learn import TorchLlama, edit_of
+    from bias.shared import bbq_sample
+    from edge.fold import FoldPlan, ResidualEdit
+
+    reqs = bbq_requests(runtime, bbq_sample(f"bbq:{SHARED_DATA / 'bbq'}", 4, 0))  # 8 items (one a file and condition)
+    reqs.append(([1, 504, 1148, 28], 2))  # a request whose context no other shares
+    m = TorchLlama(runtime.path)
+    top = m.n_layers - 1
+    g = np.random.default_rng(5)
+    plan = FoldPlan({top: ResidualEdit(g.normal(0, 0.05, (576, 4)).astype(np.float32),
+                                       g.normal(0, 0.05, (576, 4)).astype(np.float32),
+                                       g.normal(0, 0.05, 576).astype(np.float32))})
+    rows = m.answer_rows(reqs, n=3)
+    assert len(rows.offsets) == len(reqs) + 1 and rows.offsets[-1] == sum(len(t) - f for t, f in reqs)
+    got = [m.row_sums(rows, edit_of(e)) for e in (None, plan)]
+    for e, packed in zip((None, plan), got, strict=True):
+        with torch.no_grad():
+            whole = [float(m.forward(torch.tensor([t]), edit_of(e))[0, f - 1:-1].gather(-1, torch.tensor(t[f:])[:, None]).sum())
+                     for t, f in reqs]
+        np.testing.assert_allclose(packed, whole, atol=2e-3)
+    assert np.abs(got[1] - got[0]).max() > 0.05  # the edit reaches the answers
+    with pytest.raises(ValueError, match="tokens before and after"):
+        m.answer_rows([([1, 504], 2)])
 
 
 def test_pairs_balanced_weighs_every_category_alike_and_its_batches_estimate_that() -> None:

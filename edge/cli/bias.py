@@ -169,10 +169,12 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @click.option("--heldout-limit", type=click.IntRange(1), default=None, help="Cap the held-out pairs.")
 @click.option("--bbq", "bbq_spec", default=None, metavar="bbq[:PATH]",
               help="Also judge BBQ: disambiguated accuracy (and with --splits the ambiguous bias score).")
-@click.option("--bbq-items", type=click.IntRange(4), default=120, show_default=True,
+@click.option("--bbq-items", type=click.IntRange(4), default=None,
               help="With --splits: BBQ items per condition (as many ambiguous as disambiguated, "
-                   "spread over the category files). At 120 a change in disambiguated accuracy is "
-                   "resolved to about ±5 points; ~4× the items halves that.")
+                   "spread over the category files). Default 500 for --method learn, judged in torch "
+                   "on the answers' rows read once a run (~2.5 min, then seconds a split); 120 for "
+                   "methods scored in llama.cpp every split, where a change in disambiguated accuracy "
+                   "is then resolved to about ±5 points (~4× the items halves that).")
 @click.option("--second-suite", default="probes", show_default=True, metavar="NAME[:PATH]",
               help="Without --splits: a second pair suite judged before/after.")
 @click.option("--repeat", type=click.IntRange(0), default=3, show_default=True,
@@ -259,7 +261,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                      max_ppl_increase: float | None,
                      max_iter: int | None, n_blocks: int | None, as_json: bool, *, model: str | None,
                      suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
-                     bbq_spec: str | None, bbq_items: int, repeat: int, temp: float, seed: int, out_dir: str,
+                     bbq_spec: str | None, bbq_items: int | None, repeat: int, temp: float, seed: int, out_dir: str,
                      calib_limit: int | None, heldout_limit: int | None, precision: str,
                      threads: int | None, ablate_objective: str = "sentence", learn_objective: str = "pairs",
                      learn_layers: int = 1, **unused: Any) -> None:
