@@ -74,7 +74,8 @@ def open_run(out: Path, threads: int) -> tuple[Any, Any, Any, Any]:
     from bias.ablate import AblateConfig
     from bias.audit import open_scorer
     from bias.gate import GateConfig
-    from bias.methods import open_context
+    from bias.learn import LearnConfig
+    from bias.methods import bbq_engine, open_context
     from bias.splits import SplitsConfig
     from bias.suites import load_suite
     from edge.runtime import RuntimeConfig
@@ -88,8 +89,13 @@ def open_run(out: Path, threads: int) -> tuple[Any, Any, Any, Any]:
     cfg = SplitsConfig(**tuples(run["config"]))
     rt = open_runtime(None, RuntimeConfig(n_ctx=512, threads=threads))
     scorer = open_scorer(rt, "auto")
+    learn = LearnConfig(**tuples(run["shared"].get("learn_config", {})))
+    # a run that judged BBQ in torch cached no llama.cpp BBQ scores: nor does its reopening
+    torch_bbq = bbq_engine(cfg.methods, learn, rt.info.n_layers or 0) == "torch"
     ctx = open_context(rt, scorer, load_suite(f"crows_pairs:{run['shared']['suite']}"), out, cfg,
-                       AblateConfig(), GateConfig(**tuples(run["shared"].get("gate_config", {}))), lambda k, d: None)
+                       AblateConfig(), GateConfig(**tuples(run["shared"].get("gate_config", {}))), lambda k, d: None,
+                       bbq_scored=not torch_bbq)
+    ctx.learn = learn
     return cfg, rt, scorer, ctx
 
 

@@ -52,6 +52,8 @@ def main() -> None:
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
         if isinstance(v, (int, float, str))), flush=True) if kind != "learn_step" else None
     sh = ctx.shared
+    if not args.bbq:  # nor read BBQ's answer rows (~2.5 min at 500 a condition)
+        sh.bbq = None
     cal, held = cfg.rows(sh.suite, args.split)
     heldout = sh.suite.subset(held.tolist())
     base = ctx.learn  # each try starts from the run's settings, not the previous try's

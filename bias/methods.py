@@ -553,6 +553,13 @@ def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | 
                    out_dir=Path(out_dir))
 
 
+def bbq_engine(methods: tuple[str, ...], learn: LearnConfig, n_layers: int) -> str:
+    """Where a split run judges BBQ: "torch" when learn runs alone on the last layer alone
+    (fit_learn judges on the answers' rows read once), else "llama.cpp" (scored every split)."""
+    last = n_layers > 0 and learn.start(n_layers) == n_layers - 1
+    return "torch" if set(methods) == {"learn"} and last else "llama.cpp"
+
+
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
                      ablate: AblateConfig, gate: GateConfig, learn: LearnConfig, threads: int | None,
                      precision: str, emit: Event) -> SplitsResult:
@@ -563,9 +570,7 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
     scorer = None
     try:
         scorer = open_scorer(rt, precision)
-        L = rt.info.n_layers or 0
-        # learn alone, editing the last layer alone: BBQ judged in torch (fit_learn), none in llama.cpp
-        engine = "torch" if set(cfg.methods) == {"learn"} and L and learn.start(L) == L - 1 else "llama.cpp"
+        engine = bbq_engine(cfg.methods, learn, rt.info.n_layers or 0)
         cfg = replace(cfg, bbq_per_condition=cfg.bbq_per_condition or BBQ_ITEMS[engine])
         ctx = open_context(rt, scorer, suite, out_dir, cfg, ablate, gate, emit, bbq_scored=engine == "llama.cpp")
         ctx.learn = learn

@@ -210,6 +210,7 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
         bbq_after = bbq_before if corr.is_identity else corr.score_bbq(sh.bbq)
         bj = judge_bbq(sh.bbq_flags(bbq_before), sh.bbq_flags(bbq_after), n_boot=cfg.n_boot)
         out["bbq"] = {k: j.to_dict() for k, j in bj.items()}
+        out["bbq_engine"] = corr.engine if corr.before_bbq is not None else "llama.cpp"
     if generation and sh.probes is not None and sh.gen_base is not None and sh.repeat is not None:
         if not corr.is_identity:
             emit("stage", {"stage": f"{corr.method}: generation", "prompts": len(sh.probes.items)})

@@ -175,9 +175,12 @@ def _deployed(res: dict[str, Any]) -> list[str]:
                 out.append(f"Split {s['seed']} {what} GGUF in plain llama.cpp: held-out pct {dep['pct_stereotype']:.2f} "
                            f"against {dep['engine_pct_stereotype']:.2f} in {eng} (difference "
                            f"{dep['difference']:+.2f} points; the acceptance allows 0.5).")
-            if s["methods"].get(m, {}).get("engine", "llama.cpp") != "llama.cpp":
-                out.append(f"{what.capitalize()} held-out pairs and PPL, before and after, are scored in "
-                           f"{s['methods'][m]['engine']} on the compute weights (BBQ and generation in llama.cpp).")
+            r = s["methods"].get(m, {})
+            if r.get("engine", "llama.cpp") != "llama.cpp":
+                bbq = r.get("bbq_engine") == r["engine"]
+                out.append(f"{what.capitalize()} held-out pairs, PPL{' and BBQ' if bbq else ''}, before and after, "
+                           f"are scored in {r['engine']} on the compute weights "
+                           f"({'generation' if bbq else 'BBQ and generation'} in llama.cpp).")
     return out + [""] if out else out
 
 

@@ -134,6 +134,17 @@ def test_the_cli_passes_the_objective_and_layers_with_the_settings_measured_for_
     assert r.exit_code == 2 and "--learn-layers" in r.output
 
 
+def test_bbq_is_judged_in_torch_with_more_items_only_when_learn_edits_the_last_layer_alone() -> None:
+    from bias.methods import bbq_engine
+    from bias.splits import BBQ_ITEMS
+
+    assert bbq_engine(("learn",), LearnConfig(), 30) == "torch"
+    assert bbq_engine(("learn",), LearnConfig(layers=2), 30) == "llama.cpp"  # deeper edits fold a split
+    assert bbq_engine(("learn",), LearnConfig(first_layer=29, layers=None), 30) == "torch"
+    assert bbq_engine(("steer", "learn"), LearnConfig(), 30) == "llama.cpp"  # steer needs llama.cpp's BBQ
+    assert BBQ_ITEMS["torch"] > BBQ_ITEMS["llama.cpp"]
+
+
 def test_rounds_lower_beta_while_the_budget_has_room_and_keep_the_best_within_it() -> None:
     cfg = LearnConfig(rounds=4, beta_factor=0.5, fill=0.5)
     # far under budget: lower β; near it: stop
@@ -208,7 +219,8 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     assert r["engine"] == "torch" and len(r["deployed"]["ll_diff"]) == len(after) == 40
     assert np.abs(np.asarray(r["deployed"]["ll_diff"]) - after).max() < 0.1
     if bbq.exists():  # BBQ judged on the answers' torch rows alone: llama.cpp scored none of it
-        assert 0 <= r["bbq"]["acc_dis"]["before"]["value"] <= 1 and "s_amb" in r["bbq"]
+        assert 0 <= r["bbq"]["acc_dis"]["before"]["value"] <= 1 and "s_amb" in r["bbq"] and r["bbq_engine"] == "torch"
+        assert "PPL and BBQ, before and after, are scored in torch" in (tmp_path / "rep" / "report.md").read_text()
         with np.load(tmp_path / "rep" / "shared.npz") as z:
             assert "bbq_base" not in z.files
     # the saved edit is what the GGUF holds: torch with it applied and plain llama.cpp on
