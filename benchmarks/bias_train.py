@@ -6,7 +6,7 @@ steps, how many rounds the budget loop may run (1: a fixed fit, as the first mea
 were made), how many counterfactual pairs (bias.swap) each training pair adds, and any other
 LearnConfig field by name (e.g. objective=means). The
 fit is folded, scored by llama.cpp on the split's held-out rows and judged with the split
-runner's checks; `--bbq` also judges the run's BBQ items (~6 min at 2,000 a condition).
+runner's checks; `--bbq` also judges the run's BBQ items (in torch when the run judged it there: ~2.5 min to read 500 a condition).
 
     pip install 'edge[learn]'
     python benchmarks/bias_train.py /tmp/r40/out --split 0 --try 4,1.0,200,1 --try 4,1.0,200,1,objective=means
@@ -41,7 +41,7 @@ def main() -> None:
     ap = run_parser(0, "rank,beta,steps[,rounds[,swaps]][,key=value...]",
                     "the edit's rank, the first round's β and steps, the rounds, counterfactual pairs per pair, "
                     "other LearnConfig fields")
-    ap.add_argument("--bbq", action="store_true", help="also judge the run's BBQ items (~6 min at 2,000 a condition)")
+    ap.add_argument("--bbq", action="store_true", help="also judge the run's BBQ items (in torch when the run judged it there: ~2.5 min to read 500 a condition)")
     ap.add_argument("--calib-frac", type=float, help="split at this calibration share instead of the run's "
                     "(its cached scores cover every row; its pair states are not read by learn)")
     args = ap.parse_args()

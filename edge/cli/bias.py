@@ -115,7 +115,7 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
                    "the group words' head rows ablated, then a control vector fitted on that model, "
                    "both folded into the weights; learn: a low-rank edit of the top layers' writes "
                    "fitted by gradient to shrink every calibration pair, folded into the weights "
-                   "(needs torch: pip install 'edge[learn]'; ~6 min of fitting a split on 2 cores "
+                   "(needs torch: pip install 'edge[learn]'; ~5-8 min of fitting a split on 2 cores "
                    "for a 135M model); both: steer and ablate side by side; all: steer, ablate, gate and combo.")
 @click.option("--splits", type=click.IntRange(1, 100), default=None,
               help="Calibrate and judge on N seeded random splits and report each figure's median "
