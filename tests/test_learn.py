@@ -128,7 +128,7 @@ def test_the_cli_passes_the_objective_and_layers_with_the_settings_measured_for_
         assert CliRunner().invoke(cli, base + extra).exit_code == 0
     plain, bal = seen
     assert (plain.objective, plain.layers, plain.schedule, plain.pick, plain.rounds) == ("pairs", 1, "constant",
-                                                                                        "val", 3)
+                                                                                        "val", 5)
     assert (bal.objective, bal.layers, bal.schedule, bal.pick, bal.rounds) == ("balanced", 3, "cosine", "last", 1)
     r = CliRunner().invoke(cli, base + ["--learn-layers", "0"])
     assert r.exit_code == 2 and "--learn-layers" in r.output
@@ -263,7 +263,7 @@ def test_the_report_says_which_objective_and_layers_learn_fitted() -> None:
     assert _learn_settings(res)[0] == ("learn: objective balanced, rank 4 on layers 29.., 200 steps "
                                        "(cosine rate, keeping the last step), one round.")
     res = {"config": {"methods": ["learn"]}, "shared": {"learn_config": asdict(LearnConfig())}, "splits": []}
-    assert "on the last layer," in _learn_settings(res)[0] and "up to 3 rounds" in _learn_settings(res)[0]
+    assert "on the last layer," in _learn_settings(res)[0] and "up to 5 rounds" in _learn_settings(res)[0]
     half = {"config": {"methods": ["learn"]}, "shared": {"learn_config": asdict(LearnConfig(layers=None))}, "splits": []}
     assert "on the upper half of the layers" in _learn_settings(half)[0]
     assert _learn_settings({"config": {"methods": ["steer"]}, "shared": res["shared"]}) == []
