@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -323,6 +324,15 @@ def test_the_last_layer_rows_score_as_the_padded_forward_does(runtime) -> None: 
     assert float((lp_pad[mask.bool()] - lp_rows).abs().max()) < 2e-3
 
 
+def _random_last_layer_plan(m: Any, seed: int) -> Any:
+    """A small random rank-4 edit of the last layer's writes, with an MLP bias."""
+    from edge.fold import FoldPlan, ResidualEdit
+
+    g = np.random.default_rng(seed)
+    return FoldPlan({m.n_layers - 1: ResidualEdit(*(g.normal(0, 0.05, shape).astype(np.float32)
+                                                   for shape in ((m.n_embd, 4), (m.n_embd, 4), m.n_embd)))})
+
+
 def test_held_out_pairs_and_ppl_from_the_shared_rows_match_the_whole_forward(runtime) -> None:  # noqa: ANN001
     """A split run judges the last layer's edit on rows read once (bias.learn.pair_parts,
     TorchUtility): the same differences, rewritten-token parts, PPL and KL as the whole forward."""
@@ -330,7 +340,6 @@ def test_held_out_pairs_and_ppl_from_the_shared_rows_match_the_whole_forward(run
     from bias.audit import _sentence, rewritten_tokens
     from bias.feedback import neutral_chunks
     from bias.learn import TorchLlama, TorchUtility, edit_of, pair_parts
-    from edge.fold import FoldPlan, ResidualEdit
 
     texts = [("The nurse said she would be late.", "The nurse said he would be late."),
              ("My neighbour, who is a teacher, plays chess.", "My neighbour, who is a farmer, plays chess."),
@@ -338,11 +347,7 @@ def test_held_out_pairs_and_ppl_from_the_shared_rows_match_the_whole_forward(run
     more = [_sentence(runtime, a)[0] for a, _ in texts]
     less = [_sentence(runtime, b)[0] for _, b in texts]
     m = TorchLlama(runtime.path)
-    top = m.n_layers - 1
-    g = np.random.default_rng(3)
-    plan = FoldPlan({top: ResidualEdit(g.normal(0, 0.05, (576, 4)).astype(np.float32),
-                                       g.normal(0, 0.05, (576, 4)).astype(np.float32),
-                                       g.normal(0, 0.05, 576).astype(np.float32))})
+    plan = _random_last_layer_plan(m, 3)
     for e in (None, edit_of(plan)):
         a, b, words = pair_parts(m, more, less, e)
         with torch.no_grad():
@@ -376,16 +381,11 @@ def test_bbq_answers_read_once_with_their_shared_context_score_as_each_whole_req
     from bias.audit import bbq_requests
     from bias.learn import TorchLlama, edit_of
     from bias.shared import bbq_sample
-    from edge.fold import FoldPlan, ResidualEdit
 
     reqs = bbq_requests(runtime, bbq_sample(f"bbq:{SHARED_DATA / 'bbq'}", 4, 0))  # 8 items (one a file and condition)
     reqs.append(([1, 504, 1148, 28], 2))  # a request whose context no other shares
     m = TorchLlama(runtime.path)
-    top = m.n_layers - 1
-    g = np.random.default_rng(5)
-    plan = FoldPlan({top: ResidualEdit(g.normal(0, 0.05, (576, 4)).astype(np.float32),
-                                       g.normal(0, 0.05, (576, 4)).astype(np.float32),
-                                       g.normal(0, 0.05, 576).astype(np.float32))})
+    plan = _random_last_layer_plan(m, 5)
     rows = m.answer_rows(reqs, n=3)
     assert len(rows.offsets) == len(reqs) + 1 and rows.offsets[-1] == sum(len(t) - f for t, f in reqs)
     got = [m.row_sums(rows, edit_of(e)) for e in (None, plan)]
