@@ -385,9 +385,9 @@ class TorchLlama:
                     np.concatenate([[0], np.cumsum([len(g[2]) for g in got])]))
 
     def row_sums(self, r: Rows, edit: Any = None) -> np.ndarray:
-        """Each sequence's summed log-likelihood over its rows."""
-        ll = self.row_ll(r, edit)
-        return np.add.reduceat(ll, r.offsets[:-1]) if len(ll) else np.zeros(len(r.offsets) - 1)
+        """Each sequence's summed log-likelihood over its rows (0 for one without rows)."""
+        n = len(r.offsets) - 1
+        return np.bincount(np.repeat(np.arange(n), np.diff(r.offsets)), weights=self.row_ll(r, edit), minlength=n)
 
     def row_ll(self, r: Rows, edit: Any = None, n: int = 32) -> np.ndarray:
         """Every row's log-probability of its next token (float64), n sequences at a time."""
