@@ -386,8 +386,7 @@ class TorchLlama:
 
     def row_sums(self, r: Rows, edit: Any = None) -> np.ndarray:
         """Each sequence's summed log-likelihood over its rows (0 for one without rows)."""
-        n = len(r.offsets) - 1
-        return np.bincount(np.repeat(np.arange(n), np.diff(r.offsets)), weights=self.row_ll(r, edit), minlength=n)
+        return r.sums(self.row_ll(r, edit))
 
     def row_ll(self, r: Rows, edit: Any = None, n: int = 32) -> np.ndarray:
         """Every row's log-probability of its next token (float64), n sequences at a time."""
@@ -421,6 +420,11 @@ class Rows:
     wa: Any
     tgt: Any
     offsets: np.ndarray  # sequence i's rows are offsets[i]:offsets[i + 1]
+
+    def sums(self, per_row: np.ndarray) -> np.ndarray:
+        """Each sequence's sum of a per-row figure (0 for a sequence without rows)."""
+        n = len(self.offsets) - 1
+        return np.bincount(np.repeat(np.arange(n), np.diff(self.offsets)), weights=per_row, minlength=n)
 
     def take(self, j: np.ndarray) -> tuple[Any, Any, Any, Any]:
         """The rows of sequences j: streams, attention writes, targets, each row's place in j."""
@@ -706,7 +710,7 @@ def pair_parts(m: TorchLlama, more: list[list[int]], less: list[list[int]],
     for side, seqs in enumerate((more, less)):
         r = m.rows(seqs, first)
         ll = m.row_ll(r, edit)
-        sums.append(np.array([ll[a:b].sum() for a, b in zip(r.offsets[:-1], r.offsets[1:], strict=True)]))
+        sums.append(r.sums(ll))
         for i, f in enumerate(first):
             k = np.asarray(changed[i][side], dtype=int) - f  # token j after BOS is the row j − first
             words[i] += (1 if side == 0 else -1) * ll[r.offsets[i] + k[k >= 0]].sum()
