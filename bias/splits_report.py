@@ -112,10 +112,12 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
             out += ["The mean ll difference is the rewritten tokens' part plus the shared tokens' part; the "
                     "CrowS-Pairs authors count the pct on the shared tokens alone. Which part a correction "
                     "moved says whether it changed how likely the group words are or what is said of them.", ""]
-        out += ["| category | pairs | pct before → after | mean ll diff before → after | "
+        out += ["A category counts as moved when its mean's change clears its ± (half the change's 95% CI, "
+                "median over splits): a small category needs a larger move.", "",
+                "| category | pairs | pct before → after | mean ll diff before → after | change ± | "
                 + "rewritten tokens | shared tokens | pct, shared tokens | " * parts
                 + "biased before | moved | worse | made biased (pct) |",
-                "|---|---|---|---|" + "---|---|---|" * parts + "---|---|---|---|"]
+                "|---|---|---|---|---|" + "---|---|---|" * parts + "---|---|---|---|"]
         made = made_biased(res, m)
         for c in sorted(runs[0]["heldout"]["per_category"]):
             js = [r["heldout"]["per_category"][c] for r in runs]
@@ -124,6 +126,7 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
                     if parts}
             cm = [r["categories"] for r in runs]
             cells = [f"{med[k][0]:+.2f} → {med[k][1]:+.2f}" for k in ("mean_ll_diff", "words", "rest") if k in med]
+            cells.insert(1, _change_half_width([j["mean_ll_diff"] for j in js]))
             if parts:
                 cells.append(f"{med['rest_pct'][0]:.1f} → {med['rest_pct'][1]:.1f}")
             out.append(f"| {c} | {js[0]['pct_stereotype']['before']['n']} | "
@@ -131,6 +134,12 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
                        f"{sum(c in x['biased_before'] for x in cm)} | {sum(c in x['moved_toward_neutral'] for x in cm)}"
                        f" | {sum(c in x['made_worse'] for x in cm)} | {made.get(c, 0)} |")
     return out + [""]
+
+
+def _change_half_width(js: list[dict[str, Any]]) -> str:
+    """Median over splits of half a judged figure's change CI: how far it must move to count."""
+    h = [(j["change"]["hi"] - j["change"]["lo"]) / 2 for j in js if "change" in j]
+    return f"±{float(np.median(h)):.2f}" if h else "–"
 
 
 def _medians(js: list[dict[str, Any]]) -> tuple[float, float]:

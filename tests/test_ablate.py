@@ -485,6 +485,7 @@ def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
              "after": {"value": a, "lo": a - half, "hi": a + half, "n": 300}}
         e["excluded_before"] = not e["before"]["lo"] <= neutral <= e["before"]["hi"]
         e["contains_after"] = e["after"]["lo"] <= neutral <= e["after"]["hi"]
+        e["change"] = {"value": a - b, "lo": a - b - half / 2, "hi": a - b + half / 2}
         return e
 
     def run(race_after: float) -> dict[str, Any]:
@@ -500,8 +501,9 @@ def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
     assert "## Categories, gate (held-out; median over 2 splits)" in lines
     race = next(x for x in lines if x.startswith("| race |"))
     # median pct after 42.0; worse on both splits; made biased by pct on one (37 ± 4 leaves 50)
-    assert race == "| race | 300 | 48.0 → 42.0 | -1.00 → -1.60 | 2 | 0 | 2 | 1 |"
-    assert next(x for x in lines if x.startswith("| age |")).endswith("| 2 | 0 | 0 | 0 |")
+    assert race == "| race | 300 | 48.0 → 42.0 | -1.00 → -1.60 | ±0.25 | 2 | 0 | 2 | 1 |"
+    # age's −0.2 is inside its ±0.50: not moved, and the table shows why
+    assert next(x for x in lines if x.startswith("| age |")).endswith("| +1.40 → +1.20 | ±0.50 | 2 | 0 | 0 | 0 |")
     assert made_biased(res, "gate") == {"race": 1}
 
 
