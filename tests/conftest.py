@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("EDGE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 # torch (the learn extra) is imported before any test runs: imported first late in the suite,
-# after ~300 tests of llama.cpp, numba and sentencepiece work, its tests ran 4-6x slower than in
-# their own file (BBQ rows 125 s against 21 s); imported at the start, as fast as alone.
+# after ~300 tests of llama.cpp, numba and sentencepiece work, its small-op forwards took ~5x
+# the CPU (BBQ rows 125 s against 21 s in their own file); imported first, they run as fast.
+# Not a leaked spinning thread, affinity, thread count or denormals (DESIGN.md "Test suite").
 with contextlib.suppress(ImportError):
     import torch  # noqa: F401
 
