@@ -112,8 +112,9 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
             out += ["The mean ll difference is the rewritten tokens' part plus the shared tokens' part; the "
                     "CrowS-Pairs authors count the pct on the shared tokens alone. Which part a correction "
                     "moved says whether it changed how likely the group words are or what is said of them.", ""]
-        out += ["A category counts as moved when its mean's change clears its ± (half the change's 95% CI, "
-                "median over splits): a small category needs a larger move.", "",
+        out += ["A category counts as moved when its mean's change CI lies wholly on the neutral side, so the "
+                "change must exceed about its ± (half that CI, median over splits): a small category needs "
+                "a larger move.", "",
                 "| category | pairs | pct before → after | mean ll diff before → after | change ± | "
                 + "rewritten tokens | shared tokens | pct, shared tokens | " * parts
                 + "biased before | moved | worse | made biased (pct) |",
