@@ -78,6 +78,11 @@ class LearnConfig:
     # per-category judgement reads); "balanced", the same with every category weighted
     # alike. The step and round are then chosen on the validation pairs' same measure.
     objective: str = "pairs"
+    # which part of a pair's difference the pairs' term (and the validation measure) reads:
+    # "sentence", every token from where the pair parts; "rest", the tokens the two share
+    # alone, each conditioned on its own rewrite (the CrowS-Pairs authors' p(U | M); the
+    # rewritten tokens' own log-probability, mostly how common a group's word is, is left out)
+    part: str = "sentence"
     # the learning rate within a round: "constant", or "cosine" (linear warm-up over its
     # first tenth, then a cosine to 0)
     schedule: str = "constant"
@@ -116,7 +121,7 @@ class LearnConfig:
             raise BadOptionError("learn: layers must be ≥ 1")
         if not 0 < self.val_frac < 1 or not 0 < self.beta_factor < 1:
             raise BadOptionError("learn: val_frac and beta_factor must be in (0, 1)")
-        for name, allowed in (("objective", OBJECTIVES), ("schedule", SCHEDULES), ("pick", PICKS)):
+        for name, allowed in (("objective", OBJECTIVES), ("schedule", SCHEDULES), ("pick", PICKS), ("part", PARTS)):
             if getattr(self, name) not in allowed:
                 raise BadOptionError(f"learn: {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
@@ -125,6 +130,7 @@ OBJECTIVES = ("pairs", "pairs-balanced", "means", "balanced")
 PAIR_OBJECTIVES = ("pairs", "pairs-balanced")  # every pair toward 0, not its category's mean
 SCHEDULES = ("constant", "cosine")
 PICKS = ("val", "last")
+PARTS = ("sentence", "rest")
 
 
 def rate(k: int, steps: int, schedule: str) -> float:
@@ -322,22 +328,28 @@ class TorchLlama:
         return out
 
     def seq_ll(self, seqs: list[list[int]], edit: Any = None, streams: list[Any] | None = None,
-               start: int = 0) -> tuple[Any, Any, Any]:
+               start: int = 0, skip: list[list[int]] | None = None) -> tuple[Any, Any, Any]:
         """Summed log-likelihood of each sequence (tokens after the first), the log-probs and
-        their mask; `streams` (one (T, D) tensor per sequence) enter layer `start`."""
+        their mask; `streams` (one (T, D) tensor per sequence) enter layer `start`; the
+        positions in skip[i] (position p predicts token p + 1) are left out of the sums."""
         toks, tgt, mask = _batch(seqs)
+        for i, ps in enumerate(skip or []):
+            mask[i, ps] = 0
         x0 = None if streams is None else _pad(streams)
         lp = self.forward(toks, edit, x0, start if streams is not None else 0)[:, :-1]
         return (lp.gather(-1, tgt[..., None])[..., 0] * mask).sum(-1), lp, mask
 
-    def rows(self, seqs: list[list[int]], first: list[int], n: int = 16) -> Rows:
-        """The last layer's Rows of `seqs`: sequence i's positions first[i] .. len − 2."""
+    def rows(self, seqs: list[list[int]], first: list[int], n: int = 16,
+             skip: list[list[int]] | None = None) -> Rows:
+        """The last layer's Rows of `seqs`: sequence i's positions first[i] .. len − 2, but
+        those in skip[i] (position p predicts token p + 1)."""
         torch = import_torch()
         self.read_rows(seqs, n)
         parts = []
-        for s, f in zip(seqs, first, strict=True):
+        for i, (s, f) in enumerate(zip(seqs, first, strict=True)):
             x, wa = self._rows[tuple(s)]
-            parts.append((x[f:], wa[f:], torch.tensor(s[f + 1:], dtype=torch.long)))
+            keep = torch.tensor([p for p in range(f, len(s) - 1) if skip is None or p not in skip[i]], dtype=torch.long)
+            parts.append((x[keep], wa[keep], torch.tensor(s, dtype=torch.long)[keep + 1]))
         return Rows(*(torch.cat([p[k] for p in parts]) for k in range(3)),
                     np.concatenate([[0], np.cumsum([len(p[2]) for p in parts])]))
 
@@ -516,6 +528,8 @@ class PairData:
     xl: list[Any]
     groups: np.ndarray  # each pair's category (objectives "means" and "balanced")
     rows: tuple[Rows, Rows] | None = None  # (more, less): a fit of the last layer alone
+    # (more, less): each sequence's positions left out of its sum (part "rest", streams)
+    skip: tuple[list[list[int]], list[list[int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.more)
@@ -563,8 +577,9 @@ class Trainer:
         """Pairs j's log-likelihood differences (more − less), a tensor."""
         if d.rows is not None:
             return self.m.rows_ll(d.rows[0], j, edit)[0] - self.m.rows_ll(d.rows[1], j, edit)[0]
-        lm = self.m.seq_ll([d.more[i] for i in j], edit, [d.xm[i] for i in j], self.start)[0]
-        return lm - self.m.seq_ll([d.less[i] for i in j], edit, [d.xl[i] for i in j], self.start)[0]
+        sm, sl = ([d.skip[k][i] for i in j] for k in (0, 1)) if d.skip is not None else (None, None)
+        lm = self.m.seq_ll([d.more[i] for i in j], edit, [d.xm[i] for i in j], self.start, sm)[0]
+        return lm - self.m.seq_ll([d.less[i] for i in j], edit, [d.xl[i] for i in j], self.start, sl)[0]
 
     def neutral_lp(self, w: int, edit: Any) -> tuple[Any, Any]:
         """Neutral windows 4w .. 4w + 3: every position's log-probs and which are real."""
@@ -802,10 +817,17 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
     def data(ix: np.ndarray, extra: tuple[list[list[int]], list[list[int]], list[str]] = ([], [], [])) -> PairData:
         pm, pl = [more[i] for i in ix] + extra[0], [less[i] for i in ix] + extra[1]
         groups = np.array([*cat[ix], *extra[2]])
+        skip = None
+        if cfg.part == "rest":  # the positions that predict a rewritten token left out
+            from bias.audit import rewritten_tokens
+
+            changed = [rewritten_tokens(a[1:], b[1:]) for a, b in zip(pm, pl, strict=True)]
+            skip = ([c[0] for c in changed], [c[1] for c in changed])
         if start == m.n_layers - 1:  # the last layer alone: per-position rows (Rows)
             first = [parted_at(a, b) for a, b in zip(pm, pl, strict=True)]
-            return PairData(pm, pl, [], [], groups, (m.rows(pm, first), m.rows(pl, first)))
-        return PairData(pm, pl, m.streams(pm, start), m.streams(pl, start), groups)
+            rows = tuple(m.rows(s, first, skip=None if skip is None else skip[k]) for k, s in enumerate((pm, pl)))
+            return PairData(pm, pl, [], [], groups, rows)
+        return PairData(pm, pl, m.streams(pm, start), m.streams(pl, start), groups, skip=skip)
 
     extra = augment(order[n_val:]) if augment is not None else ([], [], [])
     emit("stage", {"stage": f"learn: streams entering layer {start}", "pairs": len(more) + len(extra[0])})

@@ -80,6 +80,8 @@ def test_an_unknown_objective_or_one_without_categories_is_refused() -> None:
 
     with pytest.raises(BadOptionError, match="objective must be one of pairs, pairs-balanced, means, balanced"):
         LearnConfig(objective="mean").validate()
+    with pytest.raises(BadOptionError, match="part must be one of sentence, rest"):
+        LearnConfig(part="words").validate()
     with pytest.raises(BadOptionError, match="needs each pair's category"):
         learn_edit(Path("unused.gguf"), [[1, 2]], [[1, 3]], [], lambda p, n: (0.0, 0.0), 0.02,
                    LearnConfig(objective="means"))
@@ -339,7 +341,7 @@ def test_held_out_pairs_and_ppl_from_the_shared_rows_match_the_whole_forward(run
     torch = pytest.importorskip("torch")
     from bias.audit import _sentence, rewritten_tokens
     from bias.feedback import neutral_chunks
-    from bias.learn import TorchLlama, TorchUtility, edit_of, pair_parts
+    from bias.learn import TorchLlama, TorchUtility, edit_of, pair_parts, parted_at
 
     texts = [("The nurse said she would be late.", "The nurse said he would be late."),
              ("My neighbour, who is a teacher, plays chess.", "My neighbour, who is a farmer, plays chess."),
@@ -359,6 +361,18 @@ def test_held_out_pairs_and_ppl_from_the_shared_rows_match_the_whole_forward(run
             w = (sum(float(lp_m[i, j, more[i][j + 1]]) for j in ia) - sum(float(lp_l[i, j, less[i][j + 1]]) for j in ib))
             assert words[i] == pytest.approx(w, abs=2e-3)
     assert np.abs(pair_parts(m, more, less, edit_of(plan))[0] - pair_parts(m, more, less)[0]).max() > 0.05
+    # part "rest": the rows predicting a rewritten token left out, so the pair's summed rows
+    # are its shared tokens' part (difference − words), with and without the edit
+    first = [parted_at(a, b) for a, b in zip(more, less, strict=True)]
+    changed = [rewritten_tokens(a[1:], b[1:]) for a, b in zip(more, less, strict=True)]
+    rm, rl = (m.rows(seqs, first, skip=[c[k] for c in changed]) for k, seqs in enumerate((more, less)))
+    for e in (None, edit_of(plan)):
+        a, b, words = pair_parts(m, more, less, e)
+        np.testing.assert_allclose(m.row_sums(rm, e) - m.row_sums(rl, e), a - b - words, atol=2e-3)
+        with torch.no_grad():  # and the whole forward's sums with those positions masked (an edit of more layers)
+            sm, sl = (m.seq_ll(seqs, e, skip=[c[k] for c in changed])[0] for k, seqs in enumerate((more, less)))
+        np.testing.assert_allclose((sm - sl).numpy(), a - b - words, atol=2e-3)
+    assert len(rm.tgt) < len(m.rows(more, first).tgt)
 
     chunks = [c[:40] for c in neutral_chunks(runtime, 2, 64)]
     u = TorchUtility(m, chunks)
