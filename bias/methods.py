@@ -470,7 +470,9 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     bbq = {"before_bbq": tb["before_bbq"], "score_bbq": lambda s: tb["score_bbq"](s, edit)} if tb else {}
     return replace(corr, score_pairs=lambda s: parts(s, edit), before_pairs=before, **bbq,
                    utility=lambda: tu(edit), base_ppl=tu.base_ppl, engine="torch",
-                   score_deployed=None if not deployed else lambda s: _score_file(ctx, Path(deployed), s))
+                   score_deployed=None if not deployed else lambda s: _score_file(ctx, Path(deployed), s),
+                   score_source=None if not deployed or ctx.cfg.weights == "F16" or ctx.compute_path == ctx.source_path
+                   else lambda s: _score_file(ctx, ctx.source_path, s))
 
 
 def _score_file(ctx: Context, path: Path, suite: Suite) -> PairScores:

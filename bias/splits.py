@@ -134,6 +134,9 @@ class Correction:
     engine: str = "llama.cpp"
     # the deployed file as plain llama.cpp scores it: the held-out pct beside the engine's
     score_deployed: Callable[[Any], PairScores] | None = None
+    # a re-quantized deployed file's uncorrected source in plain llama.cpp: its quantized
+    # arithmetic moves pairs apart from the edit, so the file's own change is compared too
+    score_source: Callable[[Any], PairScores] | None = None
     # BBQ's answers before the correction in its own engine (None: the shared llama.cpp scores)
     before_bbq: Callable[[Any], np.ndarray] | None = None
 
@@ -198,6 +201,13 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
         pct, eng = (float(100 * np.mean(a > b)) for a, b in ((dep.more, dep.less), after))
         out["deployed"] = {"pct_stereotype": pct, "engine_pct_stereotype": eng, "difference": pct - eng,
                            "ll_diff": (dep.more - dep.less).tolist()}
+        if corr.score_source is not None:
+            emit("stage", {"stage": f"{corr.method}: held-out pairs on the uncorrected source file (plain llama.cpp)",
+                           "pairs": len(held)})
+            src = corr.score_source(sh.suite.subset(held.tolist()))
+            spct, beng = (float(100 * np.mean(a > b)) for a, b in ((src.more, src.less), before))
+            out["deployed"].update(source_pct_stereotype=spct, engine_before_pct_stereotype=beng,
+                                   change_difference=(pct - spct) - (eng - beng))
     ppl, kl = (base_ppl, 0.0) if corr.is_identity else corr.utility()
     out["ppl"] = {"before": base_ppl, "after": ppl, "increase": ppl / base_ppl - 1, "kl": kl}
     if cfg.exclude_category and cfg.exclude_category in pj.per_category:

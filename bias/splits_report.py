@@ -185,6 +185,13 @@ def _deployed(res: dict[str, Any]) -> list[str]:
                 out.append(f"Split {s['seed']} {what} GGUF in plain llama.cpp: held-out pct {dep['pct_stereotype']:.2f} "
                            f"against {dep['engine_pct_stereotype']:.2f} in {eng} (difference "
                            f"{dep['difference']:+.2f} points; the acceptance allows 0.5).")
+                if "source_pct_stereotype" in dep:
+                    out.append(f"The uncorrected source file in plain llama.cpp scores {dep['source_pct_stereotype']:.2f} "
+                               f"against {dep['engine_before_pct_stereotype']:.2f} on the compute weights: its quantized "
+                               "arithmetic alone moves pairs, so the file's own change, "
+                               f"{dep['pct_stereotype'] - dep['source_pct_stereotype']:+.2f} points, is the one to set "
+                               f"beside the engine's, {dep['engine_pct_stereotype'] - dep['engine_before_pct_stereotype']:+.2f} "
+                               f"(difference {dep['change_difference']:+.2f}).")
             r = s["methods"].get(m, {})
             if r.get("engine", "llama.cpp") != "llama.cpp":
                 bbq = r.get("bbq_engine") == r["engine"]

@@ -365,6 +365,43 @@ def test_shared_token_checks_see_a_shift_of_the_group_words_alone() -> None:
     assert r["heldout_scores"]["ll_words_diff"][:3] == pytest.approx((words[:3] - 0.4).tolist())
 
 
+def test_a_requantized_files_change_is_set_beside_the_engines() -> None:
+    """The deployed file's quantized arithmetic moves pairs apart from the edit (Q4_1 against
+    its own dequantized weights: up to 11 nats on a pair); scoring its uncorrected source
+    the same way leaves the edit's change, which must match the engine's."""
+    from dataclasses import replace
+
+    from bias.audit import PairScores
+    from bias.shared import PairStates, Shared
+    from bias.splits import judge_correction
+    from bias.splits_report import _deployed
+
+    suite = _suite(600)
+    rng = np.random.default_rng(4)
+    base = (rng.standard_normal(600) + 0.4, np.zeros(600))
+    quant = rng.standard_normal(600) * 0.7  # what the file's arithmetic adds to each pair
+    st = PairStates(*(np.zeros((600, 2, 4)),) * 2, *(np.zeros((600, 4)),) * 2)
+    sh = Shared(suite, base, st, [], None, 10.0)  # type: ignore[arg-type]
+
+    def scored(shift: float, q: float):  # noqa: ANN202
+        def f(s: Suite) -> PairScores:
+            rows = np.array([it.row for it in s.items])
+            return PairScores(base[0][rows] - shift + q * quant[rows], base[1][rows], np.zeros(len(rows)))
+        return f
+
+    corr = Correction("learn", scored(0.3, 0), lambda s: None, lambda: (10.1, 0.01), lambda p, r: [])
+    corr = replace(corr, score_deployed=scored(0.3, 1), score_source=scored(0, 1))
+    r = judge_correction(sh, corr, np.arange(600), SplitsConfig(n_splits=1, probes_spec=None, n_boot=200))
+    dep = r["deployed"]
+    assert abs(dep["difference"]) > 0.5  # the file alone, against the engine, looks off
+    file_change = dep["pct_stereotype"] - dep["source_pct_stereotype"]
+    eng_change = dep["engine_pct_stereotype"] - dep["engine_before_pct_stereotype"]
+    assert dep["change_difference"] == pytest.approx(file_change - eng_change)
+    assert dep["engine_before_pct_stereotype"] == pytest.approx(100 * np.mean(base[0] > 0))
+    line = "\n".join(_deployed({"splits": [{"seed": 0, "methods": {"learn": r}}]}))
+    assert f"the file's own change, {file_change:+.2f} points" in line and f"{dep['change_difference']:+.2f}" in line
+
+
 def test_a_correction_that_found_nothing_is_judged_by_the_shared_scores() -> None:
     """Rescoring the uncorrected model moves scores by the batch layout's jitter, which a
     paired bootstrap over many pairs calls significant; the identity must change nothing."""
