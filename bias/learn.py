@@ -348,7 +348,8 @@ class TorchLlama:
         parts = []
         for i, (s, f) in enumerate(zip(seqs, first, strict=True)):
             x, wa = self._rows[tuple(s)]
-            keep = torch.tensor([p for p in range(f, len(s) - 1) if skip is None or p not in skip[i]], dtype=torch.long)
+            left = set() if skip is None else set(skip[i])
+            keep = torch.tensor([p for p in range(f, len(s) - 1) if p not in left], dtype=torch.long)
             parts.append((x[keep], wa[keep], torch.tensor(s, dtype=torch.long)[keep + 1]))
         return Rows(*(torch.cat([p[k] for p in parts]) for k in range(3)),
                     np.concatenate([[0], np.cumsum([len(p[2]) for p in parts])]))

@@ -23,6 +23,7 @@ import numpy as np
 from bias.audit import PairScores
 from bias.feedback import split
 from bias.judge import judge_bbq, judge_generation, judge_pair_rows, judge_parts
+from bias.metrics import pct_stereotype
 from bias.repeat import RepeatConfig
 from bias.shared import Shared
 from bias.splits_report import report_md
@@ -198,14 +199,14 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
         emit("stage", {"stage": f"{corr.method}: held-out pairs on the deployed file (plain llama.cpp)",
                        "pairs": len(held)})
         dep = corr.score_deployed(sh.suite.subset(held.tolist()))
-        pct, eng = (float(100 * np.mean(a > b)) for a, b in ((dep.more, dep.less), after))
+        pct, eng = (float(pct_stereotype(*p)) for p in ((dep.more, dep.less), after))
         out["deployed"] = {"pct_stereotype": pct, "engine_pct_stereotype": eng, "difference": pct - eng,
                            "ll_diff": (dep.more - dep.less).tolist()}
         if corr.score_source is not None:
             emit("stage", {"stage": f"{corr.method}: held-out pairs on the uncorrected source file (plain llama.cpp)",
                            "pairs": len(held)})
             src = corr.score_source(sh.suite.subset(held.tolist()))
-            spct, beng = (float(100 * np.mean(a > b)) for a, b in ((src.more, src.less), before))
+            spct, beng = (float(pct_stereotype(*p)) for p in ((src.more, src.less), before))
             out["deployed"].update(source_pct_stereotype=spct, engine_before_pct_stereotype=beng,
                                    change_difference=(pct - spct) - (eng - beng))
     ppl, kl = (base_ppl, 0.0) if corr.is_identity else corr.utility()
