@@ -38,7 +38,7 @@ import numpy as np
 from bias_gating import suite_of
 
 CHECKS = ("ci_contains_50_after_excluded_before", "paired_change_significant", "no_category_made_worse",
-          "no_biased_category_made_worse", "biased_categories_moved")
+          "no_biased_category_made_worse", "biased_categories_moved", "biased_categories_closer")
 
 
 def shifts(d: np.ndarray, cats: np.ndarray, cal: np.ndarray, held: np.ndarray, exclude: str | None,

@@ -6,7 +6,8 @@ steps, how many rounds the budget loop may run (1: a fixed fit, as the first mea
 were made), how many counterfactual pairs (bias.swap) each training pair adds, and any other
 LearnConfig field by name (e.g. objective=means). The
 fit is folded, scored by llama.cpp on the split's held-out rows and judged with the split
-runner's checks; `--bbq` also judges the run's BBQ items (in torch when the run judged it there: ~2.5 min to read 500 a condition).
+runner's checks (each pair's difference before and after saved in the try's folder,
+heldout_pairs.npz); `--bbq` also judges the run's BBQ items (in torch when the run judged it there: ~2.5 min to read 500 a condition).
 
     pip install 'edge[learn]'
     python benchmarks/bias_train.py /tmp/r40/out --split 0 --try 4,1.0,200,1 --try 4,1.0,200,1,objective=means
@@ -79,6 +80,9 @@ def main() -> None:
             bp = corr.before_pairs(heldout) if corr.before_pairs is not None else None
             bd = (bp.more - bp.less) if bp is not None else sh.base[0][held] - sh.base[1][held]
             base_ppl = sh.base_ppl if corr.base_ppl is None else corr.base_ppl
+            # each held-out pair's difference before and after, to set two fits side by side
+            np.savez(work / "heldout_pairs.npz", rows=held, before=bd, after=ps.more - ps.less,
+                     categories=sh.categories[held])
             print(f"\n### {tr} ({time.perf_counter() - t0:.0f} s): round {fit['chosen']} of {len(fit['rounds'])}, "
                   f"PPL {100 * (ppl / base_ppl - 1):+.2f}% ({corr.engine}), torch vs llama.cpp {fit['agreement']:.3f} "
                   f"nats; held-out mean d² {np.mean(bd ** 2):.2f} → "

@@ -117,11 +117,15 @@ class PairRowsJudged:
 
     def category_moves(self, exclude: str | None = None) -> dict[str, Any]:
         """The acceptance's category test on mean ll diff: categories that were significantly
-        biased before and moved toward neutral; any made significantly worse."""
+        biased before and moved toward neutral; any made significantly worse. `closer`: the
+        biased ones whose point estimate ended nearer neutral, significant or not (a reading
+        of "move toward neutral" that a category barely outside its CI before can meet)."""
         cats = {c: d["mean_ll_diff"] for c, d in self.per_category.items() if c != exclude}
         biased = [c for c, j in cats.items() if j.excluded_before]
         return {"biased_before": biased,
                 "moved_toward_neutral": [c for c in biased if cats[c].toward_neutral],
+                "closer": [c for c in biased if abs(cats[c].after.value - cats[c].neutral)
+                           < abs(cats[c].before.value - cats[c].neutral)],
                 "made_worse": [c for c, j in cats.items() if j.away_from_neutral]}
 
 

@@ -261,6 +261,8 @@ CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {
     & set(r["categories"]["biased_before"]),
     "biased_categories_moved": lambda r: set(r["categories"]["moved_toward_neutral"])
     == set(r["categories"]["biased_before"]),
+    # the same by point estimate alone: every biased category ended nearer neutral
+    "biased_categories_closer": lambda r: set(r["categories"]["closer"]) == set(r["categories"]["biased_before"]),
     "ppl_within_budget": lambda r: r["ppl"]["increase"] <= 0.02,
     "bbq_acc_drop_le_1pt": lambda r: r["bbq"]["acc_dis"]["change"]["value"] >= -0.01,
     "kept_out_not_worse": lambda r: not r["kept_out"]["mean_ll_diff"]["away_from_neutral"],

@@ -234,6 +234,16 @@ def test_judge_flags_and_power_line() -> None:
     pj = judge_pair_rows((more, less), (more * 0.2, less), cats, n_boot=200)
     moves = pj.category_moves()
     assert set(moves["biased_before"]) == set(moves["moved_toward_neutral"]) and not moves["made_worse"]
+    assert set(moves["closer"]) == set(moves["biased_before"])
+    # "a" nudged 0.03 toward 0, "b" 0.03 away, each under per-pair noise of mean exactly 0
+    # (SD 1: the change's SE ~0.07): "a" is nearer by its point estimate, not moved
+    # significantly; "b" is neither nearer nor significantly worse
+    noise = rng.standard_normal((2, 200))
+    noise -= noise.mean(axis=1, keepdims=True)
+    nudged = more + np.concatenate([-0.03 + noise[0], 0.03 + noise[1]])
+    m2 = judge_pair_rows((more, less), (nudged, less), cats, n_boot=200).category_moves()
+    assert set(m2["biased_before"]) == {"a", "b"}
+    assert m2["closer"] == ["a"] and m2["moved_toward_neutral"] == [] and m2["made_worse"] == []
 
 
 def test_loop_scales_each_candidate_into_budget_and_keeps_the_better() -> None:
@@ -362,6 +372,8 @@ def test_shared_token_checks_see_a_shift_of_the_group_words_alone() -> None:
     assert parts["rest_pct"]["ALL"]["before"]["value"] == pytest.approx(100 * np.mean(rest > 0))
     assert CHECKS["paired_change_significant"](r) and not CHECKS["shared_tokens_paired_change_significant"](r)
     assert CHECKS["shared_tokens_no_category_made_worse"](r)
+    # every category's mean +0.3 → −0.1: nearer neutral by its point estimate
+    assert r["categories"]["closer"] and CHECKS["biased_categories_closer"](r)
     assert r["heldout_scores"]["ll_words_diff"][:3] == pytest.approx((words[:3] - 0.4).tolist())
 
 
