@@ -3,7 +3,8 @@ of bias.feedback), `ablate` (directional ablation folded into the weights, bias.
 edge.fold), `gate` (gated per-category pushes folded into the weights, bias.gate), `combo`
 (the group words' head rows ablated, then a control vector fitted on that model, both
 folded into the weights), `learn` (a low-rank edit of the upper layers' writes fitted by
-gradient, folded into the weights, bias.learn), and `mitigate_splits`, the library entry
+gradient, folded into the weights, bias.learn), `erase` (a contrast eraser of the state the
+head reads, folded into the head, bias.erase), and `mitigate_splits`, the library entry
 point of `edge bias mitigate --method … --splits N`.
 
 All fit on one split's calibration rows from the same shared pair states. Scoring uses
@@ -40,7 +41,8 @@ from bias.audit import (
     score_pair_parts,
     score_pairs,
 )
-from bias.feedback import LoopConfig, run_loop
+from bias.erase import ContrastAxes, EraseConfig, aligned_differences
+from bias.feedback import LoopConfig, neutral_chars, pydoc_text, run_loop
 from bias.gate import (
     GateConfig,
     GateEdits,
@@ -80,6 +82,7 @@ class Context:
     emit: Event
     gate: GateConfig = field(default_factory=GateConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
+    erase: EraseConfig = field(default_factory=EraseConfig)
     cache: dict[str, Any] = field(default_factory=dict)  # what every split reuses (neutral states)
     out_dir: Path | None = None  # the run's folder, where what every split reuses is kept
 
@@ -344,6 +347,61 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     return _folded_correction(ctx, "combo", folded, sc, plan, note, work, index, fit)
 
 
+def _erase_states(ctx: Context) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Per row some split calibrates on, its aligned state differences at the head's input;
+    and the head's inputs on neutral text past what the utility's PPL reads (so the eraser
+    is not fitted on the text that judges it). Read once per run in llama.cpp."""
+    if "erase_states" not in ctx.cache:
+        from bias.audit import _sentence
+        from edge.hidden import HiddenStates
+
+        sh, cfg = ctx.shared, ctx.cfg
+        rows = np.unique(np.concatenate([cfg.rows(sh.suite, s)[0] for s in range(cfg.n_splits)]))
+        toks = [(_sentence(ctx.rt, sh.suite.items[i].more)[0], _sentence(ctx.rt, sh.suite.items[i].less)[0])
+                for i in rows]
+        text = pydoc_text()[neutral_chars() + 1000:][: neutral_chars(8)]
+        ids = ctx.rt.tokenize(text, add_bos=False)
+        neutral = [[ctx.rt.bos, *ids[i * 511:(i + 1) * 511]] for i in range(len(ids) // 511)]
+        ctx.emit("stage", {"stage": "erase: states the head reads", "pairs": len(rows), "neutral_chunks": len(neutral)})
+        with HiddenStates(ctx.compute_path, threads=ctx.threads) as hs:
+            h = hs.head_inputs([t for pair in toks for t in pair])
+            hn = np.concatenate(hs.head_inputs(neutral))
+        diffs = aligned_differences(h[0::2], h[1::2], [a for a, _ in toks], [b for _, b in toks])
+        ctx.cache["erase_states"] = ({int(i): d for i, d in zip(rows, diffs, strict=True)}, hn)
+    return ctx.cache["erase_states"]
+
+
+def fit_erase(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correction:
+    """The contrast eraser of the calibration rows' state differences, folded into the head;
+    its strength halved while the PPL rise is over the budget."""
+    diffs, neutral = _erase_states(ctx)
+    ec = ctx.erase
+    delta = np.concatenate([diffs[int(i)] for i in cal])
+    axes = ContrastAxes.fit(delta, neutral, ec.ridge)
+    folded = _Folded(ctx, work / "erase.f16.gguf")
+    strength, tries = ec.strength, []
+    for _ in range(ec.halvings + 1):
+        plan, note = FoldPlan(output=axes.head_edit(ec.rank, ec.form, strength)), f"edge bias erase: {ec.describe(strength)}"
+        sc = folded.load_plan(plan, note)
+        ppl, kl = _utility(ctx, sc)
+        rise = ppl / ctx.shared.base_ppl - 1
+        tries.append({"strength": strength, "ppl_increase": rise, "kl": kl})
+        ctx.emit("erase", {"axes": ec.rank, "form": ec.form, "strength": strength, "ppl_increase": rise, "kl": kl})
+        if rise <= ctx.cfg.max_ppl_increase:
+            break
+        strength /= 2
+    fit = {"config": asdict(ec), "aligned_states": len(delta), "neutral_states": len(neutral),
+           "share_of_contrast": axes.share(ec.rank), "tries": tries, "strength": strength}
+    if tries[-1]["ppl_increase"] > ctx.cfg.max_ppl_increase:
+        folded.close()
+        if not ctx.cfg.keep_models:
+            folded.path.unlink(missing_ok=True)
+        return Correction.identity("erase", fit)
+    a, b = axes.maps(ec.rank, ec.form)
+    np.savez(work / "erase_edit.npz", a=a, b=b, strength=strength)
+    return _folded_correction(ctx, "erase", folded, sc, plan, note, work, index, fit)
+
+
 def _torch_rows(ctx: Context) -> tuple[Any, Any]:
     """The compute weights in torch, once per run, with every pair's last-layer rows (each
     sentence the splits calibrate or judge on, read through the lower layers once rather
@@ -511,8 +569,8 @@ def _neutral_text(ctx: Context) -> str:
 
 def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
                     cfg: SplitsConfig | None = None, ablate: AblateConfig | None = None,
-                    gate: GateConfig | None = None, learn: LearnConfig | None = None, threads: int | None = None,
-                    precision: str = "auto", on_event: Event | None = None) -> SplitsResult:
+                    gate: GateConfig | None = None, learn: LearnConfig | None = None,
+                    erase: EraseConfig | None = None, threads: int | None = None, precision: str = "auto", on_event: Event | None = None) -> SplitsResult:
     """`edge bias mitigate --method … --splits N`: shared work once, then every split."""
     cfg = cfg or SplitsConfig()
     cfg.validate()
@@ -530,10 +588,12 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
 
         gate = gate or GateConfig(max_ppl_increase=cfg.max_ppl_increase)
         learn = learn or LearnConfig()
+        erase = erase or EraseConfig()
+        erase.validate()
         if "learn" in cfg.methods:  # before the shared work: a missing torch is said at once
             learn.validate()
             import_torch()
-        return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, learn, threads, precision, emit)
+        return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, learn, erase, threads, precision, emit)
 
 
 def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
@@ -543,8 +603,9 @@ def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | 
     for rows some split uses; BBQ scored in llama.cpp unless every method judges it in its own engine."""
     compute = Path(scorer.compute.get("path", rt.path))
     rows = [cfg.rows(suite, s) for s in range(cfg.n_splits)]
-    # only learn runs alone: it reads no pair states
-    cal_rows = np.unique(np.concatenate([c for c, _ in rows])) if set(cfg.methods) - {"learn"} else np.array([], int)
+    # learn and erase read no pair states of the stream
+    cal_rows = (np.unique(np.concatenate([c for c, _ in rows])) if set(cfg.methods) - {"learn", "erase"}
+                else np.array([], int))
     used = np.unique(np.concatenate([np.concatenate([c, h]) for c, h in rows]))
     sh = compute_shared(rt, scorer, suite, states_model=str(compute), threads=rt.threads,
                         bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
@@ -563,8 +624,8 @@ def bbq_engine(methods: tuple[str, ...], learn: LearnConfig, n_layers: int) -> s
 
 
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
-                     ablate: AblateConfig, gate: GateConfig, learn: LearnConfig, threads: int | None,
-                     precision: str, emit: Event) -> SplitsResult:
+                     ablate: AblateConfig, gate: GateConfig, learn: LearnConfig, erase: EraseConfig,
+                     threads: int | None, precision: str, emit: Event) -> SplitsResult:
     from edge.session import open_runtime
 
     t0 = time.perf_counter()
@@ -575,13 +636,13 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
         engine = bbq_engine(cfg.methods, learn, rt.info.n_layers or 0)
         cfg = replace(cfg, bbq_per_condition=cfg.bbq_per_condition or BBQ_ITEMS[engine])
         ctx = open_context(rt, scorer, suite, out_dir, cfg, ablate, gate, emit, bbq_scored=engine == "llama.cpp")
-        ctx.learn = learn
+        ctx.learn, ctx.erase = learn, erase
         info = {"seconds": time.perf_counter() - t0, "ablate_config": asdict(ablate), "gate_config": asdict(gate),
-                "learn_config": asdict(learn),
+                "learn_config": asdict(learn), "erase_config": asdict(erase),
                 "compute": scorer.record(), "model": str(rt.path), "suite": suite.source}
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
         fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate, "combo": fit_combo,
-                   "learn": fit_learn}
+                   "learn": fit_learn, "erase": fit_erase}
         return run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
                           info)
     finally:

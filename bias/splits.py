@@ -31,7 +31,7 @@ from edge.errors import BadOptionError
 from edge.paths import atomic_write
 
 Event = Callable[[str, dict[str, Any]], None]
-METHODS = ("steer", "ablate", "gate", "combo", "learn")
+METHODS = ("steer", "ablate", "gate", "combo", "learn", "erase")
 # BBQ items per condition by where a run judges BBQ. In llama.cpp each split scores them
 # again (~0.24 s an item here): 120 keeps 5 splits in the hour but resolves a change in
 # disambiguated accuracy to ±5-8 points only. learn's last-layer edit is judged in torch on
@@ -75,7 +75,7 @@ class SplitsConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise BadOptionError(f"--method {','.join(bad) or '(none)'}: use steer, ablate, gate, combo, learn, "
-                                 "both or all")
+                                 "erase, both or all")
         if not 0 < self.calib_frac < 1:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
         if self.weights not in ("source", "F16"):
@@ -98,12 +98,12 @@ class SplitsConfig:
 
     def outputs(self) -> dict[str, Path]:
         """Where split 0's corrections go: -o takes the first method's (the learned edit's
-        model, else the combined, else the gated, else the ablated model, else the control
+        model, else the erased head's, else the combined, else the gated, else the ablated model, else the control
         vector); each other one goes beside it as STEM.<method>.gguf."""
         if not self.output:
             return {}
         out = Path(self.output)
-        first = next(m for m in ("learn", "combo", "gate", "ablate", "steer") if m in self.methods)
+        first = next(m for m in ("learn", "erase", "combo", "gate", "ablate", "steer") if m in self.methods)
         return {m: out if m == first else out.with_name(f"{out.stem}.{m}.gguf") for m in self.methods}
 
     def repeat_config(self) -> RepeatConfig | None:

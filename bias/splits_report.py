@@ -175,7 +175,7 @@ def _deployed(res: dict[str, Any]) -> list[str]:
             out.append(f"Split {s['seed']} ablate: no candidate lowered the calibration bias within the "
                        "PPL budget; the uncorrected model was judged and no ablated GGUF was written.")
         for m, what in (("ablate", "ablated"), ("gate", "gated"), ("combo", "combined (words + vector)"),
-                          ("learn", "learned-edit")):
+                          ("learn", "learned-edit"), ("erase", "erased-head")):
             fold = s["methods"].get(m, {}).get("fit", {}).get("fold")
             if fold:
                 out.append(_fold_line(s["seed"], what, fold))

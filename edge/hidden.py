@@ -13,7 +13,7 @@ layer keeps all rows (llama.cpp otherwise drops rows nobody reads before the las
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ class HiddenStates:
     """A llama.cpp context on a model file that records every layer's output per row."""
 
     PREFIX = b"l_out-"
+    NORM = b"result_norm"  # the last layer's output after output_norm: what the head reads
 
     def __init__(self, model_path: str | os.PathLike[str], *, threads: int = 2, n_batch: int = 512,
                  n_seq: int = 64) -> None:
@@ -49,7 +50,7 @@ class HiddenStates:
 
     def _on_tensor(self, t: int, ask: bool, _user: int) -> bool:
         name = self._lib.ggml_get_name(t) or b""
-        if not name.startswith(self.PREFIX):
+        if not (name.startswith(self.PREFIX) or name == self.NORM):
             return not ask  # ask: not wanted; otherwise keep computing
         if ask:
             return True
@@ -57,7 +58,8 @@ class HiddenStates:
         if not self._lib.ggml_is_contiguous(t) or n % self.n_embd:
             raise EdgeError(f"llama.cpp's {name.decode()} is not a contiguous (rows, n_embd) tensor")
         ptr = self._lib.ggml_get_data_f32(t)
-        self._rows[int(name[len(self.PREFIX):])] = np.ctypeslib.as_array(ptr, shape=(n // self.n_embd, self.n_embd)).copy()
+        key = self.n_layers if name == self.NORM else int(name[len(self.PREFIX):])
+        self._rows[key] = np.ctypeslib.as_array(ptr, shape=(n // self.n_embd, self.n_embd)).copy()
         return True
 
     def token_means(self, texts: Sequence[Sequence[int]], *, skip: int = 1,
@@ -69,31 +71,49 @@ class HiddenStates:
                 raise ContextOverflowError(f"text {i} has {len(t)} tokens; 2..{self.n_batch} fit")
         return self.position_means(texts, [range(skip, len(t)) for t in texts], on_progress=on_progress)
 
+    def head_inputs(self, texts: Sequence[Sequence[int]], *,
+                    on_progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Each text's final normalized state at every position (len, n_embd): what the
+        output head reads, row p predicting token p + 1."""
+        out: list[np.ndarray] = [np.zeros((0, self.n_embd), np.float32)] * len(texts)
+        for group, at in self._read(texts):
+            if self.n_layers not in self._rows:
+                raise EdgeError("llama.cpp did not hand over the final normalized state (result_norm)")
+            for i, a in zip(group, at, strict=True):
+                out[i] = self._rows[self.n_layers][a:a + len(texts[i])].copy()
+            if on_progress:
+                on_progress(len(group))
+        return out
+
     def position_means(self, texts: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], *,
                        on_progress: Callable[[int], None] | None = None) -> np.ndarray:
         """(n_texts, n_layers, n_embd): each layer's output averaged over the given token
         positions of each text (zeros for a text given none)."""
         out = np.zeros((len(texts), self.n_layers, self.n_embd), dtype=np.float32)
+        for group, at in self._read(texts):
+            for i, a in zip(group, at, strict=True):
+                pos = np.asarray(positions[i], dtype=np.int64)
+                if len(pos):
+                    for il in range(self.n_layers):
+                        out[i, il] = self._rows[il][a + pos].mean(0)
+            if on_progress:
+                on_progress(len(group))
+        return out
+
+    def _read(self, texts: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], list[int]]]:
+        """Decode the texts as many at a time as fit; after each decode, its texts' indices
+        and where each one's rows start in self._rows."""
+        for i, t in enumerate(texts):
+            if len(t) > self.n_batch:
+                raise ContextOverflowError(f"text {i} has {len(t)} tokens; {self.n_batch} fit")
         pending = list(range(len(texts)))
-        for i in pending:
-            if len(texts[i]) > self.n_batch:
-                raise ContextOverflowError(f"text {i} has {len(texts[i])} tokens; {self.n_batch} fit")
         while pending:
             group, rows = [], 0
             while pending and len(group) < self.n_seq and rows + len(texts[pending[0]]) <= self.n_batch:
                 rows += len(texts[pending[0]])
                 group.append(pending.pop(0))
             self._decode([texts[i] for i in group])
-            at = 0
-            for i in group:
-                pos = np.asarray(positions[i], dtype=np.int64)
-                if len(pos):
-                    for il in range(self.n_layers):
-                        out[i, il] = self._rows[il][at + pos].mean(0)
-                at += len(texts[i])
-            if on_progress:
-                on_progress(len(group))
-        return out
+            yield group, np.concatenate([[0], np.cumsum([len(texts[i]) for i in group])[:-1]]).tolist()
 
     def _decode(self, seqs: Sequence[Sequence[int]]) -> None:
         import llama_cpp
@@ -115,7 +135,7 @@ class HiddenStates:
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             raise EdgeError(f"llama_decode failed (code {rc}) while reading hidden states")
-        if len(self._rows) != self.n_layers or any(len(r) != n for r in self._rows.values()):
+        if any(il not in self._rows for il in range(self.n_layers)) or any(len(r) != n for r in self._rows.values()):
             raise EdgeError("llama.cpp did not hand over every layer's output for every row")
 
     def close(self) -> None:

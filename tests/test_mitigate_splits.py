@@ -22,7 +22,7 @@ from tests.conftest import ROOT, SHARED_DATA
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--method", "erase"], "--method"),
+    (["--method", "scrub"], "--method"),
     (["--method", "ablate", "--splits", "0"], "--splits"),
     (["--method", "ablate", "--weights", "q2"], "--weights"),
     (["--method", "ablate", "--suite", f"bbq:{SHARED_DATA / 'bbq'}"], "pair suite"),
