@@ -97,8 +97,7 @@ def main() -> None:
     import torch
 
     from bias.audit import PairScores, _sentence, rewritten_tokens, shared_after_rewrite
-    from bias.erase import ContrastAxes
-    from bias.feedback import neutral_chars, pydoc_text
+    from bias.erase import ContrastAxes, fit_text
     from bias.judge import judge_pair_rows, judge_parts
     from bias.learn import TorchLlama
 
@@ -118,11 +117,7 @@ def main() -> None:
     # neutral text: the states the eraser must leave alone, read past the text that judges
     # PPL (as bias.methods._erase_states reads it), unless --fit-on-utility
     hn, tn, _ = final_states(m, sh.neutral)
-    text = pydoc_text()[neutral_chars() + 1000:][: neutral_chars(8)]
-    ids = rt.tokenize(text, add_bos=False)
-    fit_text = sh.neutral if args.fit_on_utility else [[rt.bos, *ids[i * 511:(i + 1) * 511]]
-                                                        for i in range(len(ids) // 511)]
-    hf = final_states(m, fit_text)[0].double().numpy()
+    hf = final_states(m, sh.neutral if args.fit_on_utility else fit_text(rt))[0].double().numpy()
 
     def toks(rows: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
         return ([_sentence(rt, sh.suite.items[i].more)[0] for i in rows],

@@ -127,11 +127,12 @@ def neutral_chars(n_chunks: int = 4, n_tokens: int = 512) -> int:
     return n_chunks * n_tokens * CHARS_PER_TOKEN
 
 
-def neutral_chunks(rt: Any, n_chunks: int = 4, n_tokens: int = 512) -> list[list[int]]:
+def neutral_chunks(rt: Any, n_chunks: int = 4, n_tokens: int = 512, start: int = 0) -> list[list[int]]:
     """Neutral text for the utility, as BOS + (n_tokens − 1)-token chunks. Several chunks,
     because llama.cpp's 8-bit activations make PPL of one chunk jump by ~0.3% between
-    nearly equal vectors."""
-    text = pydoc_text()[: neutral_chars(n_chunks, n_tokens)]
+    nearly equal vectors. `start`: the characters of pydoc_text() skipped first (past
+    neutral_chars(): text the utility does not read)."""
+    text = pydoc_text()[start: start + neutral_chars(n_chunks, n_tokens)]
     ids = rt.tokenize(text, add_bos=False)
     n = n_tokens - 1
     return [[rt.llm.token_bos(), *ids[i * n : (i + 1) * n]] for i in range(n_chunks) if len(ids) >= (i + 1) * n]

@@ -41,8 +41,8 @@ from bias.audit import (
     score_pair_parts,
     score_pairs,
 )
-from bias.erase import ContrastAxes, EraseConfig, aligned_differences
-from bias.feedback import LoopConfig, neutral_chars, pydoc_text, run_loop
+from bias.erase import ContrastAxes, EraseConfig, aligned_differences, fit_text
+from bias.feedback import LoopConfig, run_loop
 from bias.gate import (
     GateConfig,
     GateEdits,
@@ -359,9 +359,7 @@ def _erase_states(ctx: Context) -> tuple[dict[int, np.ndarray], np.ndarray]:
         rows = np.unique(np.concatenate([cfg.rows(sh.suite, s)[0] for s in range(cfg.n_splits)]))
         toks = [(_sentence(ctx.rt, sh.suite.items[i].more)[0], _sentence(ctx.rt, sh.suite.items[i].less)[0])
                 for i in rows]
-        text = pydoc_text()[neutral_chars() + 1000:][: neutral_chars(8)]
-        ids = ctx.rt.tokenize(text, add_bos=False)
-        neutral = [[ctx.rt.bos, *ids[i * 511:(i + 1) * 511]] for i in range(len(ids) // 511)]
+        neutral = fit_text(ctx.rt)
         ctx.emit("stage", {"stage": "erase: states the head reads", "pairs": len(rows), "neutral_chunks": len(neutral)})
         with HiddenStates(ctx.compute_path, threads=ctx.threads) as hs:
             h = hs.head_inputs([t for pair in toks for t in pair])
