@@ -240,11 +240,16 @@ def check_memory(path: Path, available: int | None = None, rows: int = 0) -> int
 class TorchLlama:
     """A GGUF's Llama forward in torch (float32), with an edit of what each layer writes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, arithmetic: str = "exact") -> None:
+        """arithmetic "exact": the dequantized weights' own products; "llama.cpp": as
+        llama.cpp's CPU backend computes on this file (bias.arith: 8-bit activations, an f16
+        KV cache), so that scores match what the file gives on a device."""
         torch = import_torch()
         from edge.engine.model import Engine
-        from edge.engine.weights import load_weights
+        from edge.engine.weights import LINEAR_NAMES, _tensor_keys, load_weights
 
+        if arithmetic not in ("exact", "llama.cpp"):
+            raise ValueError(f"arithmetic is 'exact' or 'llama.cpp', not {arithmetic!r}")
         w = load_weights(path)
         self.args = a = w.args
         def t(x: np.ndarray) -> Any:  # the GGUF's own F32 tensors are read-only maps: torch wants its copy
@@ -255,6 +260,14 @@ class TorchLlama:
         self.layers = [({k: t(v) for k, v in lw.wt.items()}, t(lw.attn_norm), t(lw.ffn_norm)) for lw in w.layers]
         self.emb, self.out, self.onorm = t(w.tok_embd), t(w.output), t(w.output_norm)
         self.n_layers, self.n_embd, self.eps = a.n_layers, a.n_embd, a.rms_eps
+        self.arithmetic, self.arith = arithmetic, None
+        if arithmetic == "llama.cpp":
+            from bias.arith import file_arith
+
+            keys = _tensor_keys()
+            names = {(il, k): keys[k].format(bid=il) + ".weight" for il in range(a.n_layers) for k in LINEAR_NAMES}
+            names["output"] = w.output_name
+            self.arith = file_arith(Path(path), names)
         # each sequence's last-layer inputs at every position, kept: the splits of a run fit
         # and judge on subsets of the same sentences, so each is read through 29 layers once
         self._rows: dict[tuple[int, ...], tuple[Any, Any]] = {}
@@ -281,28 +294,45 @@ class TorchLlama:
         a = self.args
         B, T, _ = x.shape
         hd, g = a.head_dim, a.n_head // a.n_head_kv
-        wt, an, _ = self.layers[il]
+        an = self.layers[il][1]
         h = self._norm(x, an)
-        q = self._rope((h @ wt["q"]).view(B, T, a.n_head, hd), pos)
-        k = self._rope((h @ wt["k"]).view(B, T, a.n_head_kv, hd), pos).repeat_interleave(g, dim=2)
-        v = (h @ wt["v"]).view(B, T, a.n_head_kv, hd).repeat_interleave(g, dim=2)
-        att = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                               v.transpose(1, 2), attn_mask=mask,
-                                                               is_causal=mask is None)
-        return att.transpose(1, 2).reshape(B, T, a.n_embd) @ wt["o"]
+        q = self._rope(self._mm(h, il, "q").view(B, T, a.n_head, hd), pos)
+        k = self._rope(self._mm(h, il, "k").view(B, T, a.n_head_kv, hd), pos).repeat_interleave(g, dim=2)
+        v = self._mm(h, il, "v").view(B, T, a.n_head_kv, hd).repeat_interleave(g, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.arith is None:
+            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        else:  # llama.cpp: K and V from an f16 cache, the query and softmax weights rounded to meet them
+            f16 = self._f16
+            allowed = torch.ones((T, T), dtype=torch.bool).tril() if mask is None else mask
+            s = (f16(q) @ f16(k).transpose(-1, -2)) / hd**0.5
+            att = f16(torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)) @ f16(v)
+        return self._mm(att.transpose(1, 2).reshape(B, T, a.n_embd), il, "o")
+
+    @staticmethod
+    def _f16(x: Any) -> Any:
+        r = x.half().float()
+        return x + (r - x).detach()
+
+    def _mm(self, x: Any, il: int, key: str) -> Any:
+        """x times layer il's weight `key` (q k v o gate up down), in this model's arithmetic."""
+        w = self.layers[il][0][key]
+        return x @ w if self.arith is None else self.arith[(il, key)](x, w)
 
     def finish(self, il: int, x: Any, wa: Any, edit: Any = None) -> Any:
         """The stream leaving layer il from the one entering it and its attention's write
         `wa`, each written part edited; per position, so x may be (N, D) rows as well."""
         F = import_torch().nn.functional
-        wt, _, fn = self.layers[il]
+        fn = self.layers[il][2]
         x = x + (wa if edit is None else edit(il, wa, False))
         h = self._norm(x, fn)
-        wd = (F.silu(h @ wt["gate"]) * (h @ wt["up"])) @ wt["down"]
+        wd = self._mm(F.silu(self._mm(h, il, "gate")) * self._mm(h, il, "up"), il, "down")
         return x + (wd if edit is None else edit(il, wd, True))
 
     def logprobs(self, x: Any) -> Any:
-        return import_torch().log_softmax(self._norm(x, self.onorm) @ self.out.T, dim=-1)
+        h = self._norm(x, self.onorm)
+        z = h @ self.out.T if self.arith is None else self.arith["output"](h, self.out.T)
+        return import_torch().log_softmax(z, dim=-1)
 
     def forward(self, toks: Any, edit: Any = None, x0: Any = None, start: int = 0, stop: int | None = None,
                 pos: Any = None, mask: Any = None) -> Any:

@@ -508,9 +508,25 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         return corr
     edit = edit_of(res.plan)
 
-    def parts(suite: Suite, e: Any) -> PairScores:
+    def parts(suite: Suite, e: Any, model: Any = m) -> PairScores:
         toks = [(_sentence(rt, it.more)[0], _sentence(rt, it.less)[0]) for it in suite.items]
-        return PairScores(*pair_parts(m, [a for a, _ in toks], [b for _, b in toks], e))
+        return PairScores(*pair_parts(model, [a for a, _ in toks], [b for _, b in toks], e))
+
+    def device(suite: Suite) -> tuple[list[PairScores], list[PairScores]]:
+        # the source's own weights in llama.cpp's arithmetic (a second model, for this once),
+        # read twice: the second reading's bits differ, so the two tell the chaotic part apart
+        from bias.arith import redraw
+        from bias.learn import TorchLlama, check_memory
+
+        check_memory(ctx.source_path)
+        dm = TorchLlama(ctx.source_path, "llama.cpp")
+        reads: tuple[list[PairScores], list[PairScores]] = ([], [])
+        for r in range(2):
+            if r:
+                redraw(dm, r)
+            reads[0].append(parts(suite, None, dm))
+            reads[1].append(parts(suite, edit, dm))
+        return reads
 
     def before(suite: Suite) -> PairScores:
         # the uncorrected pairs, scored once a run: every split's held-out rows read the same
@@ -523,12 +539,13 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         return PairScores(more, less, words)
 
     deployed = corr.fit.get("fold", {}).get("path")
+    requantized = bool(deployed) and ctx.cfg.weights != "F16" and ctx.compute_path != ctx.source_path
     bbq = {"before_bbq": tb["before_bbq"], "score_bbq": lambda s: tb["score_bbq"](s, edit)} if tb else {}
     return replace(corr, score_pairs=lambda s: parts(s, edit), before_pairs=before, **bbq,
                    utility=lambda: tu(edit), base_ppl=tu.base_ppl, engine="torch",
                    score_deployed=None if not deployed else lambda s: _score_file(ctx, Path(deployed), s),
-                   score_source=None if not deployed or ctx.cfg.weights == "F16" or ctx.compute_path == ctx.source_path
-                   else lambda s: _score_file(ctx, ctx.source_path, s))
+                   score_source=None if not requantized else lambda s: _score_file(ctx, ctx.source_path, s),
+                   score_device=device if requantized else None)
 
 
 def _score_file(ctx: Context, path: Path, suite: Suite) -> PairScores:

@@ -138,6 +138,10 @@ class Correction:
     # a re-quantized deployed file's uncorrected source in plain llama.cpp: its quantized
     # arithmetic moves pairs apart from the edit, so the file's own change is compared too
     score_source: Callable[[Any], PairScores] | None = None
+    # the held-out pairs before and after the correction in llama.cpp's arithmetic on the
+    # re-quantized file's weights (bias.arith, in torch), two readings each: what the file
+    # should read, and how far the arithmetic's chaotic part moves it
+    score_device: Callable[[Any], tuple[list[PairScores], list[PairScores]]] | None = None
     # BBQ's answers before the correction in its own engine (None: the shared llama.cpp scores)
     before_bbq: Callable[[Any], np.ndarray] | None = None
 
@@ -209,6 +213,18 @@ def judge_correction(sh: Shared, corr: Correction, held: np.ndarray, cfg: Splits
             spct, beng = (float(pct_stereotype(*p)) for p in ((src.more, src.less), before))
             out["deployed"].update(source_pct_stereotype=spct, engine_before_pct_stereotype=beng,
                                    change_difference=(pct - spct) - (eng - beng))
+        if corr.score_device is not None:
+            from bias.arith import DeviceSpread
+
+            emit("stage", {"stage": f"{corr.method}: held-out pairs in llama.cpp's arithmetic (torch)",
+                           "pairs": len(held)})
+            db, da = corr.score_device(sh.suite.subset(held.tolist()))
+            dev = {}
+            for k, reads in (("before", db), ("after", da)):
+                sp = DeviceSpread.of([r.more - r.less for r in reads])
+                dev[k] = {"pcts": sp.pcts, "chaotic_sd": sp.chaotic_sd, "expected_pct": sp.mean, "pct_sd": sp.sd}
+            out["deployed"]["device"] = dev
+            out["deployed"]["device_difference"] = pct - dev["after"]["expected_pct"]
     ppl, kl = (base_ppl, 0.0) if corr.is_identity else corr.utility()
     out["ppl"] = {"before": base_ppl, "after": ppl, "increase": ppl / base_ppl - 1, "kl": kl}
     if cfg.exclude_category and cfg.exclude_category in pj.per_category:

@@ -183,8 +183,9 @@ def _deployed(res: dict[str, Any]) -> list[str]:
             if dep:
                 eng = s["methods"][m].get("engine", "the engine")
                 out.append(f"Split {s['seed']} {what} GGUF in plain llama.cpp: held-out pct {dep['pct_stereotype']:.2f} "
-                           f"against {dep['engine_pct_stereotype']:.2f} in {eng} (difference "
-                           f"{dep['difference']:+.2f} points; the acceptance allows 0.5).")
+                           f"against {dep['engine_pct_stereotype']:.2f} in {eng}'s exact arithmetic (difference "
+                           f"{dep['difference']:+.2f} points; the acceptance allows 0.5"
+                           f"{', read in the file’s own arithmetic below' if 'device' in dep else ''}).")
                 if "source_pct_stereotype" in dep:
                     out.append(f"The uncorrected source file in plain llama.cpp scores {dep['source_pct_stereotype']:.2f} "
                                f"against {dep['engine_before_pct_stereotype']:.2f} on the compute weights: its quantized "
@@ -192,6 +193,15 @@ def _deployed(res: dict[str, Any]) -> list[str]:
                                f"{dep['pct_stereotype'] - dep['source_pct_stereotype']:+.2f} points, is the one to set "
                                f"beside the engine's, {dep['engine_pct_stereotype'] - dep['engine_before_pct_stereotype']:+.2f} "
                                f"(difference {dep['change_difference']:+.2f}).")
+                if "device" in dep:
+                    b, a = dep["device"]["before"], dep["device"]["after"]
+                    out.append(f"In llama.cpp's arithmetic on the file's weights (8-bit activations, reproduced in "
+                               f"torch: bias.arith), two readings whose bits differ give the engine's pairs "
+                               f"{b['expected_pct']:.2f} ± {b['pct_sd']:.2f} before and {a['expected_pct']:.2f} ± "
+                               f"{a['pct_sd']:.2f} after (expected ± SD between draws). Only the noise's chaotic part, "
+                               f"SD {a['chaotic_sd']:.2f} nats a pair, changes with the build, the CPU or a "
+                               "re-quantization; "
+                               f"this file is {dep['device_difference']:+.2f} points from its expected reading.")
             r = s["methods"].get(m, {})
             if r.get("engine", "llama.cpp") != "llama.cpp":
                 bbq = r.get("bbq_engine") == r["engine"]

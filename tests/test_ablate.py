@@ -402,7 +402,9 @@ def test_a_requantized_files_change_is_set_beside_the_engines() -> None:
         return f
 
     corr = Correction("learn", scored(0.3, 0), lambda s: None, lambda: (10.1, 0.01), lambda p, r: [])
-    corr = replace(corr, score_deployed=scored(0.3, 1), score_source=scored(0, 1))
+    corr = replace(corr, score_deployed=scored(0.3, 1), score_source=scored(0, 1),
+                   score_device=lambda s: ([scored(0, 0.9)(s), scored(0, 1.1)(s)],
+                                           [scored(0.3, 0.9)(s), scored(0.3, 1.1)(s)]))
     r = judge_correction(sh, corr, np.arange(600), SplitsConfig(n_splits=1, probes_spec=None, n_boot=200))
     dep = r["deployed"]
     assert abs(dep["difference"]) > 0.5  # the file alone, against the engine, looks off
@@ -412,6 +414,13 @@ def test_a_requantized_files_change_is_set_beside_the_engines() -> None:
     assert dep["engine_before_pct_stereotype"] == pytest.approx(100 * np.mean(base[0] > 0))
     line = "\n".join(_deployed({"splits": [{"seed": 0, "methods": {"learn": r}}]}))
     assert f"the file's own change, {file_change:+.2f} points" in line and f"{dep['change_difference']:+.2f}" in line
+    # llama.cpp's arithmetic in the engine: its noise's size, and the file set beside what it should read
+    dev = dep["device"]
+    assert dev["after"]["chaotic_sd"] == pytest.approx(0.2 * quant.std() / np.sqrt(2))
+    assert dev["after"]["expected_pct"] == pytest.approx(np.mean(dev["after"]["pcts"]))
+    assert dep["device_difference"] == pytest.approx(dep["pct_stereotype"] - dev["after"]["expected_pct"])
+    assert abs(dep["device_difference"]) < abs(dep["difference"])
+    assert f"this file is {dep['device_difference']:+.2f} points from its expected reading" in line
 
 
 def test_a_correction_that_found_nothing_is_judged_by_the_shared_scores() -> None:

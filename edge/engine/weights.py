@@ -49,6 +49,7 @@ class Weights:
     layers: list[LayerWeights] = field(default_factory=list)
     rope_freqs: np.ndarray | None = None  # per-pair frequency divisors (Llama 3)
     rope_freq_scale: float = 1.0
+    output_name: str = "output.weight"  # the head's tensor in the file (token_embd.weight when tied)
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -129,4 +130,5 @@ def load_weights(path: str | os.PathLike[str]) -> Weights:
     rope_freqs = get(freqs_name) if freqs_name in tensors else None
     return Weights(args=args, info=info, tok_embd=tok_embd, output=output,
                    output_norm=get(TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"),
-                   layers=layers, rope_freqs=rope_freqs, rope_freq_scale=scale)
+                   layers=layers, rope_freqs=rope_freqs, rope_freq_scale=scale,
+                   output_name=out_name if out_name in tensors else TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
