@@ -243,7 +243,8 @@ class TorchLlama:
     def __init__(self, path: Path, arithmetic: str = "exact") -> None:
         """arithmetic "exact": the dequantized weights' own products; "llama.cpp": as
         llama.cpp's CPU backend computes on this file (bias.arith: 8-bit activations, an f16
-        KV cache), so that scores match what the file gives on a device."""
+        KV cache), so that scores carry the systematic part of what its arithmetic adds (the
+        chaotic rest re-rolls with any bit: bias.arith.DeviceSpread)."""
         torch = import_torch()
         from edge.engine.model import Engine
         from edge.engine.weights import LINEAR_NAMES, _tensor_keys, load_weights
@@ -260,7 +261,7 @@ class TorchLlama:
         self.layers = [({k: t(v) for k, v in lw.wt.items()}, t(lw.attn_norm), t(lw.ffn_norm)) for lw in w.layers]
         self.emb, self.out, self.onorm = t(w.tok_embd), t(w.output), t(w.output_norm)
         self.n_layers, self.n_embd, self.eps = a.n_layers, a.n_embd, a.rms_eps
-        self.arithmetic, self.arith = arithmetic, None
+        self.arith = None
         if arithmetic == "llama.cpp":
             from bias.arith import file_arith
 
