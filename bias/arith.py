@@ -24,13 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from bias.learn import import_torch
-
 # ggml's vec_dot_type per weight type (ggml-cpu.c's type_traits_cpu)
 _Q8_0 = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4")
 _Q8_1 = ("Q4_1", "Q5_1")
 _Q8_K = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
          "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0")
+
+
+def import_torch() -> Any:
+    import torch  # reached through bias.learn.TorchLlama, which has checked torch is there
+
+    return torch
 
 
 def _vec_dot(type_name: str) -> str:

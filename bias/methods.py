@@ -512,22 +512,6 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         toks = [(_sentence(rt, it.more)[0], _sentence(rt, it.less)[0]) for it in suite.items]
         return PairScores(*pair_parts(model, [a for a, _ in toks], [b for _, b in toks], e))
 
-    def device(suite: Suite) -> tuple[list[PairScores], list[PairScores]]:
-        # the source's own weights in llama.cpp's arithmetic (a second model, for this once),
-        # read twice: the second reading's bits differ, so the two tell the chaotic part apart
-        from bias.arith import redraw
-        from bias.learn import TorchLlama, check_memory
-
-        check_memory(ctx.source_path)
-        dm = TorchLlama(ctx.source_path, "llama.cpp")
-        reads: tuple[list[PairScores], list[PairScores]] = ([], [])
-        for r in range(2):
-            if r:
-                redraw(dm, r)
-            reads[0].append(parts(suite, None, dm))
-            reads[1].append(parts(suite, edit, dm))
-        return reads
-
     def before(suite: Suite) -> PairScores:
         # the uncorrected pairs, scored once a run: every split's held-out rows read the same
         seen = ctx.cache.setdefault("torch_before", {})
@@ -545,7 +529,26 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
                    utility=lambda: tu(edit), base_ppl=tu.base_ppl, engine="torch",
                    score_deployed=None if not deployed else lambda s: _score_file(ctx, Path(deployed), s),
                    score_source=None if not requantized else lambda s: _score_file(ctx, ctx.source_path, s),
-                   score_device=device if requantized else None)
+                   score_device=(lambda s: _device_reads(ctx, s, edit, parts)) if requantized else None)
+
+
+def _device_reads(ctx: Context, suite: Suite, edit: Any,
+                  parts: Callable[..., PairScores]) -> tuple[list[PairScores], list[PairScores]]:
+    """The pairs before and after `edit` in llama.cpp's arithmetic on the source's own weights
+    (a second model, for this once), read twice: the second reading's bits differ
+    (bias.arith.redraw), so the two tell the noise's chaotic part apart."""
+    from bias.arith import redraw
+    from bias.learn import TorchLlama, check_memory
+
+    check_memory(ctx.source_path)
+    dm = TorchLlama(ctx.source_path, "llama.cpp")
+    reads: tuple[list[PairScores], list[PairScores]] = ([], [])
+    for r in range(2):
+        if r:
+            redraw(dm, r)
+        reads[0].append(parts(suite, None, dm))
+        reads[1].append(parts(suite, edit, dm))
+    return reads
 
 
 def _score_file(ctx: Context, path: Path, suite: Suite) -> PairScores:
