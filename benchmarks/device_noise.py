@@ -45,7 +45,7 @@ def main() -> None:
     import torch
     from bias_gating import open_run
 
-    from bias.arith import DeviceSpread
+    from bias.arith import DeviceSpread, redraw
     from bias.audit import _sentence
     from bias.learn import TorchLlama, edit_of, load_edit, pair_parts
     from bias.methods import _score_file
@@ -78,10 +78,11 @@ def main() -> None:
     engine("engine, exact arithmetic (the run's judge)", TorchLlama(ctx.compute_path))
     sim = TorchLlama(ctx.source_path, "llama.cpp")
     emb = sim.emb.clone()
-    g = torch.Generator().manual_seed(0)
     for r in range(args.realizations):
-        sim.emb = emb if r == 0 else emb * (1 + 1e-7 * torch.randn(emb.shape, generator=g))
+        sim.emb = emb
         sim._rows.clear()
+        if r:
+            redraw(sim, r)  # as a run's second reading does
         engine(f"llama.cpp arithmetic in torch, realization {r}", sim)
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "deployed.gguf"
