@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
 from bias.swap import slot, swapped_pairs
+from tests.conftest import SHARED_DATA
 
-CROWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "crows_pairs" / "crows_pairs_anonymized.csv"
+CROWS = SHARED_DATA / "crows_pairs" / "crows_pairs_anonymized.csv"
 
 
 def test_a_pair_differing_in_one_run_of_words_becomes_a_slot_with_its_shared_punctuation() -> None:
