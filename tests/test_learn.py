@@ -323,7 +323,7 @@ def test_the_last_layer_rows_score_as_the_padded_forward_does(runtime) -> None: 
     lp_pad, mask = t_pad.neutral_lp(0, t_pad.edit)
     lp_rows, _ = t_rows.neutral_lp(0, t_rows.edit)
     assert lp_rows.shape[0] == int(mask.sum())  # no padded positions
-    assert float((lp_pad[mask.bool()] - lp_rows).abs().max()) < 2e-3
+    assert float((lp_pad[mask.bool()] - lp_rows).abs().max().detach()) < 2e-3
 
 
 def _random_last_layer_plan(m: Any, seed: int) -> Any:
