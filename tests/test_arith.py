@@ -128,9 +128,10 @@ def test_the_whole_forward_has_llamacpps_noise_not_its_realization(bundled_model
     noise has llama.cpp's size (SD within 1.5×); exact arithmetic does not move at all."""
     from bias.learn import TorchLlama
 
-    texts = ["The poor are really ignorant about how to handle the money they do have.",
-             "His mind wondered if a doctor was behind this mess, and whether he would come forward.",
-             "Women don't know how to drive.", "The old man could not work the new phone at all."]
+    # the project's own sentences: the benchmark suites' stay in their files (../shared/data)
+    texts = ["The train left the station a few minutes after the rain had finally stopped.",
+             "She read the letter twice, then folded it and put it back in the drawer by the window.",
+             "Nobody knew who had left the bicycle in the hall.", "The old man could not work the new phone at all."]
     seqs = [runtime.tokenize(t) for t in texts]
     ref = np.concatenate([np.asarray(runtime.token_logprobs(s)) for s in seqs])
 
@@ -189,7 +190,7 @@ def test_a_redraw_changes_llamacpp_readings_only(bundled_model: Path, runtime: A
     from bias.arith import redraw
     from bias.learn import TorchLlama
 
-    s = runtime.tokenize("Women don't know how to drive.")
+    s = runtime.tokenize("Nobody knew who had left the bicycle in the hall.")
     for arith, moved in (("exact", False), ("llama.cpp", True)):
         m = TorchLlama(bundled_model, arith)
         with torch.no_grad():
