@@ -67,23 +67,23 @@ def main() -> None:
     def pct(a: np.ndarray, b: np.ndarray) -> float:
         return float(pct_stereotype(a, b))
 
-    def engine(name: str, m: TorchLlama) -> None:
+    def engine(name: str, key: str, m: TorchLlama) -> None:
         t = time.time()
         b, a = pair_parts(m, more, less, None), pair_parts(m, more, less, edit)
         rows.append((name, pct(b[0], b[1]), pct(a[0], a[1])))
-        diffs[name] = np.stack([b[0] - b[1], a[0] - a[1]])
+        diffs[key] = np.stack([b[0] - b[1], a[0] - a[1]])
         print(f"  {name}: {rows[-1][1]:.2f} → {rows[-1][2]:.2f} ({time.time() - t:.0f} s)", flush=True)
 
     print(f"split {args.split}: {len(held)} held-out pairs; source {ctx.source_path.name}")
-    engine("engine, exact arithmetic (the run's judge)", TorchLlama(ctx.compute_path))
+    engine("engine, exact arithmetic (the run's judge)", "engine", TorchLlama(ctx.compute_path))
     sim = TorchLlama(ctx.source_path, "llama.cpp")
-    emb = sim.emb.clone()
-    for r in range(args.realizations):
+    emb = sim.emb
+    sim_keys = [f"llama.cpp_arithmetic_in_torch{r}" for r in range(args.realizations)]
+    for r, key in enumerate(sim_keys):
         sim.emb = emb
-        sim._rows.clear()
         if r:
             redraw(sim, r)  # as a run's second reading does
-        engine(f"llama.cpp arithmetic in torch, realization {r}", sim)
+        engine(f"llama.cpp arithmetic in torch, realization {r}", key, sim)
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "deployed.gguf"
         fold_gguf(ctx.source_path, dst, plan, weight_type="source", force=True, note="device_noise")
@@ -94,7 +94,7 @@ def main() -> None:
                      pct(src.more, src.less), pct(dep.more, dep.less)))
         diffs["llama.cpp"] = np.stack([src.more - src.less, dep.more - dep.less])
         print(f"  {rows[-1][0]}: {rows[-1][1]:.2f} → {rows[-1][2]:.2f} ({time.time() - t:.0f} s)")
-    sims = np.array([[b, a] for n, b, a in rows if n.startswith("llama.cpp arithmetic")])
+    sims = np.array([[b, a] for _, b, a in rows[1:-1]])  # the realizations, between exact and plain
     ex, lc = rows[0], rows[-1]
     print("\n| arithmetic | pct before | pct after | change |\n|---|---|---|---|")
     for n, b, a in rows:
@@ -106,19 +106,18 @@ def main() -> None:
     print(f"plain llama.cpp against the exact engine: before {lc[1] - ex[1]:+.2f}, after {lc[2] - ex[2]:+.2f}, "
           f"change {(lc[2] - lc[1]) - (ex[2] - ex[1]):+.2f} points")
     if len(sims) > 1:
-        reads = [diffs[n] for n, *_ in rows if n.startswith("llama.cpp arithmetic")][:2]
+        reads = [diffs[k] for k in sim_keys[:2]]
         pb, pa = (DeviceSpread.of([r[k] for r in reads]) for k in (0, 1))
         print(f"predicted from realizations 0 and 1 alone (bias.arith.DeviceSpread, as a run reports it): "
               f"{pb.mean:.2f} ± {pb.sd:.2f} → {pa.mean:.2f} ± {pa.sd:.2f} (chaotic SD {pb.chaotic_sd:.2f} / "
               f"{pa.chaotic_sd:.2f} nats a pair)")
-        e = np.stack([diffs[n][0] - diffs[rows[0][0]][0] for n, *_ in rows if n.startswith("llama.cpp arithmetic")])
-        el = diffs["llama.cpp"][0] - diffs[rows[0][0]][0]
+        e = np.stack([diffs[k][0] - diffs["engine"][0] for k in sim_keys])
+        el = diffs["llama.cpp"][0] - diffs["engine"][0]
         print(f"noise (device − exact, before): SD {e.std(1).mean():.2f} nats a pair; correlation between "
               f"realizations {np.corrcoef(e)[np.triu_indices(len(e), 1)].mean():.2f}, with plain llama.cpp's "
               f"{np.mean([np.corrcoef(el, x)[0, 1] for x in e]):.2f}")
     if args.save:
-        np.savez(args.save, **{k.split(",")[0].replace(" ", "_") + (k.split("realization ")[-1] if "realization" in k else ""): v
-                               for k, v in diffs.items()})
+        np.savez(args.save, **diffs)
     scorer.close()
     rt.close()
 
