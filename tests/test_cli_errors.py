@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -46,3 +48,17 @@ def test_help_teaches_with_examples() -> None:
     for cmd in (["run"], ["chat"], ["models", "pull"], ["logs"]):
         out = CliRunner().invoke(cli, [*cmd, "--help"]).output
         assert "Examples:" in out or "Example:" in out, cmd
+
+
+def test_every_option_says_what_it_does() -> None:
+    # `--help` is the manual: an option without help text leaves the user guessing.
+    def walk(cmd: click.Command, path: list[str]) -> Iterator[tuple[list[str], click.Command]]:
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    bare = [(" ".join(path), p.opts[0]) for path, cmd in walk(cli, [])
+            for p in cmd.params if isinstance(p, click.Option) and not p.help and "--help" not in p.opts]
+    assert not bare, bare

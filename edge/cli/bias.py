@@ -15,7 +15,7 @@ from edge.cli.options import correction_options, model_argument
 
 @click.group("bias")
 def bias_group() -> None:
-    """Audit a model for social bias, and correct it with a control vector.
+    """Audit a model for social bias, and correct it: a control vector, or an edit folded into the GGUF.
 
     \b
     Examples:
@@ -47,7 +47,8 @@ PRECISION = click.option(
               help="Sampling temperature for --repeat [default: 0.8; 0 = greedy].")
 @click.option("--seed", type=int, default=None, help="First seed for --repeat (repeat k uses seed+k−1) [default: 0].")
 @PRECISION
-@click.option("-t", "--threads", type=click.IntRange(1, 256), default=None)
+@click.option("-t", "--threads", type=click.IntRange(1, 256), default=None,
+              help="CPU threads [default: physical cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction: str | None,
               correction_scale: float, out_dir: str | None, repeat: int | None, temp: float | None,
@@ -170,7 +171,8 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 @click.option("--calib-frac", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3,
               show_default=True, help="Share of each category used for calibration.")
 @click.option("--exclude-category", default=None, help="A category kept out of the loop, checked after.")
-@click.option("--direction-pairs", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--direction-pairs", type=click.IntRange(2), default=64, show_default=True,
+              help="Calibration pairs whose states give the control vector's directions (steer without --splits).")
 @click.option("--blocks", "n_blocks", type=click.IntRange(0, 64), default=None,
               help="Layer blocks probed one at a time to set the per-layer coefficients "
                    "(0: weights from the directions' consistency only) [default: 6; 3 with --splits].")
@@ -190,34 +192,41 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
               help="Without --splits: a second pair suite judged before/after.")
 @click.option("--repeat", type=click.IntRange(0), default=3, show_default=True,
               help="With --splits: judge the probes by generation, K samples each (0: off).")
-@click.option("--temp", type=click.FloatRange(0), default=0.8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temp", type=click.FloatRange(0), default=0.8, show_default=True,
+              help="Sampling temperature for --repeat (0 = greedy).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the splits (split s uses seed+s) and of the sampling; the same seed gives the same rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for results.json and report.md [default: next to -o].")
 @PRECISION
-@click.option("-t", "--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("-t", "--threads", type=click.IntRange(1, 256), default=None,
+              help="CPU threads [default: physical cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablate_where: str, target: float,
                  max_ppl_increase: float | None, max_iter: int | None, n_blocks: int | None,
                  direction_method: str, as_json: bool, **kw: Any) -> None:
     """Correct MODEL's bias and judge the correction on held-out rows (before/after, with
-    paired CIs): a control vector from the layer-wise feedback loop (steer), or the bias
-    directions removed from the residual stream and folded into a GGUF that runs anywhere
-    (ablate), or a push per category that opens only on that category's content, folded
-    likewise (gate), or the group words' head rows ablated plus a control vector, both
-    folded in (combo), or a low-rank edit fitted by gradient to shrink every calibration
-    pair, folded likewise (learn), or the pairs' state contrast erased from what the output
-    head reads, folded into the head (erase); several side by side on the same splits.
+    paired CIs), then write it: a control vector (steer) or the model with the edit folded
+    into its weights, a GGUF that runs in any llama.cpp with no flag (every other method).
+
+    \b
+    Which method:
+      learn   a low-rank edit fitted by gradient to shrink every calibration pair; the best
+              measured on the bundled model (5 splits: held-out pct CI holds 50 on all 5,
+              PPL +0.0-1.1%, BBQ accuracy not lower). Needs torch: pip install 'edge[learn]'.
+      steer   the layer-wise feedback loop's control vector; needs nothing extra.
+      ablate  the bias directions projected out of the residual stream (both: steer and
+              ablate side by side). gate, combo, erase: kept for comparison.
 
     \b
     Examples:
       edge bias mitigate --suite crows_pairs:crows.csv -o fair.gguf --exclude-category disability
-      edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method both --splits 5 \\
-          --exclude-category disability --bbq bbq:../shared/data/bbq
       edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method learn --splits 5 \\
-          --weights f16   # a Q4_1 re-quantization moved the held-out pct by 1.1 points
+          --exclude-category disability --bbq bbq:../shared/data/bbq
+      edge bias mitigate --suite crows_pairs:crows.csv -o fair-model.gguf --method both --splits 5
       edge run fair-model.gguf -p "Describe a nurse."
       edge run --correction fair.gguf -p "Describe a nurse."
+      edge bias audit fair-model.gguf --suite crows_pairs:crows.csv   # audit what you deploy
     """
     kw["out_dir"] = kw["out_dir"] or str(Path(kw["out_path"]).with_suffix("")) + "-report"
     if correction_method != "steer" or splits is not None:

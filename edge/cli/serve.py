@@ -13,7 +13,7 @@ from edge.cli.options import model_argument, rpc_option, runtime_config, runtime
 @model_argument
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs --api-key (or --no-auth-ok).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="TCP port to listen on.")
 @click.option("--api-key", envvar="EDGE_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health [env: EDGE_API_KEY].")
 @click.option("--no-auth-ok", "allow_no_key", is_flag=True,
@@ -22,7 +22,8 @@ from edge.cli.options import model_argument, rpc_option, runtime_config, runtime
               help="Requests that may wait behind the running one; more get HTTP 429.")
 @click.option("--correction", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Apply this correction vector (see `edge bias mitigate`).")
-@click.option("--correction-scale", type=float, default=1.0, show_default=True)
+@click.option("--correction-scale", type=click.FloatRange(-100, 100), default=1.0, show_default=True,
+              help="Multiplier for --correction (1.0 applies it as written).")
 @runtime_options
 @rpc_option
 @click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=None,

@@ -10,7 +10,8 @@ from edge.rpc import DEFAULT_PORT
 @click.command("worker")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs --i-understand-no-auth.")
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="TCP port to listen on (clients name it in --rpc HOST:PORT).")
 @click.option("-t", "--threads", type=click.IntRange(1, 256), default=None,
               help="CPU threads for the work [default: physical cores].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
