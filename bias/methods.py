@@ -57,9 +57,10 @@ from bias.learn import LearnConfig, import_torch, learn_edit, save_edit
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.shared import Shared, compute_shared, read_shared_positions
-from bias.splits import BBQ_ITEMS, Correction, SplitsConfig, SplitsResult, run_splits
+from bias.splits import BBQ_ITEMS, Correction, SplitsConfig, SplitsResult, run_metrics, run_splits
 from bias.steering import compute_directions as steering_directions
 from bias.suites import Suite, load_suite
+from edge import telemetry
 from edge.cvec import write as write_cvec
 from edge.errors import BadOptionError
 from edge.fold import FoldPlan, ResidualEdit, fold_gguf, requant_cost
@@ -641,6 +642,14 @@ def bbq_engine(methods: tuple[str, ...], learn: LearnConfig, n_layers: int) -> s
     return "torch" if set(methods) == {"learn"} and last else "llama.cpp"
 
 
+def log_run(res: SplitsResult, rt: Runtime, scorer: BatchScorer, out_dir: Path) -> None:
+    """One `fairness` run-log record per method with a finished split (edge logs, edge report)."""
+    for m in res.config["methods"]:
+        metrics = run_metrics(res, m, out_dir / "results.json")
+        if metrics is not None:
+            telemetry.log("fairness", metrics, model=rt.info, config=rt.config_record(compute=scorer.record()))
+
+
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
                      ablate: AblateConfig, gate: GateConfig, learn: LearnConfig, erase: EraseConfig,
                      threads: int | None, precision: str, emit: Event) -> SplitsResult:
@@ -662,7 +671,7 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
         fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate, "combo": fit_combo,
                    "learn": fit_learn, "erase": fit_erase}
         return run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
-                          info)
+                          info, on_end=lambda res: log_run(res, rt, scorer, Path(out_dir)))
     finally:
         if scorer is not None:
             scorer.close()

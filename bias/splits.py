@@ -330,9 +330,23 @@ def summarize(splits: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[st
     return out
 
 
+def run_metrics(res: SplitsResult, method: str, results: Path) -> dict[str, Any] | None:
+    """One method's figures over the finished splits, as a `fairness` run-log record's
+    metrics (None before its first split finished): medians and ranges, checks passed."""
+    summary = summarize(res.splits, (method,))[method]
+    if not summary["splits"]:
+        return None
+    return {"command": "bias mitigate", "method": method, "suite": res.shared.get("suite"),
+            "splits": summary["splits"], "of": res.config["n_splits"], "complete": res.complete,
+            "exclude_category": res.config.get("exclude_category"), "figures": summary["figures"],
+            "checks": summary["checks"], "results": str(results), "elapsed_s": round(res.elapsed_s, 1)}
+
+
 def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Path,
-               on_event: Event | None = None, info: dict[str, Any] | None = None) -> SplitsResult:
-    """Calibrate and judge every method on cfg.n_splits splits; results.json after each."""
+               on_event: Event | None = None, info: dict[str, Any] | None = None,
+               on_end: Callable[[SplitsResult], None] | None = None) -> SplitsResult:
+    """Calibrate and judge every method on cfg.n_splits splits; results.json after each.
+    `on_end` gets the result at the end, also after Ctrl-C or an error (what finished)."""
     cfg.validate()
     emit = on_event or (lambda kind, data: None)
     out = Path(out_dir)
@@ -351,6 +365,18 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
         with atomic_write(out / "report.md", "w") as f:
             f.write(report_md(res.to_dict()))
 
+    try:
+        _each_split(sh, fitter, cfg, out, res, save, emit, on_event)
+    finally:
+        if on_end is not None:
+            res.elapsed_s = time.perf_counter() - t0
+            with suppress(OSError):  # a run log that cannot be written must not hide why the run ended
+                on_end(res)
+    return res
+
+
+def _each_split(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out: Path, res: SplitsResult,
+                save: Callable[[], None], emit: Event, on_event: Event | None) -> None:
     for s in range(cfg.n_splits):
         seed = cfg.seed + s
         cal, held = cfg.rows(sh.suite, s)
@@ -372,4 +398,3 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
             emit("done", {"split": s + 1, "method": m, "seconds": rec["methods"][m]["seconds"]})
     res.complete = True
     save()
-    return res

@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -105,6 +106,65 @@ def log(kind: str, metrics: dict[str, Any], **kw: Any) -> dict[str, Any]:
     rec = make_record(kind, metrics, **kw)
     append(rec)
     return rec
+
+
+def _ci(e: dict[str, Any] | None) -> str:
+    if not isinstance(e, dict) or e.get("value") is None:
+        return "?"
+    ci = f" [{e['lo']:.1f}, {e['hi']:.1f}]" if e.get("lo") is not None and e.get("hi") is not None else ""
+    return f"{e['value']:.1f}{ci}"
+
+
+def _fairness(m: dict[str, Any]) -> str:
+    cmd = m.get("command")
+    if cmd == "bias audit":
+        return f"audit {m.get('suite')}: pct {_ci(m.get('overall', {}).get('pct_stereotype'))}, n {m.get('n_items')}"
+    if cmd == "bias mitigate" and "method" in m:  # a split run: medians over its splits
+        f = m.get("figures", {})
+
+        def med(k: str, fmt: str) -> str:
+            return format(f[k]["median"], fmt) if k in f else "?"
+
+        held = m.get("checks", {}).get("ci_contains_50_after_excluded_before", "?")
+        end = "" if m.get("complete") else " (stopped)"
+        return (f"mitigate {m['method']}, {m.get('splits')}/{m.get('of')} splits{end}: held-out pct "
+                f"{med('heldout_pct_before', '.1f')} → {med('heldout_pct_after', '.1f')} (median), "
+                f"PPL {med('ppl_increase_pct', '+.2f')}%, CI holds 50 on {held}")
+    if cmd == "bias mitigate":
+        h = m.get("heldout") or {}
+        ppl = m.get("ppl") or {}
+        rise = f", PPL {100 * ppl['increase']:+.2f}%" if ppl.get("increase") is not None else ""
+        return (f"mitigate {m.get('suite')}: held-out pct {_ci(h.get('before', {}).get('pct_stereotype'))} → "
+                f"{_ci(h.get('after', {}).get('pct_stereotype'))}{rise}")
+    return _first_keys(m)
+
+
+def _first_keys(m: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in list(m.items())[:4] if not isinstance(v, (dict, list)))
+
+
+def headline(rec: dict[str, Any]) -> str:
+    """A record's main figures in one line (`edge logs`)."""
+    m, kind = rec.get("metrics", {}), rec.get("kind")
+    with suppress(KeyError, TypeError, ValueError):  # a record from an older edge: its first keys
+        if kind == "latency":
+            return (f"{m.get('command', '?')}: {m.get('n_gen_tokens', 0)} tok, "
+                    f"{m.get('gen_tps', 0):.1f} t/s gen, {m.get('prompt_tps', 0):.1f} t/s prompt, "
+                    f"ttft {m.get('ttft_ms', 0):.0f} ms")
+        if kind == "fairness":
+            return _fairness(m)
+        if kind == "eval":
+            base = Path(rec.get("config", {}).get("base") or "base").name
+            kl = f", KL {m['kld_mean']:.4f} vs {base}" if m.get("kld_mean") is not None else ""
+            return f"PPL {m['ppl']:.3f} ± {m['ppl_err']:.3f} ({m['n_scored']} tokens){kl}"
+        if kind == "bench":
+            tps = ", ".join(f"{k} {m[k + '_tps']:.1f} t/s" for k in ("pp", "tg") if m.get(k + "_tps"))
+            hot = ", throttled" if m.get("throttled") else ""
+            return f"{m.get('test', '?')}: {tps or 'no figure'}{hot}"
+        if kind == "sparsity":
+            return (f"{m['sparsity']:.0%} sparse ({m['search']}): KL {m['kl']:.4f} nats/token "
+                    f"(uniform {m['uniform_kl']:.4f})")
+    return _first_keys(m)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from edge.bench.llama_ops import BenchContext
 from edge.bench.runner import BenchConfig, mean_std, run_bench, throttled_during
 from edge.cli import cli
 from edge.device import probe_state
-from edge.telemetry import read_records
+from edge.telemetry import headline, read_records
 from tests.conftest import edge_cmd
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"
@@ -74,6 +74,7 @@ def test_bench_json_out_and_telemetry(tmp_path):
     # the same record went to the run log and to --out
     logged = read_records("bench").records
     assert [x["run_id"] for x in logged] == [doc["run_id"]]
+    assert headline(logged[0]).startswith(f"pp8+tg4: pp {m['pp_tps']:.1f} t/s, tg {m['tg_tps']:.1f} t/s")
     assert [json.loads(line) for line in out.read_text().splitlines()] == logged
 
 

@@ -15,6 +15,7 @@ from convert_helpers import TinySpec, make_checkpoint, numpy_forward
 from edge.cli import cli
 from edge.convert import convert
 from edge.evaluate import TokenScores, perplexity, score_chunks, summarize
+from edge.telemetry import headline, read_records
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")  # Debian base-files: long English prose
 
@@ -95,6 +96,9 @@ def test_bundled_model_against_itself(bundled_model: Path, short_text: Path) -> 
     assert 3 < r["ppl"] < 100 and 0 < r["ppl_err"] < r["ppl"] / 5
     assert r["kld_mean"] == pytest.approx(0.0, abs=1e-6) and r["top1_agreement"] == 1.0
     assert r["delta_ppl"] == pytest.approx(0.0, abs=1e-6) and r["base_ppl"] == pytest.approx(r["ppl"])
+    (rec,) = read_records("eval").records
+    assert headline(rec) == (f"PPL {r['ppl']:.3f} ± {r['ppl_err']:.3f} ({r['n_scored']} tokens), "
+                             f"KL 0.0000 vs {bundled_model.name}")
 
 
 def test_eval_errors(bundled_model: Path, tmp_path: Path) -> None:

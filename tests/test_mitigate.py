@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edge import cvec
+from edge.telemetry import headline
 from tests.conftest import edge_cmd
 
 
@@ -42,4 +43,7 @@ def test_mitigate_writes_a_vector_and_a_heldout_judgement(tmp_path: Path, env: d
     assert "Paired change" in md and "probe L16-L29" in md
     logs = list((Path(env["EDGE_HOME"]) / "logs").glob("*.jsonl"))
     recs = [json.loads(line) for f in logs for line in f.read_text().splitlines()]
-    assert sum(x["kind"] == "fairness" and x["metrics"]["command"] == "bias mitigate" for x in recs) == 1
+    fair = [x for x in recs if x["kind"] == "fairness" and x["metrics"]["command"] == "bias mitigate"]
+    assert len(fair) == 1
+    before = res["heldout"]["before"]["pct_stereotype"]["value"]
+    assert headline(fair[0]).startswith(f"mitigate probes: held-out pct {before:.1f} [")

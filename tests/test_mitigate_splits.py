@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from bias.ablate import category_rms
 from bias.suites import load_suite
 from edge.cli import cli
+from edge.telemetry import headline
 from tests.conftest import ROOT, SHARED_DATA
 
 
@@ -67,6 +68,18 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     assert "pair states" in log and "split 1/2 (seed 0): steer" in log and "split 1 ablate done" in log
     res = json.loads((rep / "results.json").read_text())
     assert not res["complete"] and len(res["splits"]) == 1
+    # the finished split is in the run log too, one fairness record per method, marked unfinished
+    recs = [json.loads(line) for f in sorted((Path(env["EDGE_HOME"]) / "logs").glob("runs-*.jsonl"))
+            for line in f.read_text().splitlines()]
+    runs = {r["metrics"]["method"]: r["metrics"] for r in recs
+            if r["kind"] == "fairness" and r["metrics"]["command"] == "bias mitigate"}
+    assert set(runs) == {"steer", "ablate"}
+    for m, got in runs.items():
+        assert (got["splits"], got["of"], got["complete"]) == (1, 2, False)
+        pct = res["splits"][0]["methods"][m]["heldout"]["pct_stereotype"]["after"]["value"]
+        assert got["figures"]["heldout_pct_after"]["median"] == pytest.approx(pct)
+        assert got["results"] == str(rep / "results.json") and "paired_change_significant" in got["checks"]
+        assert f"mitigate {m}, 1/2 splits (stopped): held-out pct " in headline({"kind": "fairness", "metrics": got})
     assert len(res["splits"][0]["calibration_rows"]) == 24 and len(res["splits"][0]["heldout_rows"]) == 40
     assert (rep / "shared.npz").exists()  # a rerun would start at the splits
     # shared: the states at the shared tokens, read once for both splits' calibration rows

@@ -16,6 +16,7 @@ from edge.sparse.calibrate import calibrate
 from edge.sparse.profile import build_specs
 from edge.sparse.rsparse import SparseBackend
 from edge.sparse.search import uniform
+from edge.telemetry import headline
 
 
 def _edge(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -53,6 +54,11 @@ def test_sparsify_writes_a_checked_profile(made, bundled_model):
         assert m["alpha"] == 1.0 and m["r"] == 0 and m["t"] > 0
         assert m["k"] == int(n_in * 0.6)
     assert 0 < res["kl"] < 5
+    # the figures went to the run log, and edge logs shows them
+    recs = [json.loads(x) for f in (prof.parent / "home" / "logs").glob("runs-*.jsonl") for x in f.read_text().splitlines()]
+    (rec,) = [r for r in recs if r["kind"] == "sparsity"]
+    assert rec["metrics"]["kl"] == res["kl"] and rec["model"]["sha256"] == p["model_fingerprint"]
+    assert headline(rec) == f"40% sparse (uniform): KL {res['kl']:.4f} nats/token (uniform {res['uniform_kl']:.4f})"
 
 
 @pytest.mark.slow

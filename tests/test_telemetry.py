@@ -67,5 +67,8 @@ def test_logs_command(edge_home: Path) -> None:
     assert [r["metrics"]["gen_tps"] for r in rows] == [31.5]
     res = CliRunner().invoke(cli, ["logs"], catch_exceptions=False)
     assert "31.5 t/s gen" in res.output and "fairness" in res.output
+    # a record shaped as no current writer writes it shows its first plain figures
+    assert "pct_stereotype=0.55" in res.output
+    assert telemetry.headline({"kind": "bench", "metrics": {"test": "pp8", "pp_tps": "n/a", "n": 3}}) == "test=pp8, pp_tps=n/a, n=3"
     res = CliRunner().invoke(cli, ["logs", "--since", "yesterday"])
     assert res.exit_code == 2 and "YYYY-MM-DD" in res.output

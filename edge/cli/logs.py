@@ -10,17 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge.cli.options import parse_since
-from edge.telemetry import KINDS, read_records
-
-
-def _headline(rec: dict) -> str:
-    m = rec.get("metrics", {})
-    if rec.get("kind") == "latency":
-        return (f"{m.get('command', '?')}: {m.get('n_gen_tokens', 0)} tok, "
-                f"{m.get('gen_tps', 0):.1f} t/s gen, {m.get('prompt_tps', 0):.1f} t/s prompt, "
-                f"ttft {m.get('ttft_ms', 0):.0f} ms")
-    keys = list(m)[:4]
-    return ", ".join(f"{k}={m[k]}" for k in keys)
+from edge.telemetry import KINDS, headline, read_records
 
 
 @click.command("logs")
@@ -49,7 +39,7 @@ def logs_cmd(kind: str | None, since: str | None, last: int | None, as_json: boo
         m = r.get("model") or {}
         model = Path(m["path"]).name if m.get("path") else "-"
         table.add_row(r["ts"][:19].replace("T", " "), r["kind"], model,
-                      str(r.get("config", {}).get("threads", "-")), _headline(r))
+                      str(r.get("config", {}).get("threads", "-")), headline(r))
     Console().print(table)
     if q.skipped_lines:
         click.echo(f"({q.skipped_lines} unreadable lines skipped)", err=True)

@@ -102,11 +102,17 @@ def sparsify(model: str | os.PathLike[str] | Engine, *, sparsity: float, calib: 
         rows = build_qrows(engine.path, out, weights=weights, progress=progress).to_dict()
     if imatrix is not None:
         write_imatrix(cal, engine, imatrix, dataset=str(calib))
-    return SparsifyResult(
+    result = SparsifyResult(
         profile=str(out), target=sparsity, sparsity=prof.sparsity, search=method, kl=res.kl,
         uniform_kl=base, n_lowrank_modules=sum(m.r > 0 for m in specs), calib_tokens=len(cal.tokens),
         n_evals=res.n_evals + 1, seconds=time.perf_counter() - t0,
         imatrix=str(imatrix) if imatrix is not None else None, rows=rows)
+    from edge import telemetry
+
+    metrics = {k: v for k, v in result.to_dict().items() if k != "rows"}
+    telemetry.log("sparsity", {**metrics, "weights": weights, "calib": str(calib)}, model=engine.info,
+                  config={"sparse_profile": str(out)})
+    return result
 
 
 def _resolve(model: str | os.PathLike[str]) -> Path:
