@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from bias.ablate import category_rms
 from bias.suites import load_suite
 from edge.cli import cli
+from edge.report import build_report
 from edge.telemetry import headline
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -80,6 +81,9 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
         assert got["figures"]["heldout_pct_after"]["median"] == pytest.approx(pct)
         assert got["results"] == str(rep / "results.json") and "paired_change_significant" in got["checks"]
         assert f"mitigate {m}, 1/2 splits (stopped): held-out pct " in headline({"kind": "fairness", "metrics": got})
+    fair = [r for r in recs if r["kind"] == "fairness"]
+    html = build_report(tmp_path / "html", bench=[], latency=[], fairness=fair).index.read_text()
+    assert html.count("<td>1/2 (stopped)</td>") == 2
     assert len(res["splits"][0]["calibration_rows"]) == 24 and len(res["splits"][0]["heldout_rows"]) == 40
     assert (rep / "shared.npz").exists()  # a rerun would start at the splits
     # shared: the states at the shared tokens, read once for both splits' calibration rows

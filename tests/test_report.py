@@ -68,6 +68,38 @@ def test_report_files_and_tables(tmp_path, logged):
     assert re.search(r"<td>5</td>\s*<td>33.0</td><td>180.0</td><td>280.0</td>", html)
 
 
+def _audit(day: int, pct: float, correction: str | None = None) -> dict:
+    est = {"value": pct, "lo": pct - 3.0, "hi": pct + 3.0, "n": 400}
+    rec = telemetry.make_record("fairness", {"command": "bias audit", "suite": "crows_pairs", "n_items": 400,
+                                             "overall": {"pct_stereotype": est,
+                                                         "mean_ll_diff": {"value": 0.5, "lo": 0.1, "hi": 0.9}}},
+                                config={"correction": correction})
+    rec["model"] = {"name": "SmolLM2 135M", "quant": "Q4_1"}
+    rec["ts"] = (T0 + timedelta(days=day, hours=5)).isoformat().replace("+00:00", "Z")
+    return rec
+
+
+def test_report_fairness_tables_and_plot(tmp_path):
+    fair = [_audit(0, 55.0), _audit(1, 54.0), _audit(2, 51.5, "/x/fair.gguf")]
+    fix = telemetry.make_record("fairness", {
+        "command": "bias mitigate", "method": "learn", "splits": 5, "of": 5, "complete": True,
+        "figures": {"heldout_pct_before": {"median": 55.2, "min": 54.4, "max": 56.2, "n": 5},
+                    "heldout_pct_after": {"median": 51.3, "min": 50.6, "max": 52.0, "n": 5},
+                    "ppl_increase_pct": {"median": 0.954, "min": 0.018, "max": 1.08, "n": 5}},
+        "checks": {"ci_contains_50_after_excluded_before": "5/5", "paired_change_significant": "5/5"}})
+    fix["ts"] = (T0 + timedelta(days=1, hours=6)).isoformat().replace("+00:00", "Z")
+    res = build_report(tmp_path / "rep", bench=[], latency=[], fairness=[*fair, fix])
+    assert res.n_fairness == 4 and "fairness.png" in res.images
+    html = res.index.read_text()
+    audits = html[html.index('id="audits"'):html.index('id="corrections"')]
+    # latest first, each pct with its CI, the correction named
+    assert audits.index("51.5 [48.5, 54.5]") < audits.index("54.0 [51.0, 57.0]") < audits.index("55.0 [52.0, 58.0]")
+    assert "<td class=\"l\">fair.gguf</td>" in audits and audits.count("<td class=\"l\">none</td>") == 2
+    fixes = html[html.index('id="corrections"'):]
+    assert "55.2 (54.4 to 56.2)" in fixes and "51.3 (50.6 to 52.0)" in fixes and "+0.95% (+0.02 to +1.08)" in fixes
+    assert re.search(r"<td>5/5</td>\s*<td>5/5</td><td>–</td>", fixes)  # BBQ not judged: a dash, not a pass
+
+
 def test_report_escapes_model_names(tmp_path):
     rec = _bench(0, "Q4_0", 1, 10.0, 50.0, None)
     rec["model"]["name"] = "<script>alert(1)</script>"
@@ -77,7 +109,7 @@ def test_report_escapes_model_names(tmp_path):
 
 def test_report_cli_errors(tmp_path):
     r = CliRunner().invoke(cli, ["report", "-o", str(tmp_path / "r")])
-    assert r.exit_code == 2 and "no bench or latency records" in r.stderr
+    assert r.exit_code == 2 and "no bench, latency or fairness records" in r.stderr
     assert not (tmp_path / "r" / "index.html").exists()
     f = tmp_path / "file"
     f.write_text("x")

@@ -19,8 +19,9 @@ from edge.cli.options import parse_since
 @click.option("--title", default="edge report", show_default=True, help="Page title.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def report_cmd(out_dir: Path, sources: tuple[Path, ...], since: str | None, title: str, as_json: bool) -> None:
-    """Write a static HTML report (DIR/index.html + PNG plots) of benchmark results and
-    latency logs over time: t/s by model, quant and threads, TTFT, memory, temperature.
+    """Write a static HTML report (DIR/index.html + PNG plots) of benchmark results,
+    latency logs and fairness figures over time: t/s by model, quant and threads, TTFT,
+    memory, temperature; bias audits and corrections.
 
     \b
     Examples:
@@ -32,14 +33,14 @@ def report_cmd(out_dir: Path, sources: tuple[Path, ...], since: str | None, titl
     from edge.report import build_report
 
     bench = [r for s in sources for r in read_records(s)] if sources else None
-    res = build_report(out_dir, bench=bench, latency=[] if sources else None, since=parse_since(since),
-                       title=title)
+    res = build_report(out_dir, bench=bench, latency=[] if sources else None, fairness=[] if sources else None,
+                       since=parse_since(since), title=title)
     if as_json:
         click.echo(json.dumps({"index": str(res.index), "images": res.images, "bench_records": res.n_bench,
-                               "latency_records": res.n_latency}))
+                               "latency_records": res.n_latency, "fairness_records": res.n_fairness}))
     else:
-        click.echo(f"Wrote {res.index} ({len(res.images)} plots, {res.n_bench} bench and "
-                   f"{res.n_latency} latency records)")
+        click.echo(f"Wrote {res.index} ({len(res.images)} plots, {res.n_bench} bench, "
+                   f"{res.n_latency} latency and {res.n_fairness} fairness records)")
 
 
 def register(cli: click.Group) -> None:

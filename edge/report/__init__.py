@@ -23,7 +23,7 @@ from edge.report.template import render
 
 
 class EmptyReportError(EdgeError):
-    """Nothing to report: no bench or latency records."""
+    """Nothing to report: no bench, latency or fairness records."""
 
 
 @dataclass
@@ -33,6 +33,7 @@ class ReportResult:
     images: list[str] = field(default_factory=list)
     n_bench: int = 0
     n_latency: int = 0
+    n_fairness: int = 0
 
 
 def _engine(rec: dict[str, Any]) -> str:
@@ -103,21 +104,86 @@ def _latency_rows(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _est(e: dict[str, Any] | None, fmt: str = ".1f") -> str:
+    if not isinstance(e, dict) or e.get("value") is None:
+        return "–"
+    return f"{e['value']:{fmt}} [{e['lo']:{fmt}}, {e['hi']:{fmt}}]"
+
+
+def _spread(figs: dict[str, Any], key: str, fmt: str = ".1f", unit: str = "") -> str:
+    f = figs.get(key)
+    if not f:
+        return "–"
+    if f["n"] == 1:
+        return f"{f['median']:{fmt}}{unit}"
+    return f"{f['median']:{fmt}}{unit} ({f['min']:{fmt}} to {f['max']:{fmt}})"
+
+
+def _model_name(rec: dict[str, Any]) -> str:
+    m = rec.get("model") or {}
+    return f"{m.get('name') or '?'} {m.get('quant') or ''}".strip()
+
+
+def _fairness_rows(fair: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(audits, corrections), latest first: an audit's pct and mean with CIs; a correction's
+    held-out pct before → after (a split run: median and range), PPL rise and checks passed."""
+    audits, fixes = [], []
+    for r in fair:
+        m, when = r.get("metrics", {}), r["ts"][:16].replace("T", " ")
+        if m.get("command") == "bias audit":
+            o, corr = m.get("overall", {}), (r.get("config") or {}).get("correction")
+            audits.append({"when": when, "model": _model_name(r), "suite": m.get("suite"), "n": m.get("n_items"),
+                           "correction": Path(str(corr)).name if corr else "none",
+                           "pct": _est(o.get("pct_stereotype")), "mean": _est(o.get("mean_ll_diff"), ".2f")})
+        elif m.get("command") == "bias mitigate" and "method" in m:
+            f, c = m.get("figures", {}), m.get("checks", {})
+            fixes.append({"when": when, "model": _model_name(r), "method": m["method"],
+                          "splits": f"{m.get('splits')}/{m.get('of')}" + ("" if m.get("complete") else " (stopped)"),
+                          "before": _spread(f, "heldout_pct_before"), "after": _spread(f, "heldout_pct_after"),
+                          "ppl": _spread(f, "ppl_increase_pct", "+.2f", "%"),
+                          "holds50": c.get("ci_contains_50_after_excluded_before", "–"),
+                          "significant": c.get("paired_change_significant", "–"),
+                          "bbq": c.get("bbq_acc_drop_le_1pt", "–")})
+        elif m.get("command") == "bias mitigate":  # one split of the control-vector loop
+            h, ppl = m.get("heldout") or {}, m.get("ppl") or {}
+            fixes.append({"when": when, "model": _model_name(r), "method": "steer", "splits": "1/1",
+                          "before": _est(h.get("before", {}).get("pct_stereotype")),
+                          "after": _est(h.get("after", {}).get("pct_stereotype")),
+                          "ppl": f"{100 * ppl['increase']:+.2f}%" if ppl.get("increase") is not None else "–",
+                          "holds50": "–", "significant": "–", "bbq": "–"})
+    return audits[::-1], fixes[::-1]
+
+
+def _audit_series(rec: dict[str, Any]) -> str:
+    corr = (rec.get("config") or {}).get("correction")
+    return f"{rec['metrics'].get('suite')}: {_model_name(rec)[:40]}" + (f" + {Path(str(corr)).name}" if corr else "")
+
+
+def _audit_pct(rec: dict[str, Any]) -> float | None:
+    m = rec.get("metrics", {})
+    if m.get("command") != "bias audit":
+        return None
+    return (m.get("overall", {}).get("pct_stereotype") or {}).get("value")
+
+
 def build_report(out_dir: Path, *, bench: Sequence[dict[str, Any]] | None = None,
-                 latency: Sequence[dict[str, Any]] | None = None, since: datetime | None = None,
-                 title: str = "edge report") -> ReportResult:
-    """Write DIR/index.html and its plots from bench and latency records (default: the run log)."""
+                 latency: Sequence[dict[str, Any]] | None = None, fairness: Sequence[dict[str, Any]] | None = None,
+                 since: datetime | None = None, title: str = "edge report") -> ReportResult:
+    """Write DIR/index.html and its plots from bench, latency and fairness records (default:
+    the run log)."""
     from edge.telemetry import read_records
 
     if bench is None:
         bench = read_records("bench", since).records
     if latency is None:
         latency = read_records("latency", since).records
-    bench, latency = list(bench), list(latency)
+    if fairness is None:
+        fairness = read_records("fairness", since).records
+    bench, latency, fairness = list(bench), list(latency), list(fairness)
     profiles = tune_profiles()
-    if not bench and not latency and not profiles:
-        raise EmptyReportError("no bench or latency records to report; run `edge bench` or `edge run` "
-                               "first, or pass bench files with --from")
+    if not bench and not latency and not fairness and not profiles:
+        raise EmptyReportError("no bench, latency or fairness records to report; run `edge bench`, `edge run` "
+                               "or `edge bias audit` first, or pass bench files with --from")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BadOptionError(f"-o {out_dir} is a file; give a directory for the report")
@@ -148,14 +214,20 @@ def build_report(out_dir: Path, *, bench: Sequence[dict[str, Any]] | None = None
                         out_dir / "ttft.png", group=_group), "Time to first token (bench and run/chat logs)")
     add(plots.over_time(both, lambda r: (r["metrics"].get("peak_rss_bytes") or 0) / 2**20 or None, "MiB",
                         "peak resident memory", out_dir / "rss.png", group=_group), "Peak RSS")
+    add(plots.over_time(fairness, _audit_pct, "pct_stereotype", "bias audits: share of pairs where the "
+                        "stereotype is more likely", out_dir / "fairness.png", group=_audit_series,
+                        ref=(50.0, "50: unbiased")),
+        "edge bias audit's pct_stereotype over time, per suite, model and correction (CIs in the table)")
+    audits, fixes = _fairness_rows(fairness)
     html = render(title=title, generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   version=__version__, bench_rows=_bench_rows(latest), latency_rows=_latency_rows(latency),
-                  images=images, n_bench=len(bench), n_latency=len(latency))
+                  audit_rows=audits, fix_rows=fixes, images=images, n_bench=len(bench), n_latency=len(latency),
+                  n_fairness=len(fairness))
     index = out_dir / "index.html"
     with atomic_write(index, "w") as f:
         f.write(html)
     _readable(out_dir, ["index.html", *(i["file"] for i in images)])
-    return ReportResult(out_dir, index, [i["file"] for i in images], len(bench), len(latency))
+    return ReportResult(out_dir, index, [i["file"] for i in images], len(bench), len(latency), len(fairness))
 
 
 def tune_profiles() -> list[dict[str, Any]]:

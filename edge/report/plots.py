@@ -57,8 +57,10 @@ def tps_bars(latest: list[dict[str, Any]], path: Path) -> str:
 
 
 def over_time(records: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None],
-              ylabel: str, title: str, path: Path, group: Callable[[dict[str, Any]], str] = series_label) -> str | None:
-    """One line per group (model / quant / threads, or command) of `value` against time."""
+              ylabel: str, title: str, path: Path, group: Callable[[dict[str, Any]], str] = series_label,
+              ref: tuple[float, str] | None = None) -> str | None:
+    """One line per group (model / quant / threads, or command) of `value` against time;
+    `ref` (value, label) draws a dashed reference line (e.g. 50 = unbiased)."""
     points: dict[str, list[tuple[datetime, float]]] = defaultdict(list)
     for r in records:
         v = value(r)
@@ -71,6 +73,8 @@ def over_time(records: list[dict[str, Any]], value: Callable[[dict[str, Any]], f
     for label, pts in sorted(points.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
+    if ref is not None:
+        ax.axhline(ref[0], color="#888", ls="--", lw=1, label=ref[1])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -23,8 +23,8 @@ PAGE = """<!doctype html>
 </style></head>
 <body>
 <h1>{{ title }}</h1>
-<p class="meta">Generated {{ generated }} by edge {{ version }} from {{ n_bench }} bench and
-{{ n_latency }} latency record(s).</p>
+<p class="meta">Generated {{ generated }} by edge {{ version }} from {{ n_bench }} bench,
+{{ n_latency }} latency and {{ n_fairness }} fairness record(s).</p>
 
 {% if bench_rows %}
 <h2>Benchmarks (latest test per model, quant, threads)</h2>
@@ -52,6 +52,33 @@ PAGE = """<!doctype html>
 <td>{{ r.gen_tps }}</td><td>{{ r.prompt_tps }}</td><td>{{ r.ttft }}</td><td class="l">{{ r.last }}</td></tr>
 {% endfor %}
 </table>
+{% endif %}
+
+{% if audit_rows %}
+<h2>Bias audits (latest first; 95% bootstrap CIs)</h2>
+<table id="audits">
+<tr><th class="l">when (UTC)</th><th class="l">model</th><th class="l">suite</th><th class="l">correction</th>
+<th>items</th><th>pct_stereotype (50 = unbiased)</th><th>mean ll diff (0 = unbiased)</th></tr>
+{% for r in audit_rows %}
+<tr><td class="l">{{ r.when }}</td><td class="l">{{ r.model }}</td><td class="l">{{ r.suite }}</td>
+<td class="l">{{ r.correction }}</td><td>{{ r.n }}</td><td>{{ r.pct }}</td><td>{{ r.mean }}</td></tr>
+{% endfor %}
+</table>
+{% endif %}
+
+{% if fix_rows %}
+<h2>Bias corrections (edge bias mitigate, judged on held-out rows; latest first)</h2>
+<table id="corrections">
+<tr><th class="l">when (UTC)</th><th class="l">model</th><th class="l">method</th><th>splits</th>
+<th>held-out pct before</th><th>after</th><th>PPL rise</th><th>CI holds 50</th><th>change significant</th>
+<th>BBQ drop ≤ 1 pt</th></tr>
+{% for r in fix_rows %}
+<tr><td class="l">{{ r.when }}</td><td class="l">{{ r.model }}</td><td class="l">{{ r.method }}</td>
+<td>{{ r.splits }}</td><td>{{ r.before }}</td><td>{{ r.after }}</td><td>{{ r.ppl }}</td><td>{{ r.holds50 }}</td>
+<td>{{ r.significant }}</td><td>{{ r.bbq }}</td></tr>
+{% endfor %}
+</table>
+<p class="meta">With several splits: median (min to max) over the splits; the checks count the splits that pass.</p>
 {% endif %}
 
 <h2>Plots</h2>
