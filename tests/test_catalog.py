@@ -161,6 +161,11 @@ def test_models_list_and_info(bundled_model: Path) -> None:
     names = {r["name"]: r for r in rows}
     assert names["smollm2-135m"]["default"] and names["smollm2-135m"]["available"]
     assert names["llama2-7b-chat-q4km"]["size"] == 4081004224
+    # an 80-column terminal: every description whole, below the table, not squeezed into a column
+    for width, inline in ((80, False), (200, True)):
+        out = CliRunner().invoke(cli, ["models", "list"], env={"COLUMNS": str(width)}).output
+        flat = " ".join(out.split())
+        assert all(r["description"] in flat for r in rows) and ("description" in out) == inline
     info = json.loads(CliRunner().invoke(cli, ["models", "info", "--json"]).output)
     assert info["arch"] == "llama" and info["n_layers"] == 30 and info["chat_template"] is True
     text = CliRunner().invoke(cli, ["models", "info"]).output

@@ -46,15 +46,22 @@ def list_cmd(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    console = Console()
+    # the figures need ~80 columns: on a narrower terminal the descriptions go below the
+    # table, whole, instead of being squeezed into a column a few letters wide
+    inline = console.width >= 120
     table = Table(title="edge models (fits: RAM needed at --ctx 2048 against what is available here)",
                   title_justify="left")
-    for col in ("name", "params", "quant", "size", "here", "fits", "description"):
+    for col in ("name", "params", "quant", "size", "here", "fits", *(("description",) if inline else ())):
         table.add_column(col, no_wrap=col != "description")
     for r in rows:
         here = "bundled" if r["default"] else ("yes" if r["available"] else "pull")
         table.add_row(r["name"], r["params"], r["quant"], _size(r["size"]), here, _fits_cell(r),
-                      r["description"])
-    Console().print(table)
+                      *((r["description"],) if inline else ()))
+    console.print(table)
+    if not inline:
+        for r in rows:
+            console.print(f"[bold]{r['name']}[/bold]: {r['description']}", highlight=False)
 
 
 def _fits_cell(r: dict) -> str:
