@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def test_logs_command(edge_home: Path) -> None:
     assert "31.5 t/s gen" in res.output and "fairness" in res.output
     # a record shaped as no current writer writes it shows its first plain figures
     assert "pct_stereotype=0.55" in res.output
+    # 80 columns: two lines a record, each figure line whole; a wide terminal: one table row each
+    assert "\n    run: 7 tok, 31.5 t/s gen, 90.0 t/s prompt, ttft 12 ms\n" in res.output
+    wide = CliRunner().invoke(cli, ["logs"], env={"COLUMNS": "200"}, catch_exceptions=False).output
+    assert re.search(r"│ latency +│ - +│ - +│ run: 7 tok, 31.5 t/s gen, 90.0 t/s prompt, ttft 12 ms +│", wide)
     assert telemetry.headline({"kind": "bench", "metrics": {"test": "pp8", "pp_tps": "n/a", "n": 3}}) == "test=pp8, pp_tps=n/a, n=3"
     res = CliRunner().invoke(cli, ["logs", "--since", "yesterday"])
     assert res.exit_code == 2 and "YYYY-MM-DD" in res.output

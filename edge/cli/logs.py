@@ -32,15 +32,22 @@ def logs_cmd(kind: str | None, since: str | None, last: int | None, as_json: boo
         for r in recs:
             click.echo(json.dumps(r))
         return
-    table = Table(title=f"edge logs ({len(recs)} records)", title_justify="left")
-    for col in ("time (UTC)", "kind", "model", "threads", "figures"):
-        table.add_column(col)
-    for r in recs:
-        m = r.get("model") or {}
-        model = Path(m["path"]).name if m.get("path") else "-"
-        table.add_row(r["ts"][:19].replace("T", " "), r["kind"], model,
-                      str(r.get("config", {}).get("threads", "-")), headline(r))
-    Console().print(table)
+    console = Console()
+    rows = [(r["ts"][:19].replace("T", " "), r["kind"],
+             Path(r["model"]["path"]).name if (r.get("model") or {}).get("path") else "-",
+             str(r.get("config", {}).get("threads", "-")), headline(r)) for r in recs]
+    if console.width < 120:  # a table's figures column would be a few words wide: two lines a record
+        console.print(f"edge logs ({len(recs)} records; times UTC)", highlight=False)
+        for when, what, model, threads, figures in rows:
+            on = f"  {threads} threads" if threads != "-" else ""
+            console.print(f"{when}  {what:<8}  {model}{on}\n    {figures}", highlight=False)
+    else:
+        table = Table(title=f"edge logs ({len(recs)} records)", title_justify="left")
+        for col in ("time (UTC)", "kind", "model", "threads", "figures"):
+            table.add_column(col, no_wrap=col != "figures")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     if q.skipped_lines:
         click.echo(f"({q.skipped_lines} unreadable lines skipped)", err=True)
 
