@@ -39,7 +39,7 @@ def logs_cmd(kind: str | None, since: str | None, last: int | None, as_json: boo
     if console.width < 120:  # a table's figures column would be a few words wide: two lines a record
         console.print(f"edge logs ({len(recs)} records; times UTC)", highlight=False)
         for when, what, model, threads, figures in rows:
-            on = f"  {threads} threads" if threads != "-" else ""
+            on = "" if threads == "-" else f"  {threads} thread{'' if threads == '1' else 's'}"
             console.print(f"{when}  {what:<8}  {model}{on}\n    {figures}", highlight=False)
     else:
         table = Table(title=f"edge logs ({len(recs)} records)", title_justify="left")
