@@ -33,16 +33,17 @@ def logs_cmd(kind: str | None, since: str | None, last: int | None, as_json: boo
             click.echo(json.dumps(r))
         return
     console = Console()
+    n = f"{len(recs)} record{'' if len(recs) == 1 else 's'}"
     rows = [(r["ts"][:19].replace("T", " "), r["kind"],
              Path(r["model"]["path"]).name if (r.get("model") or {}).get("path") else "-",
              str(r.get("config", {}).get("threads", "-")), headline(r)) for r in recs]
     if console.width < 120:  # a table's figures column would be a few words wide: two lines a record
-        console.print(f"edge logs ({len(recs)} records; times UTC)", highlight=False)
+        console.print(f"edge logs ({n}; times UTC)", highlight=False)
         for when, what, model, threads, figures in rows:
             on = "" if threads == "-" else f"  {threads} thread{'' if threads == '1' else 's'}"
             console.print(f"{when}  {what:<8}  {model}{on}\n    {figures}", highlight=False)
     else:
-        table = Table(title=f"edge logs ({len(recs)} records)", title_justify="left")
+        table = Table(title=f"edge logs ({n})", title_justify="left")
         for col in ("time (UTC)", "kind", "model", "threads", "figures"):
             table.add_column(col, no_wrap=col != "figures")
         for row in rows:
