@@ -193,7 +193,7 @@ def write_report(res: AuditResult, out: Path, meta: dict[str, Any],
     rep_html = repeat_html(repeat, rep_png.name) if repeat and rep_png else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge bias audit: {res.suite}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;margin:4px}}img.wide{{max-width:100%}}</style></head>
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;margin:4px;vertical-align:top}}img.wide{{max-width:100%}}</style></head>
 <body><h1>Bias audit: {html.escape(res.suite)}</h1>
 <p>Model <code>{html.escape(str(meta.get('model')))}</code>; {res.n_items} items from
 <code>{html.escape(res.source)}</code> ({res.skipped_rows} malformed rows skipped); correction:
