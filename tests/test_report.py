@@ -88,8 +88,11 @@ def test_report_fairness_tables_and_plot(tmp_path):
                     "ppl_increase_pct": {"median": 0.954, "min": 0.018, "max": 1.08, "n": 5}},
         "checks": {"ci_contains_50_after_excluded_before": "5/5", "paired_change_significant": "5/5"}})
     fix["ts"] = (T0 + timedelta(days=1, hours=6)).isoformat().replace("+00:00", "Z")
-    res = build_report(tmp_path / "rep", bench=[], latency=[], fairness=[*fair, fix])
-    assert res.n_fairness == 4 and "fairness.png" in res.images
+    odd = telemetry.make_record("fairness", {"command": "bias mitigate", "method": "oddity",
+                                             "figures": {"heldout_pct_before": {"median": 55.0}}})
+    res = build_report(tmp_path / "rep", bench=[], latency=[], fairness=[*fair, fix, odd])
+    assert res.n_fairness == 5 and "fairness.png" in res.images
+    assert "oddity" not in res.index.read_text()  # a record of another shape is left out, not a crash
     html = res.index.read_text()
     audits = html[html.index('id="audits"'):html.index('id="corrections"')]
     # latest first, each pct with its CI, the correction named

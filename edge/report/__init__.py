@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -127,31 +128,38 @@ def _model_name(rec: dict[str, Any]) -> str:
 def _fairness_rows(fair: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(audits, corrections), latest first: an audit's pct and mean with CIs; a correction's
     held-out pct before → after (a split run: median and range), PPL rise and checks passed."""
-    audits, fixes = [], []
+    audits: list[dict[str, Any]] = []
+    fixes: list[dict[str, Any]] = []
     for r in fair:
-        m, when = r.get("metrics", {}), r["ts"][:16].replace("T", " ")
-        if m.get("command") == "bias audit":
-            o, corr = m.get("overall", {}), (r.get("config") or {}).get("correction")
-            audits.append({"when": when, "model": _model_name(r), "suite": m.get("suite"), "n": m.get("n_items"),
-                           "correction": Path(str(corr)).name if corr else "none",
-                           "pct": _est(o.get("pct_stereotype")), "mean": _est(o.get("mean_ll_diff"), ".2f")})
-        elif m.get("command") == "bias mitigate" and "method" in m:
-            f, c = m.get("figures", {}), m.get("checks", {})
-            fixes.append({"when": when, "model": _model_name(r), "method": m["method"],
-                          "splits": f"{m.get('splits')}/{m.get('of')}" + ("" if m.get("complete") else " (stopped)"),
-                          "before": _spread(f, "heldout_pct_before"), "after": _spread(f, "heldout_pct_after"),
-                          "ppl": _spread(f, "ppl_increase_pct", "+.2f", "%"),
-                          "holds50": c.get("ci_contains_50_after_excluded_before", "–"),
-                          "significant": c.get("paired_change_significant", "–"),
-                          "bbq": c.get("bbq_acc_drop_le_1pt", "–")})
-        elif m.get("command") == "bias mitigate":  # one split of the control-vector loop
-            h, ppl = m.get("heldout") or {}, m.get("ppl") or {}
-            fixes.append({"when": when, "model": _model_name(r), "method": "steer", "splits": "1/1",
-                          "before": _est(h.get("before", {}).get("pct_stereotype")),
-                          "after": _est(h.get("after", {}).get("pct_stereotype")),
-                          "ppl": f"{100 * ppl['increase']:+.2f}%" if ppl.get("increase") is not None else "–",
-                          "holds50": "–", "significant": "–", "bbq": "–"})
+        with suppress(KeyError, TypeError, ValueError):  # a record of another shape: left out, not a crash
+            _fairness_row(r, audits, fixes)
     return audits[::-1], fixes[::-1]
+
+
+def _fairness_row(r: dict[str, Any], audits: list[dict[str, Any]], fixes: list[dict[str, Any]]) -> None:
+    """Append r's row to the audits or the corrections (other fairness records: none)."""
+    m, when = r.get("metrics", {}), r["ts"][:16].replace("T", " ")
+    if m.get("command") == "bias audit":
+        o, corr = m.get("overall", {}), (r.get("config") or {}).get("correction")
+        audits.append({"when": when, "model": _model_name(r), "suite": m.get("suite"), "n": m.get("n_items"),
+                       "correction": Path(str(corr)).name if corr else "none",
+                       "pct": _est(o.get("pct_stereotype")), "mean": _est(o.get("mean_ll_diff"), ".2f")})
+    elif m.get("command") == "bias mitigate" and "method" in m:
+        f, c = m.get("figures", {}), m.get("checks", {})
+        fixes.append({"when": when, "model": _model_name(r), "method": m["method"],
+                      "splits": f"{m.get('splits')}/{m.get('of')}" + ("" if m.get("complete") else " (stopped)"),
+                      "before": _spread(f, "heldout_pct_before"), "after": _spread(f, "heldout_pct_after"),
+                      "ppl": _spread(f, "ppl_increase_pct", "+.2f", "%"),
+                      "holds50": c.get("ci_contains_50_after_excluded_before", "–"),
+                      "significant": c.get("paired_change_significant", "–"),
+                      "bbq": c.get("bbq_acc_drop_le_1pt", "–")})
+    elif m.get("command") == "bias mitigate":  # one split of the control-vector loop
+        h, ppl = m.get("heldout") or {}, m.get("ppl") or {}
+        fixes.append({"when": when, "model": _model_name(r), "method": "steer", "splits": "1/1",
+                      "before": _est(h.get("before", {}).get("pct_stereotype")),
+                      "after": _est(h.get("after", {}).get("pct_stereotype")),
+                      "ppl": f"{100 * ppl['increase']:+.2f}%" if ppl.get("increase") is not None else "–",
+                      "holds50": "–", "significant": "–", "bbq": "–"})
 
 
 def _audit_series(rec: dict[str, Any]) -> str:
