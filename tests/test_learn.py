@@ -428,3 +428,16 @@ def test_pairs_balanced_weighs_every_category_alike_and_its_batches_estimate_tha
            (np.concatenate([rng.choice(ix, min(4, len(ix)), replace=False) for ix in members]) for _ in range(4000))]
     assert np.mean(est) == pytest.approx(target, rel=0.03)
     assert LearnConfig.for_objective("pairs-balanced").rounds == LearnConfig().rounds  # the budget loop, as pairs
+
+
+def test_the_guard_takes_away_from_neutral_as_up_unless_a_category_is_reliably_below_zero() -> None:
+    from bias.learn import guard_signs
+    from edge.errors import BadOptionError
+
+    rng = np.random.default_rng(0)
+    d = np.concatenate([rng.normal(-3, 1, 40), rng.normal(-0.2, 3, 20), rng.normal(2, 1, 30)])
+    groups = np.array(["race"] * 40 + ["age"] * 20 + ["religion"] * 30)
+    # race: below 0 by many SE, so down is away; age: a noisy mean below 0 says nothing, up is away
+    assert guard_signs(d, groups) == {"age": 1.0, "race": -1.0, "religion": 1.0}
+    with pytest.raises(BadOptionError, match="guard"):
+        LearnConfig(guard=-1.0).validate()
