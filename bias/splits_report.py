@@ -216,6 +216,8 @@ def _fold_line(seed: int, what: str, fold: dict[str, Any]) -> str:
     kind = ("re-quantized to the source's types" if fold["weight_type"] == "source"
             else f"kept at {fold['weight_type']}")
     n = len(fold["edited"])
+    if n == 0:  # no tensor changed: a KL here would be the source's own quantization, not a re-quantization
+        return f"Split {seed} {what} GGUF: {fold['path']} (no tensor edited: the source model's weights)."
     line = (f"Split {seed} {what} GGUF: {fold['path']} ({kind}; "
             f"{n} tensor{'s' if n != 1 else ''} edited: {', '.join(fold['edited'][:3])}"
             f"{', …' if n > 3 else ''}")

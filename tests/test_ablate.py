@@ -578,3 +578,14 @@ def test_bbq_resolution_is_read_from_a_split_the_correction_changed() -> None:
     assert "known to ±2.3 points (half its 95% CI, seed 1)" in _bbq_resolution(res)[1]
     assert "seed 0" in _bbq_resolution({"splits": res["splits"][:1]})[1]  # nothing corrected: what there is
     assert _bbq_resolution({"splits": [{"seed": 0, "methods": {"ablate": {"ppl": {}}}}]}) == []
+
+
+def test_a_fold_that_kept_no_edit_says_so_and_gives_no_requantization_cost() -> None:
+    from bias.splits_report import _fold_line
+
+    fold = {"path": "fair.gguf", "weight_type": "source", "edited": [], "worst": None,
+            "requant_kl": {"kl_mean": 0.0027, "kl_p99": 0.01, "ppl_full": 11.2, "ppl_quantized": 11.3,
+                           "top1_agreement": 0.97}}
+    assert _fold_line(0, "ablated", fold) == "Split 0 ablated GGUF: fair.gguf (no tensor edited: the source model's weights)."
+    fold["edited"] = ["output.weight"]
+    assert "1 tensor edited: output.weight; re-quantization cost against the F16 fold: KL 0.0027" in _fold_line(0, "ablated", fold)
