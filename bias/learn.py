@@ -607,8 +607,8 @@ class Trainer:
         # the training pairs' latest differences, refreshed by each batch: the category
         # means the "means" objectives weight a batch's pairs by
         self.table = self.diffs(train, False)
-        self.members = [np.flatnonzero(train.groups == g) for g in np.unique(train.groups)]
         self.members_of = {g: np.flatnonzero(train.groups == g) for g in np.unique(train.groups)}
+        self.members = list(self.members_of.values())
         self.kept_train: float | None = None
         self.d0, self.now = self.table.copy(), self.table.copy()  # the guard's start and latest differences
         self.guards = guard_signs(self.d0, train.groups) if cfg.guard > 0 else {}
@@ -684,15 +684,20 @@ class Trainer:
         k = batch_coefficients(self.table, self.train.groups, j, self.cfg.objective == "balanced")
         return (d * import_torch().from_numpy(k).to(d.dtype)).sum() / self.scale_train
 
+    def guard_moves(self) -> dict[str, float]:
+        """Each guarded category's mean change on its training pairs, signed so that > 0 is away
+        from neutral (from every pair's latest difference)."""
+        return {c: s * float(np.mean(self.now[self.members_of[c]] - self.d0[self.members_of[c]]))
+                for c, s in self.guards.items()}
+
     def guard_term(self, j: np.ndarray, d: Any) -> Any:
         """The guard's term for batch j (differences d): its gradient, from every training
         pair's latest difference, is the hinge's, unbiased for a uniform batch."""
         self.now[j] = d.detach().numpy()
         k = np.zeros(len(j))
-        for c, s in self.guards.items():
-            ix = self.members_of[c]
-            h = max(0.0, s * float(np.mean(self.now[ix] - self.d0[ix])))
-            k[self.train.groups[j] == c] = 2 * h * s / len(ix) * len(self.train) / len(j)
+        for c, away in self.guard_moves().items():
+            s, n = self.guards[c], len(self.members_of[c])
+            k[self.train.groups[j] == c] = 2 * max(0.0, away) * s / n * len(self.train) / len(j)
         return (d * import_torch().from_numpy(self.cfg.guard * k).to(d.dtype)).sum()
 
     def run(self, steps: int, beta: float, emit: Event) -> tuple[tuple[Any, Any, Any], int, float]:
@@ -727,8 +732,7 @@ class Trainer:
                     more["train_d2"] = self.pairs_value(tr, self.table) / self.scale_train
                 if self.guards:
                     self.now = self.diffs(tr)
-                    more["guard_worst"] = max(s * float(np.mean(self.now[self.members_of[g]] - self.d0[self.members_of[g]]))
-                                              for g, s in self.guards.items())
+                    more["guard_worst"] = max(self.guard_moves().values())
                 if v < best[0] or c.pick == "last" and k == steps - 1:
                     best = (v, self.step, self.snapshot())
                     self.kept_train = more.get("train_d2")

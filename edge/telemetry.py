@@ -108,17 +108,18 @@ def log(kind: str, metrics: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return rec
 
 
-def _ci(e: dict[str, Any] | None) -> str:
+def estimate_text(e: dict[str, Any] | None, fmt: str = ".1f", missing: str = "?") -> str:
+    """A logged estimate {value, lo, hi} as "value [lo, hi]" (the CI when it has one)."""
     if not isinstance(e, dict) or e.get("value") is None:
-        return "?"
-    ci = f" [{e['lo']:.1f}, {e['hi']:.1f}]" if e.get("lo") is not None and e.get("hi") is not None else ""
-    return f"{e['value']:.1f}{ci}"
+        return missing
+    ci = f" [{e['lo']:{fmt}}, {e['hi']:{fmt}}]" if e.get("lo") is not None and e.get("hi") is not None else ""
+    return f"{e['value']:{fmt}}{ci}"
 
 
 def _fairness(m: dict[str, Any]) -> str:
     cmd = m.get("command")
     if cmd == "bias audit":
-        return f"audit {m.get('suite')}: pct {_ci(m.get('overall', {}).get('pct_stereotype'))}, n {m.get('n_items')}"
+        return f"audit {m.get('suite')}: pct {estimate_text(m.get('overall', {}).get('pct_stereotype'))}, n {m.get('n_items')}"
     if cmd == "bias mitigate" and "method" in m:  # a split run: medians over its splits
         f = m.get("figures", {})
 
@@ -134,8 +135,8 @@ def _fairness(m: dict[str, Any]) -> str:
         h = m.get("heldout") or {}
         ppl = m.get("ppl") or {}
         rise = f", PPL {100 * ppl['increase']:+.2f}%" if ppl.get("increase") is not None else ""
-        return (f"mitigate {m.get('suite')}: held-out pct {_ci(h.get('before', {}).get('pct_stereotype'))} → "
-                f"{_ci(h.get('after', {}).get('pct_stereotype'))}{rise}")
+        return (f"mitigate {m.get('suite')}: held-out pct {estimate_text(h.get('before', {}).get('pct_stereotype'))} → "
+                f"{estimate_text(h.get('after', {}).get('pct_stereotype'))}{rise}")
     return _first_keys(m)
 
 

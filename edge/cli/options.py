@@ -118,10 +118,13 @@ def sampling(kw: dict[str, Any]) -> Sampling:
                     seed=kw.pop("seed"))
 
 
+CORRECTION_SCALE = click.option("--correction-scale", type=click.FloatRange(-100, 100), default=1.0,
+                                show_default=True, help="Multiplier for --correction (1.0 applies it as written).")
+
+
 def correction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--correction CVEC.gguf [--correction-scale X]: a bias-correction control vector."""
-    f = click.option("--correction-scale", type=click.FloatRange(-100, 100), default=1.0,
-                     show_default=True, help="Multiplier for --correction (1.0 applies it as written).")(f)
+    f = CORRECTION_SCALE(f)
     return click.option("--correction", type=click.Path(dir_okay=False), default=None,
                         help="Control-vector GGUF added to the residual stream "
                         "(e.g. from `edge bias mitigate`).")(f)

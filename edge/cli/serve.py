@@ -6,7 +6,14 @@ from typing import Any
 
 import click
 
-from edge.cli.options import model_argument, rpc_option, runtime_config, runtime_options, tuned
+from edge.cli.options import (
+    CORRECTION_SCALE,
+    model_argument,
+    rpc_option,
+    runtime_config,
+    runtime_options,
+    tuned,
+)
 
 
 @click.command("serve")
@@ -22,8 +29,7 @@ from edge.cli.options import model_argument, rpc_option, runtime_config, runtime
               help="Requests that may wait behind the running one; more get HTTP 429.")
 @click.option("--correction", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Apply this correction vector (see `edge bias mitigate`).")
-@click.option("--correction-scale", type=click.FloatRange(-100, 100), default=1.0, show_default=True,
-              help="Multiplier for --correction (1.0 applies it as written).")
+@CORRECTION_SCALE
 @runtime_options
 @rpc_option
 @click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=None,

@@ -21,6 +21,7 @@ from edge.errors import BadOptionError, EdgeError
 from edge.paths import atomic_write
 from edge.report import plots
 from edge.report.template import render
+from edge.telemetry import estimate_text
 
 
 class EmptyReportError(EdgeError):
@@ -106,9 +107,7 @@ def _latency_rows(latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _est(e: dict[str, Any] | None, fmt: str = ".1f") -> str:
-    if not isinstance(e, dict) or e.get("value") is None:
-        return "–"
-    return f"{e['value']:{fmt}} [{e['lo']:{fmt}}, {e['hi']:{fmt}}]"
+    return estimate_text(e, fmt, missing="–")
 
 
 def _spread(figs: dict[str, Any], key: str, fmt: str = ".1f", unit: str = "") -> str:
