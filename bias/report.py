@@ -55,7 +55,8 @@ def plot_metric(res: AuditResult, metrics: tuple[str, ...], path: Path) -> Path:
                         label=LABELS.get(metric, metric) if k == 0 and len(metrics) > 1 else None)
     if metrics[0] in UNBIASED:
         ax.axvline(UNBIASED[metrics[0]], color="#999", ls="--", lw=1, label="unbiased")
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[1]:  # one metric without a neutral line (accuracy) has none
+        ax.legend(loc="lower right", fontsize=8)
     ns = [res.per_category[c][metrics[0]].n for c in cats] + [res.overall[metrics[0]].n]
     ax.set_yticks(ys, [f"{lab} (n={n})" for lab, n in zip(labels, ns, strict=True)], fontsize=8)
     ax.set_xlabel(f"{metrics[0]} (95% bootstrap CI)")

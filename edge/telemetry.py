@@ -116,10 +116,22 @@ def estimate_text(e: dict[str, Any] | None, fmt: str = ".1f", missing: str = "?"
     return f"{e['value']:{fmt}}{ci}"
 
 
+# an audit's two main figures by suite: its bias figure, then the one to read beside it
+# (pairs: pct, mean ll difference; StereoSet: ss, icat; BBQ has no pct: s_amb, acc_dis)
+AUDIT_FIGURES = (("pct_stereotype", "pct", ".1f"), ("mean_ll_diff", "mean", ".2f"), ("ss", "ss", ".1f"),
+                 ("icat", "icat", ".1f"), ("s_amb", "s_amb", ".3f"), ("acc_dis", "acc_dis", ".3f"))
+
+
+def audit_figures(overall: dict[str, Any]) -> list[str]:
+    """"pct 57.0 [50.5, 64.0]"-style texts of an audit's main figures (logged estimates)."""
+    got = [f"{label} {estimate_text(overall[k], f)}" for k, label, f in AUDIT_FIGURES if k in overall]
+    return got[:2] or ["no figure"]
+
+
 def _fairness(m: dict[str, Any]) -> str:
     cmd = m.get("command")
     if cmd == "bias audit":
-        return f"audit {m.get('suite')}: pct {estimate_text(m.get('overall', {}).get('pct_stereotype'))}, n {m.get('n_items')}"
+        return f"audit {m.get('suite')}: {', '.join(audit_figures(m.get('overall', {})))}, n {m.get('n_items')}"
     if cmd == "bias mitigate" and "method" in m:  # a split run: medians over its splits
         f = m.get("figures", {})
 

@@ -41,7 +41,9 @@ def test_audit_probes_writes_report_and_fairness_record(tmp_path: Path, env: dic
     assert len(fair) == 1 and fair[0]["metrics"]["n_items"] == 12
     assert fair[0]["metrics"]["overall"]["pct_stereotype"]["value"] == pct["value"]
     # edge logs shows the figure itself, with its CI
-    assert headline(fair[0]) == f"audit probes: pct {pct['value']:.1f} [{pct['lo']:.1f}, {pct['hi']:.1f}], n 12"
+    mean = summary["overall"]["mean_ll_diff"]
+    assert headline(fair[0]) == (f"audit probes: pct {pct['value']:.1f} [{pct['lo']:.1f}, {pct['hi']:.1f}], "
+                                 f"mean {mean['value']:.2f} [{mean['lo']:.2f}, {mean['hi']:.2f}], n 12")
     # auto scored the Q4_1 model on its f16 copy, without row alignment, and says so
     comp = fair[0]["config"]["compute"]
     assert comp["precision"] == "f16" and comp["source_type"] == "Q4_1" and comp["align"] == 1

@@ -90,14 +90,21 @@ def test_report_fairness_tables_and_plot(tmp_path):
     fix["ts"] = (T0 + timedelta(days=1, hours=6)).isoformat().replace("+00:00", "Z")
     odd = telemetry.make_record("fairness", {"command": "bias mitigate", "method": "oddity",
                                              "figures": {"heldout_pct_before": {"median": 55.0}}})
-    res = build_report(tmp_path / "rep", bench=[], latency=[], fairness=[*fair, fix, odd])
-    assert res.n_fairness == 5 and "fairness.png" in res.images
+    bbq = telemetry.make_record("fairness", {"command": "bias audit", "suite": "bbq", "n_items": 300, "overall": {
+        "acc_amb": {"value": 0.0, "lo": 0.0, "hi": 0.0}, "acc_dis": {"value": 0.507, "lo": 0.4, "hi": 0.613},
+        "s_amb": {"value": 0.013, "lo": -0.2, "hi": 0.227}}})
+    bbq["ts"] = (T0 + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    res = build_report(tmp_path / "rep", bench=[], latency=[], fairness=[bbq, *fair, fix, odd])
+    assert res.n_fairness == 6 and "fairness.png" in res.images
     assert "oddity" not in res.index.read_text()  # a record of another shape is left out, not a crash
     html = res.index.read_text()
     audits = html[html.index('id="audits"'):html.index('id="corrections"')]
     # latest first, each pct with its CI, the correction named
     assert audits.index("51.5 [48.5, 54.5]") < audits.index("54.0 [51.0, 57.0]") < audits.index("55.0 [52.0, 58.0]")
-    assert "<td class=\"l\">fair.gguf</td>" in audits and audits.count("<td class=\"l\">none</td>") == 2
+    assert "<td class=\"l\">fair.gguf</td>" in audits and audits.count("<td class=\"l\">none</td>") == 3
+    assert "mean 0.50 [0.10, 0.90]" in audits
+    # BBQ has no pct: its bias score and disambiguated accuracy instead of two dashes
+    assert "s_amb 0.013 [-0.200, 0.227]</td>" in audits and "acc_dis 0.507 [0.400, 0.613]</td>" in audits
     fixes = html[html.index('id="corrections"'):]
     assert "55.2 (54.4 to 56.2)" in fixes and "51.3 (50.6 to 52.0)" in fixes and "+0.95% (+0.02 to +1.08)" in fixes
     assert re.search(r"<td>5/5</td>\s*<td>5/5</td><td>–</td>", fixes)  # BBQ not judged: a dash, not a pass

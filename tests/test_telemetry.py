@@ -77,3 +77,14 @@ def test_logs_command(edge_home: Path) -> None:
     assert telemetry.headline({"kind": "bench", "metrics": {"test": "pp8", "pp_tps": "n/a", "n": 3}}) == "test=pp8, pp_tps=n/a, n=3"
     res = CliRunner().invoke(cli, ["logs", "--since", "yesterday"])
     assert res.exit_code == 2 and "YYYY-MM-DD" in res.output
+
+
+def test_audit_headline_shows_each_suites_own_figures() -> None:
+    def rec(suite: str, overall: dict[str, tuple[float, float, float]]) -> dict[str, object]:
+        o = {k: {"value": v, "lo": lo, "hi": hi} for k, (v, lo, hi) in overall.items()}
+        return {"kind": "fairness", "metrics": {"command": "bias audit", "suite": suite, "n_items": 150, "overall": o}}
+
+    bbq = rec("bbq", {"acc_amb": (0.0, 0.0, 0.0), "acc_dis": (0.507, 0.4, 0.613), "s_amb": (0.013, -0.2, 0.227)})
+    assert telemetry.headline(bbq) == "audit bbq: s_amb 0.013 [-0.200, 0.227], acc_dis 0.507 [0.400, 0.613], n 150"
+    crows = rec("crows_pairs", {"pct_stereotype": (57.0, 50.49, 64.0), "mean_ll_diff": (0.6, -0.3, 1.5)})
+    assert telemetry.headline(crows) == "audit crows_pairs: pct 57.0 [50.5, 64.0], mean 0.60 [-0.30, 1.50], n 150"

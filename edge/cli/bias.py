@@ -85,8 +85,8 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
     res = run.result
     click.echo(f"{res.suite}: {res.n_items} items, {res.skipped_rows} malformed "
                f"rows skipped, {res.score_s:.1f} s")
-    for k, e in res.overall.items():
-        click.echo(f"  {k:<16} {e.value:9.4g}  [{e.lo:.4g}, {e.hi:.4g}]")
+    for line in figure_lines(res.overall):
+        click.echo(line)
     if run.repeat is not None:
         r = run.repeat
         click.echo(f"repeat: {r.repeat} × {r.n_items} cloze prompts at T={r.temp}, "
@@ -98,6 +98,16 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
             click.echo(f"  {name:<8} {st.value:.3f} [{st.lo:.3f}, {st.hi:.3f}]  "
                        f"neither {n.value:.3f}")
     click.echo(f"report: {run.report}")
+
+
+def figure_lines(overall: dict[str, Any]) -> list[str]:
+    """An audit's overall figures, one aligned line each: "name  value  [lo, hi]"."""
+    width = max(map(len, overall), default=0)
+    out = []
+    for k, e in overall.items():
+        f = ".1f" if "pct" in k else ".3f"  # points of 100; nats, rates and scores
+        out.append(f"  {k:<{width}}  {e.value:>7{f}}  [{e.lo:{f}}, {e.hi:{f}}]")
+    return out
 
 
 @bias_group.command("mitigate")

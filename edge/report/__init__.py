@@ -21,7 +21,7 @@ from edge.errors import BadOptionError, EdgeError
 from edge.paths import atomic_write
 from edge.report import plots
 from edge.report.template import render
-from edge.telemetry import estimate_text
+from edge.telemetry import audit_figures, estimate_text
 
 
 class EmptyReportError(EdgeError):
@@ -142,7 +142,7 @@ def _fairness_row(r: dict[str, Any], audits: list[dict[str, Any]], fixes: list[d
         o, corr = m.get("overall", {}), (r.get("config") or {}).get("correction")
         audits.append({"when": when, "model": _model_name(r), "suite": m.get("suite"), "n": m.get("n_items"),
                        "correction": Path(str(corr)).name if corr else "none",
-                       "pct": _est(o.get("pct_stereotype")), "mean": _est(o.get("mean_ll_diff"), ".2f")})
+                       "figures": audit_figures(o)})
     elif m.get("command") == "bias mitigate" and "method" in m:
         f, c = m.get("figures", {}), m.get("checks", {})
         fixes.append({"when": when, "model": _model_name(r), "method": m["method"],

@@ -55,13 +55,14 @@ PAGE = """<!doctype html>
 {% endif %}
 
 {% if audit_rows %}
-<h2>Bias audits (latest first; 95% bootstrap CIs)</h2>
+<h2>Bias audits (latest first; 95% bootstrap CIs; unbiased: pct 50, mean 0, ss 50, s_amb 0)</h2>
 <table id="audits">
 <tr><th class="l">when (UTC)</th><th class="l">model</th><th class="l">suite</th><th class="l">correction</th>
-<th>items</th><th>pct_stereotype (50 = unbiased)</th><th>mean ll diff (0 = unbiased)</th></tr>
+<th>items</th><th class="l">bias figure</th><th class="l">beside it</th></tr>
 {% for r in audit_rows %}
 <tr><td class="l">{{ r.when }}</td><td class="l">{{ r.model }}</td><td class="l">{{ r.suite }}</td>
-<td class="l">{{ r.correction }}</td><td>{{ r.n }}</td><td>{{ r.pct }}</td><td>{{ r.mean }}</td></tr>
+<td class="l">{{ r.correction }}</td><td>{{ r.n }}</td><td class="l">{{ r.figures[0] }}</td>
+<td class="l">{{ r.figures[1] if r.figures|length > 1 else "" }}</td></tr>
 {% endfor %}
 </table>
 {% endif %}

@@ -1,0 +1,36 @@
+"""bias.report's plots: drawn without matplotlib warnings reaching the user's terminal."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from bias.audit import AuditResult
+from bias.metrics import Estimate
+from bias.report import plot_metric
+
+
+def _result(metric: str) -> AuditResult:
+    per = {c: {metric: Estimate(0.4 + 0.1 * k, 0.3 + 0.1 * k, 0.5 + 0.1 * k, 50)} for k, c in enumerate(("age", "nationality"))}
+    return AuditResult("bbq", "bbq", "bbq/", 100, 0, {metric: Estimate(0.45, 0.38, 0.52, 100)}, per, items=[])
+
+
+def test_plot_without_a_neutral_line_warns_nothing(tmp_path: Path) -> None:
+    # accuracy has no unbiased value, so no dashed line and nothing for a legend to show:
+    # matplotlib's "No artists with labels" warning used to print in the middle of an audit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = plot_metric(_result("acc_dis"), ("acc_dis",), tmp_path / "acc_dis.png")
+        plot_metric(_result("s_amb"), ("s_amb",), tmp_path / "s_amb.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_audit_figures_print_aligned_with_fixed_decimals() -> None:
+    from edge.cli.bias import figure_lines
+
+    lines = figure_lines({"pct_stereotype": Estimate(57.0, 50.49, 64.0, 200),
+                          "rest_pct_stereotype": Estimate(61.5, 54.5, 68.0, 200),
+                          "mean_ll_diff": Estimate(0.6146, -0.3534, 1.574, 200)})
+    assert lines[0] == "  pct_stereotype          57.0  [50.5, 64.0]"
+    assert lines[2] == "  mean_ll_diff           0.615  [-0.353, 1.574]"
+    assert len({ln.index("[") for ln in lines}) == 1  # the CIs start in one column
