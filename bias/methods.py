@@ -54,12 +54,13 @@ from bias.gate import (
     signed,
 )
 from bias.learn import LearnConfig, import_torch, learn_edit, save_edit
+from bias.mitigate import load_inputs
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.shared import Shared, compute_shared, read_shared_positions
 from bias.splits import BBQ_ITEMS, Correction, SplitsConfig, SplitsResult, run_metrics, run_splits
 from bias.steering import compute_directions as steering_directions
-from bias.suites import Suite, load_suite
+from bias.suites import Suite
 from edge import telemetry
 from edge.cvec import write as write_cvec
 from edge.errors import BadOptionError
@@ -594,9 +595,7 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
     cfg = cfg or SplitsConfig()
     cfg.validate()
     ablate = ablate or AblateConfig(max_ppl_increase=cfg.max_ppl_increase)
-    suite = load_suite(suite_spec)
-    if suite.kind != "pairs":
-        raise BadOptionError("mitigate needs a pair suite (crows_pairs or probes) for --suite")
+    suite = load_inputs(suite_spec, output=cfg.output, exclude_category=cfg.exclude_category, bbq_spec=cfg.bbq_spec)
     # Ctrl-C inside llama.cpp's ctypes callbacks (logging, cb_eval) would be dropped: SIGINT
     # sets a flag instead, and every progress event is a point where it stops the run.
     with InterruptGuard() as guard:

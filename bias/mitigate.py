@@ -15,7 +15,7 @@ from bias import metrics as M
 from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
 from bias.feedback import LoopConfig, LoopResult, Utility, neutral_chunks, run_loop, split
 from bias.steering import compute_directions, pair_states
-from bias.suites import load_suite
+from bias.suites import Suite, load_suite
 from edge import telemetry
 from edge.cvec import write
 from edge.errors import BadOptionError
@@ -118,6 +118,30 @@ def _rows(suite: Any, cfg: LoopConfig, heldout_limit: int | None,
     return cal_idx, held_idx
 
 
+def load_inputs(suite_spec: str, *, output: str | None, exclude_category: str | None,
+                bbq_spec: str | None) -> Suite:
+    """The pair suite to calibrate on, after checking every input a run reads or writes, so
+    that a typo fails in a second rather than after minutes of scoring."""
+    suite = load_suite(suite_spec)
+    if suite.kind != "pairs":
+        raise BadOptionError("mitigate needs a pair suite (crows_pairs or probes) for --suite")
+    cats = sorted({it.category for it in suite.items})
+    if exclude_category is not None and exclude_category not in cats:
+        raise BadOptionError(f"--exclude-category {exclude_category}: {suite.name} has no such category; "
+                             f"use one of {', '.join(cats)}")
+    if output is not None:
+        out = Path(output)
+        if out.is_dir():
+            raise BadOptionError(f"-o {output} is a folder; give a file name, e.g. {out / 'fair.gguf'}")
+        if not out.resolve().parent.is_dir():
+            raise BadOptionError(f"-o {output}: the folder {out.parent} does not exist; create it first")
+    if bbq_spec:
+        bbq = load_suite(bbq_spec)  # a wrong path or file fails here, with the loader's own message
+        if bbq.kind != "bbq":
+            raise BadOptionError(f"--bbq {bbq_spec}: not a BBQ suite; use bbq:PATH (a BBQ .jsonl file or folder)")
+    return suite
+
+
 def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConfig | None = None,
              n_direction_pairs: int = 64, method: str = "mean", heldout_limit: int | None = None,
              calib_limit: int | None = None,
@@ -133,9 +157,7 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
     cfg = cfg or LoopConfig()
     cfg.validate()
     emit = on_event or (lambda kind, data: None)
-    suite = load_suite(suite_spec)
-    if suite.kind != "pairs":
-        raise BadOptionError("mitigate needs a pair suite (crows_pairs or probes) for --suite")
+    suite = load_inputs(suite_spec, output=out_path, exclude_category=cfg.exclude_category, bbq_spec=bbq_spec)
     t0 = time.perf_counter()
     cal_idx, held_idx = _rows(suite, cfg, heldout_limit, calib_limit)
     calib, held = suite.subset(cal_idx), suite.subset(held_idx)

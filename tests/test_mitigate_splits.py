@@ -30,6 +30,12 @@ from tests.conftest import ROOT, SHARED_DATA
     (["--method", "ablate", "--suite", f"bbq:{SHARED_DATA / 'bbq'}"], "pair suite"),
     (["--method", "both", "--calib-frac", "1"], "--calib-frac"),
     (["--method", "ablate", "--ablate-objective", "words"], "--ablate-objective"),
+    # inputs read or written later are checked before any scoring, for both entry points
+    (["--method", "learn", "--exclude-category", "nosuch"], "has no such category; use one of "),
+    (["--exclude-category", "nosuch"], "has no such category"),
+    (["-o", "/nonexistent-dir/fair.gguf"], "the folder /nonexistent-dir does not exist"),
+    (["--method", "both", "--bbq", "bbq:/nonexistent-dir"], "BBQ data not found"),
+    (["--bbq", "probes"], "not a BBQ suite"),
 ])
 def test_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
     out = tmp_path / "fair.gguf"
