@@ -29,6 +29,11 @@ PAIR_PARTS_NOTE = ("mean_ll_diff = words_ll_diff + rest_ll_diff: the rewritten t
                    "the rest near 0 is mostly word frequency.")
 
 
+BBQ_N_NOTE = ("Each BBQ question comes in an ambiguous and a disambiguated context: n counts the items of "
+              "one condition, and each figure is read on its own condition (acc_amb, s_amb on the ambiguous "
+              "half; acc_dis, s_dis on the disambiguated half).")
+
+
 def _fmt(e: Estimate) -> str:
     return f"{e.value:.3g} [{e.lo:.3g}, {e.hi:.3g}]"
 
@@ -92,6 +97,7 @@ def markdown(res: AuditResult, meta: dict[str, Any]) -> str:
              f"- scoring time: {res.score_s:.1f} s, {res.tokens_decoded} tokens decoded", "",
              "Values with 95% percentile-bootstrap confidence intervals.", "",
              *([PAIR_PARTS_NOTE, ""] if "words_ll_diff" in res.overall else []),
+             *([BBQ_N_NOTE, ""] if res.kind == "bbq" else []),
              "| category | n | " + " | ".join(metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for cat, ms in [*res.per_category.items(), ("**ALL**", res.overall)]:
@@ -201,6 +207,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:48%;
 {html.escape(res.correction or 'none')}; scored with {html.escape(compute_note(res.compute))}.
 95% percentile-bootstrap confidence intervals.</p>
 {f"<p>{html.escape(PAIR_PARTS_NOTE)}</p>" if "words_ll_diff" in res.overall else ""}
+{f"<p>{html.escape(BBQ_N_NOTE)}</p>" if res.kind == "bbq" else ""}
 <table><tr><th>category</th><th>n</th>{head}</tr>{rows}</table>{imgs}{rep_html}</body></html>
 """
     with atomic_write(out / "report.html", "w") as f:

@@ -34,3 +34,15 @@ def test_audit_figures_print_aligned_with_fixed_decimals() -> None:
     assert lines[0] == "  pct_stereotype          57.0  [50.5, 64.0]"
     assert lines[2] == "  mean_ll_diff           0.615  [-0.353, 1.574]"
     assert len({ln.index("[") for ln in lines}) == 1  # the CIs start in one column
+
+
+def test_bbq_report_says_what_n_counts(tmp_path: Path) -> None:
+    from bias.report import BBQ_N_NOTE, write_report
+
+    res = _result("acc_dis")
+    write_report(res, tmp_path, {"model": "m.gguf"})
+    assert BBQ_N_NOTE in (tmp_path / "report.md").read_text()
+    assert "n counts the items of one condition" in (tmp_path / "report.html").read_text()
+    res.kind = "pairs"
+    write_report(res, tmp_path / "pairs", {"model": "m.gguf"})
+    assert "n counts" not in (tmp_path / "pairs" / "report.md").read_text()
