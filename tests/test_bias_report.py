@@ -46,3 +46,20 @@ def test_bbq_report_says_what_n_counts(tmp_path: Path) -> None:
     res.kind = "pairs"
     write_report(res, tmp_path / "pairs", {"model": "m.gguf"})
     assert "n counts" not in (tmp_path / "pairs" / "report.md").read_text()
+
+
+def test_steer_summary_gives_the_distance_from_50_in_points() -> None:
+    # a pct already near 50 made a share of its distance read "fall of |pct−50|: -600%"
+    from bias.mitigate import PairJudgement
+    from edge.cli.bias import heldout_lines
+
+    e = Estimate
+    h = PairJudgement(before={"pct_stereotype": e(49.7, 44.0, 55.0, 300), "mean_ll_diff": e(0.512, 0.2, 0.8, 300)},
+                      after={"pct_stereotype": e(47.7, 42.0, 53.0, 300), "mean_ll_diff": e(0.136, -0.1, 0.4, 300)},
+                      gap_reduction=e(-6.0, -20.0, 1.0, 300), mean_ll_diff_reduction=e(0.74, 0.4, 1.0, 300),
+                      gap_change=e(2.0, -1.0, 5.0, 300), mean_ll_diff_change=e(-0.376, -0.5, -0.25, 300))
+    lines = heldout_lines(h, {"increase": 0.0481, "kl": 0.0363})
+    assert lines[0] == ("  held-out pct_stereotype 49.7 → 47.7: |pct−50| 0.3 → 2.3 points, change +2.0 [-1.0, +5.0] "
+                        "(not a significant fall)")
+    assert lines[1].endswith("change -0.376 [-0.500, -0.250] (a significant fall)")
+    assert "%" not in lines[0] and lines[2] == "  PPL on neutral text +4.81%, KL 0.0363 nats/token"

@@ -270,16 +270,29 @@ def _mitigate_steer(target: float, max_ppl_increase: float | None, max_iter: int
     if as_json:
         click.echo(json.dumps(r.to_dict()))
         return
-    h = r.heldout
-    assert h is not None
+    assert r.heldout is not None
     click.echo(f"wrote {r.vector}")
-    for k in ("pct_stereotype", "mean_ll_diff"):
-        click.echo(f"  held-out {k}: {h.before[k].value:.3g} → {h.after[k].value:.3g}")
+    for line in heldout_lines(r.heldout, r.ppl):
+        click.echo(line)
+
+
+def heldout_lines(h: Any, ppl: dict[str, float]) -> list[str]:
+    """The steer loop's held-out judgement (bias.mitigate.PairJudgement): the distance of the
+    pct from 50 in points, since a share of a near-zero distance (−600%) says nothing."""
+    def ci(e: Any, f: str) -> str:
+        return f"{e.value:{f}} [{e.lo:{f}}, {e.hi:{f}}]"
+
+    def verdict(ok: bool) -> str:
+        return "a significant fall" if ok else "not a significant fall"
+
+    b, a = h.before["pct_stereotype"].value, h.after["pct_stereotype"].value
+    mb, ma = h.before["mean_ll_diff"].value, h.after["mean_ll_diff"].value
     sig = h.significant
-    click.echo(f"  fall of |pct−50|: {100 * h.gap_reduction.value:.0f}%, of the mean ll diff: "
-               f"{100 * h.mean_ll_diff_reduction.value:.0f}% (significant: "
-               f"{sig['gap']}, {sig['mean_ll_diff']})  "
-               f"PPL {100 * r.ppl['increase']:+.2f}%  KL {r.ppl['kl']:.4f}")
+    return [f"  held-out pct_stereotype {b:.1f} → {a:.1f}: |pct−50| {abs(b - 50):.1f} → {abs(a - 50):.1f} points, "
+            f"change {ci(h.gap_change, '+.1f')} ({verdict(sig['gap'])})",
+            f"  held-out mean ll diff {mb:+.3f} → {ma:+.3f} nats: change {ci(h.mean_ll_diff_change, '+.3f')} "
+            f"({verdict(sig['mean_ll_diff'])})",
+            f"  PPL on neutral text {100 * ppl['increase']:+.2f}%, KL {ppl['kl']:.4f} nats/token"]
 
 
 def _iteration_line(d: dict) -> str:
