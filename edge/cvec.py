@@ -102,7 +102,9 @@ def read(path: str | os.PathLike[str]) -> ControlVector:
         raise InvalidModelFileError(f"{p} is not a readable GGUF ({e}); pass a control-vector .gguf") from None
     arch = _field(r, "general.architecture")
     if arch != ARCH:
-        raise InvalidModelFileError(f"{p} is a {arch!r} GGUF, not a control vector (general.architecture)")
+        # a corrected model from `edge bias mitigate` (learn, ablate, ...) is a whole model, not a vector
+        raise InvalidModelFileError(f"{p} is a {arch!r} model GGUF, not a control vector: pass it as the MODEL "
+                                    "argument instead of --correction")
     dirs: dict[int, np.ndarray] = {}
     for t in r.tensors:
         prefix, _, idx = t.name.partition(".")

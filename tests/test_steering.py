@@ -82,7 +82,7 @@ def test_non_control_vector_gguf_rejected(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(InvalidModelFileError, match="not a control vector"):
+    with pytest.raises(InvalidModelFileError, match="model GGUF, not a control vector: pass it as the MODEL"):
         cvec.read(model)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")

@@ -126,8 +126,8 @@ def correction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--correction CVEC.gguf [--correction-scale X]: a bias-correction control vector."""
     f = CORRECTION_SCALE(f)
     return click.option("--correction", type=click.Path(dir_okay=False), default=None,
-                        help="Control-vector GGUF added to the residual stream "
-                        "(e.g. from `edge bias mitigate`).")(f)
+                        help="Control-vector GGUF added to the residual stream (from `edge bias "
+                        "mitigate --method steer`; a corrected model from the other methods is MODEL).")(f)
 
 
 def parse_since(value: str | None) -> datetime | None:
