@@ -395,6 +395,7 @@ def _each_split(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out: Path, res: S
                 corr.close()
             rec["methods"][m]["seconds"] = time.perf_counter() - t1
             save()
-            emit("done", {"split": s + 1, "method": m, "seconds": rec["methods"][m]["seconds"]})
+            emit("done", {"split": s + 1, "of": cfg.n_splits, "seed": seed, "method": m,
+                          "seconds": rec["methods"][m]["seconds"]})
     res.complete = True
     save()

@@ -233,6 +233,21 @@ def _fold_line(seed: int, what: str, fold: dict[str, Any]) -> str:
     return line + ")."
 
 
+def check_lines(method: str, checks: dict[str, str]) -> list[str]:
+    """A method's checks as "k/n" counts, those that held on every split apart from the
+    others (one line each), so the misses are read first."""
+    def held(v: str) -> bool:
+        k, _, n = v.partition("/")
+        return k == n
+
+    missed = [f"{k} {v}" for k, v in checks.items() if not held(v)]
+    every = [k for k, v in checks.items() if held(v)]
+    n = next(iter(checks.values()), "0/0").partition("/")[2]
+    of = f"of {n} split{'s' if n != '1' else ''}"
+    return ([f"{method} missed (splits passing, {of}): " + ", ".join(missed)] if missed else []) + \
+        ([f"{method} held on all {n}: " + ", ".join(every)] if every else [])
+
+
 def summary_lines(res: dict[str, Any]) -> list[str]:
     """The console summary of a split run: one line per split and method, then the checks."""
     out = []
@@ -244,7 +259,7 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
                        f"change {_e(p['change'], '+.1f')}, pair slope {dg['slope']:+.2f}, "
                        f"PPL {100 * r['ppl']['increase']:+.2f}%")
     for m, summ in res.get("summary", {}).items():
-        out.append(f"{m}: " + ", ".join(f"{k} {v}" for k, v in summ["checks"].items()))
+        out += check_lines(m, summ["checks"])
         made = made_biased(res, m)
         if made:
             out.append(f"{m}: made biased by pct (CI held 50 before, not after): "

@@ -72,7 +72,7 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     _, err = p.communicate(timeout=600)
     log = "".join(seen) + err
     assert p.returncode != 0, log[-2000:]
-    assert "pair states" in log and "split 1/2 (seed 0): steer" in log and "split 1 ablate done" in log
+    assert "pair states" in log and "split 1/2 (seed 0): steer" in log and "split 1/2 (seed 0): ablate done in " in log
     res = json.loads((rep / "results.json").read_text())
     assert not res["complete"] and len(res["splits"]) == 1
     # the finished split is in the run log too, one fairness record per method, marked unfinished

@@ -351,7 +351,8 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
     elif kind == "split":
         click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}", err=True)
     elif kind == "done":
-        click.echo(f"split {d['split']} {d['method']} done in {d['seconds']:.0f} s", err=True)
+        click.echo(f"split {d['split']}/{d.get('of', '?')} (seed {d.get('seed', '?')}): {d['method']} done in "
+                   f"{d['seconds']:.0f} s", err=True)
     elif kind in ("steer", "ablate", "gate", "combo", "learn", "erase"):
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
         click.echo(f"  {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
