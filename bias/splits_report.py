@@ -34,7 +34,7 @@ def _row(seed: int, method: str, r: dict[str, Any]) -> str:
 def report_md(res: dict[str, Any]) -> str:
     cfg = res["config"]
     sh = res.get("shared", {})
-    lines = [f"# Bias mitigation on {cfg['n_splits']} seeded splits ({', '.join(cfg['methods'])})", "",
+    lines = [f"# Bias mitigation on {_splits(cfg['n_splits'])} ({', '.join(cfg['methods'])})", "",
              f"Calibration fraction {cfg['calib_frac']}, kept out: {cfg['exclude_category'] or 'none'}, "
              f"PPL budget {100 * cfg['max_ppl_increase']:.0f}%; shared work {sh.get('seconds', 0):.0f} s, "
              f"splits {res.get('elapsed_s', 0):.0f} s{'' if res.get('complete') else ' (interrupted)'}.", "",
@@ -51,7 +51,7 @@ def report_md(res: dict[str, Any]) -> str:
             continue
         figs = ", ".join(f"{k} {v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" for k, v in summ["figures"].items())
         checks = ", ".join(f"{k}: {v}" for k, v in summ["checks"].items())
-        lines += [f"**{m}** ({summ['splits']} splits): {figs}.", "", f"Checks: {checks}.", ""]
+        lines += [f"**{m}** ({_splits(summ['splits'])}): {figs}.", "", f"Checks: {checks}.", ""]
     lines += _category_lines(res)
     lines += _deployed(res)
     if res["splits"]:
@@ -107,7 +107,7 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
         if not runs:
             continue
         parts = all("heldout_parts" in r for r in runs)
-        out += ["", f"## Categories, {m} (held-out; median over {len(runs)} splits)", ""]
+        out += ["", f"## Categories, {m} (held-out; median over {_splits(len(runs))})", ""]
         if parts:
             out += ["The mean ll difference is the rewritten tokens' part plus the shared tokens' part; the "
                     "CrowS-Pairs authors count the pct on the shared tokens alone. Which part a correction "
@@ -231,6 +231,10 @@ def _fold_line(seed: int, what: str, fold: dict[str, Any]) -> str:
                  f"(p99 {kl['kl_p99']:.3f}), PPL {kl['ppl_full']:.3f} → {kl['ppl_quantized']:.3f}, "
                  f"top-1 agreement {100 * kl['top1_agreement']:.1f}%")
     return line + ")."
+
+
+def _splits(n: int) -> str:
+    return f"{n} seeded split{'s' if n != 1 else ''}"
 
 
 def check_lines(method: str, checks: dict[str, str]) -> list[str]:
