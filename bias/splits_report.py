@@ -107,7 +107,7 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
         if not runs:
             continue
         parts = all("heldout_parts" in r for r in runs)
-        out += ["", f"## Categories, {m} (held-out; median over {_splits(len(runs))})", ""]
+        out += ["", f"## Categories, {m} (held-out; median over {len(runs)} split{'s' if len(runs) != 1 else ''})", ""]
         if parts:
             out += ["The mean ll difference is the rewritten tokens' part plus the shared tokens' part; the "
                     "CrowS-Pairs authors count the pct on the shared tokens alone. Which part a correction "
