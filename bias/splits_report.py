@@ -107,7 +107,7 @@ def _category_lines(res: dict[str, Any]) -> list[str]:
         if not runs:
             continue
         parts = all("heldout_parts" in r for r in runs)
-        out += ["", f"## Categories, {m} (held-out; median over {len(runs)} split{'s' if len(runs) != 1 else ''})", ""]
+        out += ["", f"## Categories, {m} (held-out; median over {_splits(len(runs), '')})", ""]
         if parts:
             out += ["The mean ll difference is the rewritten tokens' part plus the shared tokens' part; the "
                     "CrowS-Pairs authors count the pct on the shared tokens alone. Which part a correction "
@@ -233,11 +233,11 @@ def _fold_line(seed: int, what: str, fold: dict[str, Any]) -> str:
     return line + ")."
 
 
-def _splits(n: int) -> str:
-    return f"{n} seeded split{'s' if n != 1 else ''}"
+def _splits(n: int, kind: str = "seeded ") -> str:
+    return f"{n} {kind}split{'s' if n != 1 else ''}"
 
 
-def check_lines(method: str, checks: dict[str, str]) -> list[str]:
+def check_lines(method: str, checks: dict[str, str], n_splits: int) -> list[str]:
     """A method's checks as "k/n" counts, those that held on every split apart from the
     others (one line each), so the misses are read first."""
     def held(v: str) -> bool:
@@ -246,10 +246,8 @@ def check_lines(method: str, checks: dict[str, str]) -> list[str]:
 
     missed = [f"{k} {v}" for k, v in checks.items() if not held(v)]
     every = [k for k, v in checks.items() if held(v)]
-    n = next(iter(checks.values()), "0/0").partition("/")[2]
-    of = f"of {n} split{'s' if n != '1' else ''}"
-    return ([f"{method} missed (splits passing, {of}): " + ", ".join(missed)] if missed else []) + \
-        ([f"{method} held on all {n}: " + ", ".join(every)] if every else [])
+    return ([f"{method} missed (splits passing, of {_splits(n_splits, '')}): " + ", ".join(missed)] if missed else []) + \
+        ([f"{method} held on all {n_splits}: " + ", ".join(every)] if every else [])
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
@@ -263,7 +261,7 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
                        f"change {_e(p['change'], '+.1f')}, pair slope {dg['slope']:+.2f}, "
                        f"PPL {100 * r['ppl']['increase']:+.2f}%")
     for m, summ in res.get("summary", {}).items():
-        out += check_lines(m, summ["checks"])
+        out += check_lines(m, summ["checks"], summ["splits"])
         made = made_biased(res, m)
         if made:
             out.append(f"{m}: made biased by pct (CI held 50 before, not after): "

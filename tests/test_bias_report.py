@@ -69,7 +69,7 @@ def test_split_checks_read_the_misses_first() -> None:
     from bias.splits_report import check_lines
 
     lines = check_lines("learn", {"ci_contains_50_after_excluded_before": "5/5", "biased_categories_moved": "0/5",
-                                  "ppl_within_budget": "5/5", "biased_categories_closer": "2/5"})
+                                  "ppl_within_budget": "5/5", "biased_categories_closer": "2/5"}, 5)
     assert lines == ["learn missed (splits passing, of 5 splits): biased_categories_moved 0/5, biased_categories_closer 2/5",
                      "learn held on all 5: ci_contains_50_after_excluded_before, ppl_within_budget"]
-    assert check_lines("steer", {"ppl_within_budget": "1/1"}) == ["steer held on all 1: ppl_within_budget"]
+    assert check_lines("steer", {"ppl_within_budget": "1/1"}, 1) == ["steer held on all 1: ppl_within_budget"]

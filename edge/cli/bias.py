@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from edge.cli.options import correction_options, model_argument
+from edge.telemetry import estimate_text
 
 
 @click.group("bias")
@@ -280,7 +281,7 @@ def heldout_lines(h: Any, ppl: dict[str, float]) -> list[str]:
     """The steer loop's held-out judgement (bias.mitigate.PairJudgement): the distance of the
     pct from 50 in points, since a share of a near-zero distance (−600%) says nothing."""
     def ci(e: Any, f: str) -> str:
-        return f"{e.value:{f}} [{e.lo:{f}}, {e.hi:{f}}]"
+        return estimate_text(e.to_dict(), f)
 
     def verdict(ok: bool) -> str:
         return "a significant fall" if ok else "not a significant fall"
@@ -348,11 +349,9 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
     if kind == "stage":
         click.echo(f"{d['stage']}" + "".join(f"  {k} {v:.0f}" if isinstance(v, float) else f"  {k} {v}"
                                               for k, v in d.items() if k != "stage"), err=True)
-    elif kind == "split":
-        click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}", err=True)
-    elif kind == "done":
-        click.echo(f"split {d['split']}/{d.get('of', '?')} (seed {d.get('seed', '?')}): {d['method']} done in "
-                   f"{d['seconds']:.0f} s", err=True)
+    elif kind in ("split", "done"):  # a split's start and end, named alike
+        end = f" done in {d['seconds']:.0f} s" if kind == "done" else ""
+        click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}{end}", err=True)
     elif kind in ("steer", "ablate", "gate", "combo", "learn", "erase"):
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
         click.echo(f"  {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
