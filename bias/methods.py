@@ -590,8 +590,11 @@ def _neutral_text(ctx: Context) -> str:
 def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
                     cfg: SplitsConfig | None = None, ablate: AblateConfig | None = None,
                     gate: GateConfig | None = None, learn: LearnConfig | None = None,
-                    erase: EraseConfig | None = None, threads: int | None = None, precision: str = "auto", on_event: Event | None = None) -> SplitsResult:
-    """`edge bias mitigate --method … --splits N`: shared work once, then every split."""
+                    erase: EraseConfig | None = None, threads: int | None = None, precision: str = "auto",
+                    on_event: Event | None = None, fresh: bool = False) -> SplitsResult:
+    """`edge bias mitigate --method … --splits N`: shared work once, then every split. A rerun
+    with the same settings in the same out_dir keeps the splits an earlier run finished
+    (bias.splits.earlier_splits) unless `fresh`."""
     cfg = cfg or SplitsConfig()
     cfg.validate()
     ablate = ablate or AblateConfig(max_ppl_increase=cfg.max_ppl_increase)
@@ -611,7 +614,8 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
         if "learn" in cfg.methods:  # before the shared work: a missing torch is said at once
             learn.validate()
             import_torch()
-        return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, learn, erase, threads, precision, emit)
+        return _mitigate_splits(model, suite, out_dir, cfg, ablate, gate, learn, erase, threads, precision, emit,
+                                fresh)
 
 
 def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
@@ -642,7 +646,11 @@ def bbq_engine(methods: tuple[str, ...], learn: LearnConfig, n_layers: int) -> s
 
 
 def log_run(res: SplitsResult, rt: Runtime, scorer: BatchScorer, out_dir: Path) -> None:
-    """One `fairness` run-log record per method with a finished split (edge logs, edge report)."""
+    """One `fairness` run-log record per method with a finished split (edge logs, edge report);
+    none for a rerun that only kept what an earlier run (which logged it) had finished."""
+    kept = res.shared.get("kept_from_earlier_run", {}).get("results", 0)
+    if kept and kept == sum(len(s["methods"]) for s in res.splits):
+        return
     for m in res.config["methods"]:
         metrics = run_metrics(res, m, out_dir / "results.json")
         if metrics is not None:
@@ -651,7 +659,7 @@ def log_run(res: SplitsResult, rt: Runtime, scorer: BatchScorer, out_dir: Path) 
 
 def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: SplitsConfig,
                      ablate: AblateConfig, gate: GateConfig, learn: LearnConfig, erase: EraseConfig,
-                     threads: int | None, precision: str, emit: Event) -> SplitsResult:
+                     threads: int | None, precision: str, emit: Event, fresh: bool = False) -> SplitsResult:
     from edge.session import open_runtime
 
     t0 = time.perf_counter()
@@ -670,7 +678,7 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
         fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate, "combo": fit_combo,
                    "learn": fit_learn, "erase": fit_erase}
         return run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
-                          info, on_end=lambda res: log_run(res, rt, scorer, Path(out_dir)))
+                          info, on_end=lambda res: log_run(res, rt, scorer, Path(out_dir)), fresh=fresh)
     finally:
         if scorer is not None:
             scorer.close()

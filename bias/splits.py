@@ -4,8 +4,9 @@ Split s (seed + s) calibrates each method on its calibration rows and judges it 
 held-out rows, BBQ and generation (bias.judge). Everything that does not depend on the
 split is computed once (bias.shared): the uncorrected scores of every row and instrument
 and every pair's residual-stream states. results.json is rewritten after every finished
-(split, method), so a Ctrl-C keeps what was done; the summary gives each figure's median
-and range over the finished splits, so one lucky split cannot carry the result.
+(split, method), so a Ctrl-C keeps what was done, and a rerun of the same command keeps
+those results and computes only what is missing (`earlier_splits`). The summary gives each
+figure's median and range over the finished splits, so one lucky split cannot carry the result.
 """
 
 from __future__ import annotations
@@ -342,10 +343,63 @@ def run_metrics(res: SplitsResult, method: str, results: Path) -> dict[str, Any]
             "checks": summary["checks"], "results": str(results), "elapsed_s": round(res.elapsed_s, 1)}
 
 
+# What else must match for an earlier run's splits to be kept: the model, the suite, the
+# methods' own settings and the weights the scores were computed with.
+SAME_RUN = ("model", "suite", "ablate_config", "gate_config", "learn_config", "erase_config")
+SAME_COMPUTE = ("precision", "path", "source_type")
+
+
+@dataclass
+class Earlier:
+    """The finished (split, method) results of an earlier run of the same command."""
+
+    splits: list[dict[str, Any]]
+    elapsed_s: float
+
+    @property
+    def results(self) -> int:
+        return sum(len(s["methods"]) for s in self.splits)
+
+
+def earlier_splits(sh: Shared, cfg: SplitsConfig, out_dir: str | Path, info: dict[str, Any]) -> Earlier:
+    """What out_dir/results.json holds from an earlier run with the same settings, model and
+    suite: the splits whose rows are still what `cfg.rows` draws, each with its finished
+    methods. A method whose written file (split 0's -o) is gone is dropped: it is fitted again."""
+    none = Earlier([], 0.0)
+    try:
+        old = json.loads((Path(out_dir) / "results.json").read_text())
+        same = (old["config"] == json.loads(json.dumps(asdict(cfg)))
+                and all(old["shared"].get(k) == json.loads(json.dumps(info.get(k))) for k in SAME_RUN)
+                and all((old["shared"].get("compute") or {}).get(k) == (info.get("compute") or {}).get(k)
+                        for k in SAME_COMPUTE))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, partial or another version
+        return none
+    if not same:
+        return none
+    kept: list[dict[str, Any]] = []
+    outputs = {str(f) for f in cfg.outputs().values()}  # work copies of later splits are removed anyway
+    for s, rec in enumerate(old["splits"][:cfg.n_splits]):
+        cal, held = cfg.rows(sh.suite, s)
+        if (rec.get("seed") != cfg.seed + s or rec.get("calibration_rows") != [sh.suite.items[i].row for i in cal]
+                or rec.get("heldout_rows") != [sh.suite.items[i].row for i in held]):
+            break
+        methods = {m: r for m, r in rec.get("methods", {}).items()
+                   if m in cfg.methods and all(Path(f).exists() for f in _written(r) if f in outputs)}
+        kept.append({**rec, "methods": methods})
+    return Earlier(kept, float(old.get("elapsed_s", 0.0))) if any(r["methods"] for r in kept) else none
+
+
+def _written(r: dict[str, Any]) -> list[str]:
+    """The files a (split, method) result says it wrote: a control vector, a folded model."""
+    fit = r.get("fit") or {}
+    return [f for f in (fit.get("vector"), (fit.get("fold") or {}).get("path")) if f]
+
+
 def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Path,
                on_event: Event | None = None, info: dict[str, Any] | None = None,
-               on_end: Callable[[SplitsResult], None] | None = None) -> SplitsResult:
+               on_end: Callable[[SplitsResult], None] | None = None, fresh: bool = False) -> SplitsResult:
     """Calibrate and judge every method on cfg.n_splits splits; results.json after each.
+    What an earlier run of the same command in out_dir finished is kept unless `fresh`.
     `on_end` gets the result at the end, also after Ctrl-C or an error (what finished)."""
     cfg.validate()
     emit = on_event or (lambda kind, data: None)
@@ -355,7 +409,10 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
                                             "bbq_items": len(sh.bbq.items) if sh.bbq else 0,
                                             "probes": len(sh.probes.items) if sh.probes else 0,
                                             **(info or {})})
-    t0 = time.perf_counter()
+    earlier = Earlier([], 0.0) if fresh else earlier_splits(sh, cfg, out, info or {})
+    if earlier.results:
+        res.shared["kept_from_earlier_run"] = {"results": earlier.results, "elapsed_s": earlier.elapsed_s}
+    t0 = time.perf_counter() - earlier.elapsed_s  # elapsed_s counts the earlier run's time too
 
     def save() -> None:
         res.elapsed_s = time.perf_counter() - t0
@@ -366,7 +423,7 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
             f.write(report_md(res.to_dict()))
 
     try:
-        _each_split(sh, fitter, cfg, out, res, save, emit, on_event)
+        _each_split(sh, fitter, cfg, out, res, save, emit, on_event, earlier)
     finally:
         if on_end is not None:
             res.elapsed_s = time.perf_counter() - t0
@@ -376,14 +433,20 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
 
 
 def _each_split(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out: Path, res: SplitsResult,
-                save: Callable[[], None], emit: Event, on_event: Event | None) -> None:
+                save: Callable[[], None], emit: Event, on_event: Event | None, earlier: Earlier) -> None:
     for s in range(cfg.n_splits):
         seed = cfg.seed + s
         cal, held = cfg.rows(sh.suite, s)
+        kept = earlier.splits[s]["methods"] if s < len(earlier.splits) else {}
         rec: dict[str, Any] = {"seed": seed, "calibration_rows": [sh.suite.items[i].row for i in cal],
                                "heldout_rows": [sh.suite.items[i].row for i in held], "methods": {}}
         res.splits.append(rec)
         for m in cfg.methods:
+            if m in kept:
+                rec["methods"][m] = kept[m]
+                emit("kept", {"split": s + 1, "of": cfg.n_splits, "seed": seed, "method": m,
+                              "seconds": kept[m].get("seconds", 0.0)})
+                continue
             emit("split", {"split": s + 1, "of": cfg.n_splits, "seed": seed, "method": m})
             work = out / f"split{s}"
             work.mkdir(exist_ok=True)

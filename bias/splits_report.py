@@ -31,13 +31,22 @@ def _row(seed: int, method: str, r: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _kept(sh: dict[str, Any]) -> str:
+    k = sh.get("kept_from_earlier_run")
+    if not k:
+        return ""
+    n = k["results"]
+    return f" ({n} split result{'' if n == 1 else 's'} and {k['elapsed_s']:.0f} s from an earlier run of the same command)"
+
+
 def report_md(res: dict[str, Any]) -> str:
     cfg = res["config"]
     sh = res.get("shared", {})
     lines = [f"# Bias mitigation on {_splits(cfg['n_splits'])} ({', '.join(cfg['methods'])})", "",
              f"Calibration fraction {cfg['calib_frac']}, kept out: {cfg['exclude_category'] or 'none'}, "
              f"PPL budget {100 * cfg['max_ppl_increase']:.0f}%; shared work {sh.get('seconds', 0):.0f} s, "
-             f"splits {res.get('elapsed_s', 0):.0f} s{'' if res.get('complete') else ' (interrupted)'}.", "",
+             f"splits {res.get('elapsed_s', 0):.0f} s{_kept(sh)}{'' if res.get('complete') else ' (interrupted)'}.",
+             "",
              *_learn_settings(res),
              "| seed | method | held-out pct before | after | paired change | pair slope / corr | ΔPPL | "
              "BBQ acc_dis Δ (pts) | BBQ s_amb after | categories moved; worse | kept-out Δpct | generation rate |",

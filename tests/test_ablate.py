@@ -5,6 +5,7 @@ on hand-built numbers (the folded model itself is tested in test_fold.py)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -312,18 +313,21 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
 
     sh = Shared(suite, base, st, [], U(), 10.0)  # type: ignore[arg-type]
     seen: list[tuple[str, tuple[int, ...]]] = []
+    stop_at = [4]
 
     def fitter(method: str, cal: np.ndarray, work: Path, index: int) -> Correction:
         seen.append((method, tuple(cal)))
-        if len(seen) == 4:
+        if len(seen) == stop_at[0]:
             raise KeyboardInterrupt  # Ctrl-C in the second split
 
         def score(s: Suite) -> tuple[np.ndarray, np.ndarray]:
             rows = np.array([it.row for it in s.items])
             return base[0][rows] * 0.1, base[1][rows]
 
-        return Correction(method, score, lambda s: None, lambda: (10.1, 0.01), lambda p, r: [])
+        fit = {"vector": targets[method]} if index == 0 and method in targets else {}
+        return Correction(method, score, lambda s: None, lambda: (10.1, 0.01), lambda p, r: [], fit)
 
+    targets: dict[str, str] = {}  # split 0's files (-o) the fitter says it wrote
     cfg = SplitsConfig(n_splits=3, exclude_category="z", probes_spec=None, n_boot=100)
     with pytest.raises(KeyboardInterrupt):
         run_splits(sh, fitter, cfg, tmp_path)
@@ -342,6 +346,29 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     assert summ["checks"]["ppl_within_budget"] == "2/2"
     again = summarize(saved["splits"], ("steer", "ablate"))
     assert again["ablate"]["splits"] == 1
+
+    # the same run again keeps what finished and fits only the rest, unless fresh
+    def fitted(c: SplitsConfig, **kw: object) -> list[tuple[str, tuple[int, ...]]]:
+        seen.clear()
+        run_splits(sh, fitter, c, tmp_path, **kw)  # type: ignore[arg-type]
+        return seen[:]
+
+    stop_at[0] = 0  # no more Ctrl-C
+    cals = [tuple(cfg.rows(suite, s)[0]) for s in range(3)]
+    assert fitted(cfg) == [("ablate", cals[1]), ("steer", cals[2]), ("ablate", cals[2])]
+    done = json.loads((tmp_path / "results.json").read_text())
+    assert done["complete"] and done["splits"][0] == saved["splits"][0]
+    assert done["shared"]["kept_from_earlier_run"]["results"] == 3
+    assert done["elapsed_s"] >= saved["elapsed_s"]
+    assert fitted(cfg) == [] and len(fitted(cfg, fresh=True)) == 6
+    # other settings start over; a split-0 correction whose -o file is gone is fitted again
+    out = replace(cfg, output=str(tmp_path / "fair.gguf"))
+    targets.update({m: str(f) for m, f in out.outputs().items()})  # never written here: gone
+    assert len(fitted(out)) == 6
+    assert fitted(out) == [("steer", cals[0]), ("ablate", cals[0])]
+    for f in out.outputs().values():
+        f.write_bytes(b"GGUF")
+    assert fitted(out) == []
 
 
 def test_shared_token_checks_see_a_shift_of_the_group_words_alone() -> None:

@@ -208,7 +208,11 @@ def figure_lines(overall: dict[str, Any]) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the splits (split s uses seed+s) and of the sampling; the same seed gives the same rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for results.json and report.md [default: next to -o].")
+              help="Folder for results.json and report.md [default: next to -o]. A split run "
+                   "stopped by Ctrl-C continues where it stopped when the same command runs again.")
+@click.option("--fresh", is_flag=True,
+              help="Fit and judge every split again, even those an earlier run of the same command "
+                   "finished in --out (its uncorrected scores are still reused).")
 @PRECISION
 @click.option("-t", "--threads", type=click.IntRange(1, 256), default=None,
               help="CPU threads [default: physical cores].")
@@ -240,6 +244,9 @@ def mitigate_cmd(correction_method: str, splits: int | None, weights: str, ablat
       edge bias audit fair-model.gguf --suite crows_pairs:crows.csv   # audit what you deploy
     """
     kw["out_dir"] = kw["out_dir"] or str(Path(kw["out_path"]).with_suffix("")) + "-report"
+    if kw["fresh"] and correction_method == "steer" and splits is None:
+        raise click.UsageError("--fresh applies to split runs (--splits N, or a method other than steer); "
+                               "a steer run without --splits always starts over")
     if correction_method != "steer" or splits is not None:
         _mitigate_splits(correction_method, splits or 1, weights, ablate_where, max_ppl_increase, max_iter,
                          n_blocks, as_json, **kw)
@@ -310,7 +317,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                      calib_limit: int | None, heldout_limit: int | None, precision: str,
                      threads: int | None, ablate_objective: str = "sentence", learn_objective: str = "pairs",
                      learn_layers: int = 1, erase_rank: int = 32, erase_form: str = "orth",
-                     **unused: Any) -> None:
+                     fresh: bool = False, **unused: Any) -> None:
     from bias.ablate import AblateConfig
     from bias.erase import EraseConfig
     from bias.learn import LearnConfig
@@ -329,8 +336,14 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
     ablate = AblateConfig.targets(ablate_where, max_ppl_increase=cfg.max_ppl_increase, objective=ablate_objective)
     learn = LearnConfig.for_objective(learn_objective, learn_layers)
     erase = EraseConfig(rank=erase_rank, form=erase_form)
-    res = mitigate_splits(model, suite_spec, out_dir, cfg=cfg, ablate=ablate, learn=learn, erase=erase, threads=threads,
-                          precision=precision, on_event=None if as_json else _split_event)
+    try:
+        res = mitigate_splits(model, suite_spec, out_dir, cfg=cfg, ablate=ablate, learn=learn, erase=erase,
+                              threads=threads, precision=precision, on_event=None if as_json else _split_event,
+                              fresh=fresh)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted: {Path(out_dir) / 'results.json'} holds the finished splits; run the same "
+                   "command again to continue from there.", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
         return
@@ -349,8 +362,9 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
     if kind == "stage":
         click.echo(f"{d['stage']}" + "".join(f"  {k} {v:.0f}" if isinstance(v, float) else f"  {k} {v}"
                                               for k, v in d.items() if k != "stage"), err=True)
-    elif kind in ("split", "done"):  # a split's start and end, named alike
-        end = f" done in {d['seconds']:.0f} s" if kind == "done" else ""
+    elif kind in ("split", "done", "kept"):  # a split's start and end, named alike
+        end = "" if kind == "split" else f" done in {d['seconds']:.0f} s" if kind == "done" \
+            else f" kept from an earlier run (done in {d['seconds']:.0f} s)"
         click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}{end}", err=True)
     elif kind in ("steer", "ablate", "gate", "combo", "learn", "erase"):
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
