@@ -115,3 +115,20 @@ def test_unknown_suite_and_missing_path(tmp_path: Path) -> None:
 def test_limit_keeps_order() -> None:
     s = load_suite(f"crows_pairs:{CROWS}", limit=5)
     assert [it.row for it in s.items] == [0, 1, 2, 3, 4]
+
+
+def test_limit_spreads_over_the_categories_of_suites_grouped_by_category() -> None:
+    """BBQ's items come one category file after another: --limit takes each file's share
+    (sizes 3,680 / 1,556 / 3,080 / 1,576 of 9,892; the largest remainders get the rest)."""
+    full = load_suite(f"bbq:{DATA / 'bbq'}")
+    s = load_suite(f"bbq:{DATA / 'bbq'}", limit=100)
+    counts = {c: sum(it.category == c for it in s.items) for c in full.categories}
+    assert counts == {"Age": 37, "Disability_status": 16, "Nationality": 31, "Physical_appearance": 16}
+    pos = {it.id: i for i, it in enumerate(full.items)}
+    idx = [pos[it.id] for it in s.items]
+    age = [pos[it.id] for it in full.items if it.category == "Age"]
+    assert idx == sorted(idx) and idx[:37] == age[:37]  # each category's first items, file order
+    assert sum(it.ambiguous for it in s.items if it.category == "Age") in (18, 19)  # both conditions
+    p = load_suite("probes", limit=6)  # fewer than its 9 categories: one each for the first six
+    assert len(p.items) == 6 and len({it.category for it in p.items}) == 6
+    assert load_suite("probes", limit=10_000).items == load_suite("probes").items

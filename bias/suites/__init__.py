@@ -18,6 +18,10 @@ ALIASES = {"crows": "crows_pairs", "crows-pairs": "crows_pairs", "crowspairs": "
            "probe": "probes", "edge_probes": "probes"}
 
 
+# suites whose --limit takes each category's share (Suite.spread) rather than the first rows
+SPREAD = ("bbq", "probes")
+
+
 def parse_spec(spec: str) -> tuple[str, Path | None]:
     """'NAME' or 'NAME:PATH' → (canonical name, path or None)."""
     name, _, path = spec.partition(":")
@@ -41,8 +45,8 @@ def load_suite(spec: str, *, strict: bool = False, limit: int | None = None) -> 
     if not suite.items:
         raise SuiteError(f"suite {spec!r} has no usable rows ({suite.skipped} malformed); "
                          "check the file is the right format")
-    if limit is not None:
-        suite = suite.head(limit)
+    if limit is not None:  # BBQ and the probes group their items by category: the first n would skip most
+        suite = suite.spread(limit) if name in SPREAD else suite.head(limit)
     return suite
 
 

@@ -61,6 +61,28 @@ class Suite:
     def head(self, n: int) -> Suite:
         return replace(self, items=self.items[:n])
 
+    def spread(self, n: int) -> Suite:
+        """n items, each category's share of them as in the whole suite (largest remainder,
+        ties to the category met first), its first items, kept in file order. For files that
+        group items by category (BBQ's one file per category), where the first n would be one
+        category alone."""
+        if n >= len(self.items):
+            return self
+        sizes: dict[str, int] = {}
+        for it in self.items:
+            sizes[it.category] = sizes.get(it.category, 0) + 1
+        exact = {c: n * k / len(self.items) for c, k in sizes.items()}
+        quota = {c: int(x) for c, x in exact.items()}
+        order = list(sizes)
+        for c in sorted(order, key=lambda c: (quota[c] - exact[c], order.index(c)))[:n - sum(quota.values())]:
+            quota[c] += 1
+        items = []
+        for it in self.items:
+            if quota[it.category] > 0:
+                items.append(it)
+                quota[it.category] -= 1
+        return replace(self, items=items)
+
     def subset(self, indices: list[int]) -> Suite:
         return replace(self, items=[self.items[i] for i in indices])
 

@@ -23,6 +23,8 @@ def bias_group() -> None:
       edge bias audit --suite probes
       edge bias audit --suite crows_pairs:../shared/data/crows_pairs/crows_pairs_anonymized.csv
       edge bias mitigate --suite crows_pairs:PATH -o fair.gguf
+      edge bias audit fair.gguf --suite crows_pairs:PATH --out after
+      edge bias compare bias-crows_pairs after       # the change, paired, per category
     """
 
 
@@ -38,7 +40,9 @@ PRECISION = click.option(
 @model_argument
 @click.option("--suite", "suite_spec", required=True, metavar="NAME[:PATH]",
               help="crows_pairs, bbq, stereoset or probes; PATH is a local file or folder.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N items.")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Score N items: the first N rows (crows_pairs, stereoset); for bbq and probes, whose "
+                   "files group items by category, each category's share of N, its first items.")
 @correction_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for report.html, report.md, results.json [default: ./bias-<suite>].")
@@ -109,6 +113,36 @@ def figure_lines(overall: dict[str, Any]) -> list[str]:
         f = ".1f" if "pct" in k else ".3f"  # points of 100; nats, rates and scores
         out.append(f"  {k:<{width}}  {e.value:>7{f}}  [{e.lo:{f}}, {e.hi:{f}}]")
     return out
+
+
+@bias_group.command("compare")
+@click.argument("before", type=click.Path())
+@click.argument("after", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def compare_cmd(before: str, after: str, as_json: bool) -> None:
+    """Compare two audits of the same suite: every figure before and after, and the change
+    with a paired bootstrap CI (the same items resampled for both), overall and per category.
+
+    BEFORE and AFTER are folders `edge bias audit` wrote (or their results.json): the
+    uncorrected model and the corrected one, a model with and without --correction, two
+    quantizations. Two audits' own CIs can overlap while the change is significant; this
+    says which. Items are matched by id; with different --limit, the common ones count.
+
+    \b
+    Examples:
+      edge bias audit --suite crows_pairs:crows.csv --out before
+      edge bias audit fair-model.gguf --suite crows_pairs:crows.csv --out after
+      edge bias compare before after
+      edge bias compare bias-probes after-probes --json
+    """
+    from bias.compare import compare_audits, comparison_lines
+
+    c = compare_audits(before, after)
+    if as_json:
+        click.echo(json.dumps(c.to_dict()))
+        return
+    for line in comparison_lines(c):
+        click.echo(line)
 
 
 @bias_group.command("mitigate")
