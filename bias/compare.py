@@ -111,6 +111,7 @@ def compare_audits(before: str | Path, after: str | Path, *, n_boot: int = M.N_B
     else:
         arrays = [np.array([[it[k] for it in items] for k in ("ll_stereo", "ll_anti", "ll_unrelated")])
                   for items in (ib, ia)]
+
         def row(m: np.ndarray) -> dict[str, Judged]:
             return {k: judge(f, list(arrays[0][:, m]), list(arrays[1][:, m]), neutral=STEREOSET_NEUTRAL[k],
                              n_boot=n_boot) for k, f in STEREOSET_METRICS.items()}
@@ -191,7 +192,6 @@ def verdict(j: Judged) -> str:
     return "no significant change"
 
 
-FORMATS = {"pct_stereotype": ".1f", "rest_pct_stereotype": ".1f", "ss": ".1f", "lms": ".1f", "icat": ".1f"}
 SIGNED = {"mean_ll_diff", "words_ll_diff", "rest_ll_diff", "likelihood_diff", "s_amb", "s_dis"}  # 0 is neutral
 
 
@@ -214,7 +214,7 @@ def comparison_lines(c: AuditComparison) -> list[str]:
         return m + (f" + {Path(d['correction']).name}" if d.get("correction") else "")
 
     def cells(j: Judged, k: str) -> list[str]:
-        f = FORMATS.get(k, ".3f")
+        f = ".1f" if k in M.POINTS else ".3f"
         return [_est(j.before, f, k in SIGNED), _est(j.after, f, k in SIGNED), _est(j.change, f, True), verdict(j)]
 
     out = [f"{c.suite}: {c.n_items:,} items in both audits; 95% CIs, the change by paired bootstrap",

@@ -107,10 +107,12 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
 
 def figure_lines(overall: dict[str, Any]) -> list[str]:
     """An audit's overall figures, one aligned line each: "name  value  [lo, hi]"."""
+    from bias.metrics import POINTS
+
     width = max(map(len, overall), default=0)
     out = []
     for k, e in overall.items():
-        f = ".1f" if "pct" in k else ".3f"  # points of 100; nats, rates and scores
+        f = ".1f" if k in POINTS else ".3f"  # points of 100; nats, rates and scores
         out.append(f"  {k:<{width}}  {e.value:>7{f}}  [{e.lo:{f}}, {e.hi:{f}}]")
     return out
 
