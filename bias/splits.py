@@ -347,6 +347,14 @@ def run_metrics(res: SplitsResult, method: str, results: Path) -> dict[str, Any]
 # methods' own settings and the weights the scores were computed with.
 SAME_RUN = ("model", "suite", "ablate_config", "gate_config", "learn_config", "erase_config")
 SAME_COMPUTE = ("precision", "path", "source_type")
+# how `edge bias mitigate` spells a setting, for the message that says why nothing was kept
+OPTION = {"n_splits": "--splits", "seed": "--seed", "calib_frac": "--calib-frac", "exclude_category": "--exclude-category",
+          "methods": "--method", "max_ppl_increase": "--max-ppl-increase", "bbq_spec": "--bbq",
+          "bbq_per_condition": "--bbq-items", "repeat": "--repeat", "temp": "--temp", "steer_blocks": "--blocks",
+          "steer_iter": "--max-iter", "weights": "--weights", "output": "-o", "calib_limit": "--calib-limit",
+          "heldout_limit": "--heldout-limit", "model": "MODEL", "suite": "--suite",
+          "ablate_config": "--ablate-where/--ablate-objective", "learn_config": "--learn-objective/--learn-layers",
+          "erase_config": "--erase-rank/--erase-form", "compute precision": "--precision"}
 
 
 @dataclass
@@ -355,6 +363,7 @@ class Earlier:
 
     splits: list[dict[str, Any]]
     elapsed_s: float
+    differs: list[str] = field(default_factory=list)  # an earlier run's settings that differ: none kept
 
     @property
     def results(self) -> int:
@@ -368,14 +377,15 @@ def earlier_splits(sh: Shared, cfg: SplitsConfig, out_dir: str | Path, info: dic
     none = Earlier([], 0.0)
     try:
         old = json.loads((Path(out_dir) / "results.json").read_text())
-        same = (old["config"] == json.loads(json.dumps(asdict(cfg)))
-                and all(old["shared"].get(k) == json.loads(json.dumps(info.get(k))) for k in SAME_RUN)
-                and all((old["shared"].get("compute") or {}).get(k) == (info.get("compute") or {}).get(k)
-                        for k in SAME_COMPUTE))
+        new = json.loads(json.dumps(asdict(cfg)))
+        differs = [k for k in sorted(set(old["config"]) | set(new)) if old["config"].get(k) != new.get(k)]
+        differs += [k for k in SAME_RUN if old["shared"].get(k) != json.loads(json.dumps(info.get(k)))]
+        differs += [f"compute {k}" for k in SAME_COMPUTE
+                    if (old["shared"].get("compute") or {}).get(k) != (info.get("compute") or {}).get(k)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, partial or another version
         return none
-    if not same:
-        return none
+    if differs:
+        return Earlier([], 0.0, differs)
     kept: list[dict[str, Any]] = []
     outputs = {str(f) for f in cfg.outputs().values()}  # work copies of later splits are removed anyway
     for s, rec in enumerate(old["splits"][:cfg.n_splits]):
@@ -410,6 +420,10 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
                                             "probes": len(sh.probes.items) if sh.probes else 0,
                                             **(info or {})})
     earlier = Earlier([], 0.0) if fresh else earlier_splits(sh, cfg, out, info or {})
+    if earlier.differs:  # say why nothing is kept: its results.json is about to be replaced
+        emit("stage", {"stage": f"{out / 'results.json'} holds a run with other settings "
+                                f"({', '.join(OPTION.get(k, k) for k in earlier.differs)}): starting over, "
+                                "it will be replaced"})
     if earlier.results:
         res.shared["kept_from_earlier_run"] = {"results": earlier.results, "elapsed_s": earlier.elapsed_s}
     t0 = time.perf_counter() - earlier.elapsed_s  # elapsed_s counts the earlier run's time too

@@ -361,10 +361,12 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     assert done["shared"]["kept_from_earlier_run"]["results"] == 3
     assert done["elapsed_s"] >= saved["elapsed_s"]
     assert fitted(cfg) == [] and len(fitted(cfg, fresh=True)) == 6
-    # other settings start over; a split-0 correction whose -o file is gone is fitted again
+    # other settings start over, and say so; a split-0 correction whose -o file is gone is fitted again
     out = replace(cfg, output=str(tmp_path / "fair.gguf"))
     targets.update({m: str(f) for m, f in out.outputs().items()})  # never written here: gone
-    assert len(fitted(out)) == 6
+    stages: list[str] = []
+    assert len(fitted(out, on_event=lambda k, d: stages.append(d.get("stage", "")))) == 6
+    assert f"{tmp_path / 'results.json'} holds a run with other settings (-o): starting over" in stages[0]
     assert fitted(out) == [("steer", cals[0]), ("ablate", cals[0])]
     for f in out.outputs().values():
         f.write_bytes(b"GGUF")
