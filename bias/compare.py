@@ -29,6 +29,7 @@ from bias.judge import (
     judge_parts,
 )
 from edge.errors import BadOptionError, SuiteError
+from edge.telemetry import estimate_text
 
 # StereoSet's neutral points: ss 50 (no preference), lms and icat have none (quality scores)
 STEREOSET_NEUTRAL = {"ss": 50.0, "lms": float("nan"), "icat": float("nan")}
@@ -172,9 +173,8 @@ def _generation(out: AuditComparison, rb: dict[str, Any] | None, ra: dict[str, A
     if (rb.get("temp"), rb.get("max_tokens")) != (ra.get("temp"), ra.get("max_tokens")):
         out.notes.append(f"generation not compared: sampled at T={rb.get('temp')} before, T={ra.get('temp')} after")
         return
-    rows = {it["row"] for it in ra["items"]}
-    common = [it for it in rb["items"] if it["row"] in rows]
     by_row = {it["row"]: it for it in ra["items"]}
+    common = [it for it in rb["items"] if it["row"] in by_row]
     if len(common) >= 2:
         out.generation = judge_generation(common, [by_row[it["row"]] for it in common], n_boot=n_boot)
 
@@ -195,11 +195,6 @@ def verdict(j: Judged) -> str:
 SIGNED = {"mean_ll_diff", "words_ll_diff", "rest_ll_diff", "likelihood_diff", "s_amb", "s_dis"}  # 0 is neutral
 
 
-def _est(e: M.Estimate, f: str, sign: bool = False) -> str:
-    s = "+" if sign else ""
-    return f"{e.value:{s}{f}} [{e.lo:{s}{f}}, {e.hi:{s}{f}}]"
-
-
 def _table(rows: list[list[str]]) -> list[str]:
     """Rows of cells, each column padded to its widest cell (the last one left as is)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -215,7 +210,9 @@ def comparison_lines(c: AuditComparison) -> list[str]:
 
     def cells(j: Judged, k: str) -> list[str]:
         f = ".1f" if k in M.POINTS else ".3f"
-        return [_est(j.before, f, k in SIGNED), _est(j.after, f, k in SIGNED), _est(j.change, f, True), verdict(j)]
+        fs = "+" + f if k in SIGNED else f
+        return [estimate_text(j.before.to_dict(), fs), estimate_text(j.after.to_dict(), fs),
+                estimate_text(j.change.to_dict(), "+" + f), verdict(j)]
 
     out = [f"{c.suite}: {c.n_items:,} items in both audits; 95% CIs, the change by paired bootstrap",
            f"  before: {name(c.before)}", f"  after:  {name(c.after)}", *[f"  note: {n}" for n in c.notes]]
