@@ -23,6 +23,9 @@ bytes a parameter: fit on a machine with the memory, run the GGUF on the device.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +36,7 @@ import numpy as np
 
 from edge.errors import BadOptionError, InsufficientMemoryError
 from edge.fold import FoldPlan, ResidualEdit
+from edge.paths import atomic_path
 
 Event = Callable[[str, dict[str, Any]], None]
 # (plan, note) → (relative PPL rise, KL vs uncorrected) on the run's neutral text, by llama.cpp
@@ -494,6 +498,46 @@ class Rows:
         idx = torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]))
         seg = torch.from_numpy(np.repeat(np.arange(len(lo)), hi - lo))
         return self.x[idx], self.wa[idx], self.tgt[idx], seg
+
+
+@dataclass
+class KeptRows:
+    """What a run reads through the lower layers once (every sentence's last-layer rows in
+    TorchLlama's map, the BBQ answers' Rows), kept in the run's folder so that a rerun after
+    a Ctrl-C starts fitting at once: read, it took 3.4 min of a continued learn run here."""
+
+    rows: dict[tuple[int, ...], tuple[Any, Any]]
+    answers: Rows | None = None
+
+    @staticmethod
+    def key(weights: Path, *token_lists: Any) -> str:
+        """The weights file (path, size, time) and a digest of every token list read."""
+        st = Path(weights).stat()
+        digest = hashlib.sha256(json.dumps(token_lists).encode()).hexdigest()
+        return json.dumps({"weights": str(Path(weights).resolve()), "size": st.st_size,
+                           "mtime_ns": st.st_mtime_ns, "tokens": digest})
+
+    def save(self, path: Path, key: str) -> None:
+        torch = import_torch()
+        a = self.answers
+        blob = {"key": key, "rows": [(list(k), x, wa) for k, (x, wa) in self.rows.items()],
+                "answers": None if a is None else (a.x, a.wa, a.tgt, torch.from_numpy(a.offsets))}
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> KeptRows | None:
+        """The rows kept in `path` if they were read for `key`, else None."""
+        torch = import_torch()
+        try:
+            blob = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # absent, or not torch's
+            return None
+        if not isinstance(blob, dict) or blob.get("key") != key:
+            return None
+        a = blob["answers"]
+        return cls({tuple(k): (x, wa) for k, x, wa in blob["rows"]},
+                   None if a is None else Rows(a[0], a[1], a[2], a[3].numpy()))
 
 
 def parted_at(more: list[int], less: list[int]) -> int:

@@ -53,7 +53,7 @@ from bias.gate import (
     next_scale,
     signed,
 )
-from bias.learn import LearnConfig, import_torch, learn_edit, save_edit
+from bias.learn import KeptRows, LearnConfig, import_torch, learn_edit, save_edit
 from bias.mitigate import load_inputs
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
@@ -402,6 +402,9 @@ def fit_erase(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     return _folded_correction(ctx, "erase", folded, sc, plan, note, work, index, fit)
 
 
+ROWS_FILE = "learn_rows.pt"  # learn's last-layer inputs, kept in --out until the run finishes
+
+
 def _torch_rows(ctx: Context) -> tuple[Any, Any]:
     """The compute weights in torch, once per run, with every pair's last-layer rows (each
     sentence the splits calibrate or judge on, read through the lower layers once rather
@@ -422,14 +425,28 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
                                                                     ctx.shared.suite.items[i].less)]
         check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs) + sum(len(t) - f for t, f in reqs))
         m = TorchLlama(ctx.compute_path)
-        if last:
+        file = ctx.out_dir / ROWS_FILE if ctx.out_dir is not None and last else None
+        key = KeptRows.key(ctx.compute_path, seqs, reqs, ctx.shared.neutral) if file is not None else ""
+        kept = KeptRows.load(file, key) if file is not None else None
+        if kept is not None:
+            ctx.emit("stage", {"stage": f"learn: last-layer inputs kept from an earlier run ({file.name})"})
+            m._rows = kept.rows
+        elif last:
             ctx.emit("stage", {"stage": "learn: every pair's last-layer inputs", "sentences": len(seqs)})
             m.read_rows(seqs)
+        if last:
             ctx.cache["torch_utility"] = TorchUtility(m, ctx.shared.neutral)
-        if reqs:
+        answers = kept.answers if kept is not None else None
+        if reqs and answers is None:
             ctx.emit("stage", {"stage": "learn: BBQ answers' last-layer inputs", "items": len(reqs) // 3})
-            rows = m.answer_rows(reqs)
-            ctx.cache["torch_bbq"] = (rows, m.row_sums(rows).reshape(-1, 3))
+            answers = m.answer_rows(reqs)
+        if answers is not None:
+            ctx.cache["torch_bbq"] = (answers, m.row_sums(answers).reshape(-1, 3))
+        if file is not None and kept is None:
+            try:
+                KeptRows(m._rows, answers).save(file, key)
+            except OSError as e:  # a disk too full for the cache must not stop the run
+                ctx.emit("stage", {"stage": f"learn: could not keep the last-layer inputs ({e.strerror or e})"})
         ctx.cache["torch"] = m
     return ctx.cache["torch"], ctx.cache.get("torch_utility")
 
@@ -677,8 +694,11 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
         emit("stage", {"stage": "shared done", "seconds": info["seconds"]})
         fitters = {"steer": fit_steer, "ablate": fit_ablate, "gate": fit_gate, "combo": fit_combo,
                    "learn": fit_learn, "erase": fit_erase}
-        return run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
-                          info, on_end=lambda res: log_run(res, rt, scorer, Path(out_dir)), fresh=fresh)
+        res = run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
+                         info, on_end=lambda res: log_run(res, rt, scorer, Path(out_dir)), fresh=fresh)
+        # kept only for a rerun after a stop: a finished run keeps its results, not ~350 MB of inputs
+        (Path(out_dir) / ROWS_FILE).unlink(missing_ok=True)
+        return res
     finally:
         if scorer is not None:
             scorer.close()

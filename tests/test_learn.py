@@ -205,7 +205,24 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
                        heldout_limit=40, output=str(out), max_ppl_increase=0.05, weights="F16",
                        bbq_spec=f"bbq:{bbq}" if bbq.exists() else None, bbq_per_condition=4)
     learn = LearnConfig(steps=6, more_steps=4, rounds=2, eval_every=3, pairs=8, neutral_windows=16, lr=1e-2)
-    res = mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, learn=learn, threads=2)
+    stages: list[str] = []
+
+    def stop_at_first_step(kind: str, data: dict[str, Any]) -> None:
+        stages.append(data.get("stage", ""))
+        if kind == "learn_step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, learn=learn, threads=2, on_event=stop_at_first_step)
+    # the pairs' last-layer inputs stay in the run's folder for the rerun, which reads them
+    # instead of running the lower layers again, and deletes them once every split is done
+    rows_file = tmp_path / "rep" / "learn_rows.pt"
+    assert "learn: every pair's last-layer inputs" in stages and rows_file.exists()
+    stages.clear()
+    res = mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, learn=learn, threads=2,
+                          on_event=lambda kind, data: stages.append(data.get("stage", "")))
+    assert "learn: last-layer inputs kept from an earlier run (learn_rows.pt)" in stages
+    assert "learn: every pair's last-layer inputs" not in stages and not rows_file.exists()
     r = res.to_dict()["splits"][0]["methods"]["learn"]
     fit = r["fit"]
     # the torch forward scores the pairs as llama.cpp does (F16 weights either side)
@@ -411,6 +428,34 @@ def test_bbq_answers_read_once_with_their_shared_context_score_as_each_whole_req
     assert np.abs(got[1] - got[0]).max() > 0.05  # the edit reaches the answers
     with pytest.raises(ValueError, match="tokens before and after"):
         m.answer_rows([([1, 504], 2)])
+
+
+def test_kept_rows_come_back_as_read_and_only_for_the_same_weights_and_tokens(runtime, tmp_path: Path) -> None:  # noqa: ANN001
+    """A rerun reads learn's last-layer inputs from the run's folder (bias.learn.KeptRows):
+    the same tensors, for the same weights and token lists only; a foreign file is no cache."""
+    pytest.importorskip("torch")
+    from bias.learn import KeptRows, TorchLlama
+
+    m = TorchLlama(runtime.path)
+    seqs = [[1, 504, 1148, 28, 9], [1, 504, 1148, 30]]
+    reqs = [([1, 504, 1148, 28], 2), ([1, 504, 1148, 29], 2)]
+    m.read_rows(seqs)
+    answers = m.answer_rows(reqs)
+    key = KeptRows.key(runtime.path, seqs, reqs)
+    path = tmp_path / "rows.pt"
+    KeptRows(m._rows, answers).save(path, key)
+    got = KeptRows.load(path, key)
+    assert got is not None and got.rows.keys() == m._rows.keys() and got.answers is not None
+    for k, (x, wa) in m._rows.items():
+        assert (got.rows[k][0] == x).all() and (got.rows[k][1] == wa).all()
+    np.testing.assert_array_equal(got.answers.offsets, answers.offsets)
+    np.testing.assert_array_equal(m.row_sums(got.answers), m.row_sums(answers))
+    assert KeptRows.load(path, KeptRows.key(runtime.path, seqs[:1], reqs)) is None  # other sentences
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"x")
+    assert KeptRows.load(path, KeptRows.key(other, seqs, reqs)) is None  # other weights
+    path.write_bytes(b"not a torch file")
+    assert KeptRows.load(path, key) is None and KeptRows.load(tmp_path / "absent.pt", key) is None
 
 
 def test_pairs_balanced_weighs_every_category_alike_and_its_batches_estimate_that() -> None:

@@ -245,7 +245,9 @@ def compare_cmd(before: str, after: str, as_json: bool) -> None:
               help="Seed of the splits (split s uses seed+s) and of the sampling; the same seed gives the same rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for results.json and report.md [default: next to -o]. A split run "
-                   "stopped by Ctrl-C continues where it stopped when the same command runs again.")
+                   "stopped by Ctrl-C continues where it stopped when the same command runs again "
+                   "(learn keeps its last-layer inputs there too, learn_rows.pt, ~300 MB for the "
+                   "bundled model on CrowS-Pairs, deleted when the run finishes).")
 @click.option("--fresh", is_flag=True,
               help="Fit and judge every split again, even those an earlier run of the same command "
                    "finished in --out (its uncorrected scores are still reused).")
