@@ -405,6 +405,24 @@ def _written(r: dict[str, Any]) -> list[str]:
     return [f for f in (fit.get("vector"), (fit.get("fold") or {}).get("path")) if f]
 
 
+def time_left(splits: list[dict[str, Any]], cfg: SplitsConfig) -> float | None:
+    """Seconds the (split, method)s not yet in `splits` should take, from those that are: each
+    method at its median time on the plain splits. Split 0 also writes and scores the -o file
+    and the first gen_splits judge generation (a learn run's split 0 took 5× a plain one), so
+    they are timed apart, and there is no estimate (None) before a method's first plain split."""
+    slow = max(1, cfg.gen_splits)
+    left = 0.0
+    for m in cfg.methods:
+        took = {i: rec["methods"][m]["seconds"] for i, rec in enumerate(splits) if m in rec["methods"]}
+        plain = [t for i, t in took.items() if i >= slow]
+        if not plain:
+            return None
+        first = [t for i, t in took.items() if i < slow]
+        left += sum(float(np.median(first if i < slow and first else plain))
+                    for i in range(cfg.n_splits) if i not in took)
+    return left
+
+
 def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Path,
                on_event: Event | None = None, info: dict[str, Any] | None = None,
                on_end: Callable[[SplitsResult], None] | None = None, fresh: bool = False) -> SplitsResult:
@@ -473,6 +491,6 @@ def _each_split(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out: Path, res: S
             rec["methods"][m]["seconds"] = time.perf_counter() - t1
             save()
             emit("done", {"split": s + 1, "of": cfg.n_splits, "seed": seed, "method": m,
-                          "seconds": rec["methods"][m]["seconds"]})
+                          "seconds": rec["methods"][m]["seconds"], "left_s": time_left(res.splits, cfg)})
     res.complete = True
     save()

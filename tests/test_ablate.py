@@ -373,6 +373,28 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     assert fitted(out) == []
 
 
+def test_a_split_run_says_roughly_how_long_it_has_left() -> None:
+    """The "done" line's estimate: split 0 (which writes and scores the -o file) is timed apart
+    from the plain splits, each method at its own median."""
+    from bias.splits import time_left
+    from edge.cli.bias import _left
+
+    cfg = SplitsConfig(n_splits=5, methods=("steer", "ablate"))
+
+    def rec(**sec: float) -> dict[str, Any]:
+        return {"methods": {m: {"seconds": t} for m, t in sec.items()}}
+
+    # split 0's time says little of the others': no estimate before a plain split finished
+    assert time_left([rec(steer=800.0, ablate=100.0)], cfg) is None
+    assert time_left([rec(steer=800.0, ablate=100.0), rec(steer=150.0)], cfg) is None  # nor ablate's
+    splits = [rec(steer=800.0, ablate=100.0), rec(steer=150.0, ablate=40.0), rec(steer=170.0)]
+    assert time_left(splits, cfg) == pytest.approx(40 + 2 * (160 + 40))
+    # split 0 still to do, with no time of its own: at the plain splits' pace
+    assert time_left([rec(), rec(steer=150.0, ablate=40.0)], cfg) == pytest.approx(4 * 190)
+    assert time_left([rec(steer=9.0, ablate=1.0)] * 5, cfg) == 0.0
+    assert (_left(0.0), _left(None), _left(75.0), _left(600.0)) == ("", "", "; about 75 s left", "; about 10 min left")
+
+
 def test_shared_token_checks_see_a_shift_of_the_group_words_alone() -> None:
     """A correction that only makes the stereotyped side's group words less likely passes
     the whole-sentence pct checks and not the shared-token ones; parts add up."""

@@ -401,13 +401,20 @@ def _split_event(kind: str, d: dict[str, Any]) -> None:
         click.echo(f"{d['stage']}" + "".join(f"  {k} {v:.0f}" if isinstance(v, float) else f"  {k} {v}"
                                               for k, v in d.items() if k != "stage"), err=True)
     elif kind in ("split", "done", "kept"):  # a split's start and end, named alike
-        end = "" if kind == "split" else f" done in {d['seconds']:.0f} s" if kind == "done" \
+        end = "" if kind == "split" else f" done in {d['seconds']:.0f} s{_left(d.get('left_s'))}" if kind == "done" \
             else f" kept from an earlier run (done in {d['seconds']:.0f} s)"
         click.echo(f"split {d['split']}/{d['of']} (seed {d['seed']}): {d['method']}{end}", err=True)
     elif kind in ("steer", "ablate", "gate", "combo", "learn", "erase"):
         keep = {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
         click.echo(f"  {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in keep.items()), err=True)
+
+
+def _left(seconds: float | None) -> str:
+    """What a split run has left, roughly: none once it is done, nothing before it can tell."""
+    if not seconds:
+        return ""
+    return f"; about {seconds:.0f} s left" if seconds < 90 else f"; about {seconds / 60:.0f} min left"
 
 
 class _Bar:
