@@ -696,7 +696,7 @@ def _mitigate_splits(model: str | None, suite: Suite, out_dir: str | Path, cfg: 
                    "learn": fit_learn, "erase": fit_erase}
         res = run_splits(ctx.shared, lambda m, cal, work, i: fitters[m](ctx, cal, work, i), cfg, out_dir, emit,
                          info, on_end=lambda res: log_run(res, rt, scorer, Path(out_dir)), fresh=fresh)
-        # kept only for a rerun after a stop: a finished run keeps its results, not ~350 MB of inputs
+        # kept only for a rerun after a stop: a finished run keeps its results, not ~300 MB of inputs
         (Path(out_dir) / ROWS_FILE).unlink(missing_ok=True)
         return res
     finally:
