@@ -509,6 +509,15 @@ class KeptRows:
     rows: dict[tuple[int, ...], tuple[Any, Any]]
     answers: Rows | None = None
 
+    @classmethod
+    def of(cls, m: TorchLlama, answers: Rows | None = None) -> KeptRows:
+        """What m has read so far, with a run's answer Rows."""
+        return cls(m._rows, answers)
+
+    def restore(self, m: TorchLlama) -> None:
+        """Give m these rows, so that it reads none of their sequences again."""
+        m._rows = self.rows
+
     @staticmethod
     def key(weights: Path, *token_lists: Any) -> str:
         """The weights file (path, size, time) and a digest of every token list read."""

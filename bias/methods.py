@@ -430,7 +430,7 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
         kept = KeptRows.load(file, key) if file is not None else None
         if kept is not None:
             ctx.emit("stage", {"stage": f"learn: last-layer inputs kept from an earlier run ({file.name})"})
-            m._rows = kept.rows
+            kept.restore(m)
         elif last:
             ctx.emit("stage", {"stage": "learn: every pair's last-layer inputs", "sentences": len(seqs)})
             m.read_rows(seqs)
@@ -444,7 +444,7 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
             ctx.cache["torch_bbq"] = (answers, m.row_sums(answers).reshape(-1, 3))
         if file is not None and kept is None:
             try:
-                KeptRows(m._rows, answers).save(file, key)
+                KeptRows.of(m, answers).save(file, key)
             except OSError as e:  # a disk too full for the cache must not stop the run
                 ctx.emit("stage", {"stage": f"learn: could not keep the last-layer inputs ({e.strerror or e})"})
         ctx.cache["torch"] = m
