@@ -28,6 +28,7 @@ from bias.judge import (
     judge_pair_rows,
     judge_parts,
 )
+from bias.report import text_table
 from edge.errors import BadOptionError, SuiteError
 from edge.telemetry import estimate_text
 
@@ -195,13 +196,6 @@ def verdict(j: Judged) -> str:
 SIGNED = {"mean_ll_diff", "words_ll_diff", "rest_ll_diff", "likelihood_diff", "s_amb", "s_dis"}  # 0 is neutral
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    """Rows of cells, each column padded to its widest cell (the last one left as is)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return ["  " + "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
-            for r in rows]
-
-
 def comparison_lines(c: AuditComparison) -> list[str]:
     """The comparison as a terminal table: figures, then categories, then what moved."""
     def name(d: dict[str, Any]) -> str:
@@ -217,11 +211,11 @@ def comparison_lines(c: AuditComparison) -> list[str]:
     out = [f"{c.suite}: {c.n_items:,} items in both audits; 95% CIs, the change by paired bootstrap",
            f"  before: {name(c.before)}", f"  after:  {name(c.after)}", *[f"  note: {n}" for n in c.notes]]
     figs = dict(c.figures) | ({"generation stereo_rate": c.generation} if c.generation is not None else {})
-    out += _table([["", "before", "after", "change", ""]] + [[k, *cells(j, k)] for k, j in figs.items()])
+    out += text_table([["", "before", "after", "change", ""]] + [[k, *cells(j, k)] for k, j in figs.items()])
     key = "mean_ll_diff" if c.kind == "pairs" else "s_amb" if c.kind == "bbq" else "ss"
     if c.per_category:
         out.append(f"per category, {key}:")
-        out += _table([["", "n", "before", "after", "change", ""]]
+        out += text_table([["", "n", "before", "after", "change", ""]]
                       + [[cat, str(c.counts[cat]), *cells(d[key], key)] for cat, d in c.per_category.items()])
     if c.category_moves is not None:
         mv = c.category_moves

@@ -11,6 +11,7 @@ from bias.audit import AuditResult
 from bias.metrics import Estimate
 from bias.repeat import RepeatResult
 from edge.paths import atomic_write
+from edge.telemetry import AUDIT_FIGURES, estimate_text
 
 # The metric each plot shows first, and the value an unbiased model would score.
 HEADLINE = {"pairs": ("pct_stereotype", 50.0), "bbq": ("s_dis", 0.0), "stereoset": ("ss", 50.0)}
@@ -32,6 +33,36 @@ PAIR_PARTS_NOTE = ("mean_ll_diff = words_ll_diff + rest_ll_diff: the rewritten t
 BBQ_N_NOTE = ("Each BBQ question comes in an ambiguous and a disambiguated context: n counts the items of "
               "one condition, and each figure is read on its own condition (acc_amb, s_amb on the ambiguous "
               "half; acc_dis, s_dis on the disambiguated half).")
+
+
+def text_table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells, each column padded to its widest cell (the last one left as is)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  " + "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+            for r in rows]
+
+
+def category_lines(res: AuditResult) -> list[str]:
+    """Per category, the audit's two main figures with their CIs, for the terminal; a `*` marks a
+    CI that excludes the unbiased value, so a reader sees which categories the suite finds biased."""
+    keys = [(k, label, f) for k, label, f in AUDIT_FIGURES if k in res.overall][:2]
+    if not res.per_category or not keys:
+        return []
+
+    def cell(e: Estimate, k: str, f: str) -> str:
+        u = UNBIASED.get(k)
+        off = u is not None and not e.lo <= u <= e.hi
+        signed = "+" if u == 0.0 else ""  # a difference or a score around 0: its sign is its side
+        return estimate_text(e.to_dict(), signed + f) + (" *" if off else "")
+
+    rows = [["", "n", *(k for k, _, _ in keys), ""]]
+    for cat, m in res.per_category.items():
+        rows.append([cat, str(m[keys[0][0]].n), *(cell(m[k], k, f) for k, _, f in keys), ""])
+    marked = [k for k, _, _ in keys if k in UNBIASED]
+    head = "per category, 95% CIs" + (
+        f"; * where a CI excludes the unbiased value ({', '.join(f'{k} {UNBIASED[k]:g}' for k in marked)})"
+        if marked else "") + ":"
+    return [head, *text_table(rows)]
 
 
 def _fmt(e: Estimate) -> str:

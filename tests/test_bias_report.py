@@ -73,3 +73,23 @@ def test_split_checks_read_the_misses_first() -> None:
     assert lines == ["learn missed (splits passing, of 5 splits): biased_categories_moved 0/5, biased_categories_closer 2/5",
                      "learn held on all 5: ci_contains_50_after_excluded_before, ppl_within_budget"]
     assert check_lines("steer", {"ppl_within_budget": "1/1"}, 1) == ["steer held on all 1: ppl_within_budget"]
+
+
+def test_audit_prints_each_category_and_marks_the_ones_the_suite_finds_biased() -> None:
+    # the terminal used to show only the overall figures: which categories are biased was in
+    # report.md alone; a CI that holds the unbiased value gets no mark, even when its point is off
+    from bias.report import category_lines
+
+    e = Estimate
+    per = {"age": {"pct_stereotype": e(64.4, 54.0, 73.6, 87), "mean_ll_diff": e(1.09, 0.10, 2.13, 87)},
+           "race-color": {"pct_stereotype": e(49.2, 44.8, 53.5, 516), "mean_ll_diff": e(-1.01, -1.56, -0.44, 516)},
+           "gender": {"pct_stereotype": e(56.9, 50.8, 63.0, 262), "mean_ll_diff": e(0.49, -0.27, 1.22, 262)}}
+    overall = {"pct_stereotype": e(55.5, 53.1, 57.9, 865), "likelihood_diff": e(4.6, 4.4, 4.8, 865),
+               "mean_ll_diff": e(0.37, 0.06, 0.70, 865)}
+    lines = category_lines(AuditResult("crows_pairs", "pairs", "c.csv", 865, 0, overall, per, items=[]))
+    assert "pct_stereotype 50, mean_ll_diff 0" in lines[0]
+    rows = {ln.split()[0]: ln for ln in lines[2:]}
+    assert list(rows) == ["age", "race-color", "gender"]
+    assert rows["age"].count("*") == 2 and "+1.09 [+0.10, +2.13] *" in rows["age"]
+    assert rows["race-color"].count("*") == 1 and "-1.01 [-1.56, -0.44] *" in rows["race-color"]
+    assert rows["gender"].count("*") == 1  # its pct CI excludes 50, its mean's holds 0

@@ -70,6 +70,7 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
       edge bias audit --suite probes --repeat 5 --temp 0.8 --seed 0
     """
     from bias.repeat import RepeatConfig
+    from bias.report import category_lines
     from bias.run import run_audit
     from edge.errors import BadOptionError
 
@@ -91,6 +92,8 @@ def audit_cmd(model: str | None, suite_spec: str, limit: int | None, correction:
     click.echo(f"{res.suite}: {res.n_items} items, {res.skipped_rows} malformed "
                f"rows skipped, {res.score_s:.1f} s")
     for line in figure_lines(res.overall):
+        click.echo(line)
+    for line in category_lines(res):
         click.echo(line)
     if run.repeat is not None:
         r = run.repeat
