@@ -201,7 +201,8 @@ class LearnRound:
     round: int
     beta: float
     steps: int  # trained in this round
-    best_step: int  # the round's kept step (LearnConfig.pick; 0: its start)
+    best_step: int  # the step whose parameters the round kept (LearnConfig.pick): an earlier round's
+    # when this one found nothing better, 0 the uncorrected start
     val_d2: float  # validation pairs' objective term ("pairs": mean squared difference), × its uncorrected value
     train_d2: float  # the same on the training pairs, at best_step
     ppl_increase: float
@@ -657,6 +658,7 @@ class Trainer:
         self.opt = torch.optim.Adam([self.U, self.V, self.b], lr=cfg.lr)
         self.rng = np.random.default_rng(cfg.seed)
         self.step = 0
+        self.at = 0  # the step whose parameters the edit holds (a round restores an earlier one)
         # the training pairs' latest differences, refreshed by each batch: the category
         # means the "means" objectives weight a batch's pairs by
         self.table = self.diffs(train, False)
@@ -756,7 +758,7 @@ class Trainer:
     def run(self, steps: int, beta: float, emit: Event) -> tuple[tuple[Any, Any, Any], int, float]:
         """Train `steps` steps; return the parameters, step and validation measure of the kept
         step: the best seen (the round's start included), or the last (cfg.pick)."""
-        best = (self.val_d2(), self.step, self.snapshot())
+        best = (self.val_d2(), self.at, self.snapshot())
         self.kept_train = None  # the kept step's training measure, when its evaluation took it
         t0 = time.perf_counter()
         tr, c = self.train, self.cfg
@@ -776,6 +778,7 @@ class Trainer:
             loss.backward()
             self.opt.step()
             self.step += 1
+            self.at = self.step
             emit("learn_step", {"step": self.step})  # where a Ctrl-C stops the run (edge.interrupt)
             if (k + 1) % c.eval_every == 0 or k == steps - 1:
                 v = self.val_d2()
@@ -967,6 +970,7 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
         steps = cfg.steps if r == 0 else cfg.more_steps
         snap, at, v = tr.run(steps, beta, emit)
         tr.restore(snap)  # the next round goes on from the best point
+        tr.at = at
         plans[r] = tr.plan()
         res.notes.append(f"edge bias learn: rank {cfg.rank}, layers {start}.., β {beta:.3g}, step {at}")
         rise, kl = measure(plans[r], res.notes[-1])

@@ -233,6 +233,14 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     chosen = fit["rounds"][fit["chosen"]]
     assert chosen["ppl_increase"] <= 0.05 and r["ppl"]["increase"] == pytest.approx(chosen["ppl_increase"], abs=1e-9)
     assert chosen["best_step"] > 0 and chosen["train_d2"] < 1.0  # it shrank the pairs it trained on
+    done = 0
+    for k, rd in enumerate(fit["rounds"]):  # best_step names the kept parameters' step, of whichever round
+        done += rd["steps"]
+        assert rd["best_step"] <= done
+        if k and rd["val_d2"] == fit["rounds"][k - 1]["val_d2"]:  # nothing better: the earlier round's step
+            assert rd["best_step"] == fit["rounds"][k - 1]["best_step"]
+        elif k:
+            assert rd["best_step"] > done - rd["steps"]
     # judged in torch on shared rows; the deployed file, in plain llama.cpp, scores the
     # held-out pairs as the torch edit does
     after = np.subtract(r["heldout_scores"]["ll_more"], r["heldout_scores"]["ll_less"])
