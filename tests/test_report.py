@@ -187,3 +187,28 @@ def test_report_keeps_each_engine_of_a_test(tmp_path):
     html = (tmp_path / "rep" / "index.html").read_text()
     assert "native sparse 50% (rs50.json)" in html and "· native</td>" in html
     assert html.count("10.00 ± 0.40") == 1 and html.count("12.00 ± 0.40") == 1
+
+
+def test_time_plots_span_their_points_not_years():
+    # one logged point used to sit alone on an axis from 2025 to 2029
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge.report import _audit_series
+    from edge.report.plots import _time_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([T0], [1.0], marker="o")
+    _time_axis(ax, [T0])
+    lo, hi = ax.get_xlim()  # in days
+    assert 0.03 < hi - lo < 0.1 and lo < matplotlib.dates.date2num(T0) < hi
+    _time_axis(ax, [T0, T0 + timedelta(days=30)])
+    lo, hi = ax.get_xlim()
+    assert 30 < hi - lo < 34
+    plt.close(fig)
+    # a --limit audit is its own series: it scored other rows than the full suite
+    full, part = _audit(0, 55.0), _audit(1, 55.7)
+    part["metrics"]["n_items"] = 300
+    assert _audit_series(full) != _audit_series(part) and "(300 items)" in _audit_series(part)

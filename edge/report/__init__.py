@@ -162,8 +162,10 @@ def _fairness_row(r: dict[str, Any], audits: list[dict[str, Any]], fixes: list[d
 
 
 def _audit_series(rec: dict[str, Any]) -> str:
-    corr = (rec.get("config") or {}).get("correction")
-    return f"{rec['metrics'].get('suite')}: {_model_name(rec)[:40]}" + (f" + {Path(str(corr)).name}" if corr else "")
+    # the item count is part of the series: a --limit audit scores other rows than a full one
+    corr, m = (rec.get("config") or {}).get("correction"), rec["metrics"]
+    return (f"{m.get('suite')} ({m.get('n_items', '?')} items): {_model_name(rec)[:40]}"
+            + (f" + {Path(str(corr)).name}" if corr else ""))
 
 
 def _audit_pct(rec: dict[str, Any]) -> float | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +75,26 @@ def over_time(records: list[dict[str, Any]], value: Callable[[dict[str, Any]], f
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
     if ref is not None:
         ax.axhline(ref[0], color="#888", ls="--", lw=1, label=ref[1])
+    _time_axis(ax, [p[0] for pts in points.values() for p in pts])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.autofmt_xdate()
     return _save(fig, path)
+
+
+def _time_axis(ax: Any, times: list[datetime]) -> None:
+    """Ticks that name dates or hours as the span needs. Left alone, matplotlib spreads one
+    point (or a few minutes of them) over four years of empty axis."""
+    import matplotlib.dates as mdates
+
+    lo, hi = min(times), max(times)
+    pad = max((hi - lo) * 0.05, timedelta(minutes=30))
+    ax.set_xlim(lo - pad, hi + pad)
+    loc = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(loc)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
 
 
 def tune_frontier(profile: dict[str, Any], path: Path) -> str:
