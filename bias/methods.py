@@ -615,7 +615,8 @@ def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
     cfg = cfg or SplitsConfig()
     cfg.validate()
     ablate = ablate or AblateConfig(max_ppl_increase=cfg.max_ppl_increase)
-    suite = load_inputs(suite_spec, output=cfg.output, exclude_category=cfg.exclude_category, bbq_spec=cfg.bbq_spec)
+    suite = load_inputs(suite_spec, output=cfg.output, exclude_category=cfg.exclude_category, bbq_spec=cfg.bbq_spec,
+                        calib_frac=cfg.calib_frac)
     # Ctrl-C inside llama.cpp's ctypes callbacks (logging, cb_eval) would be dropped: SIGINT
     # sets a flag instead, and every progress event is a point where it stops the run.
     with InterruptGuard() as guard:

@@ -119,7 +119,7 @@ def _rows(suite: Any, cfg: LoopConfig, heldout_limit: int | None,
 
 
 def load_inputs(suite_spec: str, *, output: str | None, exclude_category: str | None,
-                bbq_spec: str | None) -> Suite:
+                bbq_spec: str | None, calib_frac: float | None = None) -> Suite:
     """The pair suite to calibrate on, after checking every input a run reads or writes, so
     that a typo fails in a second rather than after minutes of scoring."""
     suite = load_suite(suite_spec)
@@ -129,6 +129,8 @@ def load_inputs(suite_spec: str, *, output: str | None, exclude_category: str | 
     if exclude_category is not None and exclude_category not in cats:
         raise BadOptionError(f"--exclude-category {exclude_category}: {suite.name} has no such category; "
                              f"use one of {', '.join(cats)}")
+    if calib_frac is not None:
+        check_split(suite, calib_frac, exclude_category)
     if output is not None:
         out = Path(output)
         if out.is_dir():
@@ -140,6 +142,36 @@ def load_inputs(suite_spec: str, *, output: str | None, exclude_category: str | 
         if bbq.kind != "bbq":
             raise BadOptionError(f"--bbq {bbq_spec}: not a BBQ suite; use bbq:PATH (a BBQ .jsonl file or folder)")
     return suite
+
+
+MIN_HELD = 10  # held-out pairs a category needs for its CI to mean anything
+
+
+def check_split(suite: Suite, frac: float, exclude: str | None) -> None:
+    """Raise when --calib-frac leaves a category with no calibration pair, or with fewer
+    held-out pairs than its judgement needs (min(MIN_HELD, half its pairs)), naming a share that works."""
+    counts: dict[str, int] = {}
+    for it in suite.items:
+        counts[it.category] = counts.get(it.category, 0) + 1
+    counts.pop(exclude or "", None)
+
+    def short(f: float) -> list[tuple[str, int, int, int]]:  # (category, n, calibration, held-out)
+        out = []
+        for c, n in sorted(counts.items()):
+            k = int(round(f * n))  # as bias.feedback.split counts
+            if k < 1 or n - k < min(MIN_HELD, n // 2):
+                out.append((c, n, k, n - k))
+        return out
+
+    bad = short(frac)
+    if not bad:
+        return
+    ok = [f / 100 for f in range(1, 100) if not short(f / 100)]
+    c, n, k, h = bad[0]
+    what = f"no calibration pair of its {n}" if k < 1 else f"{h} held-out pair{'s' if h != 1 else ''} of {n}"
+    fix = f"use {ok[0]:g} to {ok[-1]:g}" if ok else "this suite's categories are too small to split"
+    raise BadOptionError(f"--calib-frac {frac:g} leaves {c} {what} (a category needs a calibration pair and "
+                         f"{MIN_HELD} held out, or half of a smaller one): {fix}")
 
 
 def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConfig | None = None,
@@ -157,7 +189,8 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
     cfg = cfg or LoopConfig()
     cfg.validate()
     emit = on_event or (lambda kind, data: None)
-    suite = load_inputs(suite_spec, output=out_path, exclude_category=cfg.exclude_category, bbq_spec=bbq_spec)
+    suite = load_inputs(suite_spec, output=out_path, exclude_category=cfg.exclude_category, bbq_spec=bbq_spec,
+                        calib_frac=cfg.calib_frac)
     t0 = time.perf_counter()
     cal_idx, held_idx = _rows(suite, cfg, heldout_limit, calib_limit)
     calib, held = suite.subset(cal_idx), suite.subset(held_idx)

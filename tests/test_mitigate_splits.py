@@ -36,6 +36,10 @@ from tests.conftest import ROOT, SHARED_DATA
     (["-o", "/nonexistent-dir/fair.gguf"], "the folder /nonexistent-dir does not exist"),
     (["--method", "both", "--bbq", "bbq:/nonexistent-dir"], "BBQ data not found"),
     (["--bbq", "probes"], "not a BBQ suite"),
+    # a share that leaves a category a pair or two to judge on (probes: 25 age pairs)
+    (["--method", "learn", "--calib-frac", "0.95"], "leaves age 1 held-out pair of 25"),
+    (["--calib-frac", "0.02"], "leaves age no calibration pair of its 25 (a category needs a calibration pair and "
+                               "10 held out, or half of a smaller one): use 0.03 to 0.61"),
 ])
 def test_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
     out = tmp_path / "fair.gguf"
