@@ -27,7 +27,7 @@ from bias.judge import judge_bbq, judge_generation, judge_pair_rows, judge_parts
 from bias.metrics import pct_stereotype
 from bias.repeat import RepeatConfig
 from bias.shared import Shared
-from bias.splits_report import report_md
+from bias.splits_report import category_plot, report_html, report_md
 from edge.errors import BadOptionError
 from edge.paths import atomic_write
 
@@ -451,8 +451,13 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
         res.summary = summarize(res.splits, cfg.methods)
         with atomic_write(out / "results.json", "w") as f:
             json.dump(res.to_dict(), f, indent=1)
+        d = res.to_dict()
+        pngs = [p.name for m in cfg.methods if (p := category_plot(d, m, out / f"categories-{m}.png"))]
+        md = report_md(d, pngs)
         with atomic_write(out / "report.md", "w") as f:
-            f.write(report_md(res.to_dict()))
+            f.write(md)
+        with atomic_write(out / "report.html", "w") as f:
+            f.write(report_html(md, f"edge bias mitigate: {', '.join(cfg.methods)}"))
 
     try:
         _each_split(sh, fitter, cfg, out, res, save, emit, on_event, earlier)

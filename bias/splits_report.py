@@ -1,11 +1,17 @@
 """report.md of a split run (bias.splits): the acceptance table, per split and method,
-then the median and range of each figure and how many splits pass each check."""
+then the median and range of each figure and how many splits pass each check; a plot of
+each method's categories before and after, and the same report as report.html."""
 
 from __future__ import annotations
 
+import html
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge.paths import atomic_write
 
 
 def _e(x: dict[str, Any], f: str = ".1f") -> str:
@@ -39,7 +45,8 @@ def _kept(sh: dict[str, Any]) -> str:
     return f" ({n} split result{'' if n == 1 else 's'} and {k['elapsed_s']:.0f} s from an earlier run of the same command)"
 
 
-def report_md(res: dict[str, Any]) -> str:
+def report_md(res: dict[str, Any], images: list[str] | tuple[str, ...] = ()) -> str:
+    """`images`: plots beside the report (category_plot's), shown after the category tables."""
     cfg = res["config"]
     sh = res.get("shared", {})
     lines = [f"# Bias mitigation on {_splits(cfg['n_splits'])} ({', '.join(cfg['methods'])})", "",
@@ -62,6 +69,7 @@ def report_md(res: dict[str, Any]) -> str:
         checks = ", ".join(f"{k}: {v}" for k, v in summ["checks"].items())
         lines += [f"**{m}** ({_splits(summ['splits'])}): {figs}.", "", f"Checks: {checks}.", ""]
     lines += _category_lines(res)
+    lines += [*(f"![{Path(n).stem}]({n})" for n in images), ""] if images else []
     lines += _deployed(res)
     if res["splits"]:
         first = next(iter(res["splits"][0]["methods"].values()), None)
@@ -279,3 +287,94 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     if not res.get("complete"):
         out.append("interrupted: results.json holds the finished splits")
     return out
+
+
+# ---- pictures and a page -----------------------------------------------------------------
+MOVE_COLORS = {"moved": "#2e8b57", "worse": "#c0392b", "other": "#1f4e79"}
+
+
+def category_plot(res: dict[str, Any], method: str, path: Path) -> Path | None:
+    """Per category, every split's held-out mean ll difference before (hollow) and after
+    (filled, with its CI), joined by a line: green where the change's CI lies on the neutral
+    side, red where it lies on the other, blue where it is not significant."""
+    rows = [(s["seed"], s["methods"][method]["heldout"]["per_category"]) for s in res["splits"]
+            if method in s["methods"] and "per_category" in s["methods"][method].get("heldout", {})]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(rows[0][1])
+    kept = res["config"].get("exclude_category")
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(cats) * max(1, len(rows) / 3) + 1.4), dpi=110)
+    step = 0.7 / max(1, len(rows))
+    for k, (_, per) in enumerate(rows):
+        for i, c in enumerate(cats):
+            j = per.get(c, {}).get("mean_ll_diff")
+            if not j:
+                continue
+            y = len(cats) - 1 - i + 0.35 - step * (k + 0.5)
+            b, a = j["before"], j["after"]
+            kind = "moved" if j["toward_neutral"] else "worse" if j["away_from_neutral"] else "other"
+            col = MOVE_COLORS[kind]
+            ax.plot([b["value"], a["value"]], [y, y], color=col, lw=1, alpha=0.7)
+            ax.plot(b["value"], y, "o", mfc="white", mec="#777", ms=4)
+            ax.errorbar(a["value"], y, xerr=[[a["value"] - a["lo"]], [a["hi"] - a["value"]]], fmt="o", color=col,
+                        ms=4, capsize=2, lw=0.8)
+    ax.axvline(0, color="#999", ls="--", lw=1)
+    ax.set_yticks(range(len(cats))[::-1], [c + (" (kept out)" if c == kept else "") for c in cats], fontsize=8)
+    for y in range(len(cats) - 1):
+        ax.axhline(y + 0.5, color="#eee", lw=0.8)
+    handles = [plt.Line2D([], [], marker="o", ls="", mfc="white", mec="#777", label="before"),
+               *(plt.Line2D([], [], marker="o", color=MOVE_COLORS[k], label=lab) for k, lab in
+                 (("moved", "after: moved toward 0 (CI)"), ("worse", "after: moved away (CI)"),
+                  ("other", "after: no significant change")))]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=4, frameon=False)
+    ax.set_xlabel("held-out mean ll difference, nats (0: no preference; after with its 95% CI)", fontsize=8)
+    seeds = ", ".join(str(s) for s, _ in rows)
+    ax.set_title(f"{method}: each category before → after, one line per split (seeds {seeds}, top to bottom)",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def report_html(md: str, title: str) -> str:
+    """report.md as a page: its headings, paragraphs, tables and images (the markdown this
+    module writes, not markdown at large)."""
+    def inline(t: str) -> str:
+        t = html.escape(t, quote=False)
+        t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img src="\2" alt="\1">', t)
+        t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            head, body = table[0], [r for r in table[1:] if not all(set(c) <= set("-: ") for c in r)]
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
+            "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;font-size:12px}img{max-width:100%}"
+            "</style></head><body>" + "\n".join(out) + "</body></html>")

@@ -616,6 +616,49 @@ def test_report_lists_categories_and_flags_one_pushed_into_bias() -> None:
     assert made_biased(res, "gate") == {"race": 1}
 
 
+def test_report_draws_each_split_s_categories_and_reads_as_a_page(tmp_path: Path) -> None:
+    """categories-<method>.png colours a category by what its change's CI says (green: toward
+    0, red: away, blue: neither), and report.html carries report.md's tables and the plot."""
+    import matplotlib.image as mpimg
+
+    from bias.splits_report import MOVE_COLORS, category_plot, report_html, report_md
+
+    def fig(b: float, a: float, toward: bool, away: bool) -> dict[str, Any]:
+        return {"before": {"value": b, "lo": b - 1, "hi": b + 1, "n": 60},
+                "after": {"value": a, "lo": a - 1, "hi": a + 1, "n": 60},
+                "change": {"value": a - b, "lo": a - b - 0.2, "hi": a - b + 0.2, "n": 60},
+                "toward_neutral": toward, "away_from_neutral": away, "excluded_before": True, "contains_after": False}
+
+    def split(seed: int, race: tuple[float, bool, bool]) -> dict[str, Any]:
+        per = {"race": {"mean_ll_diff": fig(-1.5, race[0], race[1], race[2]),
+                        "pct_stereotype": fig(45.0, 47.0, True, False)},
+               "age": {"mean_ll_diff": fig(1.4, 1.3, False, False), "pct_stereotype": fig(60.0, 59.0, False, False)}}
+        return {"seed": seed, "methods": {"learn": {"heldout": {"per_category": per},
+                "categories": {"biased_before": ["race"], "moved_toward_neutral": [], "made_worse": []}}}}
+
+    def colours(res: dict[str, Any]) -> set[str]:
+        png = category_plot(res, "learn", tmp_path / "c.png")
+        assert png is not None
+        img = mpimg.imread(png)
+        top = img[: int(0.8 * len(img))]  # the plot area: the legend, which draws every colour, is below
+        px = {tuple(int(round(255 * v)) for v in p[:3]) for p in top.reshape(-1, 4)}
+        return {k for k, c in MOVE_COLORS.items() if tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) in px}
+
+    cfg = {"methods": ["learn"], "exclude_category": None, "n_splits": 2, "calib_frac": 0.3, "max_ppl_increase": 0.02}
+    moved = {"config": cfg, "splits": [split(0, (-0.5, True, False)), split(1, (-2.5, False, True))]}
+    still = {"config": cfg, "splits": [split(0, (-1.4, False, False))]}
+    assert colours(moved) == {"moved", "worse", "other"} and colours(still) == {"other"}
+    assert category_plot({"config": cfg, "splits": []}, "learn", tmp_path / "none.png") is None
+    md = ("# Bias mitigation\n\nsome **bold** and `x<y`\n\n| a | b |\n|---|---|\n| race | -1.0 → -0.5 |\n"
+          "| age | +1.4 |\n\n![categories-learn](categories-learn.png)\n")
+    page = report_html(md, "t <x>")
+    assert "<title>t &lt;x&gt;</title>" in page and "<h1>Bias mitigation</h1>" in page
+    assert "<p>some <b>bold</b> and <code>x&lt;y</code></p>" in page
+    assert "<table><tr><th>a</th><th>b</th></tr><tr><td>race</td><td>-1.0 → -0.5</td></tr><tr><td>age</td>" in page
+    assert '<img src="categories-learn.png" alt="categories-learn">' in page and "---" not in page
+    assert "![categories-learn](categories-learn.png)" in report_md({"config": cfg, "splits": []}, ["categories-learn.png"])
+
+
 def test_bbq_resolution_is_read_from_a_split_the_correction_changed() -> None:
     """An uncorrected split's BBQ change is exactly 0 with a zero-width CI: the report's
     resolution line must come from a split where the loop kept a correction."""

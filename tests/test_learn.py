@@ -251,6 +251,10 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
         assert "PPL and BBQ, before and after, are scored in torch" in (tmp_path / "rep" / "report.md").read_text()
         with np.load(tmp_path / "rep" / "shared.npz") as z:
             assert "bbq_base" not in z.files
+    # the page beside report.md, with the categories' plot
+    rep = tmp_path / "rep"
+    assert '<img src="categories-learn.png"' in (rep / "report.html").read_text()
+    assert (rep / "categories-learn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the saved edit is what the GGUF holds: torch with it applied and plain llama.cpp on
     # the file give the same pair difference
     ed = np.load(tmp_path / "rep" / "split0" / "learn_edit.npz")  # bias.learn.save_edit

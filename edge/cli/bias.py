@@ -247,7 +247,8 @@ def compare_cmd(before: str, after: str, as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the splits (split s uses seed+s) and of the sampling; the same seed gives the same rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for results.json and report.md [default: next to -o]. A split run "
+              help="Folder for results.json and report.md (a split run: also report.html, with each method's "
+                   "categories plotted before and after) [default: next to -o]. A split run "
                    "stopped by Ctrl-C continues where it stopped when the same command runs again "
                    "(learn keeps its last-layer inputs there too, learn_rows.pt, ~300 MB for the "
                    "bundled model on CrowS-Pairs, deleted when the run finishes).")
@@ -390,7 +391,7 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
         return
     for line in summary_lines(res.to_dict()):
         click.echo(line)
-    click.echo(f"report: {Path(out_dir) / 'report.md'}")
+    click.echo(f"report: {Path(out_dir) / 'report.html'} (and report.md)")
 
 
 def _split_event(kind: str, d: dict[str, Any]) -> None:
