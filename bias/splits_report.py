@@ -320,18 +320,22 @@ def category_plot(res: dict[str, Any], method: str, path: Path) -> Path | None:
             kind = "moved" if j["toward_neutral"] else "worse" if j["away_from_neutral"] else "other"
             col = MOVE_COLORS[kind]
             ax.plot([b["value"], a["value"]], [y, y], color=col, lw=1, alpha=0.7)
-            ax.plot(b["value"], y, "o", mfc="white", mec="#777", ms=4)
+            biased = j.get("excluded_before", False)  # the categories the check asks to move
+            ax.plot(b["value"], y, "o", mfc="white", mec="#000" if biased else "#999", mew=1.6 if biased else 1,
+                    ms=5 if biased else 4)
             ax.errorbar(a["value"], y, xerr=[[a["value"] - a["lo"]], [a["hi"] - a["value"]]], fmt="o", color=col,
                         ms=4, capsize=2, lw=0.8)
     ax.axvline(0, color="#999", ls="--", lw=1)
     ax.set_yticks(range(len(cats))[::-1], [c + (" (kept out)" if c == kept else "") for c in cats], fontsize=8)
     for y in range(len(cats) - 1):
         ax.axhline(y + 0.5, color="#eee", lw=0.8)
-    handles = [plt.Line2D([], [], marker="o", ls="", mfc="white", mec="#777", label="before"),
+    handles = [plt.Line2D([], [], marker="o", ls="", mfc="white", mec="#999", label="before"),
+               plt.Line2D([], [], marker="o", ls="", mfc="white", mec="#000", mew=1.6, ms=5,
+                          label="before, biased (CI excluded 0)"),
                *(plt.Line2D([], [], marker="o", color=MOVE_COLORS[k], label=lab) for k, lab in
                  (("moved", "after: moved toward 0 (CI)"), ("worse", "after: moved away (CI)"),
                   ("other", "after: no significant change")))]
-    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=4, frameon=False)
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, frameon=False)
     ax.set_xlabel("held-out mean ll difference, nats (0: no preference; after with its 95% CI)", fontsize=8)
     seeds = ", ".join(str(s) for s, _ in rows)
     ax.set_title(f"{method}: each category before → after, one line per split (seeds {seeds}, top to bottom)",
