@@ -449,9 +449,9 @@ def run_splits(sh: Shared, fitter: Fitter, cfg: SplitsConfig, out_dir: str | Pat
     def save() -> None:
         res.elapsed_s = time.perf_counter() - t0
         res.summary = summarize(res.splits, cfg.methods)
-        with atomic_write(out / "results.json", "w") as f:
-            json.dump(res.to_dict(), f, indent=1)
         d = res.to_dict()
+        with atomic_write(out / "results.json", "w") as f:
+            json.dump(d, f, indent=1)
         pngs = [p.name for m in cfg.methods if (p := category_plot(d, m, out / f"categories-{m}.png"))]
         md = report_md(d, pngs)
         with atomic_write(out / "report.md", "w") as f:

@@ -294,9 +294,9 @@ MOVE_COLORS = {"moved": "#2e8b57", "worse": "#c0392b", "other": "#1f4e79"}
 
 
 def category_plot(res: dict[str, Any], method: str, path: Path) -> Path | None:
-    """Per category, every split's held-out mean ll difference before (hollow) and after
-    (filled, with its CI), joined by a line: green where the change's CI lies on the neutral
-    side, red where it lies on the other, blue where it is not significant."""
+    """Per category, every split's held-out mean ll difference before (a ring, bold where its
+    CI excluded 0) and after (a dot with its CI), joined by a line: green where the change's CI
+    lies on the neutral side, red where it lies on the other, blue where it is not significant."""
     rows = [(s["seed"], s["methods"][method]["heldout"]["per_category"]) for s in res["splits"]
             if method in s["methods"] and "per_category" in s["methods"][method].get("heldout", {})]
     if not rows:
@@ -317,7 +317,7 @@ def category_plot(res: dict[str, Any], method: str, path: Path) -> Path | None:
                 continue
             y = len(cats) - 1 - i + 0.35 - step * (k + 0.5)
             b, a = j["before"], j["after"]
-            kind = "moved" if j["toward_neutral"] else "worse" if j["away_from_neutral"] else "other"
+            kind = "moved" if j.get("toward_neutral") else "worse" if j.get("away_from_neutral") else "other"
             col = MOVE_COLORS[kind]
             ax.plot([b["value"], a["value"]], [y, y], color=col, lw=1, alpha=0.7)
             biased = j.get("excluded_before", False)  # the categories the check asks to move
