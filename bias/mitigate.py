@@ -14,6 +14,7 @@ import numpy as np
 from bias import metrics as M
 from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
 from bias.feedback import LoopConfig, LoopResult, Utility, neutral_chunks, run_loop, split
+from bias.splits_report import report_html
 from bias.steering import compute_directions, pair_states
 from bias.suites import Suite, load_suite
 from edge import telemetry
@@ -273,8 +274,11 @@ def _write(res: MitigationResult, out_dir: str | None, rt: Any) -> None:
         d.mkdir(parents=True, exist_ok=True)
         with atomic_write(d / "results.json", "w") as f:
             json.dump(res.to_dict(), f, indent=1)
+        md = report_md(res)
         with atomic_write(d / "report.md", "w") as f:
-            f.write(report_md(res))
+            f.write(md)
+        with atomic_write(d / "report.html", "w") as f:
+            f.write(report_html(md, f"edge bias mitigate: {res.method}"))
     h = res.to_dict()["heldout"]
     telemetry.log("fairness", {"command": "bias mitigate", "suite": res.suite, "heldout": h,
                                "ppl": res.ppl, "bbq_dis_accuracy": res.bbq_dis_accuracy},

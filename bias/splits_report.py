@@ -351,7 +351,7 @@ def report_html(md: str, title: str) -> str:
     """report.md as a page: its headings, paragraphs, tables and images (the markdown this
     module writes, not markdown at large)."""
     def inline(t: str) -> str:
-        t = html.escape(t, quote=False)
+        t = html.escape(t, quote=False).replace("\\|", "|")  # markdown's escaped pipe, inside a cell or not
         t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img src="\2" alt="\1">', t)
         t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
@@ -369,7 +369,7 @@ def report_html(md: str, title: str) -> str:
 
     for line in md.splitlines():
         if line.startswith("|"):
-            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            table.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
             continue
         flush()
         if line.startswith("#"):

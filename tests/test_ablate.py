@@ -650,12 +650,13 @@ def test_report_draws_each_split_s_categories_and_reads_as_a_page(tmp_path: Path
     assert colours(moved) == {"moved", "worse", "other"} and colours(still) == {"other"}
     assert category_plot({"config": cfg, "splits": []}, "learn", tmp_path / "none.png") is None
     md = ("# Bias mitigation\n\nsome **bold** and `x<y`\n\n| a | b |\n|---|---|\n| race | -1.0 → -0.5 |\n"
-          "| age | +1.4 |\n\n![categories-learn](categories-learn.png)\n")
+          "| age | +1.4 |\n| fall | 0 of \\|pct−50\\| |\n\n![categories-learn](categories-learn.png)\n")
     page = report_html(md, "t <x>")
     assert "<title>t &lt;x&gt;</title>" in page and "<h1>Bias mitigation</h1>" in page
     assert "<p>some <b>bold</b> and <code>x&lt;y</code></p>" in page
     assert "<table><tr><th>a</th><th>b</th></tr><tr><td>race</td><td>-1.0 → -0.5</td></tr><tr><td>age</td>" in page
     assert '<img src="categories-learn.png" alt="categories-learn">' in page and "---" not in page
+    assert "<tr><td>fall</td><td>0 of |pct−50|</td></tr></table>" in page  # an escaped pipe stays in its cell
     assert "![categories-learn](categories-learn.png)" in report_md({"config": cfg, "splits": []}, ["categories-learn.png"])
 
 

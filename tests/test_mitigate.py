@@ -41,6 +41,8 @@ def test_mitigate_writes_a_vector_and_a_heldout_judgement(tmp_path: Path, env: d
     assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "controlvector"
     md = (rep / "report.md").read_text()
     assert "Paired change" in md and "probe L16-L29" in md
+    page = (rep / "report.html").read_text()  # the same report as a page, which the CLI names
+    assert "<table>" in page and "probe L16-L29" in page and f"report: {rep / 'report.html'}" in r.stdout
     logs = list((Path(env["EDGE_HOME"]) / "logs").glob("*.jsonl"))
     recs = [json.loads(line) for f in logs for line in f.read_text().splitlines()]
     fair = [x for x in recs if x["kind"] == "fairness" and x["metrics"]["command"] == "bias mitigate"]

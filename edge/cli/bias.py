@@ -247,7 +247,7 @@ def compare_cmd(before: str, after: str, as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the splits (split s uses seed+s) and of the sampling; the same seed gives the same rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for results.json and report.md (a split run: also report.html, with each method's "
+              help="Folder for results.json, report.md and report.html (a split run's with each method's "
                    "categories plotted before and after) [default: next to -o]. A split run "
                    "stopped by Ctrl-C continues where it stopped when the same command runs again "
                    "(learn keeps its last-layer inputs there too, learn_rows.pt, ~300 MB for the "
@@ -324,6 +324,7 @@ def _mitigate_steer(target: float, max_ppl_increase: float | None, max_iter: int
     click.echo(f"wrote {r.vector}")
     for line in heldout_lines(r.heldout, r.ppl):
         click.echo(line)
+    click.echo(f"report: {Path(out_dir) / 'report.html'} (and report.md)")
 
 
 def heldout_lines(h: Any, ppl: dict[str, float]) -> list[str]:
