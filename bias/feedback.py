@@ -94,6 +94,11 @@ class LoopResult:
                 "probes": [asdict(p) for p in self.probes]}
 
 
+def calib_count(frac: float, n: int) -> int:
+    """How many of a category's n pairs split() puts in calibration."""
+    return int(round(frac * n))
+
+
 def split(suite: Suite, frac: float, seed: int, exclude: str | None = None) -> tuple[list[int], list[int]]:
     """(calibration, held-out) item indices: random within each category, never blocks."""
     rng = np.random.default_rng(seed)
@@ -106,7 +111,7 @@ def split(suite: Suite, frac: float, seed: int, exclude: str | None = None) -> t
             held += idx.tolist()
             continue
         idx = rng.permutation(idx)
-        k = int(round(frac * len(idx)))
+        k = calib_count(frac, len(idx))
         cal += idx[:k].tolist()
         held += idx[k:].tolist()
     return sorted(cal), sorted(held)

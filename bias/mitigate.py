@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -13,7 +14,15 @@ import numpy as np
 
 from bias import metrics as M
 from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
-from bias.feedback import LoopConfig, LoopResult, Utility, neutral_chunks, run_loop, split
+from bias.feedback import (
+    LoopConfig,
+    LoopResult,
+    Utility,
+    calib_count,
+    neutral_chunks,
+    run_loop,
+    split,
+)
 from bias.splits_report import report_html
 from bias.steering import compute_directions, pair_states
 from bias.suites import Suite, load_suite
@@ -151,18 +160,12 @@ MIN_HELD = 10  # held-out pairs a category needs for its CI to mean anything
 def check_split(suite: Suite, frac: float, exclude: str | None) -> None:
     """Raise when --calib-frac leaves a category with no calibration pair, or with fewer
     held-out pairs than its judgement needs (min(MIN_HELD, half its pairs)), naming a share that works."""
-    counts: dict[str, int] = {}
-    for it in suite.items:
-        counts[it.category] = counts.get(it.category, 0) + 1
-    counts.pop(exclude or "", None)
+    counts = Counter(it.category for it in suite.items if it.category != exclude)
 
     def short(f: float) -> list[tuple[str, int, int, int]]:  # (category, n, calibration, held-out)
-        out = []
-        for c, n in sorted(counts.items()):
-            k = int(round(f * n))  # as bias.feedback.split counts
-            if k < 1 or n - k < min(MIN_HELD, n // 2):
-                out.append((c, n, k, n - k))
-        return out
+        ks = {c: calib_count(f, n) for c, n in sorted(counts.items())}
+        return [(c, counts[c], k, counts[c] - k) for c, k in ks.items()
+                if k < 1 or counts[c] - k < min(MIN_HELD, counts[c] // 2)]
 
     bad = short(frac)
     if not bad:
