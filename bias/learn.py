@@ -17,8 +17,10 @@ only while it helps pairs the fit did not see (without it the fit overfits: on t
 model the calibration pairs shrank by 3/4 where held-out ones shrank by 1/5).
 
 The model runs in torch (an optional extra: `pip install 'edge[learn]'`) on the compute
-weights in float32, the layers below the first edited one once per sequence. It needs ~4
-bytes a parameter: fit on a machine with the memory, run the GGUF on the device.
+weights in float32. It holds the edited layers, the embedding and the head; the layers below
+the first edited one are read once a pass, a layer at a time, every sequence through one
+before the next is dequantized (TorchLlama's `keep_from`), so a Llama-2-7B's fit holds about
+2.5 GiB of weights, not 25 (`check_memory` adds the pairs' kept rows).
 """
 
 from __future__ import annotations
@@ -236,64 +238,96 @@ def import_torch() -> Any:
     return torch
 
 
-def check_memory(path: Path, available: int | None = None, rows: int = 0) -> int:
-    """Bytes the float32 torch copy needs, with `rows` positions' last-layer inputs kept (a
-    split run's every pair: 2 × n_embd floats each, ~2 GB for CrowS on Llama-2-7B); raise if
-    this machine cannot hold it."""
-    from gguf import GGUFReader
+def _torch(x: np.ndarray) -> Any:
+    """A float32 array as a tensor; the GGUF's own F32 tensors are read-only maps, of which
+    torch wants a copy."""
+    return import_torch().from_numpy(x if x.flags.writeable else x.copy())
 
+
+def check_memory(path: Path, available: int | None = None, rows: int = 0, keep_from: int = 0) -> int:
+    """Bytes the float32 torch model needs (TorchLlama with `keep_from`: the layers from it up
+    held, one below it at a time), with `rows` positions' last-layer inputs kept (a split
+    run's every pair: 2 × n_embd floats each, ~2 GB for CrowS on Llama-2-7B) and the stream a
+    pass carries for them; raise if this machine cannot hold it."""
+    from edge.engine.weights import WeightReader
     from edge.memory.fit import MemorySnapshot
 
-    tensors = GGUFReader(str(path)).tensors
-    n = sum(int(t.n_elements) for t in tensors)
-    n_embd = next((int(t.shape[0]) for t in tensors if t.name == "token_embd.weight"), 0)
-    need = 4 * n + (512 << 20) + 8 * n_embd * rows  # weights, activations and gradients, kept rows
+    r = WeightReader(path)
+    n_layers, n_embd = r.args.n_layers, r.args.n_embd
+    per_layer = [r.layer_elements(il) for il in range(n_layers)]
+    rest = sum(int(t.n_elements) for name, t in r.tensors.items() if not name.startswith("blk."))
+    keep_from = max(0, min(keep_from, n_layers))
+    held = sum(per_layer[keep_from:]) + max(per_layer[:keep_from], default=0)
+    need = 4 * (rest + held) + (512 << 20) + 12 * n_embd * rows  # weights, activations and gradients; rows
     snap = MemorySnapshot.read()
     avail = snap.available - snap.margin if available is None else available
     if snap.readable and need > avail:
+        what = "the model" if keep_from == 0 else "the edited layers, the head and one layer below them"
         kept = " with its pairs' last-layer inputs" if rows else ""
         raise InsufficientMemoryError(
-            f"--method learn holds the model in float32 to fit the edit{kept}: "
-            f"{need / 2**30:.1f} GiB, and this machine has {avail / 2**30:.1f} GiB available; fit on a larger "
-            "machine and copy the GGUF it writes")
+            f"--method learn holds {what} in float32{kept}: {need / 2**30:.1f} GiB, and this machine has "
+            f"{avail / 2**30:.1f} GiB available; fit on a larger machine and copy the GGUF it writes")
     return need
 
 
 class TorchLlama:
     """A GGUF's Llama forward in torch (float32), with an edit of what each layer writes."""
 
-    def __init__(self, path: Path, arithmetic: str = "exact") -> None:
+    def __init__(self, path: Path, arithmetic: str = "exact", keep_from: int = 0) -> None:
         """arithmetic "exact": the dequantized weights' own products; "llama.cpp": as
         llama.cpp's CPU backend computes on this file (bias.arith: 8-bit activations, an f16
         KV cache), so that scores carry the systematic part of what its arithmetic adds (the
-        chaotic rest re-rolls with any bit: bias.arith.DeviceSpread)."""
+        chaotic rest re-rolls with any bit: bias.arith.DeviceSpread). `keep_from`: the first
+        layer held for the object's life (the edited ones); a layer below it is dequantized
+        when a pass reaches it and dropped after, so a 7B holds the head and a layer or two,
+        not 4 bytes a parameter."""
         torch = import_torch()
-        from edge.engine.model import Engine
-        from edge.engine.weights import LINEAR_NAMES, _tensor_keys, load_weights
+        from edge.engine.weights import LINEAR_NAMES, WeightReader, _tensor_keys, rope_inv_freq
 
         if arithmetic not in ("exact", "llama.cpp"):
             raise ValueError(f"arithmetic is 'exact' or 'llama.cpp', not {arithmetic!r}")
-        w = load_weights(path)
-        self.args = a = w.args
-        def t(x: np.ndarray) -> Any:  # the GGUF's own F32 tensors are read-only maps: torch wants its copy
-            return torch.from_numpy(x if x.flags.writeable else x.copy())
-
-        # the reference engine's rope frequencies (rope_freqs and the frequency scale included)
-        self.inv = torch.tensor(Engine(w)._inv_freq, dtype=torch.float32)
-        self.layers = [({k: t(v) for k, v in lw.wt.items()}, t(lw.attn_norm), t(lw.ffn_norm)) for lw in w.layers]
-        self.emb, self.out, self.onorm = t(w.tok_embd), t(w.output), t(w.output_norm)
+        self._reader = r = WeightReader(path)
+        self.args = a = r.args
+        self.inv = torch.tensor(rope_inv_freq(a, r.rope_freqs(), r.rope_freq_scale), dtype=torch.float32)
         self.n_layers, self.n_embd, self.eps = a.n_layers, a.n_embd, a.rms_eps
+        self.keep_from = max(0, min(keep_from, a.n_layers))
+        self.layers = {il: self._read(il) for il in range(self.keep_from, a.n_layers)}
+        self._held: tuple[int, Any] | None = None  # the one lower layer a pass is in
+        w = r.weights(layers=False)
+        self.emb, self.onorm = _torch(w.tok_embd), _torch(w.output_norm)
+        self.out = self.emb if w.output is w.tok_embd else _torch(w.output)
         self.arith = None
         if arithmetic == "llama.cpp":
             from bias.arith import file_arith
 
             keys = _tensor_keys()
             names = {(il, k): keys[k].format(bid=il) + ".weight" for il in range(a.n_layers) for k in LINEAR_NAMES}
-            names["output"] = w.output_name
+            names["output"] = r.output_name
             self.arith = file_arith(Path(path), names)
         # each sequence's last-layer inputs at every position, kept: the splits of a run fit
         # and judge on subsets of the same sentences, so each is read through 29 layers once
         self._rows: dict[tuple[int, ...], tuple[Any, Any]] = {}
+
+    def _read(self, il: int) -> tuple[dict[str, Any], Any, Any]:
+        lw = self._reader.layer(il)
+        return {k: _torch(v) for k, v in lw.wt.items()}, _torch(lw.attn_norm), _torch(lw.ffn_norm)
+
+    def keep(self, first: int) -> None:
+        """Hold layers first.. from now on (a fit that edits them steps through them often)."""
+        for il in range(max(0, first), self.keep_from):
+            self.layers[il] = self._read(il)
+        self.keep_from = min(self.keep_from, max(0, first))
+
+    def layer(self, il: int) -> tuple[dict[str, Any], Any, Any]:
+        """Layer il's (linear weights (in, out), attn_norm, ffn_norm): a kept one, or the
+        lower layer a pass is in, read on its first use (the previous one dropped first)."""
+        kept = self.layers.get(il)
+        if kept is not None:
+            return kept
+        if self._held is None or self._held[0] != il:
+            self._held = None
+            self._held = (il, self._read(il))
+        return self._held[1]
 
     def _norm(self, x: Any, g: Any) -> Any:
         torch = import_torch()
@@ -317,7 +351,7 @@ class TorchLlama:
         a = self.args
         B, T, _ = x.shape
         hd, g = a.head_dim, a.n_head // a.n_head_kv
-        an = self.layers[il][1]
+        an = self.layer(il)[1]
         h = self._norm(x, an)
         q = self._rope(self._mm(h, il, "q").view(B, T, a.n_head, hd), pos)
         k = self._rope(self._mm(h, il, "k").view(B, T, a.n_head_kv, hd), pos).repeat_interleave(g, dim=2)
@@ -339,14 +373,14 @@ class TorchLlama:
 
     def _mm(self, x: Any, il: int, key: str) -> Any:
         """x times layer il's weight `key` (q k v o gate up down), in this model's arithmetic."""
-        w = self.layers[il][0][key]
+        w = self.layer(il)[0][key]
         return x @ w if self.arith is None else self.arith[(il, key)](x, w)
 
     def finish(self, il: int, x: Any, wa: Any, edit: Any = None) -> Any:
         """The stream leaving layer il from the one entering it and its attention's write
         `wa`, each written part edited; per position, so x may be (N, D) rows as well."""
         F = import_torch().nn.functional
-        fn = self.layers[il][2]
+        fn = self.layer(il)[2]
         x = x + (wa if edit is None else edit(il, wa, False))
         h = self._norm(x, fn)
         wd = self._mm(F.silu(self._mm(h, il, "gate")) * self._mm(h, il, "up"), il, "down")
@@ -363,21 +397,33 @@ class TorchLlama:
         given; with `stop`, the stream entering that layer instead. `edit(il, w, down)`
         changes what layer il's attention (down False) or MLP (down True) writes."""
         x = self.emb[toks] if x0 is None else x0
-        for il in range(start, self.n_layers):
-            if il == stop:
-                return x
+        for il in range(start, self.n_layers if stop is None else stop):
             x = self.finish(il, x, self.attention(il, x, pos, mask), edit)
-        return self.logprobs(x)
+        self._held = None
+        return x if stop is not None else self.logprobs(x)
+
+    def lower(self, batches: list[tuple[Any, Any, Any]], stop: int) -> list[Any]:
+        """Each batch's (tokens, rope positions or None, mask or None) stream entering layer
+        `stop`, unedited: layer by layer, every batch through a layer before the next is
+        read, so a layer below `keep_from` is dequantized once a pass (what a sequence at a
+        time would do per batch). The same products as `forward(..., stop=stop)`."""
+        torch = import_torch()
+        with torch.no_grad():
+            xs = [self.emb[t] for t, _, _ in batches]
+            for il in range(stop):
+                for b, (_, pos, mask) in enumerate(batches):
+                    xs[b] = self.finish(il, xs[b], self.attention(il, xs[b], pos, mask))
+        self._held = None
+        return xs
 
     def streams(self, seqs: list[list[int]], stop: int, n: int = 16) -> list[Any]:
         """Each sequence's stream entering layer `stop` (unedited below it), (T, D) each."""
-        torch = import_torch()
         out: list[Any] = [None] * len(seqs)
-        with torch.no_grad():
-            for ix in by_length(seqs, n):
-                x = self.forward(_batch([seqs[i] for i in ix])[0], stop=stop)
-                for b, i in enumerate(ix):
-                    out[i] = x[b, : len(seqs[i])].clone()
+        order = by_length(seqs, n)
+        xs = self.lower([(_batch([seqs[i] for i in ix])[0], None, None) for ix in order], stop)
+        for ix, x in zip(order, xs, strict=True):
+            for b, i in enumerate(ix):
+                out[i] = x[b, : len(seqs[i])].clone()
         return out
 
     def seq_ll(self, seqs: list[list[int]], edit: Any = None, streams: list[Any] | None = None,
@@ -413,9 +459,11 @@ class TorchLlama:
         torch = import_torch()
         il = self.n_layers - 1
         new = list({tuple(s): list(s) for s in seqs if tuple(s) not in self._rows}.values())
+        order = by_length(new, n)
+        xs = self.lower([(_batch([new[i] for i in ix])[0], None, None) for ix in order], il)
         with torch.no_grad():
-            for ix in by_length(new, n):
-                x = self.forward(_batch([new[i] for i in ix])[0], stop=il)
+            for k, ix in enumerate(order):
+                x, xs[k] = xs[k], None  # each batch's stream freed as its rows are taken
                 wa = self.attention(il, x)
                 for b, i in enumerate(ix):
                     t = len(new[i]) - 1
@@ -438,10 +486,12 @@ class TorchLlama:
         got: list[Any] = [None] * len(reqs)
         il = self.n_layers - 1
         packed = [_pack([reqs[i] for i in g]) for g in groups]
+        order = by_length([p[0] for p in packed], n)
+        batches = [_packed_batch([packed[k] for k in ix]) for ix in order]
+        xs = self.lower(batches, il)
         with torch.no_grad():
-            for ix in by_length([p[0] for p in packed], n):
-                toks, pos, mask = _packed_batch([packed[k] for k in ix])
-                x = self.forward(toks, stop=il, pos=pos, mask=mask)
+            for j, ix in enumerate(order):
+                (_, pos, mask), x, xs[j] = batches[j], xs[j], None
                 wa = self.attention(il, x, pos, mask)
                 for b, k in enumerate(ix):
                     for i, at in zip(groups[k], packed[k][2], strict=True):
@@ -932,9 +982,14 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
     if threads:
         torch.set_num_threads(threads)
     if model is None:
-        check_memory(model_path)
-    m = model or TorchLlama(model_path)
-    start = cfg.start(m.n_layers)
+        from edge.engine.weights import WeightReader
+
+        start = cfg.start(WeightReader(model_path).args.n_layers)
+        check_memory(model_path, keep_from=start)
+        m = TorchLlama(model_path, keep_from=start)
+    else:
+        m, start = model, cfg.start(model.n_layers)
+        m.keep(start)
     res = LearnResult(None, first_layer=start)
     if reference is not None:
         k = min(8, len(more))

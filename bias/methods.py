@@ -423,8 +423,10 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
                            for i in part})
             seqs = [_sentence(ctx.rt, t)[0] for i in used for t in (ctx.shared.suite.items[i].more,
                                                                     ctx.shared.suite.items[i].less)]
-        check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs) + sum(len(t) - f for t, f in reqs))
-        m = TorchLlama(ctx.compute_path)
+        start = ctx.learn.start(L)
+        check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs) + sum(len(t) - f for t, f in reqs),
+                     keep_from=start)
+        m = TorchLlama(ctx.compute_path, keep_from=start)
         file = ctx.out_dir / ROWS_FILE if ctx.out_dir is not None and last else None
         key = KeptRows.key(ctx.compute_path, seqs, reqs, ctx.shared.neutral) if file is not None else ""
         kept = KeptRows.load(file, key) if file is not None else None
@@ -559,8 +561,9 @@ def _device_reads(ctx: Context, suite: Suite, edit: Any,
     from bias.arith import redraw
     from bias.learn import TorchLlama, check_memory
 
-    check_memory(ctx.source_path)
-    dm = TorchLlama(ctx.source_path, "llama.cpp")
+    L = ctx.rt.info.n_layers or 0
+    check_memory(ctx.source_path, keep_from=L - 1)  # its pairs are read on the last layer's rows
+    dm = TorchLlama(ctx.source_path, "llama.cpp", keep_from=L - 1)
     reads: tuple[list[PairScores], list[PairScores]] = ([], [])
     for r in range(2):
         if r:

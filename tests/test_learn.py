@@ -186,8 +186,8 @@ def test_a_model_too_large_for_memory_is_refused_with_what_it_needs(tmp_path: Pa
     with pytest.raises(InsufficientMemoryError, match="GiB.*larger machine"):
         check_memory(path, available=100 << 20)
     assert check_memory(path, available=64 << 30) > 4 * 100e6  # 4 bytes a parameter, and more
-    # a split run's kept last-layer inputs: 2 × n_embd (576) float32 a position
-    assert check_memory(path, available=64 << 30, rows=1000) - check_memory(path, available=64 << 30) == 8 * 576 * 1000
+    # a split run's kept last-layer inputs: 2 × n_embd (576) float32 a position, and the stream of a pass
+    assert check_memory(path, available=64 << 30, rows=1000) - check_memory(path, available=64 << 30) == 12 * 576 * 1000
 
 
 @pytest.mark.slow
@@ -440,6 +440,41 @@ def test_bbq_answers_read_once_with_their_shared_context_score_as_each_whole_req
     assert np.abs(got[1] - got[0]).max() > 0.05  # the edit reaches the answers
     with pytest.raises(ValueError, match="tokens before and after"):
         m.answer_rows([([1, 504], 2)])
+
+
+def test_layers_below_the_edit_are_read_once_a_pass_and_give_the_same_rows(runtime) -> None:  # noqa: ANN001
+    """TorchLlama(keep_from=L) holds layers L.. only and reads each lower one once a pass,
+    every batch through it before the next (so a 7B's fit holds a layer, not the model):
+    the rows, answers and streams equal those of the model held whole."""
+    torch = pytest.importorskip("torch")
+    from bias.learn import TorchLlama, check_memory
+
+    whole = TorchLlama(runtime.path)
+    top = whole.n_layers - 1
+    low = TorchLlama(runtime.path, keep_from=top)
+    assert sorted(low.layers) == [top] and len(whole.layers) == whole.n_layers
+    reads: list[int] = []
+    read = low._read
+    low._read = lambda il: (reads.append(il), read(il))[1]  # type: ignore[method-assign]
+    seqs = [[1, 504, 1148, 28, 9], [1, 504, 1148, 30], [1, 28, 9], [1, 9, 28, 30, 31, 40], [1, 40, 41]]
+    reqs = [([1, 504, 1148, 28], 2), ([1, 504, 1148, 29], 2), ([1, 30, 31, 32], 3)]
+    for m in (whole, low):
+        m.read_rows(seqs, n=2)  # three batches
+    assert reads == list(range(top)) and low._held is None  # each lower layer once, none held after
+    for k, (x, wa) in whole._rows.items():
+        assert torch.equal(low._rows[k][0], x) and torch.equal(low._rows[k][1], wa)
+    reads.clear()
+    a_whole, a_low = whole.answer_rows(reqs, n=1), low.answer_rows(reqs, n=1)
+    assert reads == list(range(top))
+    np.testing.assert_array_equal(low.row_sums(a_low), whole.row_sums(a_whole))
+    for x, y in zip(low.streams(seqs, 20, n=2), whole.streams(seqs, 20, n=2), strict=True):
+        assert torch.equal(x, y)
+    low.keep(top - 2)  # a deeper edit holds its layers from then on
+    assert sorted(low.layers) == [top - 2, top - 1, top] and low.keep_from == top - 2
+    # memory: the lower layers are not counted, but the largest of them once
+    layer = 4 * sum(int(t.numel()) for t in (*whole.layers[0][0].values(), *whole.layers[0][1:]))
+    assert check_memory(runtime.path, available=64 << 30) - check_memory(runtime.path, available=64 << 30,
+                                                                       keep_from=top) == (top - 1) * layer
 
 
 def test_kept_rows_come_back_as_read_and_only_for_the_same_weights_and_tokens(runtime, tmp_path: Path) -> None:  # noqa: ANN001

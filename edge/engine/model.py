@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge.engine.config import ModelArgs
-from edge.engine.weights import Weights, load_weights
+from edge.engine.weights import Weights, load_weights, rope_inv_freq
 from edge.errors import BadOptionError, ContextOverflowError
 
 
@@ -77,12 +77,7 @@ class Engine:
         self.info = weights.info
         self.path = weights.info.path
         self.dense = DenseBackend(weights)
-        a = self.config
-        n_rot = a.n_rot or a.head_dim
-        inv = a.rope_theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
-        if weights.rope_freqs is not None:
-            inv = inv / weights.rope_freqs.astype(np.float64)[: n_rot // 2]
-        self._inv_freq = inv * weights.rope_freq_scale
+        self._inv_freq = rope_inv_freq(self.config, weights.rope_freqs, weights.rope_freq_scale)
         self._vocab: Any = None
 
     @classmethod

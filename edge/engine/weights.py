@@ -94,41 +94,84 @@ def read_args(reader: Any, info: ModelInfo) -> tuple[ModelArgs, float]:
     return args, scale
 
 
-def load_weights(path: str | os.PathLike[str]) -> Weights:
-    """Validate with inspect(), then dequantize every tensor to float32."""
-    from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader
-    from gguf.quants import dequantize
+class WeightReader:
+    """A Llama GGUF's tensors, each dequantized to float32 when asked for. The file is
+    memory-mapped, so a layer nobody asks for costs no memory: a caller that needs the
+    layers one at a time (bias.learn's passes) holds one instead of the whole model."""
 
-    info = inspect(path)  # a corrupt file is explained here, before GGUFReader trusts it
-    if info.arch != "llama":
-        raise InvalidModelFileError(
-            f"{path} is a '{info.arch}' model; the native engine runs Llama-architecture GGUFs only"
-        )
-    reader = GGUFReader(info.path)
-    args, scale = read_args(reader, info)
-    tensors = {t.name: t for t in reader.tensors}
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from gguf import GGUFReader
 
-    def get(name: str) -> np.ndarray:
-        t = tensors.get(name)
+        self.info = info = inspect(path)  # a corrupt file is explained here, before GGUFReader trusts it
+        if info.arch != "llama":
+            raise InvalidModelFileError(
+                f"{path} is a '{info.arch}' model; the native engine runs Llama-architecture GGUFs only"
+            )
+        self.path = path
+        self.reader = GGUFReader(info.path)
+        self.args, self.rope_freq_scale = read_args(self.reader, info)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def get(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self.tensors.get(name)
         if t is None:
-            raise InvalidModelFileError(f"{path} has no tensor '{name}'; is it a complete Llama GGUF?")
+            raise InvalidModelFileError(f"{self.path} has no tensor '{name}'; is it a complete Llama GGUF?")
         a = dequantize(t.data, t.tensor_type)
         return np.ascontiguousarray(a.reshape([int(d) for d in reversed(t.shape)]), dtype=np.float32)
 
-    tok_embd = get(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
-    out_name = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
-    output = get(out_name) if out_name in tensors else tok_embd
-    keys = _tensor_keys()
-    layers = []
-    for il in range(args.n_layers):
-        def g(k: str, il: int = il) -> np.ndarray:
-            return get(keys[k].format(bid=il) + ".weight")
+    @property
+    def output_name(self) -> str:
+        """The head's tensor in the file (token_embd.weight when the embedding is tied)."""
+        from gguf import MODEL_TENSOR, TENSOR_NAMES
 
-        wt = {m: np.ascontiguousarray(g(m).T) for m in LINEAR_NAMES}
-        layers.append(LayerWeights(attn_norm=g("attn_norm"), ffn_norm=g("ffn_norm"), wt=wt))
-    freqs_name = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
-    rope_freqs = get(freqs_name) if freqs_name in tensors else None
-    return Weights(args=args, info=info, tok_embd=tok_embd, output=output,
-                   output_norm=get(TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"),
-                   layers=layers, rope_freqs=rope_freqs, rope_freq_scale=scale,
-                   output_name=out_name if out_name in tensors else TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
+        out = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
+        return out if out in self.tensors else TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+
+    def rope_freqs(self) -> np.ndarray | None:
+        from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+        name = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        return self.get(name) if name in self.tensors else None
+
+    def layer(self, il: int) -> LayerWeights:
+        keys = _tensor_keys()
+
+        def g(k: str) -> np.ndarray:
+            return self.get(keys[k].format(bid=il) + ".weight")
+
+        return LayerWeights(attn_norm=g("attn_norm"), ffn_norm=g("ffn_norm"),
+                            wt={m: np.ascontiguousarray(g(m).T) for m in LINEAR_NAMES})
+
+    def layer_elements(self, il: int) -> int:
+        """How many float32 values layer il dequantizes to."""
+        return sum(int(t.n_elements) for name, t in self.tensors.items() if name.startswith(f"blk.{il}."))
+
+    def weights(self, layers: bool = True) -> Weights:
+        """Every tensor dequantized; with layers False, all but the layers' (read them with
+        `layer`)."""
+        from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+        tok_embd = self.get(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
+        tied = self.output_name == TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+        return Weights(args=self.args, info=self.info, tok_embd=tok_embd,
+                       output=tok_embd if tied else self.get(self.output_name),
+                       output_norm=self.get(TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"),
+                       layers=[self.layer(il) for il in range(self.args.n_layers)] if layers else [],
+                       rope_freqs=self.rope_freqs(), rope_freq_scale=self.rope_freq_scale,
+                       output_name=self.output_name)
+
+
+def rope_inv_freq(args: ModelArgs, rope_freqs: np.ndarray | None, scale: float) -> np.ndarray:
+    """The rope's inverse frequencies (float64), rope_freqs and the linear scale applied."""
+    n_rot = args.n_rot or args.head_dim
+    inv = args.rope_theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    if rope_freqs is not None:
+        inv = inv / rope_freqs.astype(np.float64)[: n_rot // 2]
+    return inv * scale
+
+
+def load_weights(path: str | os.PathLike[str]) -> Weights:
+    """Validate with inspect(), then dequantize every tensor to float32."""
+    return WeightReader(path).weights()
