@@ -305,7 +305,7 @@ class TorchLlama:
             names["output"] = r.output_name
             self.arith = file_arith(Path(path), names)
         # each sequence's last-layer inputs at every position, kept: the splits of a run fit
-        # and judge on subsets of the same sentences, so each is read through 29 layers once
+        # and judge on subsets of the same sentences, so each is read through the lower layers once
         self._rows: dict[tuple[int, ...], tuple[Any, Any]] = {}
 
     def _read(self, il: int) -> tuple[dict[str, Any], Any, Any]:
