@@ -244,11 +244,14 @@ def _torch(x: np.ndarray) -> Any:
     return import_torch().from_numpy(x if x.flags.writeable else x.copy())
 
 
-def check_memory(path: Path, available: int | None = None, rows: int = 0, keep_from: int = 0) -> int:
+def check_memory(path: Path, available: int | None = None, rows: int = 0, keep_from: int = 0,
+                 vocab_rows: int = 0) -> int:
     """Bytes the float32 torch model needs (TorchLlama with `keep_from`: the layers from it up
     held, one below it at a time), with `rows` positions' last-layer inputs kept (a split
     run's every pair: 2 × n_embd floats each, ~2 GB for CrowS on Llama-2-7B) and the stream a
-    pass carries for them; raise if this machine cannot hold it."""
+    pass carries for them, and `vocab_rows` positions' log-probs over the vocabulary (the
+    neutral text's reference, which the KL is taken against: on the bundled model more than
+    its weights); raise if this machine cannot hold it."""
     from edge.engine.weights import WeightReader
     from edge.memory.fit import MemorySnapshot
 
@@ -258,7 +261,8 @@ def check_memory(path: Path, available: int | None = None, rows: int = 0, keep_f
     rest = sum(int(t.n_elements) for name, t in r.tensors.items() if not name.startswith("blk."))
     keep_from = max(0, min(keep_from, n_layers))
     held = sum(per_layer[keep_from:]) + max(per_layer[:keep_from], default=0)
-    need = 4 * (rest + held) + (512 << 20) + 12 * n_embd * rows  # weights, activations and gradients; rows
+    # weights, activations and gradients; rows; reference log-probs
+    need = 4 * (rest + held) + (512 << 20) + 12 * n_embd * rows + 4 * r.args.n_vocab * vocab_rows
     snap = MemorySnapshot.read()
     avail = snap.available - snap.margin if available is None else available
     if snap.readable and need > avail:
@@ -938,6 +942,12 @@ class TorchUtility:
         return float(np.exp(nll / n)), kl / n
 
 
+def predicted_positions(seqs: list[list[int]]) -> int:
+    """How many positions of `seqs` predict a next token: the log-probs over the vocabulary
+    that a fit's KL reference (Trainer.ref) or TorchUtility's base keeps for them."""
+    return sum(len(s) - 1 for s in seqs)
+
+
 def next_beta(rounds: list[LearnRound], budget: float, cfg: LearnConfig) -> float | None:
     """The next round's β from the last round's measured PPL, or None to stop: lower while
     the rise is under fill × budget, raise (back toward the start) while over it and nothing
@@ -985,7 +995,7 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
         from edge.engine.weights import WeightReader
 
         start = cfg.start(WeightReader(model_path).args.n_layers)
-        check_memory(model_path, keep_from=start)
+        check_memory(model_path, keep_from=start, vocab_rows=predicted_positions(neutral))
         m = TorchLlama(model_path, keep_from=start)
     else:
         m, start = model, cfg.start(model.n_layers)

@@ -411,7 +411,7 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
     than once a split) and the neutral chunks' utility."""
     if "torch" not in ctx.cache:
         from bias.audit import _sentence
-        from bias.learn import TorchLlama, TorchUtility, check_memory
+        from bias.learn import TorchLlama, TorchUtility, check_memory, predicted_positions
 
         L = ctx.rt.info.n_layers or 0
         last = ctx.learn.start(L) == L - 1  # deeper edits read streams per split instead
@@ -424,8 +424,10 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
             seqs = [_sentence(ctx.rt, t)[0] for i in used for t in (ctx.shared.suite.items[i].more,
                                                                     ctx.shared.suite.items[i].less)]
         start = ctx.learn.start(L)
+        # the fit's neutral windows and the utility's chunks each keep log-probs over the vocabulary
+        windows = ctx.learn.neutral_windows * ctx.learn.window
         check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs) + sum(len(t) - f for t, f in reqs),
-                     keep_from=start)
+                     keep_from=start, vocab_rows=predicted_positions(ctx.shared.neutral) + windows)
         m = TorchLlama(ctx.compute_path, keep_from=start)
         file = ctx.out_dir / ROWS_FILE if ctx.out_dir is not None and last else None
         key = KeptRows.key(ctx.compute_path, seqs, reqs, ctx.shared.neutral) if file is not None else ""

@@ -188,6 +188,8 @@ def test_a_model_too_large_for_memory_is_refused_with_what_it_needs(tmp_path: Pa
     assert check_memory(path, available=64 << 30) > 4 * 100e6  # 4 bytes a parameter, and more
     # a split run's kept last-layer inputs: 2 × n_embd (576) float32 a position, and the stream of a pass
     assert check_memory(path, available=64 << 30, rows=1000) - check_memory(path, available=64 << 30) == 12 * 576 * 1000
+    # the neutral text's reference log-probs: the vocabulary (49,152) in float32 a position
+    assert check_memory(path, available=64 << 30, vocab_rows=10) - check_memory(path, available=64 << 30) == 4 * 49152 * 10
 
 
 @pytest.mark.slow
