@@ -292,12 +292,12 @@ class TorchLlama:
             raise ValueError(f"arithmetic is 'exact' or 'llama.cpp', not {arithmetic!r}")
         self._reader = r = WeightReader(path)
         self.args = a = r.args
-        self.inv = torch.tensor(rope_inv_freq(a, r.rope_freqs(), r.rope_freq_scale), dtype=torch.float32)
         self.n_layers, self.n_embd, self.eps = a.n_layers, a.n_embd, a.rms_eps
         self.keep_from = max(0, min(keep_from, a.n_layers))
         self.layers = {il: self._read(il) for il in range(self.keep_from, a.n_layers)}
         self._held: tuple[int, Any] | None = None  # the one lower layer a pass is in
         w = r.weights(layers=False)
+        self.inv = torch.tensor(rope_inv_freq(a, w.rope_freqs, w.rope_freq_scale), dtype=torch.float32)
         self.emb, self.onorm = _torch(w.tok_embd), _torch(w.output_norm)
         self.out = self.emb if w.output is w.tok_embd else _torch(w.output)
         self.arith = None
@@ -992,9 +992,9 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
     if threads:
         torch.set_num_threads(threads)
     if model is None:
-        from edge.engine.weights import WeightReader
+        from edge.gguf_file import inspect
 
-        start = cfg.start(WeightReader(model_path).args.n_layers)
+        start = cfg.start(inspect(model_path).n_layers or 0)  # metadata only: GGUFReader parses the vocabulary too
         check_memory(model_path, keep_from=start, vocab_rows=predicted_positions(neutral))
         m = TorchLlama(model_path, keep_from=start)
     else:

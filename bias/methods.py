@@ -426,7 +426,7 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
         start = ctx.learn.start(L)
         # the fit's neutral windows and the utility's chunks each keep log-probs over the vocabulary
         windows = ctx.learn.neutral_windows * ctx.learn.window
-        check_memory(ctx.compute_path, rows=sum(len(s) - 1 for s in seqs) + sum(len(t) - f for t, f in reqs),
+        check_memory(ctx.compute_path, rows=predicted_positions(seqs) + sum(len(t) - f for t, f in reqs),
                      keep_from=start, vocab_rows=predicted_positions(ctx.shared.neutral) + windows)
         m = TorchLlama(ctx.compute_path, keep_from=start)
         file = ctx.out_dir / ROWS_FILE if ctx.out_dir is not None and last else None
