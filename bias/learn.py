@@ -447,7 +447,7 @@ class TorchLlama:
         """The last layer's Rows of `seqs`: sequence i's positions first[i] .. len − 2, but
         those in skip[i] (position p predicts token p + 1)."""
         torch = import_torch()
-        self.read_rows(seqs, n)
+        self.read_rows(seqs, n=n)
         parts = []
         for i, (s, f) in enumerate(zip(seqs, first, strict=True)):
             x, wa = self._rows[tuple(s)]
@@ -457,13 +457,20 @@ class TorchLlama:
         return Rows(*(torch.cat([p[k] for p in parts]) for k in range(3)),
                     np.concatenate([[0], np.cumsum([len(p[2]) for p in parts])]))
 
-    def read_rows(self, seqs: list[list[int]], n: int = 16) -> int:
+    def read_rows(self, seqs: list[list[int]], *more_seqs: list[list[int]], n: int = 16) -> int:
         """Run the sequences not yet read up to the last layer (in batches by length) and keep
-        their rows; returns how many were new."""
+        their rows; returns how many were new. Each further list is batched on its own, in the
+        same pass: a list's batches, and so its rows' bits, do not depend on the others."""
         torch = import_torch()
         il = self.n_layers - 1
-        new = list({tuple(s): list(s) for s in seqs if tuple(s) not in self._rows}.values())
-        order = by_length(new, n)
+        new: list[list[int]] = []
+        order: list[list[int]] = []
+        seen = set(self._rows)
+        for group in (seqs, *more_seqs):
+            fresh = list({tuple(s): list(s) for s in group if tuple(s) not in seen}.values())
+            seen.update(tuple(s) for s in fresh)
+            order += [[len(new) + i for i in ix] for ix in by_length(fresh, n)]
+            new += fresh
         xs = self.lower([(_batch([new[i] for i in ix])[0], None, None) for ix in order], il)
         with torch.no_grad():
             for k, ix in enumerate(order):
@@ -1003,8 +1010,11 @@ def learn_edit(model_path: Path, more: list[list[int]], less: list[list[int]], n
     res = LearnResult(None, first_layer=start)
     if reference is not None:
         k = min(8, len(more))
-        with torch.no_grad():
-            d = (m.seq_ll(more[:k])[0] - m.seq_ll(less[:k])[0]).numpy()
+        if start == m.n_layers - 1:  # from the rows a split run has read: no pass through every layer
+            d = np.subtract(*pair_parts(m, more[:k], less[:k])[:2])
+        else:
+            with torch.no_grad():
+                d = (m.seq_ll(more[:k])[0] - m.seq_ll(less[:k])[0]).numpy()
         res.agreement = float(np.abs(d - reference[:k]).max())
     order = np.random.default_rng(cfg.seed).permutation(len(more))
     n_val = max(1, int(round(cfg.val_frac * len(more))))

@@ -132,7 +132,9 @@ def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
 
 
 class _Folded:
-    """A scorer on a folded copy of the compute weights (F16), replaced per trial."""
+    """A scorer on a folded copy of the compute weights, replaced per trial: the edited
+    tensors in F16, the rest copied (for a model scored on its own quantized file, the
+    arithmetic of its uncorrected scores, and a file the size of the source's)."""
 
     def __init__(self, ctx: Context, path: Path) -> None:
         self.ctx, self.path, self.scorer = ctx, path, None
@@ -140,10 +142,19 @@ class _Folded:
     def load(self, dirs: BiasDirections, spec: AblationSpec) -> BatchScorer:
         return self.load_plan(make_plan(dirs, spec), _ablate_note(spec))
 
-    def load_plan(self, plan: FoldPlan, note: str) -> BatchScorer:
+    def write_plan(self, plan: FoldPlan, note: str) -> None:
         self.close()
-        fold_gguf(self.ctx.compute_path, self.path, plan, weight_type="F16", force=True, note=note)
-        self.scorer = BatchScorer(self.ctx.rt, model_path=self.path)
+        fold_gguf(self.ctx.compute_path, self.path, plan, weight_type="F16-edited", force=True, note=note)
+
+    def load_plan(self, plan: FoldPlan, note: str) -> BatchScorer:
+        self.write_plan(plan, note)
+        return self.get()
+
+    def get(self) -> BatchScorer:
+        """The scorer on the fold last written, loaded on first use (a fit judged in torch
+        needs none: llama.cpp then holds one model fewer while the deployed file is measured)."""
+        if self.scorer is None:
+            self.scorer = BatchScorer(self.ctx.rt, model_path=self.path)
         return self.scorer
 
     def close(self) -> None:
@@ -226,14 +237,14 @@ def fit_ablate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correct
         return Correction.identity("ablate", fit)
     best, d = res.best, dirs[res.best.directions]
     plan, note = make_plan(d, best.spec), _ablate_note(best.spec)
-    sc = folded.load_plan(plan, note)
+    folded.write_plan(plan, note)
     d.save(work / "ablate_directions.npz", best.spec)
-    return _folded_correction(ctx, "ablate", folded, sc, plan, note, work, index, fit)
+    return _folded_correction(ctx, "ablate", folded, plan, note, work, index, fit)
 
 
-def _folded_correction(ctx: Context, method: str, folded: _Folded, sc: BatchScorer, plan: FoldPlan,
+def _folded_correction(ctx: Context, method: str, folded: _Folded, plan: FoldPlan,
                        note: str, work: Path, index: int, fit: dict[str, Any]) -> Correction:
-    """A correction folded into the weights: judged on the F16 fold the fit scored; the
+    """A correction folded into the weights: judged on the fold the fit scored (the edit at F16); the
     deployable file (what a device runs, and what generation is judged on) is written only
     where it is used: split 0 (-o) and the splits judged by generation."""
     target = ctx.cfg.outputs().get(method) if index == 0 else None
@@ -256,8 +267,8 @@ def _folded_correction(ctx: Context, method: str, folded: _Folded, sc: BatchScor
                 if p is not None and p != target:
                     p.unlink(missing_ok=True)
 
-    return Correction(method, lambda s: score_pair_parts(sc, s), lambda s: score_bbq(sc, s),
-                      lambda: _utility(ctx, sc), generate, fit, close)
+    return Correction(method, lambda s: score_pair_parts(folded.get(), s), lambda s: score_bbq(folded.get(), s),
+                      lambda: _utility(ctx, folded.get()), generate, fit, close)
 
 
 def _neutral_states(ctx: Context) -> np.ndarray:
@@ -306,12 +317,12 @@ def fit_gate(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correctio
     a = np.full(len(edits.names), best.scale)
     plan = edits.plan(a)
     if best is not steps[-1]:
-        sc = folded.load_plan(plan, f"edge bias gate ×{best.scale:.3g}")
+        folded.write_plan(plan, f"edge bias gate ×{best.scale:.3g}")
     fit = {"categories": edits.names, "signs": edits.signs.tolist(), "layers": edits.layers,
            "gate_on_own_sentences": edits.selectivity, "scale": best.scale, "coefficients": a.tolist(),
            "steps": [s.to_dict() for s in steps]}
     edits.save(work / "gate_edits.npz", a)
-    return _folded_correction(ctx, "gate", folded, sc, plan, f"edge bias gate: {len(edits.names)} categories", work,
+    return _folded_correction(ctx, "gate", folded, plan, f"edge bias gate: {len(edits.names)} categories", work,
                               index, fit)
 
 
@@ -340,13 +351,13 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
     plan = combo_plan(wplan, vec)
     note = f"edge bias combo: {spec.describe()} + control vector ×{loop.gain:.3g}"
-    sc = folded.load_plan(plan, note)
+    folded.write_plan(plan, note)
     d.save(work / "combo_words.npz", spec)
     np.save(work / "combo_vector.npy", vec)  # with the words: the plan again (combo_plan)
     fit = {"words": {"spec": spec.to_dict(), "group_tokens": n_words, "ppl_increase": rise_w, "kl": kl_w,
                      "directions": d.to_dict()},
            "loop": loop.to_dict(), "vector_budget": left}
-    return _folded_correction(ctx, "combo", folded, sc, plan, note, work, index, fit)
+    return _folded_correction(ctx, "combo", folded, plan, note, work, index, fit)
 
 
 def _erase_states(ctx: Context) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -399,7 +410,7 @@ def fit_erase(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         return Correction.identity("erase", fit)
     a, b = axes.maps(ec.rank, ec.form)
     np.savez(work / "erase_edit.npz", a=a, b=b, strength=strength)
-    return _folded_correction(ctx, "erase", folded, sc, plan, note, work, index, fit)
+    return _folded_correction(ctx, "erase", folded, plan, note, work, index, fit)
 
 
 ROWS_FILE = "learn_rows.pt"  # learn's last-layer inputs, kept in --out until the run finishes
@@ -408,7 +419,7 @@ ROWS_FILE = "learn_rows.pt"  # learn's last-layer inputs, kept in --out until th
 def _torch_rows(ctx: Context) -> tuple[Any, Any]:
     """The compute weights in torch, once per run, with every pair's last-layer rows (each
     sentence the splits calibrate or judge on, read through the lower layers once rather
-    than once a split) and the neutral chunks' utility."""
+    than once a split, with the fit's neutral windows) and the neutral chunks' utility."""
     if "torch" not in ctx.cache:
         from bias.audit import _sentence
         from bias.learn import TorchLlama, TorchUtility, check_memory, predicted_positions
@@ -426,8 +437,9 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
         start = ctx.learn.start(L)
         # the fit's neutral windows and the utility's chunks each keep log-probs over the vocabulary
         windows = ctx.learn.neutral_windows * ctx.learn.window
-        check_memory(ctx.compute_path, rows=predicted_positions(seqs) + sum(len(t) - f for t, f in reqs),
-                     keep_from=start, vocab_rows=predicted_positions(ctx.shared.neutral) + windows)
+        utility = predicted_positions(ctx.shared.neutral)
+        check_memory(ctx.compute_path, rows=predicted_positions(seqs) + windows + utility + sum(len(t) - f for t, f in reqs),
+                     keep_from=start, vocab_rows=utility + windows)
         m = TorchLlama(ctx.compute_path, keep_from=start)
         file = ctx.out_dir / ROWS_FILE if ctx.out_dir is not None and last else None
         key = KeptRows.key(ctx.compute_path, seqs, reqs, ctx.shared.neutral) if file is not None else ""
@@ -437,7 +449,8 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
             kept.restore(m)
         elif last:
             ctx.emit("stage", {"stage": "learn: every pair's last-layer inputs", "sentences": len(seqs)})
-            m.read_rows(seqs)
+            # the fit's neutral windows and the utility's chunks in the same pass, batched apart
+            m.read_rows(seqs, _learn_windows(ctx), ctx.shared.neutral)
         if last:
             ctx.cache["torch_utility"] = TorchUtility(m, ctx.shared.neutral)
         answers = kept.answers if kept is not None else None
@@ -453,6 +466,11 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
                 ctx.emit("stage", {"stage": f"learn: could not keep the last-layer inputs ({e.strerror or e})"})
         ctx.cache["torch"] = m
     return ctx.cache["torch"], ctx.cache.get("torch_utility")
+
+
+def _learn_windows(ctx: Context) -> list[list[int]]:
+    """The neutral windows whose next-token distributions a learn fit keeps (its KL term)."""
+    return neutral_windows(ctx.rt, ctx.learn.neutral_windows, ctx.learn.window)
 
 
 def _torch_bbq(ctx: Context) -> dict[str, Any]:
@@ -511,7 +529,7 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         return ([_sentence(rt, a)[0] for _, (a, _) in sw], [_sentence(rt, b)[0] for _, (_, b) in sw],
                 [its[i].category for i, _ in sw])
 
-    res = learn_edit(ctx.compute_path, more, less, neutral_windows(rt, ctx.learn.neutral_windows, ctx.learn.window),
+    res = learn_edit(ctx.compute_path, more, less, _learn_windows(ctx),
                      measure, ctx.cfg.max_ppl_increase, ctx.learn, threads=ctx.threads,
                      reference=sh.base[0][cal] - sh.base[1][cal], emit=ctx.emit,
                      augment=augment if ctx.learn.swaps else None, groups=[it.category for it in items], model=m)
@@ -523,10 +541,10 @@ def fit_learn(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
         ident = Correction.identity("learn", fit)
         return replace(ident, before_bbq=tb["before_bbq"]) if tb else ident
     note = res.notes[res.chosen]
-    sc = folded.scorer if loaded[0] is res.plan else folded.load_plan(res.plan, note)
-    assert sc is not None
+    if loaded[0] is not res.plan:
+        folded.write_plan(res.plan, note)
     save_edit(res.plan, work / "learn_edit.npz")
-    corr = _folded_correction(ctx, "learn", folded, sc, res.plan, note, work, index, fit)
+    corr = _folded_correction(ctx, "learn", folded, res.plan, note, work, index, fit)
     if tu is None:
         return corr
     edit = edit_of(res.plan)
@@ -597,7 +615,7 @@ def combo_plan(words: FoldPlan, vec: np.ndarray) -> FoldPlan:
 
 def _deploy(ctx: Context, f16: Path, dst: Path, plan: FoldPlan, note: str, fit: dict[str, Any]) -> Path:
     """Fold the chosen edit into the model file itself (re-quantized to its own types, or
-    F16 on request) and measure what re-quantization cost against the F16 fold."""
+    F16 on request) and measure what re-quantization cost against the fold the run scored (the edit at F16)."""
     fr = fold_gguf(ctx.source_path, dst, plan, weight_type=ctx.cfg.weights, force=True, note=note)
     if ctx.cfg.weights == "source":
         fr.requant_kl = requant_cost(f16, dst, _neutral_text(ctx), threads=ctx.threads)

@@ -244,7 +244,7 @@ def _fold_line(seed: int, what: str, fold: dict[str, Any]) -> str:
         line += f", worst tensor {w['name']} max error {w['max_err']:.2g} of its range"
     kl = fold.get("requant_kl")
     if kl:
-        line += (f"; re-quantization cost against the F16 fold: KL {kl['kl_mean']:.4f} nats/token "
+        line += (f"; re-quantization cost against the fold the run scored (the edit at F16): KL {kl['kl_mean']:.4f} nats/token "
                  f"(p99 {kl['kl_p99']:.3f}), PPL {kl['ppl_full']:.3f} → {kl['ppl_quantized']:.3f}, "
                  f"top-1 agreement {100 * kl['top1_agreement']:.1f}%")
     return line + ")."

@@ -34,7 +34,7 @@ import numpy as np
 from edge.errors import BadOptionError, EdgeError, InvalidModelFileError, OutputExistsError
 from edge.paths import atomic_path
 
-WEIGHT_TYPES = ("source", "F16", "F32")
+WEIGHT_TYPES = ("source", "F16", "F32", "F16-edited")
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class TensorCost:
 class FoldResult:
     path: str
     source: str
-    weight_type: str  # "source" (each edited tensor re-quantized to its own type), F16, F32
+    weight_type: str  # "source" (each edited tensor re-quantized to its own type), F16, F32, F16-edited
     edited: list[str]
     untied_output: bool
     tensors: list[TensorCost] = field(default_factory=list)
@@ -267,12 +267,12 @@ def _encode(x: np.ndarray, qtype: Any) -> tuple[np.ndarray, TensorCost | None]:
     return data, cost
 
 
-def _target_type(src_type: Any, weight_type: str, is_matrix: bool) -> Any:
+def _target_type(src_type: Any, weight_type: str, is_matrix: bool, edited: bool) -> Any:
     import gguf
 
-    if weight_type == "source" or not is_matrix:
+    if weight_type == "source" or not is_matrix or (weight_type == "F16-edited" and not edited):
         return src_type
-    return getattr(gguf.GGMLQuantizationType, weight_type)
+    return getattr(gguf.GGMLQuantizationType, weight_type.split("-")[0])
 
 
 def _copy_metadata(reader: Any, writer: Any, weight_type: str, note: str) -> None:
@@ -286,7 +286,7 @@ def _copy_metadata(reader: Any, writer: Any, weight_type: str, note: str) -> Non
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         val = f.contents()
-        if f.name == gguf.Keys.General.FILE_TYPE and weight_type != "source":
+        if f.name == gguf.Keys.General.FILE_TYPE and weight_type in ("F16", "F32"):
             val = int(llama_cpp.LLAMA_FTYPE_MOSTLY_F16 if weight_type == "F16" else llama_cpp.LLAMA_FTYPE_ALL_F32)
         writer.add_key_value(f.name, val, vtype, sub_type=sub)
     writer.add_string("edge.fold.note", note)
@@ -327,9 +327,11 @@ def _jobs(reader: Any, plan: FoldPlan, weight_type: str, src: object) -> tuple[l
         untie = tied and plan.embedding is not None and plan.untie_output
     jobs: list[Job] = []
     for t in reader.tensors:
-        jobs.append((t.name, t, edits.get(t.name), _target_type(t.tensor_type, weight_type, len(t.shape) >= 2)))
+        e = edits.get(t.name)
+        jobs.append((t.name, t, e, _target_type(t.tensor_type, weight_type, len(t.shape) >= 2, e is not None)))
         if untie and t.name == emb_name:  # the head: the unedited embedding, or its own edit
-            jobs.append((out_name, t, plan.output, _target_type(t.tensor_type, weight_type, True)))
+            jobs.append((out_name, t, plan.output,
+                         _target_type(t.tensor_type, weight_type, True, plan.output is not None)))
     for il, e in sorted(plan.layers.items()):
         if e.bias is not None:
             jobs.append((ffn_down.format(bid=il).replace(".weight", ".bias"), None, None,
@@ -378,7 +380,9 @@ def fold_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan: Fo
               on_tensor: Callable[[str], None] | None = None) -> FoldResult:
     """Write `src` with `plan` folded in to `dst` (atomically). `weight_type`: "source"
     re-quantizes each edited tensor to its own type and copies the rest; "F16"/"F32" write
-    every matrix in that type (the unquantized edited model, e.g. to measure requant cost)."""
+    every matrix in that type (the unquantized edited model); "F16-edited" writes the edited
+    tensors in F16 and copies the rest (the edit unquantized on the source's own weights: a
+    7B's is the size of its file, not 13.5 GB)."""
     import gguf
 
     from edge.gguf_file import inspect

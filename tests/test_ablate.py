@@ -683,4 +683,4 @@ def test_a_fold_that_kept_no_edit_says_so_and_gives_no_requantization_cost() -> 
                            "top1_agreement": 0.97}}
     assert _fold_line(0, "ablated", fold) == "Split 0 ablated GGUF: fair.gguf (no tensor edited: the source model's weights)."
     fold["edited"] = ["output.weight"]
-    assert "1 tensor edited: output.weight; re-quantization cost against the F16 fold: KL 0.0027" in _fold_line(0, "ablated", fold)
+    assert "1 tensor edited: output.weight; re-quantization cost against the fold the run scored (the edit at F16): KL 0.0027" in _fold_line(0, "ablated", fold)

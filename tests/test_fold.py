@@ -222,6 +222,41 @@ def test_requantized_fold_keeps_types_and_copies_the_rest(tiny: dict[str, Path])
     assert np.abs(q - f).mean() < 0.25 * np.abs(u - f).mean()
 
 
+def test_an_edited_only_f16_fold_keeps_the_source_and_holds_the_edit_unquantized(tiny: dict[str, Path]) -> None:
+    # what a split run scores a fold on: the compute file's own tensors, the edited ones at F16
+    plan = _plan(seed=2, strength=0.8)
+    out = tiny["dir"] / "folded.f16e.gguf"
+    r = fold_gguf(tiny["q8"], out, plan, weight_type="F16-edited", force=True)
+    src_reader, got_reader = gguf.GGUFReader(str(tiny["q8"])), gguf.GGUFReader(str(out))
+    src = {t.name: t for t in src_reader.tensors}
+    got = {t.name: t for t in got_reader.tensors}
+    assert set(got) == set(src) | {"output.weight"} and r.untied_output
+    F16, Q8 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
+    assert sorted(r.edited) == sorted(n for n in got if got[n].tensor_type == F16)
+    for name, t in src.items():
+        if name not in r.edited:
+            assert got[name].tensor_type == t.tensor_type, name
+            assert np.array_equal(np.asarray(got[name].data), np.asarray(t.data)), name
+    assert got["output.weight"].tensor_type == Q8  # the head reads the unedited embedding, copied
+    ftype = gguf.Keys.General.FILE_TYPE
+    assert got_reader.fields[ftype].contents() == src_reader.fields[ftype].contents()
+    # an edited writer is the edit of the q8 weights, to F16 rounding
+    from gguf.quants import dequantize
+
+    t = src["blk.1.attn_output.weight"]
+    x = dequantize(np.asarray(t.data), t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+    want = edit_writer(x.astype(np.float32), plan.layers[1])
+    back = np.asarray(got["blk.1.attn_output.weight"].data, dtype=np.float32).reshape(want.shape)
+    np.testing.assert_allclose(back, want, rtol=0, atol=1e-3 * np.abs(want).max())
+    assert np.abs(back - x).max() > 0.01 * np.abs(x).max()  # and the edit is there
+    # llama.cpp runs it, and it carries the edit: nearer the f32 fold than the unedited file
+    full = tiny["dir"] / "folded.ref2.gguf"
+    fold_gguf(tiny["f32"], full, plan, weight_type="F32", force=True)
+    toks = _tokens()
+    e, f, u = llama_logits(out, toks), llama_logits(full, toks), llama_logits(tiny["q8"], toks)
+    assert np.abs(e - f).mean() < 0.25 * np.abs(u - f).mean()
+
+
 def test_bad_plans_and_outputs_are_refused(tiny: dict[str, Path]) -> None:
     e = ResidualEdit.projection(np.ones(SPEC.n_embd))
     with pytest.raises(BadOptionError, match="layer 7"):

@@ -214,8 +214,25 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
         if kind == "learn_step":
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, learn=learn, threads=2, on_event=stop_at_first_step)
+    # every lower layer dequantized, with the stage it was read in: a last-layer run reads
+    # the layers below the edit in its first stages only, a pass each (rows, then BBQ's
+    # answers), never in a fit (its neutral windows and agreement check come from the rows)
+    reads: list[tuple[str, int]] = []
+    read = TorchLlama._read
+
+    def counted(self: TorchLlama, il: int) -> Any:
+        if il < self.keep_from:
+            reads.append((next((st for st in reversed(stages) if st), ""), il))
+        return read(self, il)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TorchLlama, "_read", counted)
+        with pytest.raises(KeyboardInterrupt):
+            mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, learn=learn, threads=2,
+                            on_event=stop_at_first_step)
+    first = ["learn: every pair's last-layer inputs"] + (["learn: BBQ answers' last-layer inputs"] if cfg.bbq_spec else [])
+    n_lower = max(il for _, il in reads) + 1
+    assert reads == [(st, il) for st in first for il in range(n_lower)] and n_lower > 20
     # the pairs' last-layer inputs stay in the run's folder for the rerun, which reads them
     # instead of running the lower layers again, and deletes them once every split is done
     rows_file = tmp_path / "rep" / "learn_rows.pt"
@@ -465,6 +482,15 @@ def test_layers_below_the_edit_are_read_once_a_pass_and_give_the_same_rows(runti
     assert reads == list(range(top)) and low._held is None  # each lower layer once, none held after
     for k, (x, wa) in whole._rows.items():
         assert torch.equal(low._rows[k][0], x) and torch.equal(low._rows[k][1], wa)
+    # further lists in the same pass, each batched on its own: the same bits as a pass each
+    more, other = [[1, 77, 78, 79], [1, 80, 81], seqs[0]], [[1, 90, 91, 92, 93], [1, 94, 95]]
+    apart = TorchLlama(runtime.path, keep_from=top)
+    apart.read_rows(more, n=2)
+    apart.read_rows(other, n=2)
+    reads.clear()
+    assert low.read_rows(more, other, n=2) == 4 and reads == list(range(top))  # seqs[0] was read already
+    for k in map(tuple, more + other):
+        assert torch.equal(low._rows[k][0], apart._rows[k][0]) and torch.equal(low._rows[k][1], apart._rows[k][1])
     reads.clear()
     a_whole, a_low = whole.answer_rows(reqs, n=1), low.answer_rows(reqs, n=1)
     assert reads == list(range(top))
