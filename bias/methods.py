@@ -436,7 +436,7 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
                                                                     ctx.shared.suite.items[i].less)]
         start = ctx.learn.start(L)
         # the fit's neutral windows and the utility's chunks each keep log-probs over the vocabulary
-        windows = ctx.learn.neutral_windows * ctx.learn.window
+        windows = predicted_positions(_learn_windows(ctx))
         utility = predicted_positions(ctx.shared.neutral)
         check_memory(ctx.compute_path, rows=predicted_positions(seqs) + windows + utility + sum(len(t) - f for t, f in reqs),
                      keep_from=start, vocab_rows=utility + windows)
@@ -469,8 +469,11 @@ def _torch_rows(ctx: Context) -> tuple[Any, Any]:
 
 
 def _learn_windows(ctx: Context) -> list[list[int]]:
-    """The neutral windows whose next-token distributions a learn fit keeps (its KL term)."""
-    return neutral_windows(ctx.rt, ctx.learn.neutral_windows, ctx.learn.window)
+    """The neutral windows whose next-token distributions a learn fit keeps (its KL term),
+    tokenized once a run."""
+    if "learn_windows" not in ctx.cache:
+        ctx.cache["learn_windows"] = neutral_windows(ctx.rt, ctx.learn.neutral_windows, ctx.learn.window)
+    return ctx.cache["learn_windows"]
 
 
 def _torch_bbq(ctx: Context) -> dict[str, Any]:
