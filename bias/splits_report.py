@@ -61,13 +61,7 @@ def report_md(res: dict[str, Any], images: list[str] | tuple[str, ...] = ()) -> 
     for s in res["splits"]:
         for m, r in s["methods"].items():
             lines.append(_row(s["seed"], m, r))
-    lines += ["", "## Over splits (median [min, max])", ""]
-    for m, summ in res.get("summary", {}).items():
-        if not summ["splits"]:  # interrupted before this method's first split
-            continue
-        figs = ", ".join(f"{k} {v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" for k, v in summ["figures"].items())
-        checks = ", ".join(f"{k}: {v}" for k, v in summ["checks"].items())
-        lines += [f"**{m}** ({_splits(summ['splits'])}): {figs}.", "", f"Checks: {checks}.", ""]
+    lines += ["", *_summary_tables(res)]
     lines += _category_lines(res)
     lines += [*(f"![{Path(n).stem}]({n})" for n in images), ""] if images else []
     lines += _deployed(res)
@@ -82,6 +76,75 @@ def report_md(res: dict[str, Any], images: list[str] | tuple[str, ...] = ()) -> 
             lines.append("Power (smallest bias detectable at 95% with 80% power, split 0): " + "; ".join(pw) + ".")
         lines += _bbq_resolution(res)
     return "\n".join(lines) + "\n"
+
+
+# What each of bias.splits' FIGURES and CHECKS reads, for the report; results.json keeps the keys.
+FIGURE_LABELS = {
+    "heldout_pct_before": "held-out pct, before",
+    "heldout_pct_after": "held-out pct, after",
+    "heldout_pct_change": "held-out pct, paired change (points)",
+    "heldout_mean_ll_diff_change": "held-out mean ll difference, change (nats)",
+    "heldout_words_part_change": "held-out mean ll difference, change: rewritten tokens' part",
+    "heldout_rest_part_change": "held-out mean ll difference, change: shared tokens' part",
+    "heldout_rest_pct_before": "held-out pct on the shared tokens, before",
+    "heldout_rest_pct_after": "held-out pct on the shared tokens, after",
+    "pair_slope": "per pair: slope of the change on the difference before",
+    "pair_corr": "per pair: correlation of the change with the difference before",
+    "ppl_increase_pct": "PPL on neutral text, increase (%)",
+    "bbq_acc_dis_change_points": "BBQ disambiguated accuracy, change (points)",
+    "bbq_s_amb_after": "BBQ ambiguous bias score, after",
+    "gen_stereo_rate_after": "generation: stereotype rate, after",
+    "kept_out_pct_change": "kept-out category's pct, change (points)",
+}
+CHECK_LABELS = {
+    "ci_contains_50_after_excluded_before": "held-out pct CI excluded 50 before and holds it after",
+    "paired_change_significant": "the paired change is significant, toward 50",
+    "no_category_made_worse": "no category made significantly worse (any category)",
+    "no_biased_category_made_worse": "no category biased before made significantly worse",
+    "biased_categories_moved": "every category biased before moved toward neutral (its change's CI)",
+    "biased_categories_closer": "every category biased before ended nearer neutral (point estimate)",
+    "ppl_within_budget": "PPL on neutral text rose at most 2%",
+    "bbq_acc_drop_le_1pt": "BBQ disambiguated accuracy fell at most 1 point",
+    "kept_out_not_worse": "the kept-out category is not worse",
+    "shared_tokens_ci_contains_50_after_excluded_before": "shared tokens: pct CI excluded 50 before, holds it after",
+    "shared_tokens_paired_change_significant": "shared tokens: the paired change is significant",
+    "shared_tokens_no_category_made_worse": "shared tokens: no category made significantly worse",
+    "shared_tokens_biased_categories_moved": "shared tokens: every biased category moved toward neutral",
+}
+
+
+def _summary_tables(res: dict[str, Any]) -> list[str]:
+    """Each figure's median [min, max] over the splits and each check's splits passing, one
+    column per method; a check some split missed is in bold, so the misses are read first."""
+    summ = {m: s for m, s in res.get("summary", {}).items() if s["splits"]}  # none: interrupted before it
+    if not summ:
+        return []
+    ms = list(summ)
+    head = "| | " + " | ".join(f"{m} ({_splits(s['splits'], '')})" for m, s in summ.items()) + " |"
+    rule = "|---|" + "---|" * len(ms)
+    lines = ["## Over splits (median [min, max])", "", head, rule]
+    names = list(dict.fromkeys(k for s in summ.values() for k in s["figures"]))
+    for k in names:
+        cells = [_spread(summ[m]["figures"].get(k), summ[m]["splits"]) for m in ms]
+        lines.append(f"| {FIGURE_LABELS.get(k, k)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Checks (splits passing)", "", head.replace("| |", "| check |", 1), rule]
+    for k in dict.fromkeys(k for s in summ.values() for k in s["checks"]):
+        cells = []
+        for m in ms:
+            v = summ[m]["checks"].get(k)
+            ok, _, n = (v or "").partition("/")
+            cells.append("–" if v is None else v if ok == n else f"**{v}**")
+        lines.append(f"| {CHECK_LABELS.get(k, k)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _spread(v: dict[str, Any] | None, splits: int) -> str:
+    """median [min, max], or the one value a figure measured on one split only has (generation)."""
+    if v is None:
+        return "–"
+    if v["n"] == 1:
+        return f"{v['median']:.3g} ({_splits(1, '')} of {splits})" if splits > 1 else f"{v['median']:.3g}"
+    return f"{v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" + (f" ({v['n']} of {splits})" if v["n"] < splits else "")
 
 
 def _learn_settings(res: dict[str, Any]) -> list[str]:
