@@ -87,6 +87,12 @@ class LoopResult:
     weights: np.ndarray | None = None  # the per-layer allocation w (mean 1 over layers ≥ 1)
     probes: list[BlockProbe] = field(default_factory=list)
 
+    @property
+    def kept(self) -> bool:
+        """Whether the loop kept a step: when no gain lowered the calibration bias within the
+        budget, its best is the uncorrected model (every coefficient 0), which no file should carry."""
+        return bool(np.any(self.coefficients))
+
     def to_dict(self) -> dict[str, Any]:
         return {"coefficients": [float(c) for c in self.coefficients], "gain": self.gain,
                 "base_ppl": self.base_ppl, "iterations": [asdict(it) for it in self.iterations],

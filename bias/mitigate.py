@@ -85,7 +85,7 @@ class MitigationResult:
     config: dict[str, Any]
     direction_pairs: int
     method: str
-    vector: str
+    vector: str | None  # None: the loop kept no step and nothing was written
     compute: dict[str, Any]
     calibration_rows: list[int]
     heldout_rows: list[int]
@@ -154,6 +154,8 @@ def load_inputs(suite_spec: str, *, output: str | None, exclude_category: str | 
     return suite
 
 
+NOTHING_KEPT = ("no gain lowered the calibration bias within the PPL budget, so the "
+                "uncorrected model is what was judged")
 MIN_HELD = 10  # held-out pairs a category needs for its CI to mean anything
 
 
@@ -209,13 +211,14 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         neutral = neutral_chunks(rt)
         emit("stage", {"stage": "loop", "calibration_pairs": len(calib.items)})
         loop = run_loop(scorer, calib, dirs, cfg, neutral, on_event)
-        vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
-        write(out_path, vec, model_hint=rt.info.arch or "llama", coefficients=loop.coefficients,
-              source=f"edge bias mitigate {suite.name} seed {cfg.seed}")
+        vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32) if loop.kept else None
+        if vec is not None:  # nothing kept: no file; a zero vector would read as a correction
+            write(out_path, vec, model_hint=rt.info.arch or "llama", coefficients=loop.coefficients,
+                  source=f"edge bias mitigate {suite.name} seed {cfg.seed}")
         emit("stage", {"stage": "held-out", "pairs": len(held.items)})
         res = MitigationResult(
             suite=suite.name, source=suite.source, config=asdict(cfg), direction_pairs=dirs.n_pairs,
-            method=method, vector=str(out_path), compute=scorer.record(),
+            method=method, vector=None if vec is None else str(out_path), compute=scorer.record(),
             calibration_rows=[suite.items[i].row for i in cal_idx],
             heldout_rows=[suite.items[i].row for i in held_idx], loop=loop,
             excluded_category=cfg.exclude_category)
@@ -232,12 +235,14 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
 class _BeforeAfter:
     """Runs a measurement without and then with the correction vector on the scorer."""
 
-    def __init__(self, scorer: Any, vec: np.ndarray) -> None:
+    def __init__(self, scorer: Any, vec: np.ndarray | None) -> None:
         self.scorer, self.vec = scorer, vec
 
     def __call__(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
         self.scorer.set_control_vector(None)
         b = fn()
+        if self.vec is None:  # no correction kept: after is before
+            return b, b
         self.scorer.set_control_vector(self.vec)
         a = fn()
         self.scorer.set_control_vector(None)
@@ -297,7 +302,8 @@ def report_md(r: MitigationResult) -> str:
 
     sig = h.significant
     lines = [f"# Bias mitigation: {r.suite}", "",
-             f"Vector: `{r.vector}`; {len(r.calibration_rows)} calibration rows, "
+             (f"Vector: `{r.vector}`; " if r.vector else f"No vector written ({NOTHING_KEPT}); ")
+             + f"{len(r.calibration_rows)} calibration rows, "
              f"{len(r.heldout_rows)} held-out rows (listed in results.json).", "",
              "| held-out | before | after | fall (paired bootstrap) |", "|---|---|---|---|",
              f"| pct_stereotype | {e(h.before['pct_stereotype'])} | {e(h.after['pct_stereotype'])} | "

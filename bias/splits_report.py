@@ -250,6 +250,9 @@ def _deployed(res: dict[str, Any]) -> list[str]:
         st = s["methods"].get("steer", {}).get("fit", {})
         if st.get("vector"):
             out.append(f"Split {s['seed']} control vector: {st['vector']}.")
+        elif st.get("loop"):
+            out.append(f"Split {s['seed']} steer: no gain lowered the calibration bias within the PPL budget; "
+                       "the uncorrected model was judged and no control vector was written.")
         abl = s["methods"].get("ablate", {}).get("fit", {})
         if abl and not abl.get("fold") and abl.get("loop", {}).get("best") is None:
             out.append(f"Split {s['seed']} ablate: no candidate lowered the calibration bias within the "

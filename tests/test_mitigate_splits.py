@@ -65,7 +65,8 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     args = ["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
             "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
             "--repeat", "0", "--blocks", "1", "--max-iter", "1",
-            "--max-ppl-increase", "0.05", "--ablate-where", "head,shared", "--ablate-objective", "shared", "-t", "2"]
+            "--max-ppl-increase", "0.05", "--ablate-where", "head,shared", "--ablate-objective", "shared", "-t", "2",
+            "--seed", "1"]  # seed 0's 24 pairs: steer keeps no step at these settings, and writes no vector
     p = _run(args, env)
     seen = []
     assert p.stderr is not None
@@ -78,7 +79,7 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     log = "".join(seen) + err
     assert p.returncode == 130, log[-2000:]
     assert "holds the finished splits; run the same command again to continue" in log
-    assert "pair states" in log and "split 1/2 (seed 0): steer" in log and "split 1/2 (seed 0): ablate done in " in log
+    assert "pair states" in log and "split 1/2 (seed 1): steer" in log and "split 1/2 (seed 1): ablate done in " in log
     res = json.loads((rep / "results.json").read_text())
     assert not res["complete"] and len(res["splits"]) == 1
     # the finished split is in the run log too, one fairness record per method, marked unfinished
@@ -102,8 +103,8 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     _, err2 = again.communicate(timeout=900)
     assert again.returncode == 0, err2[-2000:]
     for m in ("steer", "ablate"):
-        assert f"split 1/2 (seed 0): {m} kept from an earlier run" in err2
-        assert f"split 1/2 (seed 0): {m} done in" not in err2 and f"split 2/2 (seed 1): {m} done in" in err2
+        assert f"split 1/2 (seed 1): {m} kept from an earlier run" in err2
+        assert f"split 1/2 (seed 1): {m} done in" not in err2 and f"split 2/2 (seed 2): {m} done in" in err2
     res2 = json.loads((rep / "results.json").read_text())
     assert res2["complete"] and len(res2["splits"]) == 2
     assert res2["splits"][0] == res["splits"][0]  # kept as it was, not fitted again
@@ -151,7 +152,8 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     assert fold["requant_kl"]["kl_mean"] >= 0 and fold["requant_kl"]["tokens"] > 0
     r = gguf.GGUFReader(str(out))
     assert r.fields["general.architecture"].contents() == "llama"
-    vec = out.with_name("fair.steer.gguf")
+    vec = out.with_name("fair.steer.gguf")  # written because the loop kept a step
+    assert any(s0["steer"]["fit"]["loop"]["coefficients"]) and s0["steer"]["fit"]["vector"] == str(vec)
     assert gguf.GGUFReader(str(vec)).fields["general.architecture"].contents() == "controlvector"
     md = (rep / "report.md").read_text()
     assert "re-quantized to the source's types" in md and "| rewritten tokens | shared tokens | pct, shared tokens |" in md
