@@ -106,15 +106,14 @@ def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
                           n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
     loop = run_loop(sc, sh.suite.subset(cal.tolist()), dirs, loop_cfg, sh.neutral,
                     lambda kind, d: ctx.emit("steer", d), base=(sh.base[0][cal], sh.base[1][cal], sh.utility))
-    vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32) if loop.kept else None
+    if not loop.kept:  # no file (a zero vector would read as a correction); judged by the shared scores
+        return Correction.identity("steer", {"loop": loop.to_dict(), "vector": None})
+    vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
     target = ctx.cfg.outputs().get("steer") if index == 0 else None
-    # nothing kept: no file (a zero vector would look like a correction); the uncorrected model is judged
-    path = None if vec is None else write_cvec(target or work / "steer.gguf", vec, model_hint=rt.info.arch or "llama",
-                                               coefficients=loop.coefficients, source="edge bias mitigate --method steer")
+    path = write_cvec(target or work / "steer.gguf", vec, model_hint=rt.info.arch or "llama",
+                      coefficients=loop.coefficients, source="edge bias mitigate --method steer")
 
     def with_vec(fn: Callable[[], Any]) -> Any:
-        if vec is None:
-            return fn()
         sc.set_control_vector(vec)
         try:
             return fn()
@@ -131,7 +130,7 @@ def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     return Correction("steer", lambda s: with_vec(lambda: score_pair_parts(sc, s)),
                       lambda s: with_vec(lambda: score_bbq(sc, s)),
                       lambda: with_vec(lambda: _utility(ctx, sc)), generate,
-                      {"loop": loop.to_dict(), "vector": None if path is None else str(path)})
+                      {"loop": loop.to_dict(), "vector": str(path)})
 
 
 class _Folded:

@@ -83,7 +83,10 @@ def test_a_loop_that_keeps_no_step_writes_no_vector_and_says_so(
     assert r.exit_code == 0, r.output
     assert not out.exists() and "no control vector written: no gain lowered" in r.output
     res = json.loads((rep / "results.json").read_text())
+    # after is before itself: rescoring would move pairs by the scorer's batch jitter, which a
+    # paired bootstrap can call significant
     assert res["vector"] is None and res["heldout"]["gap_change"]["value"] == 0.0
+    assert res["heldout"]["mean_ll_diff_change"]["value"] == 0.0 and res["ppl"]["increase"] == 0.0
     assert "No vector written (no gain lowered" in (rep / "report.md").read_text()
 
     out2, rep2 = tmp_path / "fair2.gguf", tmp_path / "rep2"
@@ -93,3 +96,4 @@ def test_a_loop_that_keeps_no_step_writes_no_vector_and_says_so(
     assert not out2.exists() and "Split 0 steer: no gain lowered the calibration bias" in r.output
     st = json.loads((rep2 / "results.json").read_text())["splits"][0]["methods"]["steer"]
     assert st["fit"]["vector"] is None and st["heldout"]["pct_stereotype"]["change"]["value"] == 0.0
+    assert st["heldout"]["mean_ll_diff"]["change"]["value"] == 0.0 and st["categories"]["made_worse"] == []
