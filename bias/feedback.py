@@ -78,6 +78,10 @@ class BlockProbe:
     cost: float  # relative PPL rise per unit push, squared
 
 
+# What a run says when the loop kept no step (LoopResult.kept is false)
+NOTHING_KEPT = "no gain lowered the calibration bias within the PPL budget"
+
+
 @dataclass
 class LoopResult:
     coefficients: np.ndarray  # (n_layers,), row 0 zero

@@ -15,6 +15,7 @@ import numpy as np
 from bias import metrics as M
 from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
 from bias.feedback import (
+    NOTHING_KEPT,
     LoopConfig,
     LoopResult,
     Utility,
@@ -154,8 +155,7 @@ def load_inputs(suite_spec: str, *, output: str | None, exclude_category: str | 
     return suite
 
 
-NOTHING_KEPT = ("no gain lowered the calibration bias within the PPL budget, so the "
-                "uncorrected model is what was judged")
+NO_VECTOR = f"{NOTHING_KEPT}, so the uncorrected model is what was judged"
 MIN_HELD = 10  # held-out pairs a category needs for its CI to mean anything
 
 
@@ -302,7 +302,7 @@ def report_md(r: MitigationResult) -> str:
 
     sig = h.significant
     lines = [f"# Bias mitigation: {r.suite}", "",
-             (f"Vector: `{r.vector}`; " if r.vector else f"No vector written ({NOTHING_KEPT}); ")
+             (f"Vector: `{r.vector}`; " if r.vector else f"No vector written ({NO_VECTOR}); ")
              + f"{len(r.calibration_rows)} calibration rows, "
              f"{len(r.heldout_rows)} held-out rows (listed in results.json).", "",
              "| held-out | before | after | fall (paired bootstrap) |", "|---|---|---|---|",

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from bias.feedback import NOTHING_KEPT
 from edge.paths import atomic_write
 
 
@@ -251,7 +252,7 @@ def _deployed(res: dict[str, Any]) -> list[str]:
         if st.get("vector"):
             out.append(f"Split {s['seed']} control vector: {st['vector']}.")
         elif st.get("loop"):
-            out.append(f"Split {s['seed']} steer: no gain lowered the calibration bias within the PPL budget; "
+            out.append(f"Split {s['seed']} steer: {NOTHING_KEPT}; "
                        "the uncorrected model was judged and no control vector was written.")
         abl = s["methods"].get("ablate", {}).get("fit", {})
         if abl and not abl.get("fold") and abl.get("loop", {}).get("best") is None:

@@ -303,7 +303,7 @@ def _mitigate_steer(target: float, max_ppl_increase: float | None, max_iter: int
                     bbq_spec: str | None, second_suite: str, seed: int, out_dir: str,
                     precision: str, threads: int | None, **unused: Any) -> None:
     from bias.feedback import LoopConfig
-    from bias.mitigate import NOTHING_KEPT, mitigate
+    from bias.mitigate import NO_VECTOR, mitigate
 
     cfg = LoopConfig(target=target, max_ppl_increase=0.05 if max_ppl_increase is None else max_ppl_increase,
                      max_iter=max_iter or 8, calib_frac=calib_frac, seed=seed,
@@ -321,7 +321,7 @@ def _mitigate_steer(target: float, max_ppl_increase: float | None, max_iter: int
         click.echo(json.dumps(r.to_dict()))
         return
     assert r.heldout is not None
-    click.echo(f"wrote {r.vector}" if r.vector else f"no control vector written: {NOTHING_KEPT}")
+    click.echo(f"wrote {r.vector}" if r.vector else f"no control vector written: {NO_VECTOR}")
     for line in heldout_lines(r.heldout, r.ppl):
         click.echo(line)
     click.echo(f"report: {Path(out_dir) / 'report.html'} (and report.md)")
