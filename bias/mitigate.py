@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -143,16 +144,26 @@ def load_inputs(suite_spec: str, *, output: str | None, exclude_category: str | 
     if calib_frac is not None:
         check_split(suite, calib_frac, exclude_category)
     if output is not None:
-        out = Path(output)
-        if out.is_dir():
-            raise BadOptionError(f"-o {output} is a folder; give a file name, e.g. {out / 'fair.gguf'}")
-        if not out.resolve().parent.is_dir():
-            raise BadOptionError(f"-o {output}: the folder {out.parent} does not exist; create it first")
+        _check_output(output)
     if bbq_spec:
         bbq = load_suite(bbq_spec)  # a wrong path or file fails here, with the loader's own message
         if bbq.kind != "bbq":
             raise BadOptionError(f"--bbq {bbq_spec}: not a BBQ suite; use bbq:PATH (a BBQ .jsonl file or folder)")
     return suite
+
+
+def _check_output(output: str) -> None:
+    """-o must be a file name in a folder that exists or can be made (the writers make it, as
+    convert's and quantize's do); a path under a file or in a read-only folder fails now."""
+    out = Path(output)
+    if out.is_dir():
+        raise BadOptionError(f"-o {output} is a folder; give a file name, e.g. {out / 'fair.gguf'}")
+    folder = out.resolve().parent
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    if not nearest.is_dir():
+        raise BadOptionError(f"-o {output}: {nearest} is not a folder; choose another -o")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise BadOptionError(f"-o {output}: cannot write in {nearest}; choose a folder you can write to")
 
 
 NO_VECTOR = f"{NOTHING_KEPT}, so the uncorrected model is what was judged"

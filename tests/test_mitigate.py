@@ -17,7 +17,7 @@ from tests.conftest import edge_cmd
 
 @pytest.mark.slow
 def test_mitigate_writes_a_vector_and_a_heldout_judgement(tmp_path: Path, env: dict[str, str]) -> None:
-    out = tmp_path / "fair.gguf"
+    out = tmp_path / "new" / "fair.gguf"  # a folder that does not exist yet is made, as convert's -o
     rep = tmp_path / "rep"
     r = subprocess.run([*edge_cmd(), "bias", "mitigate", "--suite", "probes", "-o", str(out),
                         "--calib-limit", "16", "--heldout-limit", "16", "--direction-pairs", "8",

@@ -33,7 +33,7 @@ from tests.conftest import ROOT, SHARED_DATA
     # inputs read or written later are checked before any scoring, for both entry points
     (["--method", "learn", "--exclude-category", "nosuch"], "has no such category; use one of "),
     (["--exclude-category", "nosuch"], "has no such category"),
-    (["-o", "/nonexistent-dir/fair.gguf"], "the folder /nonexistent-dir does not exist"),
+    (["-o", "/dev/null/fair.gguf"], "/dev/null is not a folder; choose another -o"),
     (["--method", "both", "--bbq", "bbq:/nonexistent-dir"], "BBQ data not found"),
     (["--bbq", "probes"], "not a BBQ suite"),
     # a share that leaves a category a pair or two to judge on (probes: 25 age pairs)
