@@ -97,6 +97,15 @@ FIGURE_LABELS = {
     "gen_stereo_rate_after": "generation: stereotype rate, after",
     "kept_out_pct_change": "kept-out category's pct, change (points)",
 }
+# Decimals a figure is shown with, by its unit: one spread reads in one scale
+# (":.3g" gave "-0.28 [-0.746, -0.0933]" and "-9.15e-05").
+FIGURE_DECIMALS = {
+    "heldout_pct_before": 1, "heldout_pct_after": 1, "heldout_pct_change": 2,
+    "heldout_mean_ll_diff_change": 3, "heldout_words_part_change": 3, "heldout_rest_part_change": 3,
+    "heldout_rest_pct_before": 1, "heldout_rest_pct_after": 1, "pair_slope": 3, "pair_corr": 3,
+    "ppl_increase_pct": 2, "bbq_acc_dis_change_points": 2, "bbq_s_amb_after": 3,
+    "gen_stereo_rate_after": 3, "kept_out_pct_change": 2,
+}
 CHECK_LABELS = {
     "ci_contains_50_after_excluded_before": "held-out pct CI excluded 50 before and holds it after",
     "paired_change_significant": "the paired change is significant, toward 50",
@@ -126,7 +135,7 @@ def _summary_tables(res: dict[str, Any]) -> list[str]:
     lines = ["## Over splits (median [min, max])", "", head, rule]
     names = list(dict.fromkeys(k for s in summ.values() for k in s["figures"]))
     for k in names:
-        cells = [_spread(summ[m]["figures"].get(k), summ[m]["splits"]) for m in ms]
+        cells = [_spread(summ[m]["figures"].get(k), summ[m]["splits"], FIGURE_DECIMALS.get(k)) for m in ms]
         lines.append(f"| {FIGURE_LABELS.get(k, k)} | " + " | ".join(cells) + " |")
     lines += ["", "## Checks (splits passing)", "", head.replace("| |", "| check |", 1), rule]
     for k in dict.fromkeys(k for s in summ.values() for k in s["checks"]):
@@ -139,13 +148,18 @@ def _summary_tables(res: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _spread(v: dict[str, Any] | None, splits: int) -> str:
+def _spread(v: dict[str, Any] | None, splits: int, decimals: int | None = None) -> str:
     """median [min, max], or the one value a figure measured on one split only has (generation)."""
     if v is None:
         return "–"
+    spec = ".3g" if decimals is None else f".{decimals}f"
+
+    def f(x: float) -> str:
+        t = format(x, spec)
+        return t[1:] if t.startswith("-") and float(t) == 0 else t  # no "-0.00"
     if v["n"] == 1:
-        return f"{v['median']:.3g} ({_splits(1, '')} of {splits})" if splits > 1 else f"{v['median']:.3g}"
-    return f"{v['median']:.3g} [{v['min']:.3g}, {v['max']:.3g}]" + (f" ({v['n']} of {splits})" if v["n"] < splits else "")
+        return f"{f(v['median'])} ({_splits(1, '')} of {splits})" if splits > 1 else f(v["median"])
+    return f"{f(v['median'])} [{f(v['min'])}, {f(v['max'])}]" + (f" ({v['n']} of {splits})" if v["n"] < splits else "")
 
 
 def _learn_settings(res: dict[str, Any]) -> list[str]:

@@ -662,20 +662,23 @@ def test_report_draws_each_split_s_categories_and_reads_as_a_page(tmp_path: Path
 
 def test_the_summary_reads_as_two_tables_one_column_a_method_with_the_misses_in_bold() -> None:
     from bias.splits import CHECKS, FIGURES
-    from bias.splits_report import CHECK_LABELS, FIGURE_LABELS, _summary_tables
+    from bias.splits_report import CHECK_LABELS, FIGURE_DECIMALS, FIGURE_LABELS, _summary_tables
 
-    assert set(FIGURE_LABELS) == set(FIGURES) and set(CHECK_LABELS) == set(CHECKS)  # every key has its words
+    assert set(FIGURE_LABELS) == set(FIGURES) == set(FIGURE_DECIMALS) and set(CHECK_LABELS) == set(CHECKS)
     fig = {"median": 51.3, "min": 50.6, "max": 52.0, "n": 5}
     res = {"summary": {
         "learn": {"splits": 5, "figures": {"heldout_pct_after": fig,
-                                           "gen_stereo_rate_after": {"median": 0.482, "min": 0.482, "max": 0.482, "n": 1}},
+                                           "gen_stereo_rate_after": {"median": 0.482, "min": 0.482, "max": 0.482, "n": 1},
+                                           "pair_slope": {"median": -0.0047, "min": -0.00975, "max": -9.15e-05, "n": 5}},
                   "checks": {"paired_change_significant": "5/5", "biased_categories_moved": "0/5"}},
         "steer": {"splits": 3, "figures": {"heldout_pct_after": {**fig, "n": 2}},
                   "checks": {"paired_change_significant": "2/3"}},
         "ablate": {"splits": 0, "figures": {}, "checks": {}}}}  # interrupted before its first split
     lines = _summary_tables(res)
     assert "| | learn (5 splits) | steer (3 splits) |" in lines
-    assert "| held-out pct, after | 51.3 [50.6, 52] | 51.3 [50.6, 52] (2 of 3) |" in lines
+    # one scale a figure (its unit's decimals), not ":.3g"'s "52" beside "50.6" or "-9.15e-05"
+    assert "| held-out pct, after | 51.3 [50.6, 52.0] | 51.3 [50.6, 52.0] (2 of 3) |" in lines
+    assert "| per pair: slope of the change on the difference before | -0.005 [-0.010, 0.000] | – |" in lines
     assert "| generation: stereotype rate, after | 0.482 (1 split of 5) | – |" in lines
     assert "| the paired change is significant, toward 50 | 5/5 | **2/3** |" in lines
     assert "| every category biased before moved toward neutral (its change's CI) | **0/5** | – |" in lines
