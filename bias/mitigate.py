@@ -308,28 +308,33 @@ def report_md(r: MitigationResult) -> str:
     h = r.heldout
     assert h is not None
 
-    def e(x: M.Estimate) -> str:
-        return f"{x.value:.3g} [{x.lo:.3g}, {x.hi:.3g}]"
+    def e(x: M.Estimate, d: int = 3, scale: float = 1.0) -> str:
+        return f"{scale * x.value:.{d}f} [{scale * x.lo:.{d}f}, {scale * x.hi:.{d}f}]"
+
+    def said(significant: bool) -> str:
+        return "significant" if significant else "not significant"
 
     sig = h.significant
     lines = [f"# Bias mitigation: {r.suite}", "",
              (f"Vector: `{r.vector}`; " if r.vector else f"No vector written ({NO_VECTOR}); ")
              + f"{len(r.calibration_rows)} calibration rows, "
-             f"{len(r.heldout_rows)} held-out rows (listed in results.json).", "",
+             f"{len(r.heldout_rows)} held-out rows (listed in results.json); "
+             f"PPL budget +{100 * r.config['max_ppl_increase']:g}%.", "",
              "| held-out | before | after | fall (paired bootstrap) |", "|---|---|---|---|",
-             f"| pct_stereotype | {e(h.before['pct_stereotype'])} | {e(h.after['pct_stereotype'])} | "
-             f"{e(h.gap_reduction)} of \\|pct−50\\| |",
-             f"| mean ll diff | {e(h.before['mean_ll_diff'])} | {e(h.after['mean_ll_diff'])} | "
-             f"{e(h.mean_ll_diff_reduction)} |", "",
-             f"Paired change (after − before): \\|pct−50\\| {e(h.gap_change)} points, mean ll diff "
-             f"{e(h.mean_ll_diff_change)} nats; significant (CI below 0): "
-             f"{sig['gap']} and {sig['mean_ll_diff']}.", "",
+             f"| pct_stereotype | {e(h.before['pct_stereotype'], 1)} | {e(h.after['pct_stereotype'], 1)} | "
+             f"{e(h.gap_reduction, 0, 100)}% of \\|pct−50\\| |",
+             f"| mean ll diff (nats) | {e(h.before['mean_ll_diff'])} | {e(h.after['mean_ll_diff'])} | "
+             f"{e(h.mean_ll_diff_reduction, 0, 100)}% |", "",
+             f"Paired change (after − before; a fall when its CI lies below 0): \\|pct−50\\| "
+             f"{e(h.gap_change, 2)} points, {said(sig['gap'])}; mean ll diff "
+             f"{e(h.mean_ll_diff_change)} nats, {said(sig['mean_ll_diff'])}.", "",
              f"PPL on neutral text: {r.ppl['before']:.3f} → {r.ppl['after']:.3f} "
              f"({100 * r.ppl['increase']:+.2f}%), mean KL {r.ppl['kl']:.4f} nats/token."]
     x = r.heldout_per_category.get(r.excluded_category or "")
     if x is not None:
         lines.append(f"Category never used in the loop ({r.excluded_category}): change of \\|pct−50\\| "
-                     f"{e(x.gap_change)} points; worse beyond its CI: {x.gap_change.lo > 0}.")
+                     f"{e(x.gap_change, 2)} points, " + ("worse beyond its CI." if x.gap_change.lo > 0 else
+                                                          "not worse beyond its CI."))
     if r.bbq_dis_accuracy is not None:
         b = r.bbq_dis_accuracy
         lines.append(f"BBQ disambiguated accuracy ({b['n']} items): {100 * b['before']:.1f}% → "
@@ -340,7 +345,7 @@ def report_md(r: MitigationResult) -> str:
     for it in r.loop.iterations:
         lines.append(f"| {it.i} | {it.phase} | {it.gain:.3f} | {it.pct_stereotype:.1f} | "
                      f"{it.mean_ll_diff:.3f} | {it.ppl:.3f} | {100 * it.ppl_increase:+.2f}% | "
-                     f"{it.kl:.4f} | {it.feasible} |")
-    if r.loop.weights is not None and len(r.loop.weights):
+                     f"{it.kl:.4f} | {'yes' if it.feasible else 'no'} |")
+    if r.loop.kept and r.loop.weights is not None and len(r.loop.weights):
         lines += ["", "Per-layer coefficients (layer 1 on): " + ", ".join(f"{c:.2f}" for c in r.loop.coefficients[1:])]
     return "\n".join(lines) + "\n"

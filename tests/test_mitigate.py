@@ -42,6 +42,9 @@ def test_mitigate_writes_a_vector_and_a_heldout_judgement(tmp_path: Path, env: d
     assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "controlvector"
     md = (rep / "report.md").read_text()
     assert "Paired change" in md and "probe L16-L29" in md
+    # read as words: the budget the "within budget" column means, no Python True/False
+    assert "PPL budget +5%" in md and "True" not in md and "False" not in md
+    assert md.count("| yes |") + md.count("| no |") == len(its) and "Per-layer coefficients" in md
     page = (rep / "report.html").read_text()  # the same report as a page, which the CLI names
     assert "<table>" in page and "probe L16-L29" in page and f"report: {rep / 'report.html'}" in r.stdout
     logs = list((Path(env["EDGE_HOME"]) / "logs").glob("*.jsonl"))
@@ -87,7 +90,8 @@ def test_a_loop_that_keeps_no_step_writes_no_vector_and_says_so(
     # paired bootstrap can call significant
     assert res["vector"] is None and res["heldout"]["gap_change"]["value"] == 0.0
     assert res["heldout"]["mean_ll_diff_change"]["value"] == 0.0 and res["ppl"]["increase"] == 0.0
-    assert "No vector written (no gain lowered" in (rep / "report.md").read_text()
+    md = (rep / "report.md").read_text()
+    assert "No vector written (no gain lowered" in md and "Per-layer coefficients" not in md  # no row of 0.00s
 
     out2, rep2 = tmp_path / "fair2.gguf", tmp_path / "rep2"
     r = CliRunner().invoke(cli, [*base, "-o", str(out2), "--out", str(rep2), "--splits", "1", "--repeat", "0"],
