@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,14 +139,25 @@ def _summary_tables(res: dict[str, Any]) -> list[str]:
         cells = [_spread(summ[m]["figures"].get(k), summ[m]["splits"], FIGURE_DECIMALS.get(k)) for m in ms]
         lines.append(f"| {FIGURE_LABELS.get(k, k)} | " + " | ".join(cells) + " |")
     lines += ["", "## Checks (splits passing)", "", head.replace("| |", "| check |", 1), rule]
+    lines += ["| " + " | ".join(r) + " |" for r in _check_rows(summ, lambda v: f"**{v}**")[1:]]
+    return [*lines, ""]
+
+
+def _check_rows(summary: dict[str, dict[str, Any]], missed: Callable[[str], str]) -> list[list[str]]:
+    """A head row (methods with their splits) and a row per check: its words, then each method's
+    "k/n" splits passing, marked by `missed` where some split missed it ("–": not judged)."""
+    summ = {m: s for m, s in summary.items() if s["splits"]}  # none: interrupted before it
+    if not summ:
+        return []
+    rows = [["check", *(f"{m} ({_splits(s['splits'], '')})" for m, s in summ.items())]]
     for k in dict.fromkeys(k for s in summ.values() for k in s["checks"]):
         cells = []
-        for m in ms:
-            v = summ[m]["checks"].get(k)
+        for s in summ.values():
+            v = s["checks"].get(k)
             ok, _, n = (v or "").partition("/")
-            cells.append("–" if v is None else v if ok == n else f"**{v}**")
-        lines.append(f"| {CHECK_LABELS.get(k, k)} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+            cells.append("–" if v is None else v if ok == n else missed(v))
+        rows.append([CHECK_LABELS.get(k, k), *cells])
+    return rows
 
 
 def _spread(v: dict[str, Any] | None, splits: int, decimals: int | None = None) -> str:
@@ -335,17 +347,16 @@ def _splits(n: int, kind: str = "seeded ") -> str:
     return f"{n} {kind}split{'s' if n != 1 else ''}"
 
 
-def check_lines(method: str, checks: dict[str, str], n_splits: int) -> list[str]:
-    """A method's checks as "k/n" counts, those that held on every split apart from the
-    others (one line each), so the misses are read first."""
-    def held(v: str) -> bool:
-        k, _, n = v.partition("/")
-        return k == n
+def check_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's checks table for the terminal: a row per check in words, a column per
+    method, `*` on a count some split missed, so the misses are read first."""
+    from bias.report import text_table
 
-    missed = [f"{k} {v}" for k, v in checks.items() if not held(v)]
-    every = [k for k, v in checks.items() if held(v)]
-    return ([f"{method} missed (splits passing, of {_splits(n_splits, '')}): " + ", ".join(missed)] if missed else []) + \
-        ([f"{method} held on all {n_splits}: " + ", ".join(every)] if every else [])
+    rows = _check_rows(summary, lambda v: f"{v} *")
+    if not rows:
+        return []
+    rows[0][0] = "check: splits passing (* where a split missed)"
+    return text_table([[*r, ""] for r in rows])
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
@@ -358,8 +369,8 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
             out.append(f"seed {s['seed']} {m:<6} held-out pct {_e(p['before'])} → {_e(p['after'])}, "
                        f"change {_e(p['change'], '+.1f')}, pair slope {dg['slope']:+.2f}, "
                        f"PPL {100 * r['ppl']['increase']:+.2f}%")
+    out += check_table(res.get("summary", {}))
     for m, summ in res.get("summary", {}).items():
-        out += check_lines(m, summ["checks"], summ["splits"])
         made = made_biased(res, m)
         if made:
             out.append(f"{m}: made biased by pct (CI held 50 before, not after): "

@@ -65,14 +65,20 @@ def test_steer_summary_gives_the_distance_from_50_in_points() -> None:
     assert "%" not in lines[0] and lines[2] == "  PPL on neutral text +4.81%, KL 0.0363 nats/token"
 
 
-def test_split_checks_read_the_misses_first() -> None:
-    from bias.splits_report import check_lines
+def test_split_checks_read_as_a_table_in_words_with_the_misses_marked() -> None:
+    # the terminal printed the checks' keys ("biased_categories_moved 0/5"); the report had words
+    from bias.splits_report import check_table
 
-    lines = check_lines("learn", {"ci_contains_50_after_excluded_before": "5/5", "biased_categories_moved": "0/5",
-                                  "ppl_within_budget": "5/5", "biased_categories_closer": "2/5"}, 5)
-    assert lines == ["learn missed (splits passing, of 5 splits): biased_categories_moved 0/5, biased_categories_closer 2/5",
-                     "learn held on all 5: ci_contains_50_after_excluded_before, ppl_within_budget"]
-    assert check_lines("steer", {"ppl_within_budget": "1/1"}, 1) == ["steer held on all 1: ppl_within_budget"]
+    summ = {"learn": {"splits": 5, "checks": {"ci_contains_50_after_excluded_before": "5/5",
+                                              "biased_categories_moved": "0/5"}},
+            "steer": {"splits": 1, "checks": {"ci_contains_50_after_excluded_before": "1/1"}},
+            "ablate": {"splits": 0, "checks": {}}}  # interrupted before its first split: no column
+    lines = check_table(summ)
+    assert [line.split()[-2:] for line in lines[1:]] == [["5/5", "1/1"], ["*", "–"]]
+    assert lines[0].rstrip().endswith("learn (5 splits)  steer (1 split)")
+    assert lines[1].startswith("  held-out pct CI excluded 50 before and holds it after  ")
+    assert "every category biased before moved toward neutral (its change's CI)  0/5 *  " in lines[2]
+    assert check_table({"ablate": summ["ablate"]}) == []
 
 
 def test_audit_prints_each_category_and_marks_the_ones_the_suite_finds_biased() -> None:
