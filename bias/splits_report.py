@@ -127,19 +127,19 @@ CHECK_LABELS = {
 def _summary_tables(res: dict[str, Any]) -> list[str]:
     """Each figure's median [min, max] over the splits and each check's splits passing, one
     column per method; a check some split missed is in bold, so the misses are read first."""
-    summ = {m: s for m, s in res.get("summary", {}).items() if s["splits"]}  # none: interrupted before it
-    if not summ:
+    rows = _check_rows(res.get("summary", {}), lambda v: f"**{v}**")
+    if not rows:  # no method finished a split
         return []
-    ms = list(summ)
-    head = "| | " + " | ".join(f"{m} ({_splits(s['splits'], '')})" for m, s in summ.items()) + " |"
-    rule = "|---|" + "---|" * len(ms)
-    lines = ["## Over splits (median [min, max])", "", head, rule]
-    names = list(dict.fromkeys(k for s in summ.values() for k in s["figures"]))
-    for k in names:
-        cells = [_spread(summ[m]["figures"].get(k), summ[m]["splits"], FIGURE_DECIMALS.get(k)) for m in ms]
-        lines.append(f"| {FIGURE_LABELS.get(k, k)} | " + " | ".join(cells) + " |")
-    lines += ["", "## Checks (splits passing)", "", head.replace("| |", "| check |", 1), rule]
-    lines += ["| " + " | ".join(r) + " |" for r in _check_rows(summ, lambda v: f"**{v}**")[1:]]
+    summ = {m: s for m, s in res["summary"].items() if s["splits"]}  # the methods rows[0] names
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+    rule = "|---|" + "---|" * len(summ)
+    lines = ["## Over splits (median [min, max])", "", "| " + row(rows[0][1:]), rule]  # an empty corner
+    for k in dict.fromkeys(k for s in summ.values() for k in s["figures"]):
+        cells = [_spread(s["figures"].get(k), s["splits"], FIGURE_DECIMALS.get(k)) for s in summ.values()]
+        lines.append(row([FIGURE_LABELS.get(k, k), *cells]))
+    lines += ["", "## Checks (splits passing)", "", row(rows[0]), rule, *map(row, rows[1:])]
     return [*lines, ""]
 
 
