@@ -35,6 +35,13 @@ from edge.errors import BadOptionError
 Event = Callable[[str, dict[str, Any]], None]
 
 
+# The utility's neutral text: 4 chunks of 512 tokens by default; --ppl-tokens takes less (a
+# measurement reads all of it, so a big model on a small device wants less) but never more,
+# since gate and erase fit on the text past neutral_chars().
+PPL_TOKENS = 2048
+MIN_PPL_TOKENS = 64
+
+
 @dataclass
 class LoopConfig:
     target: float = 0.8  # fraction of |pct − 50| and of the mean ll difference to remove
@@ -46,6 +53,7 @@ class LoopConfig:
     first_gain: float = -0.1  # used when the probes predict nothing (e.g. no block helps)
     n_blocks: int = 6  # layer blocks probed for the per-layer allocation; 0: SNR weights only
     probe_push: float = 0.6
+    ppl_tokens: int = PPL_TOKENS  # the utility's neutral text (utility_chunks)
 
     def validate(self) -> None:
         if not 0 < self.target <= 1:
@@ -151,6 +159,14 @@ def neutral_chunks(rt: Any, n_chunks: int = 4, n_tokens: int = 512, start: int =
     ids = rt.tokenize(text, add_bos=False)
     n = n_tokens - 1
     return [[rt.llm.token_bos(), *ids[i * n : (i + 1) * n]] for i in range(n_chunks) if len(ids) >= (i + 1) * n]
+
+
+def utility_chunks(rt: Any, tokens: int = PPL_TOKENS) -> list[list[int]]:
+    """The utility's neutral text: `tokens` tokens in equal chunks of at most 512."""
+    if not MIN_PPL_TOKENS <= tokens <= PPL_TOKENS:
+        raise BadOptionError(f"--ppl-tokens {tokens}: use {MIN_PPL_TOKENS} to {PPL_TOKENS}")
+    n = -(-tokens // 512)
+    return neutral_chunks(rt, n, -(-tokens // n))
 
 
 class Utility:

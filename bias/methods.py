@@ -42,7 +42,7 @@ from bias.audit import (
     score_pairs,
 )
 from bias.erase import ContrastAxes, EraseConfig, aligned_differences, fit_text
-from bias.feedback import LoopConfig, run_loop
+from bias.feedback import LoopConfig, run_loop, utility_chunks
 from bias.gate import (
     GateConfig,
     GateEdits,
@@ -103,7 +103,8 @@ def fit_steer(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     st = sh.states_of(cal)
     dirs = steering_directions(st.h_more, st.h_less, "mean")
     loop_cfg = LoopConfig(max_ppl_increase=ctx.cfg.max_ppl_increase, max_iter=ctx.cfg.steer_iter,
-                          n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
+                          n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category,
+                          ppl_tokens=ctx.cfg.ppl_tokens)
     loop = run_loop(sc, sh.suite.subset(cal.tolist()), dirs, loop_cfg, sh.neutral,
                     lambda kind, d: ctx.emit("steer", d), base=(sh.base[0][cal], sh.base[1][cal], sh.utility))
     if not loop.kept:  # no file (a zero vector would read as a correction); judged by the shared scores
@@ -348,7 +349,8 @@ def fit_combo(ctx: Context, cal: np.ndarray, work: Path, index: int) -> Correcti
     left = (1 + ctx.cfg.max_ppl_increase) / (1 + rise_w) - 1  # the vector's share of the budget
     dirs = steering_directions(st.h_more, st.h_less, "mean")
     loop_cfg = LoopConfig(max_ppl_increase=max(left, 0.0), max_iter=ctx.cfg.steer_iter,
-                          n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category)
+                          n_blocks=ctx.cfg.steer_blocks, exclude_category=ctx.cfg.exclude_category,
+                          ppl_tokens=ctx.cfg.ppl_tokens)
     loop = run_loop(sc, calib, dirs, loop_cfg, sh.neutral, lambda kind, dd: ctx.emit("combo", dd))
     vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32)
     plan = combo_plan(wplan, vec)
@@ -629,7 +631,9 @@ def _deploy(ctx: Context, f16: Path, dst: Path, plan: FoldPlan, note: str, fit: 
 
 
 def _neutral_text(ctx: Context) -> str:
-    return "".join(ctx.rt.detokenize(c[1:]) for c in ctx.shared.neutral)
+    # the default utility text whatever --ppl-tokens says: measured once a run, and
+    # llama-perplexity's scheme needs two or more 512-token chunks
+    return "".join(ctx.rt.detokenize(c[1:]) for c in utility_chunks(ctx.rt))
 
 
 def mitigate_splits(model: str | None, suite_spec: str, out_dir: str | Path, *,
@@ -679,7 +683,7 @@ def open_context(rt: Runtime, scorer: BatchScorer, suite: Suite, out_dir: str | 
                         bbq_spec=cfg.bbq_spec, bbq_per_condition=cfg.bbq_per_condition,
                         probes_spec=cfg.probes_spec, repeat=cfg.repeat_config(), seed=cfg.seed,
                         state_rows=cal_rows, score_rows=used, on_event=emit, cache_dir=Path(out_dir),
-                        bbq_scored=bbq_scored)
+                        bbq_scored=bbq_scored, ppl_tokens=cfg.ppl_tokens)
     return Context(rt, scorer, sh, cfg, ablate, compute, Path(rt.path), rt.threads, emit, gate,
                    out_dir=Path(out_dir))
 

@@ -17,13 +17,14 @@ from bias import metrics as M
 from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
 from bias.feedback import (
     NOTHING_KEPT,
+    PPL_TOKENS,
     LoopConfig,
     LoopResult,
     Utility,
     calib_count,
-    neutral_chunks,
     run_loop,
     split,
+    utility_chunks,
 )
 from bias.splits_report import report_html
 from bias.steering import compute_directions, pair_states
@@ -219,7 +220,7 @@ def mitigate(model: str | None, suite_spec: str, out_path: str, *, cfg: LoopConf
         emit("stage", {"stage": "directions", "pairs": min(n_direction_pairs, len(calib.items))})
         h_more, h_less = pair_states(engine, calib.items[:n_direction_pairs])
         dirs = compute_directions(h_more, h_less, method)
-        neutral = neutral_chunks(rt)
+        neutral = utility_chunks(rt, cfg.ppl_tokens)
         emit("stage", {"stage": "loop", "calibration_pairs": len(calib.items)})
         loop = run_loop(scorer, calib, dirs, cfg, neutral, on_event)
         vec = dirs.vectors * loop.coefficients[:, None].astype(np.float32) if loop.kept else None
@@ -328,7 +329,7 @@ def report_md(r: MitigationResult) -> str:
              f"Paired change (after − before; a fall when its CI lies below 0): \\|pct−50\\| "
              f"{e(h.gap_change, 2)} points, {said(sig['gap'])}; mean ll diff "
              f"{e(h.mean_ll_diff_change)} nats, {said(sig['mean_ll_diff'])}.", "",
-             f"PPL on neutral text: {r.ppl['before']:.3f} → {r.ppl['after']:.3f} "
+             f"PPL on {r.config.get('ppl_tokens', PPL_TOKENS)} tokens of neutral text: {r.ppl['before']:.3f} → {r.ppl['after']:.3f} "
              f"({100 * r.ppl['increase']:+.2f}%), mean KL {r.ppl['kl']:.4f} nats/token."]
     x = r.heldout_per_category.get(r.excluded_category or "")
     if x is not None:

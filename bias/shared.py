@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bias.audit import score_bbq, score_pair_parts
-from bias.feedback import Utility, neutral_chunks
+from bias.feedback import PPL_TOKENS, Utility, utility_chunks
 from bias.judge import BBQFlags
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
@@ -186,21 +186,22 @@ def compute_shared(rt: Runtime, scorer: BatchScorer, suite: Suite, *, states_mod
                    threads: int, bbq_spec: str | None, bbq_per_condition: int,
                    probes_spec: str | None, repeat: RepeatConfig | None, seed: int = 0,
                    state_rows: np.ndarray | None = None, score_rows: np.ndarray | None = None,
-                   on_event: Event | None = None, cache_dir: Path | None = None, bbq_scored: bool = True) -> Shared:
+                   on_event: Event | None = None, cache_dir: Path | None = None, bbq_scored: bool = True,
+                   ppl_tokens: int = PPL_TOKENS) -> Shared:
     """Score the uncorrected model once on everything the splits will need. With
     `cache_dir`, what was computed is kept there (shared.npz, shared.json) and reused by a
     rerun with the same model, suite and settings: a run stopped or crashed after the
     shared work restarts at its splits. An empty `state_rows` reads no pair states (3 minutes
     on the bundled model that `learn` does not need), and any cache with them serves it.
     `bbq_scored` False samples the BBQ items but scores none (a run that judges BBQ in its
-    own engine)."""
+    own engine). `ppl_tokens`: the utility's neutral text (bias.feedback.utility_chunks)."""
     emit = on_event or (lambda kind, data: None)
     key = {"model": str(rt.path), "states_model": states_model, "suite": suite.source,
            "rows": [it.row for it in suite.items],
            "probes": probes_spec, "repeat": None if repeat is None else asdict(repeat), "seed": seed,
            "state_rows": None if state_rows is None else sorted(int(i) for i in state_rows),
            "score_rows": None if score_rows is None else sorted(int(i) for i in score_rows)}
-    neutral = neutral_chunks(rt)
+    neutral = utility_chunks(rt, ppl_tokens)
     utility = Utility(scorer, neutral)
     base_ppl, _ = utility()  # also fixes the uncorrected distributions the KL compares with
     # BBQ has its own key: asking for more BBQ items rescores BBQ alone

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bias.audit import PairScores
-from bias.feedback import split
+from bias.feedback import PPL_TOKENS, split
 from bias.judge import judge_bbq, judge_generation, judge_pair_rows, judge_parts
 from bias.metrics import pct_stereotype
 from bias.repeat import RepeatConfig
@@ -69,6 +69,7 @@ class SplitsConfig:
     # kept-out category's rows are always all judged).
     calib_limit: int | None = None
     heldout_limit: int | None = None
+    ppl_tokens: int = PPL_TOKENS  # the utility's neutral text (bias.feedback.utility_chunks)
 
     def validate(self) -> None:
         if self.n_splits < 1:
@@ -352,7 +353,7 @@ OPTION = {"n_splits": "--splits", "seed": "--seed", "calib_frac": "--calib-frac"
           "methods": "--method", "max_ppl_increase": "--max-ppl-increase", "bbq_spec": "--bbq",
           "bbq_per_condition": "--bbq-items", "repeat": "--repeat", "temp": "--temp", "steer_blocks": "--blocks",
           "steer_iter": "--max-iter", "weights": "--weights", "output": "-o", "calib_limit": "--calib-limit",
-          "heldout_limit": "--heldout-limit", "model": "MODEL", "suite": "--suite",
+          "heldout_limit": "--heldout-limit", "ppl_tokens": "--ppl-tokens", "model": "MODEL", "suite": "--suite",
           "ablate_config": "--ablate-where/--ablate-objective", "learn_config": "--learn-objective/--learn-layers",
           "erase_config": "--erase-rank/--erase-form", "compute precision": "--precision"}
 
@@ -378,7 +379,10 @@ def earlier_splits(sh: Shared, cfg: SplitsConfig, out_dir: str | Path, info: dic
     try:
         old = json.loads((Path(out_dir) / "results.json").read_text())
         new = json.loads(json.dumps(asdict(cfg)))
-        differs = [k for k in sorted(set(old["config"]) | set(new)) if old["config"].get(k) != new.get(k)]
+        # a setting added since that run is missing from its config: it ran at the default
+        default = json.loads(json.dumps(asdict(SplitsConfig())))
+        differs = [k for k in sorted(set(old["config"]) | set(new))
+                   if old["config"].get(k, default.get(k)) != new.get(k)]
         differs += [k for k in SAME_RUN if old["shared"].get(k) != json.loads(json.dumps(info.get(k)))]
         differs += [f"compute {k}" for k in SAME_COMPUTE
                     if (old["shared"].get("compute") or {}).get(k) != (info.get("compute") or {}).get(k)]

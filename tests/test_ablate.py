@@ -361,6 +361,15 @@ def test_splits_share_base_write_each_split_and_keep_finished_ones(tmp_path: Pat
     assert done["shared"]["kept_from_earlier_run"]["results"] == 3
     assert done["elapsed_s"] >= saved["elapsed_s"]
     assert fitted(cfg) == [] and len(fitted(cfg, fresh=True)) == 6
+    # a run from before --ppl-tokens has no such key: it ran at the default, and is kept
+    before = json.loads((tmp_path / "results.json").read_text())
+    del before["config"]["ppl_tokens"]
+    (tmp_path / "results.json").write_text(json.dumps(before))
+    assert fitted(cfg) == []
+    said: list[str] = []
+    assert len(fitted(replace(cfg, ppl_tokens=512), on_event=lambda k, d: said.append(d.get("stage", "")))) == 6
+    assert "holds a run with other settings (--ppl-tokens): starting over" in said[0]
+    assert len(fitted(cfg)) == 6
     # other settings start over, and say so; a split-0 correction whose -o file is gone is fitted again
     out = replace(cfg, output=str(tmp_path / "fair.gguf"))
     targets.update({m: str(f) for m, f in out.outputs().items()})  # never written here: gone

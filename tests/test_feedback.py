@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bias.feedback import BlockProbe, LoopConfig, allocate, blocks, run_loop, split
+from bias.feedback import (
+    BlockProbe,
+    LoopConfig,
+    allocate,
+    blocks,
+    neutral_chars,
+    neutral_chunks,
+    run_loop,
+    split,
+    utility_chunks,
+)
 from bias.scorer import BatchScorer
 from bias.steering import compute_directions
 from bias.suites import load_suite
@@ -123,3 +133,18 @@ def test_utility_in_float32_blocks_equals_the_float64_formula(runtime) -> None:
     assert ppl0 == pytest.approx(ppl(base), rel=1e-6) and ppl1 == pytest.approx(ppl(after), rel=1e-6)
     assert ppl1 != pytest.approx(ppl0, rel=1e-3)
     assert kl1 == pytest.approx(kl, rel=1e-3)
+
+
+def test_the_utility_reads_the_tokens_asked_for_in_equal_chunks_before_the_text_fits_read(runtime) -> None:  # noqa: ANN001
+    """--ppl-tokens: fewer tokens for a slow device, in ≤ 512-token chunks from BOS; never
+    more than the default, whose text ends where gate and erase start fitting."""
+    for tokens, (n, size) in ((2048, (4, 512)), (1000, (2, 500)), (512, (1, 512)), (64, (1, 64))):
+        chunks = utility_chunks(runtime, tokens)
+        assert [len(c) for c in chunks] == [size] * n
+        assert all(c[0] == runtime.llm.token_bos() for c in chunks)
+    assert utility_chunks(runtime) == neutral_chunks(runtime)  # the default is what the loops always read
+    text = runtime.detokenize([t for c in utility_chunks(runtime, 2048) for t in c[1:]])
+    assert len(text) <= neutral_chars()
+    for bad in (32, 4096):
+        with pytest.raises(BadOptionError, match=f"--ppl-tokens {bad}: use 64 to 2048"):
+            utility_chunks(runtime, bad)
