@@ -79,7 +79,7 @@ def test_erase_on_the_bundled_model_folds_the_eraser_into_the_head(tmp_path: Pat
 
     out = tmp_path / "fair.gguf"
     cfg = SplitsConfig(n_splits=1, methods=("erase",), repeat=0, probes_spec=None, calib_limit=40,
-                       heldout_limit=40, output=str(out), max_ppl_increase=0.02, weights="F16")
+                       heldout_limit=40, output=str(out), max_ppl_increase=0.02, weights="F16", ppl_tokens=512)
     res = mitigate_splits(None, "probes", tmp_path / "rep", cfg=cfg, erase=EraseConfig(rank=8), threads=2)
     r = res.to_dict()["splits"][0]["methods"]["erase"]
     fit = r["fit"]

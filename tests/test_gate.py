@@ -117,7 +117,7 @@ def test_gate_on_the_bundled_model_folds_a_model_plain_llama_cpp_runs(tmp_path: 
     out = tmp_path / "fair.gguf"
     # 36 calibration rows: 3 categories with ≥ 5 pairs, so 3 edits to measure
     cfg = SplitsConfig(n_splits=1, methods=("gate",), repeat=0, probes_spec=None, calib_limit=36,
-                       heldout_limit=40, output=str(out), max_ppl_increase=0.05, weights="F16")
+                       heldout_limit=40, output=str(out), max_ppl_increase=0.05, weights="F16", ppl_tokens=512)
     # one scale measurement (~20 s here): choosing among steps is test_scale_steps'; the
     # re-quantized deploy (shared with ablate) is test_mitigate_splits'
     gate = GateConfig(min_pairs=5, max_steps=1, neutral_windows=64)

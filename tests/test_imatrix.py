@@ -152,8 +152,8 @@ def test_quantizing_with_it_lowers_kl_on_text_it_never_saw(bundled_model: Path, 
     (tmp_path / "judge.txt").write_text(_docs(False))
     run = CliRunner().invoke
     res = run(cli, ["imatrix", str(src), "-f", str(tmp_path / "calib.txt"), "-o", str(tmp_path / "im.gguf"),
-                    "--chunks", "8"])
-    assert res.exit_code == 0 and "210 tensors, 8 chunks of 512 tokens" in res.output, res.output
+                    "--chunks", "4"])
+    assert res.exit_code == 0 and "210 tensors, 4 chunks of 512 tokens" in res.output, res.output
     kl = {}
     for tag, extra in (("plain", []), ("imatrix", ["--imatrix", str(tmp_path / "im.gguf")])):
         out = tmp_path / f"{tag}.gguf"
@@ -163,13 +163,14 @@ def test_quantizing_with_it_lowers_kl_on_text_it_never_saw(bundled_model: Path, 
         fields = gguf.GGUFReader(out).fields  # llama-quantize's record of the imatrix, or none
         rec = {k: fields[k].contents() for k in fields if k.startswith("quantize.imatrix.")}
         assert rec == ({"quantize.imatrix.file": "im.gguf", "quantize.imatrix.dataset": "calib.txt",
-                        "quantize.imatrix.entries_count": 210, "quantize.imatrix.chunks_count": 8}
+                        "quantize.imatrix.entries_count": 210, "quantize.imatrix.chunks_count": 4}
                        if tag == "imatrix" else {})
         res = run(cli, ["models", "info", str(out)])
-        assert ("importance matrix     im.gguf (210 tensors, 8 chunks of calib.txt)" in res.output) == (tag == "imatrix")
+        assert ("importance matrix     im.gguf (210 tensors, 4 chunks of calib.txt)" in res.output) == (tag == "imatrix")
         res = run(cli, ["eval", "ppl", str(out), "--text", str(tmp_path / "judge.txt"), "--base", str(src),
-                        "--chunks", "6", "--json"])
+                        "--chunks", "3", "--json"])
         assert res.exit_code == 0, res.output
         kl[tag] = json.loads(res.output[res.output.index("{"):])["kld_mean"]
-    # measured here: 0.241 → 0.144 over 12 chunks; a third less is a wide margin
+    # measured here: 0.257 → 0.154 with 4 chunks calibrating and 3 judging; a fifth less is a
+    # wide margin
     assert kl["imatrix"] < 0.8 * kl["plain"], kl

@@ -205,7 +205,7 @@ def test_learn_on_the_bundled_model_folds_what_torch_trained(tmp_path: Path) -> 
     bbq = SHARED_DATA / "bbq"
     cfg = SplitsConfig(n_splits=1, methods=("learn",), repeat=0, probes_spec=None, calib_limit=40,
                        heldout_limit=40, output=str(out), max_ppl_increase=0.05, weights="F16",
-                       bbq_spec=f"bbq:{bbq}" if bbq.exists() else None, bbq_per_condition=4)
+                       bbq_spec=f"bbq:{bbq}" if bbq.exists() else None, bbq_per_condition=4, ppl_tokens=512)
     learn = LearnConfig(steps=6, more_steps=4, rounds=2, eval_every=3, pairs=8, neutral_windows=16, lr=1e-2)
     stages: list[str] = []
 

@@ -22,7 +22,7 @@ def test_mitigate_writes_a_vector_and_a_heldout_judgement(tmp_path: Path, env: d
     r = subprocess.run([*edge_cmd(), "bias", "mitigate", "--suite", "probes", "-o", str(out),
                         "--calib-limit", "16", "--heldout-limit", "16", "--direction-pairs", "8",
                         "--blocks", "2", "--max-iter", "2", "--second-suite", "", "-t", "2",
-                        "--out", str(rep)], env=env, capture_output=True, text=True, timeout=600)
+                        "--ppl-tokens", "512", "--out", str(rep)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "probe L1-L15" in r.stderr and "probe L16-L29" in r.stderr  # every measurement shown
     res = json.loads((rep / "results.json").read_text())
@@ -43,7 +43,7 @@ def test_mitigate_writes_a_vector_and_a_heldout_judgement(tmp_path: Path, env: d
     md = (rep / "report.md").read_text()
     assert "Paired change" in md and "probe L16-L29" in md
     # read as words: the budget the "within budget" column means, no Python True/False
-    assert "PPL budget +5%" in md and "True" not in md and "False" not in md
+    assert "PPL budget +5%" in md and "PPL on 512 tokens of neutral text" in md and "True" not in md and "False" not in md
     assert md.count("| yes |") + md.count("| no |") == len(its) and "Per-layer coefficients" in md
     page = (rep / "report.html").read_text()  # the same report as a page, which the CLI names
     assert "<table>" in page and "probe L16-L29" in page and f"report: {rep / 'report.html'}" in r.stdout
@@ -79,7 +79,7 @@ def test_a_loop_that_keeps_no_step_writes_no_vector_and_says_so(
     monkeypatch.setattr(bias.mitigate, "run_loop", nothing_kept)
     monkeypatch.setattr(bias.methods, "run_loop", nothing_kept)
     base = ["bias", "mitigate", "--suite", "probes", "--calib-limit", "8", "--heldout-limit", "16",
-            "--blocks", "1", "--max-iter", "1", "-t", "2"]
+            "--blocks", "1", "--max-iter", "1", "-t", "2", "--ppl-tokens", "512"]
     out, rep = tmp_path / "fair.gguf", tmp_path / "rep"
     r = CliRunner().invoke(cli, [*base, "-o", str(out), "--out", str(rep), "--direction-pairs", "8",
                                  "--second-suite", ""], catch_exceptions=False)

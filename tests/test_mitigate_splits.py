@@ -27,6 +27,8 @@ from tests.conftest import ROOT, SHARED_DATA
     (["--method", "scrub"], "--method"),
     (["--method", "ablate", "--splits", "0"], "--splits"),
     (["--method", "ablate", "--weights", "q2"], "--weights"),
+    (["--method", "both", "--ppl-tokens", "4096"], "--ppl-tokens"),
+    (["--ppl-tokens", "32"], "--ppl-tokens"),
     (["--method", "ablate", "--suite", f"bbq:{SHARED_DATA / 'bbq'}"], "pair suite"),
     (["--method", "both", "--calib-frac", "1"], "--calib-frac"),
     (["--method", "ablate", "--ablate-objective", "words"], "--ablate-objective"),
@@ -64,9 +66,9 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     out, rep = tmp_path / "fair.gguf", tmp_path / "rep"
     args = ["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
             "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
-            "--repeat", "0", "--blocks", "1", "--max-iter", "1",
+            "--repeat", "0", "--blocks", "1", "--max-iter", "2",
             "--max-ppl-increase", "0.05", "--ablate-where", "head,shared", "--ablate-objective", "shared", "-t", "2",
-            "--seed", "1"]  # seed 0's 24 pairs: steer keeps no step at these settings, and writes no vector
+            "--ppl-tokens", "512", "--seed", "1"]  # seed 1's first gain step is just over budget, its second kept
     p = _run(args, env)
     seen = []
     assert p.stderr is not None
@@ -156,6 +158,7 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     assert any(s0["steer"]["fit"]["loop"]["coefficients"]) and s0["steer"]["fit"]["vector"] == str(vec)
     assert gguf.GGUFReader(str(vec)).fields["general.architecture"].contents() == "controlvector"
     md = (rep / "report.md").read_text()
+    assert res2["config"]["ppl_tokens"] == 512 and "PPL budget 5% on 512 tokens of neutral text" in md
     assert "re-quantized to the source's types" in md and "| rewritten tokens | shared tokens | pct, shared tokens |" in md
     assert not list(rep.glob("split0/*.gguf"))  # work copies are removed
 
