@@ -62,6 +62,7 @@ class LoopConfig:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
         if self.max_ppl_increase < 0:
             raise BadOptionError("--max-ppl-increase must be ≥ 0")
+        check_ppl_tokens(self.ppl_tokens)
 
 
 @dataclass
@@ -161,10 +162,14 @@ def neutral_chunks(rt: Any, n_chunks: int = 4, n_tokens: int = 512, start: int =
     return [[rt.llm.token_bos(), *ids[i * n : (i + 1) * n]] for i in range(n_chunks) if len(ids) >= (i + 1) * n]
 
 
-def utility_chunks(rt: Any, tokens: int = PPL_TOKENS) -> list[list[int]]:
-    """The utility's neutral text: `tokens` tokens in equal chunks of at most 512."""
+def check_ppl_tokens(tokens: int) -> None:
     if not MIN_PPL_TOKENS <= tokens <= PPL_TOKENS:
         raise BadOptionError(f"--ppl-tokens {tokens}: use {MIN_PPL_TOKENS} to {PPL_TOKENS}")
+
+
+def utility_chunks(rt: Any, tokens: int = PPL_TOKENS) -> list[list[int]]:
+    """The utility's neutral text: `tokens` tokens in equal chunks of at most 512."""
+    check_ppl_tokens(tokens)
     n = -(-tokens // 512)
     return neutral_chunks(rt, n, -(-tokens // n))
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bias.audit import PairScores
-from bias.feedback import PPL_TOKENS, split
+from bias.feedback import PPL_TOKENS, check_ppl_tokens, split
 from bias.judge import judge_bbq, judge_generation, judge_pair_rows, judge_parts
 from bias.metrics import pct_stereotype
 from bias.repeat import RepeatConfig
@@ -82,6 +82,7 @@ class SplitsConfig:
             raise BadOptionError(f"calibration fraction {self.calib_frac} must be in (0, 1)")
         if self.weights not in ("source", "F16"):
             raise BadOptionError(f"--weights {self.weights}: use source or f16")
+        check_ppl_tokens(self.ppl_tokens)
 
     def rows(self, suite: Any, s: int) -> tuple[np.ndarray, np.ndarray]:
         """Split s's (calibration, held-out) item indices, after the caps."""

@@ -53,7 +53,8 @@ def report_md(res: dict[str, Any], images: list[str] | tuple[str, ...] = ()) -> 
     sh = res.get("shared", {})
     lines = [f"# Bias mitigation on {_splits(cfg['n_splits'])} ({', '.join(cfg['methods'])})", "",
              f"Calibration fraction {cfg['calib_frac']}, kept out: {cfg['exclude_category'] or 'none'}, "
-             f"PPL budget {100 * cfg['max_ppl_increase']:.0f}% on {cfg.get('ppl_tokens', PPL_TOKENS)} tokens of neutral text; shared work {sh.get('seconds', 0):.0f} s, "
+             f"PPL budget {100 * cfg['max_ppl_increase']:.0f}% on {cfg.get('ppl_tokens', PPL_TOKENS)} tokens of "
+             f"neutral text; shared work {sh.get('seconds', 0):.0f} s, "
              f"splits {res.get('elapsed_s', 0):.0f} s{_kept(sh)}{'' if res.get('complete') else ' (interrupted)'}.",
              "",
              *_learn_settings(res),

@@ -103,6 +103,12 @@ def test_bad_loop_config() -> None:
         LoopConfig(target=1.5).validate()
     with pytest.raises(BadOptionError):
         LoopConfig(calib_frac=1.0).validate()
+    # --ppl-tokens is checked with the rest, before any model is loaded
+    from bias.splits import SplitsConfig
+
+    for cfg in (LoopConfig(ppl_tokens=4096), SplitsConfig(ppl_tokens=32)):
+        with pytest.raises(BadOptionError, match="--ppl-tokens"):
+            cfg.validate()
 
 
 def test_utility_in_float32_blocks_equals_the_float64_formula(runtime) -> None:

@@ -368,7 +368,8 @@ def _mitigate_splits(correction_method: str, n_splits: int, weights: str, ablate
                      suite_spec: str, out_path: str, calib_frac: float, exclude_category: str | None,
                      bbq_spec: str | None, bbq_items: int | None, repeat: int, temp: float, seed: int, out_dir: str,
                      calib_limit: int | None, heldout_limit: int | None, precision: str,
-                     threads: int | None, ppl_tokens: int, ablate_objective: str = "sentence", learn_objective: str = "pairs",
+                     threads: int | None, ppl_tokens: int, ablate_objective: str = "sentence",
+                     learn_objective: str = "pairs",
                      learn_layers: int = 1, erase_rank: int = 32, erase_form: str = "orth",
                      fresh: bool = False, **unused: Any) -> None:
     from bias.ablate import AblateConfig
