@@ -220,11 +220,11 @@ def compare_cmd(before: str, after: str, as_json: bool) -> None:
 @click.option("--ppl-tokens", type=click.IntRange(MIN_PPL_TOKENS, PPL_TOKENS), default=PPL_TOKENS,
               show_default=True, metavar="N",
               help="Neutral text (Python's documentation) that every measurement of the loops reads "
-                   "for PPL and KL, in tokens. Fewer is faster and noisier: 2048 tokens took 5-9 s a "
-                   "measurement for the bundled model on 2 cores here and ~23 s for a 1.1B Q4_0 model "
-                   "(512: a quarter of that), and the time grows with the model. One 512-token "
-                   "chunk's PPL moves ~0.3% between nearly equal corrections: keep the budget well "
-                   "above that.")
+                   "for PPL and KL, in tokens. Fewer is faster and less faithful: 2048 tokens took 5-9 s "
+                   "a measurement for the bundled model on 2 cores here and ~23 s for a 1.1B Q4_0 model "
+                   "(512: a quarter of that). But PPL depends on the text: where the 2048 tokens rose "
+                   "1.7%, their four 512-token chunks rose 0.7-2.8% (the first, which 512 reads, 2.8%), "
+                   "so a budget judged on less text holds on that text.")
 @click.option("--max-iter", type=click.IntRange(1, 50), default=None,
               help="Gain steps of the control-vector loop [default: 8; 4 with --splits].")
 @click.option("--calib-frac", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3,
