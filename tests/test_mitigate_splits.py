@@ -66,9 +66,9 @@ def test_both_methods_write_a_model_and_a_vector_and_ctrl_c_keeps_split_0(
     out, rep = tmp_path / "fair.gguf", tmp_path / "rep"
     args = ["bias", "mitigate", "--suite", "probes", "-o", str(out), "--out", str(rep),
             "--method", "both", "--splits", "2", "--calib-limit", "24", "--heldout-limit", "40",
-            "--repeat", "0", "--blocks", "1", "--max-iter", "2",
+            "--repeat", "0", "--blocks", "1", "--max-iter", "3",
             "--max-ppl-increase", "0.05", "--ablate-where", "head,shared", "--ablate-objective", "shared", "-t", "2",
-            "--ppl-tokens", "512", "--seed", "1"]  # seed 1's first gain step is just over budget, its second kept
+            "--ppl-tokens", "512", "--seed", "1"]  # seed 1's first gain step is just over budget, its second kept (4.8%); a third in case
     p = _run(args, env)
     seen = []
     assert p.stderr is not None
