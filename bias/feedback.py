@@ -27,19 +27,13 @@ import numpy as np
 
 from bias import metrics as M
 from bias.audit import score_pairs
+from bias.metrics import MIN_PPL_TOKENS, PPL_TOKENS
 from bias.scorer import BatchScorer
 from bias.steering import Directions
 from bias.suites import Suite
 from edge.errors import BadOptionError
 
 Event = Callable[[str, dict[str, Any]], None]
-
-
-# The utility's neutral text: 4 chunks of 512 tokens by default; --ppl-tokens takes less (a
-# measurement reads all of it, so a big model on a small device wants less) but never more,
-# since gate and erase fit on the text past neutral_chars().
-PPL_TOKENS = 2048
-MIN_PPL_TOKENS = 64
 
 
 @dataclass

@@ -17,6 +17,12 @@ Stat = Callable[..., np.ndarray]
 N_BOOT = 1000
 # figures in points of 100 (shown with one decimal); the rest are nats, rates and scores
 POINTS = frozenset({"pct_stereotype", "rest_pct_stereotype", "ss", "lms", "icat"})
+# The utility's neutral text, in tokens (bias.feedback.utility_chunks): 4 chunks of 512 by
+# default; --ppl-tokens takes less (a measurement reads all of it, so a big model on a small
+# device wants less) but never more, since gate and erase fit on the text past it. Kept here,
+# a light module, because the CLI's option reads the bounds when `edge` starts.
+PPL_TOKENS = 2048
+MIN_PPL_TOKENS = 64
 
 
 @dataclass

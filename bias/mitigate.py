@@ -17,7 +17,6 @@ from bias import metrics as M
 from bias.audit import open_scorer, score_bbq, score_pairs, score_suite, summarize
 from bias.feedback import (
     NOTHING_KEPT,
-    PPL_TOKENS,
     LoopConfig,
     LoopResult,
     Utility,
@@ -329,7 +328,7 @@ def report_md(r: MitigationResult) -> str:
              f"Paired change (after − before; a fall when its CI lies below 0): \\|pct−50\\| "
              f"{e(h.gap_change, 2)} points, {said(sig['gap'])}; mean ll diff "
              f"{e(h.mean_ll_diff_change)} nats, {said(sig['mean_ll_diff'])}.", "",
-             f"PPL on {r.config.get('ppl_tokens', PPL_TOKENS)} tokens of neutral text: "
+             f"PPL on {r.config.get('ppl_tokens', M.PPL_TOKENS)} tokens of neutral text: "
              f"{r.ppl['before']:.3f} → {r.ppl['after']:.3f} ({100 * r.ppl['increase']:+.2f}%), "
              f"mean KL {r.ppl['kl']:.4f} nats/token."]
     x = r.heldout_per_category.get(r.excluded_category or "")

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from bias.audit import score_bbq, score_pair_parts
-from bias.feedback import PPL_TOKENS, Utility, utility_chunks
+from bias.feedback import Utility, utility_chunks
 from bias.judge import BBQFlags
+from bias.metrics import PPL_TOKENS
 from bias.repeat import RepeatConfig, sample_suite
 from bias.scorer import BatchScorer
 from bias.suites import Suite, load_suite

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from bias.audit import PairScores
-from bias.feedback import PPL_TOKENS, check_ppl_tokens, split
+from bias.feedback import check_ppl_tokens, split
 from bias.judge import judge_bbq, judge_generation, judge_pair_rows, judge_parts
-from bias.metrics import pct_stereotype
+from bias.metrics import PPL_TOKENS, pct_stereotype
 from bias.repeat import RepeatConfig
 from bias.shared import Shared
 from bias.splits_report import category_plot, report_html, report_md

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from bias.feedback import NOTHING_KEPT, PPL_TOKENS
+from bias.feedback import NOTHING_KEPT
+from bias.metrics import PPL_TOKENS
 from edge.paths import atomic_write
 
 

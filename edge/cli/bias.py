@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from bias.feedback import MIN_PPL_TOKENS, PPL_TOKENS
+from bias.metrics import MIN_PPL_TOKENS, PPL_TOKENS
 from edge.cli.options import correction_options, model_argument
 from edge.telemetry import estimate_text
 
