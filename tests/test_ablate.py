@@ -5,6 +5,7 @@ on hand-built numbers (the folded model itself is tested in test_fold.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -435,6 +436,36 @@ def test_shared_token_checks_see_a_shift_of_the_group_words_alone() -> None:
     # every category's mean +0.3 → −0.1: nearer neutral by its point estimate
     assert r["categories"]["closer"] and CHECKS["biased_categories_closer"](r)
     assert r["heldout_scores"]["ll_words_diff"][:3] == pytest.approx((words[:3] - 0.4).tolist())
+
+
+def test_category_checks_by_pct_see_flips_not_shrinks() -> None:
+    """A shrink of every pair's difference by half moves each category's mean toward 0 and
+    leaves its pct where it was (no pair changes sign); a common shift lowers both."""
+    from bias.shared import PairStates, Shared
+    from bias.splits import CHECKS, judge_correction
+
+    suite = _suite(600)
+    d = np.random.default_rng(5).standard_normal(600) + 0.8
+    base = (d, np.zeros(600))
+    st = PairStates(*(np.zeros((600, 2, 4)),) * 2, *(np.zeros((600, 4)),) * 2)
+    sh = Shared(suite, base, st, [], None, 10.0)  # type: ignore[arg-type]
+    held, cfg = np.arange(600), SplitsConfig(n_splits=1, probes_spec=None, n_boot=200)
+
+    def judged(change: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+        def score(s: Suite) -> tuple[np.ndarray, np.ndarray]:
+            rows = np.array([it.row for it in s.items])
+            return change(d[rows]), np.zeros(len(rows))
+        return judge_correction(sh, Correction("steer", score, lambda s: None, lambda: (10.1, 0.01),
+                                               lambda p, r: []), held, cfg)
+
+    shrunk = judged(lambda x: 0.5 * x)
+    assert CHECKS["biased_categories_moved"](shrunk) and CHECKS["biased_categories_closer"](shrunk)
+    assert not CHECKS["biased_categories_moved_pct"](shrunk) and not CHECKS["biased_categories_closer_pct"](shrunk)
+    assert CHECKS["no_biased_category_made_worse_pct"](shrunk)
+    shifted = judged(lambda x: x - 0.5)
+    assert CHECKS["biased_categories_moved_pct"](shifted) and CHECKS["biased_categories_closer_pct"](shifted)
+    pushed = judged(lambda x: x + 0.5)
+    assert not CHECKS["no_biased_category_made_worse_pct"](pushed)
 
 
 def test_a_requantized_files_change_is_set_beside_the_engines() -> None:
