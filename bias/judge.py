@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -120,13 +120,27 @@ class PairRowsJudged:
         biased before and moved toward neutral; any made significantly worse. `closer`: the
         biased ones whose point estimate ended nearer neutral, significant or not (a reading
         of "move toward neutral" that a category barely outside its CI before can meet)."""
-        cats = {c: d["mean_ll_diff"] for c, d in self.per_category.items() if c != exclude}
-        biased = [c for c, j in cats.items() if j.excluded_before]
-        return {"biased_before": biased,
-                "moved_toward_neutral": [c for c in biased if cats[c].toward_neutral],
-                "closer": [c for c in biased if abs(cats[c].after.value - cats[c].neutral)
-                           < abs(cats[c].before.value - cats[c].neutral)],
-                "made_worse": [c for c, j in cats.items() if j.away_from_neutral]}
+        m = CategoryMoves.of({c: d["mean_ll_diff"].to_dict() for c, d in self.per_category.items()}, exclude)
+        return {"biased_before": sorted(m.biased), "moved_toward_neutral": sorted(m.moved),
+                "closer": sorted(m.closer), "made_worse": sorted(m.worse)}
+
+
+class CategoryMoves(NamedTuple):
+    """The category checks' sets, from each category's judged figure (Judged.to_dict)."""
+
+    biased: set[str]  # its CI excluded neutral before
+    moved: set[str]  # biased, and its change's CI lies toward neutral
+    closer: set[str]  # biased, and its point estimate ended nearer neutral
+    worse: set[str]  # any category made significantly worse
+
+    @classmethod
+    def of(cls, figures: dict[str, dict[str, Any]], exclude: str | None = None) -> CategoryMoves:
+        cats = {c: j for c, j in figures.items() if c not in ("ALL", exclude)}
+        biased = {c for c, j in cats.items() if j["excluded_before"]}
+        return cls(biased, {c for c in biased if cats[c]["toward_neutral"]},
+                   {c for c in biased if abs(cats[c]["after"]["value"] - cats[c]["neutral"])
+                    < abs(cats[c]["before"]["value"] - cats[c]["neutral"])},
+                   {c for c, j in cats.items() if j["away_from_neutral"]})
 
 
 def judge_pair_rows(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],

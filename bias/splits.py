@@ -17,13 +17,13 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from bias.audit import PairScores
 from bias.feedback import check_ppl_tokens, split
-from bias.judge import judge_bbq, judge_generation, judge_pair_rows, judge_parts
+from bias.judge import CategoryMoves, judge_bbq, judge_generation, judge_pair_rows, judge_parts
 from bias.metrics import PPL_TOKENS, pct_stereotype
 from bias.repeat import RepeatConfig
 from bias.shared import Shared
@@ -301,34 +301,15 @@ CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {
 }
 
 
-class _Moves(NamedTuple):
-    """A category check's sets, from each category's judged figure (bias.judge.Judged.to_dict)."""
-
-    biased: set[str]  # its CI excluded neutral before
-    moved: set[str]  # biased, and its change's CI lies toward neutral
-    closer: set[str]  # biased, and its point estimate ended nearer neutral
-    worse: set[str]  # any category made significantly worse
-
-    @classmethod
-    def of(cls, r: dict[str, Any], figures: dict[str, dict[str, Any]]) -> _Moves:
-        out = r.get("kept_out", {}).get("name")
-        cats = {c: j for c, j in figures.items() if c not in ("ALL", out)}
-        biased = {c for c, j in cats.items() if j["excluded_before"]}
-        gap = {c: (abs(j["before"]["value"] - j["neutral"]), abs(j["after"]["value"] - j["neutral"]))
-               for c, j in cats.items()}
-        return cls(biased, {c for c in biased if cats[c]["toward_neutral"]},
-                   {c for c in biased if gap[c][1] < gap[c][0]},
-                   {c for c, j in cats.items() if j["away_from_neutral"]})
-
-
-def _shared_moves(r: dict[str, Any]) -> _Moves:
+def _shared_moves(r: dict[str, Any]) -> CategoryMoves:
     """The category checks by the categories' shared-token mean."""
-    return _Moves.of(r, r["heldout_parts"]["rest"])
+    return CategoryMoves.of(r["heldout_parts"]["rest"], r.get("kept_out", {}).get("name"))
 
 
-def _pct_moves(r: dict[str, Any]) -> _Moves:
+def _pct_moves(r: dict[str, Any]) -> CategoryMoves:
     """The category checks by the categories' held-out pct."""
-    return _Moves.of(r, {c: d["pct_stereotype"] for c, d in r["heldout"]["per_category"].items()})
+    return CategoryMoves.of({c: d["pct_stereotype"] for c, d in r["heldout"]["per_category"].items()},
+                            r.get("kept_out", {}).get("name"))
 
 
 def _values(runs: list[dict[str, Any]], get: Callable[[dict[str, Any]], Any]) -> list[Any]:
